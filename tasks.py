@@ -1,0 +1,13 @@
+"""trtllm-deploy: the phases of bringing DGX Spark machines to TensorRT-LLM serving, in order.
+
+`invoke --list` shows them; each task's logic lives in the trtllm_deploy package.
+"""
+
+from invoke import Collection
+
+from trtllm_deploy.cli import checks, hosts
+
+ns = Collection()
+ns.add_collection(hosts.ns)          # the inventory: hosts.toml
+ns.add_task(checks.preflight)        # phase 1: is every node ready?
+ns.add_task(checks.dirs)             # phase 1: the directories every node needs

@@ -1,0 +1,502 @@
+"""The cluster inventory: ``hosts.toml`` read, validated and given its defaults.
+
+Every mistake in the file becomes one message naming the file, the line, the key, what was
+expected and what to do; nothing is run on any host before the whole inventory is valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+
+from trtllm_deploy.errors import InputError
+from trtllm_deploy.tomlsource import line_of
+
+DEFAULT_PATH = "hosts.toml"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_IFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_RDMA = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRETISH = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY", re.IGNORECASE)
+_VERSION = re.compile(r"^\d+(\.\d+){0,3}$")
+
+
+def _node_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            "a node name: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    host = value[:-1] if value.endswith(".") else value
+    if 0 < len(host) <= 253 and all(_LABEL.match(label) for label in host.split(".")):
+        return value
+    raise ValueError("an IP address or a host name (letters, digits, '-' and '.')")
+
+
+def _interface(value: str) -> str:
+    if not _IFACE.match(value) or value in (".", ".."):
+        raise ValueError(
+            "a network interface name as `ip link` shows it: 1-15 characters, letters, digits,"
+            " '.', '_' or '-' (e.g. enp1s0f1np1)"
+        )
+    return value
+
+
+def _rdma_device(value: str) -> str:
+    if not _RDMA.match(value):
+        raise ValueError("an RDMA device name as `ibdev2netdev` shows it (e.g. rocep1s0f1)")
+    return value
+
+
+def _path(value: str) -> str:
+    if not (value.startswith("/") or value == "~" or value.startswith("~/")):
+        raise ValueError("an absolute path, or one starting with ~/ (the node user's home)")
+    return value
+
+
+def _version(value: str) -> str:
+    if not _VERSION.match(value):
+        raise ValueError("a version of dotted numbers, e.g. \"13.0\"")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not _ENV.match(value):
+        raise ValueError("an environment variable name: letters, digits and '_'")
+    if _SECRETISH.search(value):
+        raise ValueError(
+            "not a secret: hosts.toml is no place for tokens; export it in your shell"
+            " (e.g. HF_TOKEN) and trtllm-deploy passes it on without writing it anywhere"
+        )
+    return value
+
+
+NodeName = Annotated[StrictStr, AfterValidator(_node_name)]
+Address = Annotated[StrictStr, AfterValidator(_address)]
+Interface = Annotated[StrictStr, AfterValidator(_interface)]
+RdmaDevice = Annotated[StrictStr, AfterValidator(_rdma_device)]
+NodePath = Annotated[StrictStr, AfterValidator(_path)]
+VersionText = Annotated[StrictStr, AfterValidator(_version)]
+EnvName = Annotated[StrictStr, AfterValidator(_env_name)]
+Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0, le=3600)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Fabric(_Table):
+    """The node's own links to the other nodes (ConnectX-7 on a Spark)."""
+
+    interfaces: list[Interface] = []
+    rdma_devices: list[RdmaDevice] = []
+    address: Address | None = None
+
+
+class Paths(_Table):
+    """Where things live on the node; ``~`` is the node user's home."""
+
+    model_cache: NodePath = "~/.cache/huggingface"
+    artifacts: NodePath = "~/trtllm-deploy/engines"
+    state: NodePath = "~/.local/state/trtllm-deploy"
+    build: NodePath = "~/trtllm-deploy/build"
+
+
+class Container(_Table):
+    """How the runtime container is run on the node."""
+
+    name: NodeName = "trtllm-deploy"
+    image: StrictStr | None = None
+    env: dict[EnvName, StrictStr] = {}
+
+
+class NodeSettings(_Table):
+    """What ``[defaults]`` may set for every node and each ``[[nodes]]`` entry may override."""
+
+    connection: Literal["ssh", "local"] = "ssh"
+    user: StrictStr | None = None
+    port: Port = 22
+    identity_file: StrictStr | None = None
+    known_hosts: StrictStr = "~/.ssh/known_hosts"
+    connect_timeout: Seconds = 10
+    command_timeout: Seconds = 600
+    gpus: Annotated[StrictInt, Field(ge=1, le=64)] = 1
+    fabric: Fabric = Fabric()
+    paths: Paths = Paths()
+    container: Container = Container()
+
+
+class Node(NodeSettings):
+    """One machine of the cluster."""
+
+    name: NodeName
+    address: Address | None = None
+    role: Literal["head", "worker"] | None = None
+
+    @property
+    def host(self) -> str:
+        return self.address or "localhost"
+
+    @property
+    def is_head(self) -> bool:
+        return self.role == "head"
+
+    @property
+    def login(self) -> str:
+        """``user@host:port`` as a person would write it, for messages."""
+        if self.connection == "local":
+            return "local"
+        user = f"{self.user}@" if self.user else ""
+        port = f":{self.port}" if self.port != 22 else ""
+        return f"{user}{self.host}{port}"
+
+
+class ClusterSettings(_Table):
+    name: NodeName = "spark"
+    build_node: NodeName | None = None
+
+
+class Preflight(_Table):
+    """What ``invoke preflight`` expects of every node."""
+
+    arch: StrictStr = "aarch64"
+    gpu_name: StrictStr = "GB10"
+    min_compute_capability: VersionText = "8.0"
+    min_driver: VersionText = "580.0"
+    min_cuda: VersionText = "13.0"
+    min_disk_build_gb: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 63
+    min_disk_artifacts_gb: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 50
+    min_memory_available_gb: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 8
+    max_clock_skew_ms: Annotated[StrictInt | StrictFloat, Field(gt=0)] = 500
+    require_nvidia_runtime: StrictBool = True
+
+
+class _File(_Table):
+    cluster: ClusterSettings = ClusterSettings()
+    defaults: NodeSettings = NodeSettings()
+    nodes: list[dict[str, Any]] = []
+    preflight: Preflight = Preflight()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The validated inventory."""
+
+    name: str
+    nodes: tuple[Node, ...]
+    preflight: Preflight
+    build_node_name: str
+    source: Path
+
+    @property
+    def head(self) -> Node:
+        return next(node for node in self.nodes if node.is_head)
+
+    @property
+    def build_node(self) -> Node:
+        return self.node(self.build_node_name)
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise InputError(
+            f"{self.source}: no node named {name!r}; the nodes are: "
+            + ", ".join(node.name for node in self.nodes)
+        )
+
+    def select(self, names: str | None) -> tuple[Node, ...]:
+        """The nodes named in a comma-separated ``--nodes`` value, or all of them."""
+        if not names:
+            return self.nodes
+        return tuple(self.node(name.strip()) for name in names.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the file."""
+
+    path: tuple
+    message: str
+    remedy: str
+
+
+class InventoryError(InputError):
+    def __init__(self, source: Path, text: str, problems: list[Problem]):
+        self.source, self.problems = source, problems
+        lines = []
+        for problem in problems:
+            line = line_of(text, problem.path) if text and problem.path else None
+            where = f"{source}:{line}" if line else str(source)
+            key = _dotted(problem.path)
+            lines.append(f"{where}: {key + ': ' if key else ''}{problem.message}")
+            lines.append(f"  what to do: {problem.remedy}")
+        super().__init__("\n".join(lines))
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_EXAMPLES = {
+    "port": "port = 22",
+    "gpus": "gpus = 1",
+    "connect_timeout": "connect_timeout = 10",
+    "command_timeout": "command_timeout = 600",
+    "connection": 'connection = "ssh"',
+    "role": 'role = "head"',
+    "name": 'name = "spark-1"',
+    "address": 'address = "192.168.1.10"',
+    "user": 'user = "nvidia"',
+    "interfaces": 'interfaces = ["enp1s0f1np1", "enP2p1s0f1np1"]',
+    "rdma_devices": 'rdma_devices = ["rocep1s0f1", "roceP2p1s0f1"]',
+    "nodes": '[[nodes]] tables, one per machine',
+}
+
+_TYPE_NAMES = {
+    bool: "a boolean (true or false)",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _kind(value: Any) -> str:
+    for cls, name in _TYPE_NAMES.items():
+        if type(value) is cls:
+            return name
+    return type(value).__name__
+
+
+def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """The keys allowed in the table at ``path`` (for "did you mean")."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _problems(error: ValidationError, model: type[BaseModel], prefix: tuple) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        # pydantic names the member of a union it tried ("int", "float"); that is noise here.
+        loc = tuple(part for part in loc if part not in ("int", "float", "str"))
+        path = prefix + loc
+        kind, value = item["type"], item.get("input")
+        last = next((p for p in reversed(path) if isinstance(p, str)), "")
+        example = _EXAMPLES.get(last)
+        fix = f"write it like: {example}" if example else "correct the value"
+        if kind == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                Problem(path, f"unknown key; {hint}allowed here: {', '.join(allowed)}",
+                        f"rename or remove {loc[-1]!r}")
+            )
+        elif kind == "missing":
+            problems.append(Problem(path, "required key is missing", f"add it: {fix}"))
+        elif kind == "literal_error":
+            expected = item.get("ctx", {}).get("expected", "")
+            options = re.findall(r"'([^']*)'", expected)
+            close = difflib.get_close_matches(str(value), options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                Problem(path, f"expected one of {expected}, got {value!r}{hint}",
+                        f"use one of {expected}")
+            )
+        elif kind.endswith("_type") or kind in ("model_attributes_type", "dict_type"):
+            wanted = {
+                "int_type": "an integer", "float_type": "a number", "string_type": "a string",
+                "bool_type": "a boolean (true or false)", "list_type": "an array",
+                "model_type": "a table", "dict_type": "a table",
+                "model_attributes_type": "a table",
+            }.get(kind, item["msg"])
+            problems.append(
+                Problem(path, f"expected {wanted}, got {_kind(value)} ({value!r})", fix)
+            )
+        elif kind == "value_error":
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(Problem(path, f"expected {message}; got {value!r}", fix))
+        else:
+            problems.append(Problem(path, f"{item['msg']}; got {value!r}", fix))
+    return problems
+
+
+def _merge(defaults: dict, own: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+_SSH_ONLY = ("user", "port", "identity_file", "known_hosts")
+
+
+def _check_node(raw: dict, node: Node, index: int) -> list[Problem]:
+    at = ("nodes", index)
+    problems = []
+    if node.connection == "ssh" and node.address is None:
+        problems.append(Problem(at + ("name",), "an ssh node needs an address",
+                                f"add: {_EXAMPLES['address']}, or connection = \"local\""))
+    if node.connection == "local":
+        for key in _SSH_ONLY:
+            if key in raw:
+                problems.append(Problem(at + (key,), "a local node is not reached over SSH",
+                                        f"remove {key!r}, or set connection = \"ssh\""))
+        if node.address and node.address not in ("localhost", "127.0.0.1", "::1"):
+            problems.append(Problem(at + ("address",),
+                                    f"a local node runs on this machine, not at {node.address!r}",
+                                    "remove the address, or set connection = \"ssh\""))
+    if node.connection == "ssh" and node.identity_file:
+        identity = Path(os.path.expanduser(node.identity_file))
+        if not identity.is_file():
+            origin = at if "identity_file" in raw else ("defaults",)
+            problems.append(Problem(origin + ("identity_file",),
+                                    f"no such private key file: {identity}",
+                                    f"create it (ssh-keygen -t ed25519 -f {identity}) or fix the path"))
+    return problems
+
+
+def load(path: str | os.PathLike = DEFAULT_PATH) -> Cluster:
+    """Read and validate an inventory; raises :class:`InventoryError` listing every problem."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InventoryError(source, "", [Problem((), "file not found",
+                             f"create it (copy the example in README.md) or pass --hosts PATH")])
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InventoryError(source, "", [Problem((), f"cannot read the file: {reason}",
+                             "check the path and its permissions")])
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        where = f"{source}:{match.group(1)}" if match else str(source)
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        err = InputError(f"{where}: not valid TOML: {reason}"
+                         + (f" (column {match.group(2)})" if match else "")
+                         + "\n  what to do: fix the syntax; see https://toml.io for the format")
+        raise err from None
+    return _validate(source, text, data)
+
+
+def _validate(source: Path, text: str, data: dict) -> Cluster:
+    try:
+        top = _File.model_validate(data)
+    except ValidationError as exc:
+        raise InventoryError(source, text, _problems(exc, _File, ())) from None
+
+    problems: list[Problem] = []
+    defaults_raw = data.get("defaults", {})
+    nodes: list[Node] = []
+    for index, raw in enumerate(top.nodes):
+        try:
+            node = Node.model_validate(_merge(defaults_raw, raw))
+        except ValidationError as exc:
+            # A key the node does not set itself came from [defaults]; those were valid already.
+            problems += _problems(exc, Node, ("nodes", index))
+            continue
+        problems += _check_node(raw, node, index)
+        nodes.append(node)
+    if problems:
+        raise InventoryError(source, text, problems)
+
+    if not nodes:
+        raise InventoryError(source, text, [Problem(("nodes",), "the cluster has no nodes",
+                             f"add one {_EXAMPLES['nodes']}, each with a name and an address")])
+    problems += _check_cluster(top, nodes)
+    if problems:
+        raise InventoryError(source, text, problems)
+
+    if len(nodes) == 1 and nodes[0].role is None:
+        nodes[0] = nodes[0].model_copy(update={"role": "head"})
+    head = next(node for node in nodes if node.is_head)
+    return Cluster(
+        name=top.cluster.name,
+        nodes=tuple(nodes),
+        preflight=top.preflight,
+        build_node_name=top.cluster.build_node or head.name,
+        source=source,
+    )
+
+
+def _check_cluster(top: _File, nodes: list[Node]) -> list[Problem]:
+    problems = []
+    seen_names: dict[str, int] = {}
+    seen_places: dict[tuple, int] = {}
+    for index, node in enumerate(nodes):
+        if node.name in seen_names:
+            problems.append(Problem(("nodes", index, "name"),
+                                    f"duplicate node name {node.name!r} (also nodes[{seen_names[node.name]}])",
+                                    "give every node its own name"))
+        seen_names.setdefault(node.name, index)
+        place = ("local",) if node.connection == "local" else (node.host.lower(), node.port)
+        if place in seen_places:
+            what = "a second local node" if place == ("local",) else (
+                f"duplicate address {node.host}:{node.port}")
+            problems.append(Problem(("nodes", index, "address"),
+                                    f"{what} (also nodes[{seen_places[place]}]): two entries for one machine",
+                                    "list each machine once"))
+        seen_places.setdefault(place, index)
+    heads = [index for index, node in enumerate(nodes) if node.is_head]
+    if len(nodes) > 1 and not heads:
+        problems.append(Problem(("nodes",), "no node has role = \"head\"",
+                                "mark the node that runs mpirun and serves HTTP with role = \"head\""))
+    for index in heads[1:]:
+        problems.append(Problem(("nodes", index, "role"),
+                                f"a second head (the first is {nodes[heads[0]].name!r})",
+                                "keep exactly one role = \"head\"; the others are \"worker\""))
+    build = top.cluster.build_node
+    if build and build not in seen_names:
+        close = difflib.get_close_matches(build, list(seen_names), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(Problem(("cluster", "build_node"), f"no node named {build!r}{hint}",
+                                "name one of the [[nodes]] entries, or remove build_node to use the head"))
+    return problems

@@ -1,0 +1,68 @@
+"""The one place where an argument list becomes a shell command line.
+
+Everything that runs on a host is built as a list of arguments; a remote shell sees it only
+through :func:`command_line`, which quotes every argument. Secrets never appear here: the line
+reads them from standard input (see :func:`secret_preamble`)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def quote(word: object) -> str:
+    return shlex.quote(str(word))
+
+
+def join(argv: Sequence[object]) -> str:
+    """An argument list as one shell-safe line (for running and for showing)."""
+    return " ".join(quote(word) for word in argv)
+
+
+def path_word(path: str) -> str:
+    """A path for a remote shell, with a leading ``~`` left for the remote side to expand."""
+    if path == "~":
+        return '"$HOME"'
+    if path.startswith("~/"):
+        return '"$HOME"/' + quote(path[2:])
+    return quote(path)
+
+
+def _check_names(names: Sequence[str]) -> None:
+    for name in names:
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"not an environment variable name: {name!r}")
+
+
+def command_line(
+    argv: Sequence[object],
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    secret_names: Sequence[str] = (),
+) -> str:
+    """The shell line that runs ``argv`` with ``env`` in ``cwd``.
+
+    Each name in ``secret_names`` is read from the first lines of standard input and exported,
+    so its value travels inside the encrypted channel and never through ``ps``.
+    """
+    if not argv:
+        raise ValueError("empty command")
+    env = dict(env or {})
+    _check_names([*env, *secret_names])
+    steps = [f"IFS= read -r {name} && export {name}" for name in secret_names]
+    if cwd:
+        steps.append(f"cd -- {path_word(cwd)}")
+    prefix = ["env", *(f"{key}={value}" for key, value in env.items())] if env else []
+    steps.append("exec " + join([*prefix, *argv]))
+    return " && ".join(steps)
+
+
+def secret_preamble(secrets: Mapping[str, str]) -> str:
+    """The standard input that :func:`command_line` expects before the command's own."""
+    for name, value in secrets.items():
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"secret {name} contains a line break")
+    return "".join(f"{value}\n" for value in secrets.values())

@@ -1,0 +1,467 @@
+"""One way to act on any host: run an argument list, put a file or tree, get a file.
+
+Three targets share the interface: this machine (:class:`Local`), a node over SSH with its host
+key checked (:class:`SSH`, through Fabric), and a container on either (:class:`InContainer`).
+Phases take a :class:`Target` and never care which one it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import posixpath
+import secrets as _random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+from trtllm_deploy import shell
+from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.inventory import Node
+from trtllm_deploy.secrets import redact
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command did on a target."""
+
+    target: str
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class TargetError(CheckFailed):
+    """A target could not do what was asked; the message says which host and why."""
+
+    def __init__(self, target: str, message: str):
+        self.target = target
+        super().__init__(redact(f"{target}: {message}"))
+
+
+class Unreachable(TargetError):
+    pass
+
+
+class HostKeyRejected(TargetError):
+    pass
+
+
+class CommandTimedOut(TargetError):
+    pass
+
+
+class CommandFailed(TargetError):
+    def __init__(self, result: Result):
+        self.result = result
+        tail = (result.stderr or result.stdout).strip().splitlines()[-8:]
+        detail = ("\n    " + "\n    ".join(tail)) if tail else ""
+        super().__init__(
+            result.target,
+            f"`{shell.join(result.argv)}` exited with {result.exit_code}{detail}",
+        )
+
+
+class Target(Protocol):
+    name: str
+
+    def run(
+        self,
+        argv: Sequence[object],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: str | None = None,
+        secrets: Mapping[str, str] | None = None,
+        check: bool = True,
+    ) -> Result: ...
+
+    def put(self, local: str | os.PathLike, remote: str) -> None: ...
+
+    def get(self, remote: str, local: str | os.PathLike) -> None: ...
+
+    def home(self) -> str: ...
+
+    def close(self) -> None: ...
+
+
+def expand(path: str, home: str) -> str:
+    """A node path with ``~`` replaced by that node's home directory."""
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return posixpath.join(home, path[2:])
+    return path
+
+
+def _finish(result: Result, check: bool) -> Result:
+    result = Result(result.target, result.argv, result.exit_code, redact(result.stdout),
+                    redact(result.stderr), result.seconds)
+    if check and not result.ok:
+        raise CommandFailed(result)
+    return result
+
+
+class Local:
+    """This machine, through ``subprocess`` with no shell in between."""
+
+    def __init__(self, name: str = "local", default_timeout: float | None = None):
+        self.name = name
+        self.default_timeout = default_timeout
+
+    def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
+            check=True) -> Result:
+        argv = tuple(str(word) for word in argv)
+        environment = {**os.environ, **(env or {}), **(secrets or {})}
+        timeout = timeout or self.default_timeout
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=os.path.expanduser(cwd) if cwd else None, env=environment,
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            return _finish(Result(self.name, argv, 127, "", f"{argv[0]}: command not found",
+                                  time.monotonic() - started), check)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and was stopped")
+        except BaseException:  # Ctrl-C: take the whole process group down with us
+            self._kill(proc)
+            raise
+        return _finish(Result(self.name, argv, proc.returncode, out, err,
+                              time.monotonic() - started), check)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+    def put(self, local, remote: str) -> None:
+        _copy_atomically(Path(local), Path(expand(remote, self.home())))
+
+    def get(self, remote: str, local) -> None:
+        _copy_atomically(Path(expand(remote, self.home())), Path(local))
+
+    def home(self) -> str:
+        return str(Path.home())
+
+    def close(self) -> None:
+        pass
+
+
+def _copy_atomically(source: Path, dest: Path) -> None:
+    """Copy a file or tree so that ``dest`` appears whole or not at all."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temporary = dest.with_name(f".{dest.name}.part-{_random.token_hex(4)}")
+    try:
+        if source.is_dir():
+            shutil.copytree(source, temporary, symlinks=True)
+            if dest.is_dir():
+                shutil.rmtree(dest)
+        else:
+            shutil.copy2(source, temporary)
+        os.replace(temporary, dest)
+    finally:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        elif temporary.exists():
+            temporary.unlink()
+
+
+def fingerprint(key) -> str:
+    """An SSH host key's fingerprint as OpenSSH prints it (``SHA256:...``)."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _known_hosts_name(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def _key_type(key) -> str:
+    name = key.get_name()
+    return {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}.get(
+        name, "ecdsa" if name.startswith("ecdsa") else name)
+
+
+class SSH:
+    """A node over SSH (Fabric/Paramiko), refusing any host key not pinned in known_hosts."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.name = node.name
+        self._conn = None
+        self._home: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def known_hosts(self) -> Path:
+        return Path(os.path.expanduser(self.node.known_hosts))
+
+    def _connection(self):
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._open()
+            return self._conn
+
+    def _open(self):
+        import fabric
+        import paramiko
+
+        node = self.node
+        where = f"{node.login}"
+        known_hosts = self.known_hosts
+        target = self
+
+        class _Refuse(paramiko.MissingHostKeyPolicy):
+            def missing_host_key(self, client, hostname, key):
+                raise HostKeyRejected(target.name, target._unknown_key_message(key))
+
+        connect_kwargs: dict = {
+            "timeout": node.connect_timeout,
+            "banner_timeout": node.connect_timeout,
+            "auth_timeout": node.connect_timeout,
+            "channel_timeout": node.connect_timeout,
+        }
+        if node.identity_file:
+            connect_kwargs.update(key_filename=[os.path.expanduser(node.identity_file)],
+                                  allow_agent=False, look_for_keys=False)
+        config = fabric.Config(ssh_config=paramiko.SSHConfig(), lazy=True)
+        conn = fabric.Connection(node.host, user=node.user, port=node.port, config=config,
+                                 connect_timeout=node.connect_timeout,
+                                 connect_kwargs=connect_kwargs, inline_ssh_env=True)
+        # Fabric accepts any key by default; we load the pinned keys and refuse everything else.
+        conn.client.set_missing_host_key_policy(_Refuse())
+        if known_hosts.is_file():
+            conn.client.load_system_host_keys(str(known_hosts))
+        try:
+            conn.open()
+        except HostKeyRejected:
+            raise
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyRejected(self.name, self._changed_key_message(exc.key, exc.expected_key)) from None
+        except paramiko.AuthenticationException as exc:
+            identity = node.identity_file or "your default keys and agent"
+            raise Unreachable(
+                self.name,
+                f"SSH authentication failed at {where} with {identity} ({exc}); install the"
+                f" public key on the node: ssh-copy-id -p {node.port}"
+                + (f" -i {node.identity_file}" if node.identity_file else "")
+                + f" {(node.user + '@') if node.user else ''}{node.host}",
+            ) from None
+        except (socket.timeout, TimeoutError) as exc:
+            raise Unreachable(self.name, f"no answer from {where} within {node.connect_timeout:g} s"
+                              " (connect_timeout); is the node up and the address right?") from None
+        except paramiko.ssh_exception.NoValidConnectionsError as exc:
+            reason = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
+            raise Unreachable(self.name, f"cannot connect to {where}: {reason}; is sshd running"
+                              " there and the port right?") from None
+        except socket.gaierror as exc:
+            raise Unreachable(self.name, f"cannot resolve {node.host!r}: {exc.strerror}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise Unreachable(self.name, f"SSH to {where} failed: {exc or type(exc).__name__}") from None
+        return conn
+
+    def _unknown_key_message(self, key) -> str:
+        node = self.node
+        name = _known_hosts_name(node.host, node.port)
+        return (
+            f"host key of {name} is not in {self.known_hosts}: {key.get_name()} {fingerprint(key)}."
+            " It was refused. Compare it with the node's own fingerprint"
+            f" (on the node: ssh-keygen -lf /etc/ssh/ssh_host_{_key_type(key)}_key.pub);"
+            f" if they match, trust it with: ssh-keyscan -p {node.port} -t {_key_type(key)}"
+            f" {node.host} >> {self.known_hosts}"
+        )
+
+    def _changed_key_message(self, got, expected) -> str:
+        node = self.node
+        name = _known_hosts_name(node.host, node.port)
+        return (
+            f"HOST KEY CHANGED for {name}: {self.known_hosts} pins {expected.get_name()}"
+            f" {fingerprint(expected)} but the node offered {got.get_name()} {fingerprint(got)}."
+            " The connection was refused: this is what a man-in-the-middle looks like. If the"
+            f" node was reinstalled, remove the old key (ssh-keygen -R '{name}' -f"
+            f" {self.known_hosts}) and trust the new one after checking its fingerprint."
+        )
+
+    def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
+            check=True) -> Result:
+        from invoke.exceptions import CommandTimedOut as _Timeout
+
+        argv = tuple(str(word) for word in argv)
+        secrets = dict(secrets or {})
+        line = shell.command_line(argv, env=env, cwd=cwd, secret_names=tuple(secrets))
+        feed = shell.secret_preamble(secrets) + (stdin or "")
+        timeout = timeout or self.node.command_timeout
+        conn = self._connection()
+        started = time.monotonic()
+        try:
+            done = conn.run(line, hide=True, warn=True, pty=False, timeout=timeout,
+                            in_stream=io.StringIO(feed) if feed else False)
+        except _Timeout:
+            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and was stopped") from None
+        except (OSError, EOFError) as exc:
+            raise Unreachable(self.name, f"the SSH connection broke: {exc}") from None
+        return _finish(Result(self.name, argv, done.exited, done.stdout, done.stderr,
+                              time.monotonic() - started), check)
+
+    def home(self) -> str:
+        if self._home is None:
+            self._home = self.run(["sh", "-c", 'printf %s "$HOME"']).stdout
+        return self._home
+
+    def put(self, local, remote: str) -> None:
+        """Copy a file or a tree to the node; each file appears under its name only when whole."""
+        source = Path(local)
+        dest = expand(remote, self.home())
+        sftp = self._connection().sftp()
+        if source.is_dir():
+            for root, dirs, files in os.walk(source):
+                relative = os.path.relpath(root, source)
+                base = posixpath.normpath(posixpath.join(dest, relative))
+                self._mkdirs(sftp, base)
+                for filename in files:
+                    self._put_file(sftp, Path(root) / filename, posixpath.join(base, filename))
+        else:
+            self._mkdirs(sftp, posixpath.dirname(dest))
+            self._put_file(sftp, source, dest)
+
+    def _put_file(self, sftp, source: Path, dest: str) -> None:
+        temporary = posixpath.join(posixpath.dirname(dest),
+                                   f".{posixpath.basename(dest)}.part-{_random.token_hex(4)}")
+        try:
+            sftp.put(str(source), temporary)
+            sftp.chmod(temporary, source.stat().st_mode & 0o7777)
+            sftp.posix_rename(temporary, dest)
+        except BaseException:
+            try:
+                sftp.remove(temporary)
+            except OSError:
+                pass
+            raise
+
+    @staticmethod
+    def _mkdirs(sftp, path: str) -> None:
+        missing = []
+        while path not in ("", "/"):
+            try:
+                sftp.stat(path)
+                break
+            except FileNotFoundError:
+                missing.append(path)
+                path = posixpath.dirname(path)
+        for directory in reversed(missing):
+            sftp.mkdir(directory)
+
+    def get(self, remote: str, local) -> None:
+        dest = Path(local)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        temporary = dest.with_name(f".{dest.name}.part-{_random.token_hex(4)}")
+        try:
+            self._connection().sftp().get(expand(remote, self.home()), str(temporary))
+            os.replace(temporary, dest)
+        except FileNotFoundError:
+            raise TargetError(self.name, f"no such file on the node: {remote}") from None
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+@dataclass
+class InContainer:
+    """A running container on another target, entered with ``docker exec``."""
+
+    parent: Target
+    container: str
+    docker: Sequence[str] = ("docker",)
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = f"{self.parent.name}/{self.container}"
+        self._home: str | None = None
+
+    def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
+            check=True) -> Result:
+        argv = tuple(str(word) for word in argv)
+        exec_argv = [*self.docker, "exec"]
+        if stdin is not None:
+            exec_argv.append("-i")
+        for key, value in (env or {}).items():
+            exec_argv += ["-e", f"{key}={value}"]
+        for key in secrets or {}:
+            exec_argv += ["-e", key]  # the value comes from docker's own environment, not argv
+        if cwd:
+            exec_argv += ["-w", cwd]
+        exec_argv += [self.container, *argv]
+        result = self.parent.run(exec_argv, timeout=timeout, stdin=stdin, secrets=secrets,
+                                 check=False)
+        return _finish(Result(self.name, argv, result.exit_code, result.stdout, result.stderr,
+                              result.seconds), check)
+
+    def home(self) -> str:
+        if self._home is None:
+            self._home = self.run(["sh", "-c", 'printf %s "$HOME"']).stdout
+        return self._home
+
+    def _staging(self) -> str:
+        return expand(f"~/.cache/trtllm-deploy/transfer-{_random.token_hex(6)}",
+                      self.parent.home())
+
+    def put(self, local, remote: str) -> None:
+        staging = self._staging()
+        dest = expand(remote, self.home())
+        try:
+            self.parent.put(local, staging)
+            self.run(["mkdir", "-p", posixpath.dirname(dest)])
+            self.parent.run([*self.docker, "cp", staging, f"{self.container}:{dest}"])
+        finally:
+            self.parent.run(["rm", "-rf", staging], check=False)
+
+    def get(self, remote: str, local) -> None:
+        staging = self._staging()
+        try:
+            self.parent.run(["mkdir", "-p", posixpath.dirname(staging)])
+            self.parent.run([*self.docker, "cp", f"{self.container}:{expand(remote, self.home())}",
+                             staging])
+            self.parent.get(staging, local)
+        finally:
+            self.parent.run(["rm", "-rf", staging], check=False)
+
+    def close(self) -> None:
+        self.parent.close()
+
+
+def connect(node: Node) -> Target:
+    """The target that reaches ``node`` as its inventory entry says (no connection made yet)."""
+    if node.connection == "local":
+        return Local(node.name, default_timeout=node.command_timeout)
+    return SSH(node)
