@@ -6,18 +6,19 @@ private to the node's user (mode 0700).
 
 from __future__ import annotations
 
+from trtllm_deploy import shell
 from trtllm_deploy.facts import Fact, gather
 from trtllm_deploy.group import fan_out
 from trtllm_deploy.inventory import Cluster, Node
 from trtllm_deploy.plan import Change, Plan, Step
-from trtllm_deploy.targets import Target, expand
+from trtllm_deploy.targets import Target, TargetError, expand
 
 PRIVATE = "700"
 
 # For each path: "<path>\t<yes|no>\t<octal mode or ->\t<writable yes|no>", with ~ as the home.
 SURVEY_SCRIPT = (
-    'for p do q=$p; case $q in "~") q=$HOME;; "~/"*) q=$HOME/${q#"~/"};; esac; '
-    'if [ -d "$q" ]; then m=$(stat -c %a -- "$q"); e=yes; else m=-; e=no; fi; '
+    shell.ENSURE_HOME + 'for p do ' + shell.EXPAND_P_TO_Q
+    + 'if [ -d "$q" ]; then m=$(stat -c %a -- "$q"); e=yes; else m=-; e=no; fi; '
     'if [ -w "$q" ]; then w=yes; else w=no; fi; '
     'printf "%s\\t%s\\t%s\\t%s\\n" "$p" "$e" "$m" "$w"; done'
 )
@@ -63,9 +64,13 @@ def steps_for(node: Node, cluster: Cluster, home: str, survey: dict) -> list[Ste
 
 def survey(node: Node, target: Target, cluster: Cluster) -> list[Step]:
     paths = list(wanted(node, cluster).values())
-    found = gather(target, [Fact("home", ("sh", "-c", 'printf %s "$HOME"')),
+    found = gather(target, [Fact("home", ("sh", "-c", shell.PRINT_HOME)),
                             Fact("dirs", ("sh", "-c", SURVEY_SCRIPT, "sh", *paths))])
-    return steps_for(node, cluster, found["home"].stdout, parse_survey(found["dirs"].stdout))
+    home = found["home"].stdout.strip()
+    if not home.startswith("/"):
+        raise TargetError(target.name, "cannot tell the node user's home directory (HOME is unset"
+                          " and the user database has none); use absolute paths in hosts.toml")
+    return steps_for(node, cluster, home, parse_survey(found["dirs"].stdout))
 
 
 def make_plan(cluster: Cluster, nodes: tuple[Node, ...]) -> Plan:

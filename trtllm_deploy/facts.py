@@ -78,7 +78,9 @@ def parse(text: str, facts: Sequence[Fact], nonce: str) -> dict[str, Output]:
             outputs[fact.name] = Output(-1, "", "no output: the fact script stopped early")
             continue
         out, err = buffers[index]["out"], buffers[index]["err"]
-        outputs[fact.name] = Output(codes[index], "\n".join(out[:-1]) if out else "",
+        # The script prints a newline before the err marker, so joining the lines between the
+        # markers gives back the command's output exactly.
+        outputs[fact.name] = Output(codes[index], "\n".join(out),
                                     "\n".join(err).strip("\n"))
     return outputs
 

@@ -44,7 +44,7 @@ _VERSION = re.compile(r"^\d+(\.\d+){0,3}$")
 def _node_name(value: str) -> str:
     if not _NAME.match(value):
         raise ValueError(
-            "a node name: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "expected a node name: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return value
 
@@ -56,15 +56,17 @@ def _address(value: str) -> str:
     except ValueError:
         pass
     host = value[:-1] if value.endswith(".") else value
-    if 0 < len(host) <= 253 and all(_LABEL.match(label) for label in host.split(".")):
+    labels = host.split(".")
+    # An all-digit last label is a mistyped IPv4 address (192.0.2.300), not a host name.
+    if 0 < len(host) <= 253 and all(map(_LABEL.match, labels)) and not labels[-1].isdigit():
         return value
-    raise ValueError("an IP address or a host name (letters, digits, '-' and '.')")
+    raise ValueError("expected an IP address or a host name (letters, digits, '-' and '.')")
 
 
 def _interface(value: str) -> str:
     if not _IFACE.match(value) or value in (".", ".."):
         raise ValueError(
-            "a network interface name as `ip link` shows it: 1-15 characters, letters, digits,"
+            "expected a network interface name as `ip link` shows it: 1-15 characters, letters, digits,"
             " '.', '_' or '-' (e.g. enp1s0f1np1)"
         )
     return value
@@ -72,29 +74,29 @@ def _interface(value: str) -> str:
 
 def _rdma_device(value: str) -> str:
     if not _RDMA.match(value):
-        raise ValueError("an RDMA device name as `ibdev2netdev` shows it (e.g. rocep1s0f1)")
+        raise ValueError("expected an RDMA device name as `ibdev2netdev` shows it (e.g. rocep1s0f1)")
     return value
 
 
 def _path(value: str) -> str:
     if not (value.startswith("/") or value == "~" or value.startswith("~/")):
-        raise ValueError("an absolute path, or one starting with ~/ (the node user's home)")
+        raise ValueError("expected an absolute path, or one starting with ~/ (the node user's home)")
     return value
 
 
 def _version(value: str) -> str:
     if not _VERSION.match(value):
-        raise ValueError("a version of dotted numbers, e.g. \"13.0\"")
+        raise ValueError("expected a version of dotted numbers, e.g. \"13.0\"")
     return value
 
 
 def _env_name(value: str) -> str:
     if not _ENV.match(value):
-        raise ValueError("an environment variable name: letters, digits and '_'")
+        raise ValueError("expected an environment variable name: letters, digits and '_'")
     if _SECRETISH.search(value):
         raise ValueError(
-            "not a secret: hosts.toml is no place for tokens; export it in your shell"
-            " (e.g. HF_TOKEN) and trtllm-deploy passes it on without writing it anywhere"
+            "this is a secret, and hosts.toml is not the place for it: export it in your shell"
+            " and trtllm-deploy passes it on without writing it anywhere"
         )
     return value
 
@@ -254,8 +256,8 @@ class InventoryError(InputError):
     def __init__(self, source: Path, text: str, problems: list[Problem]):
         self.source, self.problems = source, problems
         lines = []
-        for problem in problems:
-            line = line_of(text, problem.path) if text and problem.path else None
+        located = [(line_of(text, p.path) if text and p.path else None, p) for p in problems]
+        for line, problem in sorted(located, key=lambda item: item[0] or 0):
             where = f"{source}:{line}" if line else str(source)
             key = _dotted(problem.path)
             lines.append(f"{where}: {key + ': ' if key else ''}{problem.message}")
@@ -321,7 +323,7 @@ def _problems(error: ValidationError, model: type[BaseModel], prefix: tuple) -> 
     for item in error.errors():
         loc = tuple(item["loc"])
         # pydantic names the member of a union it tried ("int", "float"); that is noise here.
-        loc = tuple(part for part in loc if part not in ("int", "float", "str"))
+        loc = tuple(part for part in loc if part not in ("int", "float", "str", "[key]"))
         path = prefix + loc
         kind, value = item["type"], item.get("input")
         last = next((p for p in reversed(path) if isinstance(p, str)), "")
@@ -358,7 +360,9 @@ def _problems(error: ValidationError, model: type[BaseModel], prefix: tuple) -> 
             )
         elif kind == "value_error":
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(Problem(path, f"expected {message}; got {value!r}", fix))
+            if "secret" in message:
+                fix = f"remove {last!r} from hosts.toml and export it in your shell instead"
+            problems.append(Problem(path, f"{message}; got {value!r}", fix))
         else:
             problems.append(Problem(path, f"{item['msg']}; got {value!r}", fix))
     return problems

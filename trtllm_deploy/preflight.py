@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from trtllm_deploy import parsers
+from trtllm_deploy import parsers, shell
 from trtllm_deploy.facts import Fact, Output, gather
 from trtllm_deploy.group import fan_out
 from trtllm_deploy.inventory import Cluster, Node
@@ -23,8 +23,8 @@ GPU_FIELDS = ["index", "name", "compute_cap", "driver_version", "memory.total"]
 # Each path is printed with the df line of its nearest existing ancestor, so a store that does not
 # exist yet is judged by the disk it will land on. `~` is the node user's home.
 DISK_SCRIPT = (
-    'for p do q=$p; case $q in "~") q=$HOME;; "~/"*) q=$HOME/${q#"~/"};; esac; '
-    'while [ ! -e "$q" ]; do q=$(dirname -- "$q"); done; '
+    shell.ENSURE_HOME + 'for p do ' + shell.EXPAND_P_TO_Q
+    + 'while [ ! -e "$q" ]; do q=$(dirname -- "$q"); done; '
     'printf "%s\\t" "$p"; df -PB1 -- "$q" | tail -n 1; done'
 )
 

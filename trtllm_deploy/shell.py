@@ -13,6 +13,17 @@ from collections.abc import Mapping, Sequence
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+# Some environments (containers, batch systems) start commands with HOME unset; every script that
+# expands "~" starts with this so it falls back to the account's home from the user database.
+ENSURE_HOME = ': "${HOME:=$(getent passwd "$(id -u)" | cut -d: -f6)}"; '
+
+# Prints the home directory (see ENSURE_HOME); `sh -c PRINT_HOME` is how targets learn it.
+PRINT_HOME = ENSURE_HOME + 'printf %s "$HOME"'
+
+# Inside a `for p do ... done` loop: q is p with a leading "~" expanded.
+EXPAND_P_TO_Q = 'q=$p; case $q in "~") q=$HOME;; "~/"*) q=$HOME/${q#"~/"};; esac; '
+
+
 def quote(word: object) -> str:
     return shlex.quote(str(word))
 

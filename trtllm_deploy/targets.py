@@ -240,8 +240,7 @@ class SSH:
             def missing_host_key(self, client, hostname, key):
                 raise HostKeyRejected(target.name, target._unknown_key_message(key))
 
-        connect_kwargs: dict = {
-            "timeout": node.connect_timeout,
+        connect_kwargs: dict = {  # the TCP connect timeout is Connection's connect_timeout
             "banner_timeout": node.connect_timeout,
             "auth_timeout": node.connect_timeout,
             "channel_timeout": node.connect_timeout,
@@ -330,7 +329,7 @@ class SSH:
 
     def home(self) -> str:
         if self._home is None:
-            self._home = self.run(["sh", "-c", 'printf %s "$HOME"']).stdout
+            self._home = self.run(["sh", "-c", shell.PRINT_HOME]).stdout
         return self._home
 
     def put(self, local, remote: str) -> None:
@@ -429,7 +428,7 @@ class InContainer:
 
     def home(self) -> str:
         if self._home is None:
-            self._home = self.run(["sh", "-c", 'printf %s "$HOME"']).stdout
+            self._home = self.run(["sh", "-c", shell.PRINT_HOME]).stdout
         return self._home
 
     def _staging(self) -> str:

@@ -35,11 +35,14 @@ def key_lines(text: str) -> dict[tuple, int]:
         in_multiline = bool(opens_or_closes)
         header = _HEADER.match(raw)
         if header:
-            path = _resolve(tuple(_split_key(header.group(2))), counts)
+            parts = tuple(_split_key(header.group(2)))
             if header.group(1) == "[[":
+                path = _resolve(parts[:-1], counts) + parts[-1:]
                 index = counts.get(path, -1) + 1
                 counts[path] = index
                 path = path + (index,)
+            else:
+                path = _resolve(parts, counts)
             current = path
             lines.setdefault(current, number)
             continue

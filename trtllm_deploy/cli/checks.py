@@ -45,7 +45,8 @@ def _show(nodes, checks) -> None:
     if todo:
         console.out.print("\nWhat to do:")
         for item in todo:
-            console.out.print(console.status_cell(item.status, f"{item.node} {item.name}: {item.remedy}"))
+            console.out.print(console.status_cell(item.status, f"{item.node} {item.name}: {item.remedy}"),
+                              soft_wrap=True)  # a remedy is a command to copy: never cut it
     summary = pre.summarize(checks)
     console.out.print(f"\n{summary['pass']} passed, {summary['warn']} warned, "
                       f"{summary['fail']} failed, {summary['skip']} skipped")

@@ -1,0 +1,94 @@
+"""Sessions for tests, lint, lockfiles and benchmarks. `nox` alone runs what CI runs."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nox
+
+# `session.run_install` (skipped by `nox -R`) and `default=` on sessions arrived in 2024.3.2.
+nox.needs_version = ">=2024.3.2"
+nox.options.sessions = ["lint", "tests", "lock_check"]
+nox.options.reuse_venv = "yes"
+
+ROOT = Path(__file__).parent
+REQUIREMENTS = ROOT / "requirements"
+# Order matters: a layer is compiled against the pins of the layers before it (-c host.txt).
+LOCKS = ("host", "test", "lint", "container", "nox")
+
+# The locks must name only what PyPI serves, with every file's hash, whatever this machine's pip
+# configuration adds (local wheel folders, extra indexes).
+ISOLATED_PIP = {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": "",
+                "PIP_INDEX_URL": "", "PIP_CONSTRAINT": ""}
+
+
+def install(session: nox.Session, *locks: str) -> None:
+    for lock in locks:
+        session.run_install("python", "-m", "pip", "install", "--quiet", "--require-hashes",
+                            "-r", str(REQUIREMENTS / f"{lock}.txt"))
+
+
+@nox.session(tags=["ci"])
+def tests(session: nox.Session) -> None:
+    """Run the test suite against real sshd, Docker and mpirun (what CI runs)."""
+    install(session, "test")
+    session.run("python", "-m", "pytest", *(session.posargs or ["tests", "-q"]))
+
+
+@nox.session(tags=["ci"])
+def lint(session: nox.Session) -> None:
+    """Lint the package, tests, tasks and benchmarks with ruff."""
+    install(session, "lint")
+    session.run("ruff", "check", *(session.posargs or ["."]))
+
+
+def _compile(session: nox.Session, lock: str, output: Path) -> None:
+    session.run(
+        "pip-compile", "--quiet", "--generate-hashes", "--allow-unsafe", "--strip-extras",
+        "--no-emit-index-url", "--no-emit-find-links", "--resolver=backtracking",
+        "--output-file", str(output), str(REQUIREMENTS / f"{lock}.in"),
+        env={**ISOLATED_PIP, "CUSTOM_COMPILE_COMMAND": "nox -s lock"},
+    )
+
+
+@nox.session(default=False)
+def lock(session: nox.Session) -> None:
+    """Compile requirements/*.in into hash-pinned *.txt; `-- --check` fails on a stale lock."""
+    if (REQUIREMENTS / "nox.txt").exists():
+        install(session, "nox")
+    else:  # the very first compile has no lock to install pip-tools from
+        session.run_install("python", "-m", "pip", "install", "--quiet", "pip-tools")
+    check = "--check" in session.posargs
+    stale = []
+    for name in LOCKS:
+        target = REQUIREMENTS / f"{name}.txt"
+        if not check:
+            _compile(session, name, target)
+            continue
+        # Recompile a copy: pip-compile keeps existing pins, so only an edited .in changes it.
+        with tempfile.TemporaryDirectory() as scratch:
+            copy = Path(scratch) / target.name
+            if target.exists():
+                shutil.copy(target, copy)
+            _compile(session, name, copy)
+            if not target.exists() or not filecmp.cmp(copy, target, shallow=False):
+                stale.append(target.name)
+    if stale:
+        session.error(f"stale lockfiles: {', '.join(stale)}; run `nox -s lock` and commit them")
+
+
+@nox.session(tags=["ci"])
+def lock_check(session: nox.Session) -> None:
+    """Fail when a lockfile no longer matches its requirements/*.in (same as lock -- --check)."""
+    session.notify("lock", ["--check"])
+
+
+@nox.session(default=False, tags=["bench"])
+def bench(session: nox.Session) -> None:
+    """Benchmark preflight across 1, 2, 4 and 8 SSH nodes and print the table."""
+    install(session, "test")
+    session.run("python", "benchmarks/preflight_fanout.py", *session.posargs)
