@@ -95,7 +95,7 @@ CASES = [
                        gpu_table=Output(127, "", "")),
      {"gpu": "fail", "compute": "skip", "driver": "skip", "cuda": "skip"}, "NVIDIA driver"),
     ("old-driver-and-cuda", dict(gpu_query=ok("0, NVIDIA GB10, 12.1, 575.57.08, [N/A]\n"),
-                                 gpu_table=ok(GB10_TABLE.replace("CUDA Version: 13.0", "CUDA Version: 12.9"))),
+                                 gpu_table=ok(GB10_TABLE.replace("Version: 13.0", "Version: 12.9"))),
      {"driver": "fail", "cuda": "fail"}, "reboot"),
     ("not-a-gb10", dict(gpu_query=ok(H200_QUERY), gpu_table=ok(H200_TABLE)),
      {"gpu": "warn", "compute": "pass"}, "assume a GB10"),

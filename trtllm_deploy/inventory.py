@@ -413,11 +413,11 @@ def load(path: str | os.PathLike = DEFAULT_PATH) -> Cluster:
         text = source.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InventoryError(source, "", [Problem((), "file not found",
-                             f"create it (copy the example in README.md) or pass --hosts PATH")])
+                             "create it (copy the example in README.md) or pass --hosts PATH")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise InventoryError(source, "", [Problem((), f"cannot read the file: {reason}",
-                             "check the path and its permissions")])
+                             "check the path and its permissions")]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -478,7 +478,8 @@ def _check_cluster(top: _File, nodes: list[Node]) -> list[Problem]:
     for index, node in enumerate(nodes):
         if node.name in seen_names:
             problems.append(Problem(("nodes", index, "name"),
-                                    f"duplicate node name {node.name!r} (also nodes[{seen_names[node.name]}])",
+                                    f"duplicate node name {node.name!r}"
+                                    f" (also nodes[{seen_names[node.name]}])",
                                     "give every node its own name"))
         seen_names.setdefault(node.name, index)
         place = ("local",) if node.connection == "local" else (node.host.lower(), node.port)

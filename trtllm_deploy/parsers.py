@@ -70,7 +70,7 @@ def parse_gpu_query(text: str, fields: list[str] | None = None) -> list[dict[str
     for record in csv.reader(io.StringIO("\n".join(lines)), skipinitialspace=True):
         if len(record) != len(fields):
             raise ValueError(f"expected {len(fields)} fields, got {len(record)}: {record!r}")
-        rows.append({field: _value(value) for field, value in zip(fields, record)})
+        rows.append({field: _value(value) for field, value in zip(fields, record, strict=True)})
     return rows
 
 

@@ -53,11 +53,16 @@ def command_line(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     secret_names: Sequence[str] = (),
+    stdin_path: str | None = None,
+    timeout: float | None = None,
 ) -> str:
     """The shell line that runs ``argv`` with ``env`` in ``cwd``.
 
     Each name in ``secret_names`` is read from the first lines of standard input and exported,
-    so its value travels inside the encrypted channel and never through ``ps``.
+    so its value travels inside the encrypted channel and never through ``ps``. The command's
+    own standard input is ``stdin_path``, or empty: a remote command never waits on a terminal
+    that is not there. With ``timeout``, the node itself stops the command and everything it
+    started (GNU timeout signals the whole process group) when the time is up.
     """
     if not argv:
         raise ValueError("empty command")
@@ -67,7 +72,10 @@ def command_line(
     if cwd:
         steps.append(f"cd -- {path_word(cwd)}")
     prefix = ["env", *(f"{key}={value}" for key, value in env.items())] if env else []
-    steps.append("exec " + join([*prefix, *argv]))
+    if timeout:
+        prefix = ["timeout", "-k", "5", f"{timeout:g}", *prefix]
+    source = path_word(stdin_path) if stdin_path else "/dev/null"
+    steps.append("exec " + join([*prefix, *argv]) + " <" + source)
     return " && ".join(steps)
 
 

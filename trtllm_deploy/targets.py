@@ -137,14 +137,19 @@ class Local:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                 start_new_session=True,
             )
-        except FileNotFoundError:
-            return _finish(Result(self.name, argv, 127, "", f"{argv[0]}: command not found",
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            # Popen names the missing thing: the program, or the working directory.
+            missing = exc.filename if exc.filename not in (None, argv[0]) else None
+            message = (f"cd: {missing}: {exc.strerror}" if missing
+                       else f"{argv[0]}: command not found")
+            return _finish(Result(self.name, argv, 2 if missing else 127, "", message,
                                   time.monotonic() - started), check)
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             self._kill(proc)
-            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and was stopped")
+            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and"
+                                  " was stopped") from None
         except BaseException:  # Ctrl-C: take the whole process group down with us
             self._kill(proc)
             raise
@@ -163,7 +168,10 @@ class Local:
         _copy_atomically(Path(local), Path(expand(remote, self.home())))
 
     def get(self, remote: str, local) -> None:
-        _copy_atomically(Path(expand(remote, self.home())), Path(local))
+        source = Path(expand(remote, self.home()))
+        if not source.exists():
+            raise TargetError(self.name, f"no such file: {remote}")
+        _copy_atomically(source, Path(local))
 
     def home(self) -> str:
         return str(Path.home())
@@ -232,7 +240,6 @@ class SSH:
         import paramiko
 
         node = self.node
-        where = f"{node.login}"
         known_hosts = self.known_hosts
         target = self
 
@@ -257,6 +264,21 @@ class SSH:
         if known_hosts.is_file():
             conn.client.load_system_host_keys(str(known_hosts))
         try:
+            self._connect(conn)
+        except BaseException:
+            conn.client.close()  # a refused or failed connection leaves nothing open
+            raise
+        return conn
+
+    def _connect(self, conn) -> None:
+        """Open ``conn``, turning every way it can fail into a message about this node."""
+        import paramiko
+
+        node = self.node
+        where = node.login
+        silent = (f"no SSH answer from {where} within {node.connect_timeout:g} s (connect_timeout);"
+                  " is the node up, the address right, and sshd listening on that port?")
+        try:
             conn.open()
         except HostKeyRejected:
             raise
@@ -271,18 +293,23 @@ class SSH:
                 + (f" -i {node.identity_file}" if node.identity_file else "")
                 + f" {(node.user + '@') if node.user else ''}{node.host}",
             ) from None
-        except (socket.timeout, TimeoutError) as exc:
-            raise Unreachable(self.name, f"no answer from {where} within {node.connect_timeout:g} s"
-                              " (connect_timeout); is the node up and the address right?") from None
+        except (socket.timeout, TimeoutError):
+            raise Unreachable(self.name, silent) from None
         except paramiko.ssh_exception.NoValidConnectionsError as exc:
             reason = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()}))
             raise Unreachable(self.name, f"cannot connect to {where}: {reason}; is sshd running"
                               " there and the port right?") from None
         except socket.gaierror as exc:
             raise Unreachable(self.name, f"cannot resolve {node.host!r}: {exc.strerror}") from None
-        except (paramiko.SSHException, OSError, EOFError) as exc:
+        except paramiko.SSHException as exc:
+            # A server that accepts TCP but never speaks SSH surfaces as a banner timeout or,
+            # one step later, as "No existing session".
+            text = str(exc)
+            if "banner" in text or "No existing session" in text or "timed out" in text:
+                raise Unreachable(self.name, silent) from None
+            raise Unreachable(self.name, f"SSH to {where} failed: {text or type(exc).__name__}") from None
+        except (OSError, EOFError) as exc:
             raise Unreachable(self.name, f"SSH to {where} failed: {exc or type(exc).__name__}") from None
-        return conn
 
     def _unknown_key_message(self, key) -> str:
         node = self.node
@@ -312,20 +339,38 @@ class SSH:
 
         argv = tuple(str(word) for word in argv)
         secrets = dict(secrets or {})
-        line = shell.command_line(argv, env=env, cwd=cwd, secret_names=tuple(secrets))
-        feed = shell.secret_preamble(secrets) + (stdin or "")
         timeout = timeout or self.node.command_timeout
         conn = self._connection()
+        stdin_path = self._stage_stdin(stdin) if stdin is not None else None
+        line = shell.command_line(argv, env=env, cwd=cwd, secret_names=tuple(secrets),
+                                  stdin_path=stdin_path, timeout=timeout)
+        if stdin_path:
+            line += f"; s=$?; rm -f -- {shell.quote(stdin_path)}; exit $s"
+            line = f"sh -c {shell.quote(line)}"
+        feed = shell.secret_preamble(secrets)
         started = time.monotonic()
         try:
-            done = conn.run(line, hide=True, warn=True, pty=False, timeout=timeout,
+            # The node enforces the timeout itself; ours is the backstop for a node gone silent.
+            done = conn.run(line, hide=True, warn=True, pty=False, timeout=timeout + 10,
                             in_stream=io.StringIO(feed) if feed else False)
         except _Timeout:
-            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and was stopped") from None
+            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and"
+                                  " was stopped") from None
         except (OSError, EOFError) as exc:
             raise Unreachable(self.name, f"the SSH connection broke: {exc}") from None
+        if done.exited in (124, 137) and time.monotonic() - started >= timeout:
+            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and was stopped")
         return _finish(Result(self.name, argv, done.exited, done.stdout, done.stderr,
                               time.monotonic() - started), check)
+
+    def _stage_stdin(self, data: str) -> str:
+        """Standard input goes to the node as a private file (SFTP), which the command reads."""
+        path = f"/tmp/.trtllm-deploy-stdin-{_random.token_hex(8)}"
+        sftp = self._connection().sftp()
+        with sftp.open(path, "w") as handle:
+            handle.chmod(0o600)
+            handle.write(data.encode())
+        return path
 
     def home(self) -> str:
         if self._home is None:
@@ -338,7 +383,7 @@ class SSH:
         dest = expand(remote, self.home())
         sftp = self._connection().sftp()
         if source.is_dir():
-            for root, dirs, files in os.walk(source):
+            for root, _dirs, files in os.walk(source):
                 relative = os.path.relpath(root, source)
                 base = posixpath.normpath(posixpath.join(dest, relative))
                 self._mkdirs(sftp, base)
@@ -380,7 +425,10 @@ class SSH:
         dest.parent.mkdir(parents=True, exist_ok=True)
         temporary = dest.with_name(f".{dest.name}.part-{_random.token_hex(4)}")
         try:
-            self._connection().sftp().get(expand(remote, self.home()), str(temporary))
+            sftp = self._connection().sftp()
+            source = expand(remote, self.home())
+            sftp.get(source, str(temporary))
+            os.chmod(temporary, sftp.stat(source).st_mode & 0o7777)
             os.replace(temporary, dest)
         except FileNotFoundError:
             raise TargetError(self.name, f"no such file on the node: {remote}") from None

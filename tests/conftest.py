@@ -1,0 +1,101 @@
+"""Shared fixtures: an isolated SSH environment and real sshd servers (see tests/sshd.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sshd as sshd_module  # noqa: E402  (tests/sshd.py, importable without pytest)
+from sshd import SSHServer, start_sshd, write_hosts  # noqa: E402
+
+from trtllm_deploy import inventory  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_ssh_environment(monkeypatch, tmp_path_factory):
+    """Keep the developer's own SSH setup out of every test (as Fabric's own suite does).
+
+    A fresh ``$HOME`` means no ``~/.ssh/config``, keys or known_hosts of the person running the
+    tests; without an agent socket Paramiko cannot offer their agent's keys either.
+    """
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.delenv("SSH_AGENT_PID", raising=False)
+    return home
+
+
+def _require_sshd() -> None:
+    if not os.path.exists(sshd_module.SSHD):
+        pytest.skip(f"{sshd_module.SSHD} is not installed (apt-get install openssh-server)")
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen is not installed")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> SSHServer:
+    """One real sshd on 127.0.0.1 for the whole session."""
+    _require_sshd()
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sshd_factory(tmp_path_factory) -> Callable[..., SSHServer]:
+    """Starts more servers on demand (``sshd_factory()``); all are stopped after the test."""
+    _require_sshd()
+    started: list[SSHServer] = []
+
+    def start(**kwargs) -> SSHServer:
+        server = start_sshd(tmp_path_factory.mktemp("sshd-extra"), **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def make_node(tmp_path) -> Callable[..., inventory.Node]:
+    """``make_node(server, name="n", **overrides)``: a Node read through ``inventory.load``.
+
+    The node table is written to a real hosts.toml and validated like a user's file would be;
+    ``overrides`` replace keys of :meth:`SSHServer.node_toml` (e.g. ``port=``, ``known_hosts=``,
+    ``connect_timeout=``, ``identity_file=``).
+    """
+    count = 0
+
+    def make(server: SSHServer, name: str = "node-0", **overrides) -> inventory.Node:
+        nonlocal count
+        count += 1
+        path = tmp_path / f"hosts-{count}.toml"
+        path.write_text('[cluster]\nname = "test"\n\n' + server.node_toml(name, **overrides))
+        return inventory.load(path).node(name)
+
+    return make
+
+
+@pytest.fixture
+def hosts_file(tmp_path) -> Callable[..., Path]:
+    """``hosts_file(servers, extra="")``: a complete hosts.toml for ``servers`` (first is head)."""
+
+    def make(servers, extra: str = "") -> Path:
+        return write_hosts(tmp_path / "hosts.toml", servers, extra)
+
+    return make
+
+
+@pytest.fixture
+def sshd_node(sshd, hosts_file) -> inventory.Node:
+    """The Node of the session's sshd, as ``inventory.load`` reads it from a hosts.toml."""
+    cluster = inventory.load(hosts_file([sshd]))
+    return cluster.head
