@@ -49,12 +49,15 @@ def lint(session: nox.Session) -> None:
 
 
 def _compile(session: nox.Session, lock: str, output: Path) -> None:
-    session.run(
-        "pip-compile", "--quiet", "--generate-hashes", "--allow-unsafe", "--strip-extras",
-        "--no-emit-index-url", "--no-emit-find-links", "--resolver=backtracking",
-        "--output-file", str(output), str(REQUIREMENTS / f"{lock}.in"),
-        env={**ISOLATED_PIP, "CUSTOM_COMPILE_COMMAND": "nox -s lock"},
-    )
+    # Run from requirements/ with relative names: the "# via -r test.in" notes must not depend
+    # on where the checkout lives, or every clone would see stale locks.
+    with session.chdir(REQUIREMENTS):
+        session.run(
+            "pip-compile", "--quiet", "--generate-hashes", "--allow-unsafe", "--strip-extras",
+            "--no-emit-index-url", "--no-emit-find-links", "--resolver=backtracking",
+            "--output-file", str(output), f"{lock}.in",
+            env={**ISOLATED_PIP, "CUSTOM_COMPILE_COMMAND": "nox -s lock"},
+        )
 
 
 @nox.session(default=False)
