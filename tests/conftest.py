@@ -5,17 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import sshd as sshd_module  # noqa: E402  (tests/sshd.py, importable without pytest)
-from sshd import SSHServer, start_sshd, write_hosts  # noqa: E402
+import sshd as sshd_module
+from sshd import SSHServer, start_sshd, write_hosts
 
-from trtllm_deploy import inventory  # noqa: E402
+from trtllm_deploy import inventory
 
 
 @pytest.fixture(autouse=True)

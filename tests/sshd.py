@@ -20,9 +20,10 @@ import getpass
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Self
 
 SSHD = "/usr/sbin/sshd"  # sshd refuses to re-exec itself unless started by absolute path
 PRIVSEP_DIR = Path("/run/sshd")
@@ -156,7 +157,7 @@ class SSHServer:
                 proc.kill()
                 proc.wait(timeout=timeout)
 
-    def __enter__(self) -> "SSHServer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -293,7 +294,9 @@ def start_sshd(
             server.process = subprocess.Popen(
                 [SSHD, "-D", "-e", "-f", str(config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent if die_with_parent else None,
+                start_new_session=True,
+                # prctl only, no locks taken: safe enough between fork and exec
+                preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509
             )
         try:
             _wait_for_banner(server, time.monotonic() + START_TIMEOUT)

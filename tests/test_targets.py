@@ -21,8 +21,15 @@ from pathlib import Path
 
 import paramiko
 import pytest
+from sshd import (
+    fingerprint,
+    free_port,
+    keygen,
+    known_hosts_line,
+    public_key,
+    write_hosts,
+)
 
-from sshd import fingerprint, free_port, keygen, known_hosts_line, public_key, write_hosts
 from trtllm_deploy import inventory
 from trtllm_deploy import secrets as secrets_module
 from trtllm_deploy.errors import CheckFailed
@@ -255,6 +262,30 @@ def test_stdin_is_delivered(side, data):
     assert time.monotonic() - started < 2, "stdin should arrive at pipe speed"
 
 
+def test_stdin_leaves_no_copy_behind_on_the_target(side):
+    """However stdin travels, nothing holding it is left on the node after the command."""
+    payload = f"stdin-payload-{_random.token_hex(8)}\n".encode()
+
+    def copies() -> list[Path]:
+        candidates = [*Path("/tmp").iterdir(), *Path("/var/tmp").iterdir(), *side.home.rglob("*")]
+        found = []
+        for path in candidates:
+            try:
+                if (path.is_file() and not path.is_symlink() and path.stat().st_size < 4096
+                        and payload in path.read_bytes()):
+                    found.append(path)
+            except OSError:
+                continue
+        return found
+
+    try:
+        assert side.target.run(["cat"], stdin=payload.decode()).stdout == payload.decode()
+        assert copies() == []
+    finally:
+        for path in copies():  # only files holding this test's own payload
+            path.unlink(missing_ok=True)
+
+
 def test_without_stdin_the_command_reads_end_of_file(side):
     """stdin=None: a command reading stdin sees EOF at once, rather than waiting forever."""
     started = time.monotonic()
@@ -426,6 +457,17 @@ def test_secrets_and_stdin_together(side):
         ["sh", "-c", 'printf %s "$HF_TOKEN" | sha256sum | cut -c1-64; cat'],
         stdin="payload line\n", secrets={"HF_TOKEN": SECRET})
     assert result.stdout == f"{SECRET_SHA256}\npayload line\n"
+
+
+def test_a_long_secret_does_not_slow_the_command_down(side):
+    """A 256-character key (NGC keys, JWTs) reaches the command at once, not byte by byte."""
+    secret = "nvapi-" + _random.token_hex(125)
+    started = time.monotonic()
+    result = side.target.run(["sh", "-c", 'printf %s "$NGC_API_KEY" | wc -c'],
+                             secrets={"NGC_API_KEY": secret})
+    elapsed = time.monotonic() - started
+    assert int(result.stdout) == len(secret)
+    assert elapsed < 1.0, f"{elapsed:.2f} s to run one command with a {len(secret)}-byte secret"
 
 
 def test_secret_never_appears_on_any_command_line(side):

@@ -69,13 +69,16 @@ def command_line(
     env = dict(env or {})
     _check_names([*env, *secret_names])
     steps = [f"IFS= read -r {name} && export {name}" for name in secret_names]
+    if stdin_path:
+        # Open the staged input as the shell's stdin, then delete it: the command inherits the
+        # open file and nothing stays behind on the node, whatever happens next.
+        steps.append(f"exec <{path_word(stdin_path)} && rm -f -- {path_word(stdin_path)}")
     if cwd:
         steps.append(f"cd -- {path_word(cwd)}")
     prefix = ["env", *(f"{key}={value}" for key, value in env.items())] if env else []
     if timeout:
         prefix = ["timeout", "-k", "5", f"{timeout:g}", *prefix]
-    source = path_word(stdin_path) if stdin_path else "/dev/null"
-    steps.append("exec " + join([*prefix, *argv]) + " <" + source)
+    steps.append("exec " + join([*prefix, *argv]) + ("" if stdin_path else " </dev/null"))
     return " && ".join(steps)
 
 
