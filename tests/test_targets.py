@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pwd
 import re
 import secrets as _random
 import socket
@@ -267,7 +268,9 @@ def test_stdin_leaves_no_copy_behind_on_the_target(side):
     payload = f"stdin-payload-{_random.token_hex(8)}\n".encode()
 
     def copies() -> list[Path]:
-        candidates = [*Path("/tmp").iterdir(), *Path("/var/tmp").iterdir(), *side.home.rglob("*")]
+        account_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+        candidates = [*Path("/tmp").iterdir(), *Path("/var/tmp").iterdir(), *side.home.rglob("*"),
+                      *(account_home / ".cache" / "trtllm-deploy").glob("*")]
         found = []
         for path in candidates:
             try:
@@ -278,9 +281,14 @@ def test_stdin_leaves_no_copy_behind_on_the_target(side):
                 continue
         return found
 
+    staging = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "trtllm-deploy"
+    if staging.is_dir():
+        staging.chmod(0o755)  # as another tool might have left it: the target must close it again
     try:
         assert side.target.run(["cat"], stdin=payload.decode()).stdout == payload.decode()
         assert copies() == []
+        if side.kind == "ssh":  # where staged input lives must be closed to other users
+            assert stat.S_IMODE(staging.stat().st_mode) == 0o700
     finally:
         for path in copies():  # only files holding this test's own payload
             path.unlink(missing_ok=True)

@@ -109,6 +109,10 @@ def expand(path: str, home: str) -> str:
     return path
 
 
+def _timed_out(target: str, argv: Sequence[str], timeout: float) -> CommandTimedOut:
+    return CommandTimedOut(target, f"`{shell.join(argv)}` ran past {timeout:g} s and was stopped")
+
+
 def _finish(result: Result, check: bool) -> Result:
     result = Result(result.target, result.argv, result.exit_code, redact(result.stdout),
                     redact(result.stderr), result.seconds)
@@ -148,8 +152,7 @@ class Local:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             self._kill(proc)
-            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and"
-                                  " was stopped") from None
+            raise _timed_out(self.name, argv, timeout) from None
         except BaseException:  # Ctrl-C: take the whole process group down with us
             self._kill(proc)
             raise
@@ -228,14 +231,25 @@ def _block_reading_remote():
     return BlockReadingRemote
 
 
-class SSH:
+class _HomeFromShell:
+    """``home()`` for targets that must ask a shell there (asked once, then remembered)."""
+
+    _home: str | None = None
+
+    def home(self) -> str:
+        if self._home is None:
+            self._home = self.run(["sh", "-c", shell.PRINT_HOME]).stdout
+        return self._home
+
+
+class SSH(_HomeFromShell):
     """A node over SSH (Fabric/Paramiko), refusing any host key not pinned in known_hosts."""
 
     def __init__(self, node: Node):
         self.node = node
         self.name = node.name
         self._conn = None
-        self._home: str | None = None
+        self._staging: str | None = None  # the private directory staged stdin goes to
         self._lock = threading.Lock()
 
     @property
@@ -365,28 +379,32 @@ class SSH:
             done = conn.run(line, hide=True, warn=True, pty=False, timeout=timeout + 10,
                             in_stream=io.StringIO(feed) if feed else False)
         except _Timeout:
-            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and"
-                                  " was stopped") from None
+            raise _timed_out(self.name, argv, timeout) from None
         except (OSError, EOFError) as exc:
             raise Unreachable(self.name, f"the SSH connection broke: {exc}") from None
         if done.exited in (124, 137) and time.monotonic() - started >= timeout:
-            raise CommandTimedOut(self.name, f"`{shell.join(argv)}` ran past {timeout:g} s and was stopped")
+            raise _timed_out(self.name, argv, timeout)
         return _finish(Result(self.name, argv, done.exited, done.stdout, done.stderr,
                               time.monotonic() - started), check)
 
     def _stage_stdin(self, data: str) -> str:
-        """Standard input goes to the node as a private file (SFTP), which the command reads."""
-        path = f"/tmp/.trtllm-deploy-stdin-{_random.token_hex(8)}"
+        """Standard input goes to the node as a file (SFTP) that the command line opens and
+        deletes before the command starts. Through Fabric's stdin pump instead, a command that
+        exits without reading everything breaks the pump mid-write.
+
+        The file lives in the account's ``~/.cache/trtllm-deploy``, kept at mode 0700, so no
+        other user can open it in the moment between its creation and its mode being set."""
         sftp = self._connection().sftp()
+        if self._staging is None:
+            directory = posixpath.join(sftp.normalize("."), ".cache", "trtllm-deploy")
+            self._mkdirs(sftp, directory)
+            sftp.chmod(directory, 0o700)
+            self._staging = directory
+        path = posixpath.join(self._staging, f"stdin-{_random.token_hex(8)}")
         with sftp.open(path, "w") as handle:
             handle.chmod(0o600)
             handle.write(data.encode())
         return path
-
-    def home(self) -> str:
-        if self._home is None:
-            self._home = self.run(["sh", "-c", shell.PRINT_HOME]).stdout
-        return self._home
 
     def put(self, local, remote: str) -> None:
         """Copy a file or a tree to the node; each file appears under its name only when whole."""
@@ -455,7 +473,7 @@ class SSH:
 
 
 @dataclass
-class InContainer:
+class InContainer(_HomeFromShell):
     """A running container on another target, entered with ``docker exec``."""
 
     parent: Target
@@ -465,7 +483,6 @@ class InContainer:
 
     def __post_init__(self) -> None:
         self.name = f"{self.parent.name}/{self.container}"
-        self._home: str | None = None
 
     def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
             check=True) -> Result:
@@ -484,11 +501,6 @@ class InContainer:
                                  check=False)
         return _finish(Result(self.name, argv, result.exit_code, result.stdout, result.stderr,
                               result.seconds), check)
-
-    def home(self) -> str:
-        if self._home is None:
-            self._home = self.run(["sh", "-c", shell.PRINT_HOME]).stdout
-        return self._home
 
     def _staging(self) -> str:
         return expand(f"~/.cache/trtllm-deploy/transfer-{_random.token_hex(6)}",
