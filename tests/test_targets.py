@@ -283,7 +283,8 @@ def test_stdin_leaves_no_copy_behind_on_the_target(side):
 
     staging = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "trtllm-deploy"
     if staging.is_dir():
-        staging.chmod(0o755)  # as another tool might have left it: the target must close it again
+        staging.chmod(0o755)  # as another tool might have left it: a new connection closes it again
+    side.target.close()  # the directory is checked once per connection
     try:
         assert side.target.run(["cat"], stdin=payload.decode()).stdout == payload.decode()
         assert copies() == []

@@ -470,6 +470,7 @@ class SSH(_HomeFromShell):
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+                self._staging = None  # checked again on the next connection
 
 
 @dataclass
