@@ -146,11 +146,28 @@ def test_clock_skew_counts_the_measurement_uncertainty(cluster, offset, uncertai
     assert statuses(preflight.evaluate(seen, cluster))["clock"] == status
 
 
-def test_an_unreached_node_fails_reach_and_skips_the_rest(cluster):
-    seen = preflight.Observation(cluster.nodes[1], error="cannot connect to 192.0.2.2: refused")
+@pytest.mark.parametrize("index", [0, 1], ids=["head", "worker"])
+def test_an_unreached_node_fails_reach_and_skips_exactly_what_a_reached_one_checks(cluster, index):
+    node = cluster.nodes[index]
+    seen = preflight.Observation(node, error="cannot connect to 192.0.2.2: refused")
     checks = preflight.evaluate(seen, cluster)
     assert checks[0].name == "reach" and checks[0].status == "fail"
     assert {item.status for item in checks[1:]} == {"skip"}
+    reached = preflight.evaluate(healthy(node, cluster), cluster)
+    assert [item.name for item in checks] == [item.name for item in reached]
+
+
+def test_unreadable_gpu_output_fails_gpu_and_skips_what_needs_it(cluster):
+    seen = changed(healthy(cluster.head, cluster), gpu_query=ok("0, NVIDIA GB10\n"))
+    got = statuses(preflight.evaluate(seen, cluster))
+    assert (got["gpu"], got["compute"], got["driver"], got["cuda"]) == ("fail", "skip", "skip", "skip")
+
+
+def test_arch_names_the_operating_system(cluster):
+    seen = changed(healthy(cluster.head, cluster),
+                   os=ok('PRETTY_NAME="Ubuntu 24.04.3 LTS"\nID=ubuntu\n'))
+    arch = next(c for c in preflight.evaluate(seen, cluster) if c.name == "arch")
+    assert arch.detail == "aarch64 (Ubuntu 24.04.3 LTS)"
 
 
 def test_summary_and_json(cluster):

@@ -24,14 +24,6 @@ SURVEY_SCRIPT = (
 )
 
 
-def wanted(node: Node, cluster: Cluster) -> dict[str, str]:
-    paths = {"model_cache": node.paths.model_cache, "artifacts": node.paths.artifacts,
-             "state": node.paths.state}
-    if node.name == cluster.build_node_name:
-        paths["build"] = node.paths.build
-    return paths
-
-
 def parse_survey(text: str) -> dict[str, tuple[bool, str, bool]]:
     found = {}
     for line in text.splitlines():
@@ -44,7 +36,7 @@ def parse_survey(text: str) -> dict[str, tuple[bool, str, bool]]:
 def steps_for(node: Node, cluster: Cluster, home: str, survey: dict) -> list[Step]:
     """The plan for one node from what its survey found (pure)."""
     steps = []
-    for role, path in wanted(node, cluster).items():
+    for role, path in cluster.paths_for(node).items():
         absolute = expand(path, home)
         exists, mode, writable = survey.get(path, (False, "-", False))
         step = Step(node, f"dir:{role}", state=f"{absolute} ({mode})" if exists else absolute)
@@ -63,7 +55,7 @@ def steps_for(node: Node, cluster: Cluster, home: str, survey: dict) -> list[Ste
 
 
 def survey(node: Node, target: Target, cluster: Cluster) -> list[Step]:
-    paths = list(wanted(node, cluster).values())
+    paths = list(cluster.paths_for(node).values())
     found = gather(target, [Fact("home", ("sh", "-c", shell.PRINT_HOME)),
                             Fact("dirs", ("sh", "-c", SURVEY_SCRIPT, "sh", *paths))])
     home = found["home"].stdout.strip()

@@ -227,6 +227,18 @@ class Cluster:
     def build_node(self) -> Node:
         return self.node(self.build_node_name)
 
+    def builds_on(self, node: Node) -> bool:
+        """Whether ``node`` is where source builds run."""
+        return node.name == self.build_node_name
+
+    def paths_for(self, node: Node) -> dict[str, str]:
+        """The node's directories by role; only the build node has a build directory."""
+        paths = {"model_cache": node.paths.model_cache, "artifacts": node.paths.artifacts,
+                 "state": node.paths.state}
+        if self.builds_on(node):
+            paths["build"] = node.paths.build
+        return paths
+
     def node(self, name: str) -> Node:
         for node in self.nodes:
             if node.name == name:

@@ -52,10 +52,9 @@ class Observation:
 
 
 def disk_paths(node: Node, cluster: Cluster) -> dict[str, str]:
-    """The node paths whose free space matters, by role."""
-    paths = {"artifacts": node.paths.artifacts, "model_cache": node.paths.model_cache}
-    if node.name == cluster.build_node_name:
-        paths["build"] = node.paths.build
+    """The node paths whose free space preflight judges (state is small and lives anywhere)."""
+    paths = cluster.paths_for(node)
+    del paths["state"]
     return paths
 
 
@@ -71,7 +70,7 @@ def facts_for(node: Node, cluster: Cluster) -> list[Fact]:
         Fact("disk", ("sh", "-c", DISK_SCRIPT, "sh", *disk_paths(node, cluster).values())),
         Fact("docker", ("docker", "info", "--format", "{{json .}}")),
     ]
-    if node.name == cluster.build_node_name:
+    if cluster.builds_on(node):
         facts += [Fact("git", ("git", "--version")), Fact("git_lfs", ("git", "lfs", "version"))]
     if node.is_head:
         facts.append(Fact("mpirun", ("mpirun", "--version")))
@@ -119,8 +118,7 @@ def evaluate(seen: Observation, cluster: Cluster) -> list[Check]:
     if seen.error:
         checks = [check("reach", FAIL, seen.error,
                         "fix the connection first; every other check needs it")]
-        return checks + [check(other, SKIP, "not reached") for other in _CHECK_NAMES[1:]
-                         if _applies(other, node, cluster)]
+        return checks + [check(other, SKIP, "not reached") for other in _check_names(node, cluster)[1:]]
 
     out = seen.outputs
     via = "this machine" if node.connection == "local" else f"SSH {node.login}"
@@ -128,18 +126,21 @@ def evaluate(seen: Observation, cluster: Cluster) -> list[Check]:
     checks = [check("reach", PASS, f"{via} as {user}")]
 
     arch = out["arch"].stdout.strip()
+    system = parsers.parse_os_release(out["os"].stdout).get("PRETTY_NAME", "") if out["os"].ok else ""
+    on = f" ({system})" if system else ""
     if arch == want.arch:
-        checks.append(check("arch", PASS, arch))
+        checks.append(check("arch", PASS, arch + on))
     else:
-        checks.append(check("arch", WARN, f"{arch or 'unknown'}, not {want.arch}",
+        checks.append(check("arch", WARN, f"{arch or 'unknown'}{on}, not {want.arch}",
                             f"allowed; a DGX Spark is {want.arch}, so images and wheels built"
                             " here will not run on one"))
 
-    checks += _gpu_checks(seen, cluster, check)
-    checks.append(_memory_check(seen, cluster, check))
+    gpus, gpu_failure = _read_gpus(out["gpu_query"])
+    checks += _gpu_checks(seen, cluster, gpus, gpu_failure, check)
+    checks.append(_memory_check(seen, cluster, gpus, check))
     checks += _disk_checks(seen, cluster, check)
     checks += _docker_checks(seen, cluster, check)
-    if node.name == cluster.build_node_name:
+    if cluster.builds_on(node):
         checks += _tool_checks(seen, check)
     if node.is_head:
         checks.append(_mpirun_check(seen, check))
@@ -147,37 +148,41 @@ def evaluate(seen: Observation, cluster: Cluster) -> list[Check]:
     return checks
 
 
-_CHECK_NAMES = ["reach", "arch", "gpu", "compute", "driver", "cuda", "memory", "disk:artifacts",
-                "disk:model_cache", "disk:build", "docker", "nvidia-runtime", "git", "git-lfs",
-                "mpirun", "clock"]
-
-
-def _applies(check_name: str, node: Node, cluster: Cluster) -> bool:
-    if check_name in ("disk:build", "git", "git-lfs"):
-        return node.name == cluster.build_node_name
-    if check_name == "mpirun":
-        return node.is_head
-    return True
+def _check_names(node: Node, cluster: Cluster) -> list[str]:
+    """Every check :func:`evaluate` makes for ``node``, in order (to list as skipped)."""
+    names = ["reach", "arch", "gpu", "compute", "driver", "cuda", "memory",
+             *(f"disk:{role}" for role in disk_paths(node, cluster)), "docker", "nvidia-runtime"]
+    if cluster.builds_on(node):
+        names += ["git", "git-lfs"]
+    if node.is_head:
+        names.append("mpirun")
+    return names + ["clock"]
 
 
 _DRIVER_FIX = ("install or update the NVIDIA driver (DGX OS: sudo apt update && sudo apt"
                " dist-upgrade), then reboot")
 
 
-def _gpu_checks(seen: Observation, cluster: Cluster, check) -> list[Check]:
-    want, node = cluster.preflight, seen.node
-    query, table = seen.outputs["gpu_query"], seen.outputs["gpu_table"]
+def _read_gpus(query: Output) -> tuple[list[parsers.Gpu], str | None]:
+    """The node's GPUs from the query fact, or why there are none to judge."""
     if query.missing:
-        return [check("gpu", FAIL, "nvidia-smi not found: no NVIDIA driver", _DRIVER_FIX)] + [
-            check(name, SKIP, "no driver") for name in ("compute", "driver", "cuda")]
+        return [], "nvidia-smi not found: no NVIDIA driver"
     if not query.ok:
         reason = (query.stderr or query.stdout).strip().splitlines()
-        return [check("gpu", FAIL, f"nvidia-smi failed: {reason[-1] if reason else query.exit_code}",
-                      _DRIVER_FIX)] + [check(n, SKIP, "no GPU facts") for n in ("compute", "driver", "cuda")]
+        return [], f"nvidia-smi failed: {reason[-1] if reason else query.exit_code}"
     try:
-        gpus = parsers.gpus_from_query(query.stdout, GPU_FIELDS)
+        return parsers.gpus_from_query(query.stdout, GPU_FIELDS), None
     except ValueError as exc:
-        return [check("gpu", FAIL, f"cannot read nvidia-smi output: {exc}", _DRIVER_FIX)]
+        return [], f"cannot read nvidia-smi output: {exc}"
+
+
+def _gpu_checks(seen: Observation, cluster: Cluster, gpus: list[parsers.Gpu],
+                failure: str | None, check) -> list[Check]:
+    want, node = cluster.preflight, seen.node
+    if failure:
+        return [check("gpu", FAIL, failure, _DRIVER_FIX)] + [
+            check(name, SKIP, "no GPU facts") for name in ("compute", "driver", "cuda")]
+    table = seen.outputs["gpu_table"]
     checks = []
     names = sorted({gpu.name or "?" for gpu in gpus})
     label = f"{len(gpus)} × {', '.join(names)}" if gpus else "no GPU visible"
@@ -218,21 +223,15 @@ def _gpu_checks(seen: Observation, cluster: Cluster, check) -> list[Check]:
     return checks
 
 
-def _memory_check(seen: Observation, cluster: Cluster, check) -> Check:
+def _memory_check(seen: Observation, cluster: Cluster, gpus: list[parsers.Gpu], check) -> Check:
     want = cluster.preflight
     info = seen.outputs["meminfo"]
     memory = parsers.parse_meminfo(info.stdout) if info.ok else {}
     total, available = memory.get("MemTotal"), memory.get("MemAvailable")
     if total is None or available is None:
         return check("memory", FAIL, "cannot read /proc/meminfo", "is this Linux?")
-    unified = ""
-    query = seen.outputs["gpu_query"]
-    if query.ok:
-        try:
-            if any(gpu.unified_memory for gpu in parsers.gpus_from_query(query.stdout, GPU_FIELDS)):
-                unified = " (unified with the GPU; nvidia-smi reports N/A)"
-        except ValueError:
-            pass
+    unified = (" (unified with the GPU; nvidia-smi reports N/A)"
+               if any(gpu.unified_memory for gpu in gpus) else "")
     detail = f"{available / GB:.1f} of {total / GB:.1f} GB available{unified}"
     if available / GB < want.min_memory_available_gb:
         return check("memory", WARN, detail,
