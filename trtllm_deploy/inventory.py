@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.tomlsource import line_of
+from trtllm_deploy.tomlsource import key_lines, line_of
 
 DEFAULT_PATH = "hosts.toml"
 
@@ -268,7 +268,8 @@ class InventoryError(InputError):
     def __init__(self, source: Path, text: str, problems: list[Problem]):
         self.source, self.problems = source, problems
         lines = []
-        located = [(line_of(text, p.path) if text and p.path else None, p) for p in problems]
+        lines_by_key = key_lines(text)
+        located = [(line_of(lines_by_key, p.path), p) for p in problems]
         for line, problem in sorted(located, key=lambda item: item[0] or 0):
             where = f"{source}:{line}" if line else str(source)
             key = _dotted(problem.path)

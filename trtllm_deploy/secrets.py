@@ -1,13 +1,11 @@
-"""Secrets (``HF_TOKEN`` and the like): taken from the environment, never put on a command line,
-and replaced by ``***`` in every message, log line and error that could show them."""
+"""Secrets (``HF_TOKEN`` and the like): never put on a command line, and replaced by ``***`` in
+every message and error that could show them once a target has been given them."""
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
+from collections.abc import Mapping
 
-KNOWN = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "NGC_API_KEY")
 MASK = "***"
 
 _lock = threading.Lock()
@@ -24,6 +22,11 @@ def register(value: str) -> str:
     return value
 
 
+def register_all(secrets: Mapping[str, str] | None) -> dict[str, str]:
+    """Register every value of ``secrets`` (as passed to a target's run) and return them."""
+    return {name: register(value) for name, value in (secrets or {}).items()}
+
+
 def redact(text: str) -> str:
     """``text`` with every registered secret replaced by ``***``."""
     if not text or not _values:
@@ -33,22 +36,3 @@ def redact(text: str) -> str:
     for value in values:
         text = text.replace(value, MASK)
     return text
-
-
-def from_environment(names: tuple[str, ...] = KNOWN) -> dict[str, str]:
-    """The secrets among ``names`` that are set in this process's environment, registered."""
-    found = {}
-    for name in names:
-        value = os.environ.get(name)
-        if value:
-            found[name] = register(value)
-    return found
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts every record before any handler writes it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage())
-        record.args = ()
-        return True

@@ -26,7 +26,7 @@ from typing import Mapping, Protocol, Sequence
 from trtllm_deploy import shell
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.inventory import Node
-from trtllm_deploy.secrets import redact
+from trtllm_deploy.secrets import redact, register_all
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Local:
     def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
             check=True) -> Result:
         argv = tuple(str(word) for word in argv)
-        environment = {**os.environ, **(env or {}), **(secrets or {})}
+        environment = {**os.environ, **(env or {}), **register_all(secrets)}
         timeout = timeout or self.default_timeout
         started = time.monotonic()
         try:
@@ -366,7 +366,7 @@ class SSH(_HomeFromShell):
         from invoke.exceptions import CommandTimedOut as _Timeout
 
         argv = tuple(str(word) for word in argv)
-        secrets = dict(secrets or {})
+        secrets = register_all(secrets)
         timeout = timeout or self.node.command_timeout
         conn = self._connection()
         stdin_path = self._stage_stdin(stdin) if stdin is not None else None

@@ -63,9 +63,8 @@ def _resolve(path: tuple, counts: dict[tuple, int]) -> tuple:
     return resolved
 
 
-def line_of(text: str, path: tuple) -> int | None:
-    """The line of ``path``, or of its nearest enclosing key that the file spells out."""
-    lines = key_lines(text)
+def line_of(lines: dict[tuple, int], path: tuple) -> int | None:
+    """The line of ``path`` in :func:`key_lines`' map, or of its nearest enclosing key there."""
     path = tuple(path)
     while path:
         if path in lines:

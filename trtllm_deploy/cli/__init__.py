@@ -11,7 +11,6 @@ from typing import Callable
 
 from invoke.exceptions import Exit
 
-from trtllm_deploy import inventory
 from trtllm_deploy.errors import DeployError
 
 HOSTS_HELP = "the inventory file (default: hosts.toml)"
@@ -33,7 +32,3 @@ def user_errors(body: Callable) -> Callable:
             raise Exit("interrupted; nothing was left running", code=130) from None
 
     return wrapper
-
-
-def load(hosts: str) -> inventory.Cluster:
-    return inventory.load(hosts)

@@ -5,15 +5,15 @@ from __future__ import annotations
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, dirs as node_dirs, plan as plans, preflight as pre
-from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, load, user_errors
+from trtllm_deploy import console, inventory, dirs as node_dirs, plan as plans, preflight as pre
+from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
 
 
 @task(help={"hosts": HOSTS_HELP, "nodes": NODES_HELP, "json": JSON_HELP})
 @user_errors
 def preflight(c: Context, hosts: str = "hosts.toml", nodes: str = "", json: bool = False) -> None:
     """Check every node: SSH, GPU, driver, CUDA, memory, disk, Docker, tools, clocks."""
-    cluster = load(hosts)
+    cluster = inventory.load(hosts)
     selected = cluster.select(nodes)
     with console.err.status(f"checking {len(selected)} node(s)…", spinner="dots"):
         observations = pre.run(cluster, selected)
@@ -57,7 +57,7 @@ def _show(nodes, checks) -> None:
 def dirs(c: Context, hosts: str = "hosts.toml", nodes: str = "", dry_run: bool = False,
          json: bool = False) -> None:
     """Create the directories each node needs (model cache, artifacts, state, build)."""
-    cluster = load(hosts)
+    cluster = inventory.load(hosts)
     plan = node_dirs.make_plan(cluster, cluster.select(nodes))
     if json:
         console.print_json({"dry_run": dry_run, "up_to_date": plan.up_to_date,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from invoke import Collection, Context, task
 
-from trtllm_deploy import console
-from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, load, user_errors
+from trtllm_deploy import console, inventory
+from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
 
 
 @task(help={"hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def show(c: Context, hosts: str = "hosts.toml", json: bool = False) -> None:
     """Show the validated inventory: every node with its defaults applied."""
-    cluster = load(hosts)
+    cluster = inventory.load(hosts)
     if json:
         console.print_json({
             "cluster": cluster.name, "source": str(cluster.source),
