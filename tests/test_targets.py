@@ -9,6 +9,7 @@ InContainer needs Docker and is not tested here.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pwd
 import re
@@ -44,6 +45,7 @@ from trtllm_deploy.targets import (
     Target,
     TargetError,
     Unreachable,
+    _block_reading_remote,
 )
 
 SECRET = "hf_secretvalue123"
@@ -257,10 +259,9 @@ def test_missing_cwd_fails_without_running_and_names_the_directory(side):
     pytest.param("".join(f"{i:07d}\n" for i in range(6000)), id="48KB"),
 ])
 def test_stdin_is_delivered(side, data):
-    started = time.monotonic()
     result = side.target.run(["cat"], stdin=data, timeout=3)
     assert result.stdout == data
-    assert time.monotonic() - started < 2, "stdin should arrive at pipe speed"
+    # A slow stdin path shows up as CommandTimedOut (timeout=3), not as a timing assertion.
 
 
 def test_stdin_leaves_no_copy_behind_on_the_target(side):
@@ -297,10 +298,8 @@ def test_stdin_leaves_no_copy_behind_on_the_target(side):
 
 def test_without_stdin_the_command_reads_end_of_file(side):
     """stdin=None: a command reading stdin sees EOF at once, rather than waiting forever."""
-    started = time.monotonic()
-    result = side.target.run(["cat"], timeout=2)
+    result = side.target.run(["cat"], timeout=2)  # a wait for input ends as CommandTimedOut
     assert result.stdout == ""
-    assert time.monotonic() - started < 1.5
 
 
 # --------------------------------------------------------------------------- run: exit codes
@@ -471,12 +470,19 @@ def test_secrets_and_stdin_together(side):
 def test_a_long_secret_does_not_slow_the_command_down(side):
     """A 256-character key (NGC keys, JWTs) reaches the command at once, not byte by byte."""
     secret = "nvapi-" + _random.token_hex(125)
-    started = time.monotonic()
     result = side.target.run(["sh", "-c", 'printf %s "$NGC_API_KEY" | wc -c'],
                              secrets={"NGC_API_KEY": secret})
-    elapsed = time.monotonic() - started
     assert int(result.stdout) == len(secret)
-    assert elapsed < 1.0, f"{elapsed:.2f} s to run one command with a {len(secret)}-byte secret"
+
+
+def test_the_ssh_runner_feeds_stdin_in_blocks():
+    """Fabric's stock runner reads a non-terminal stream one byte per 10 ms loop (2.7 s for a
+    256-byte secret); ours hands over the whole block, then "" so the remote stdin is closed."""
+    runner = _block_reading_remote()
+    stream = io.StringIO("x" * 300)
+    reader = runner.__new__(runner)  # read_our_stdin needs no runner state
+    assert reader.read_our_stdin(stream) == "x" * 300
+    assert reader.read_our_stdin(stream) == ""
 
 
 def test_secret_never_appears_on_any_command_line(side):
@@ -549,6 +555,17 @@ def test_ssh_runs_as_the_inventory_user(shared_ssh, sshd):
     assert shared_ssh.run(["id", "-un"]).stdout.strip() == sshd.user
 
 
+def refused_message(sshd, make_node, known_hosts: Path, marker: Path) -> str:
+    """Try to `touch marker` on ``sshd`` with ``known_hosts``; the HostKeyRejected message."""
+    target = SSH(make_node(sshd, known_hosts=str(known_hosts)))
+    try:
+        with pytest.raises(HostKeyRejected) as caught:
+            target.run(["touch", str(marker)])
+    finally:
+        target.close()
+    return str(caught.value)
+
+
 @pytest.mark.parametrize("pinned", ["empty-file", "missing-file", "other-port-only"])
 def test_unknown_host_key_is_refused_before_anything_runs(sshd, make_node, tmp_path, pinned):
     known_hosts = tmp_path / "known_hosts"
@@ -558,14 +575,7 @@ def test_unknown_host_key_is_refused_before_anything_runs(sshd, make_node, tmp_p
         known_hosts.write_text(known_hosts_line(sshd.address, free_port(), public_key(sshd.host_key_path)))
     before = known_hosts.read_text() if known_hosts.exists() else None
     marker = tmp_path / "ran"
-    target = SSH(make_node(sshd, known_hosts=str(known_hosts)))
-    try:
-        with pytest.raises(HostKeyRejected) as caught:
-            target.run(["touch", str(marker)])
-    finally:
-        target.close()
-
-    message = str(caught.value)
+    message = refused_message(sshd, make_node, known_hosts, marker)
     expected = fingerprint(sshd.host_public_key)  # independently, from ssh-keygen -lf
     assert expected.startswith("SHA256:")
     assert expected in message
@@ -581,14 +591,7 @@ def test_changed_host_key_is_refused_as_changed(sshd, make_node, tmp_path):
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(known_hosts_line(sshd.address, sshd.port, public_key(impostor)))
     marker = tmp_path / "ran"
-    target = SSH(make_node(sshd, known_hosts=str(known_hosts)))
-    try:
-        with pytest.raises(HostKeyRejected) as caught:
-            target.run(["touch", str(marker)])
-    finally:
-        target.close()
-
-    message = str(caught.value)
+    message = refused_message(sshd, make_node, known_hosts, marker)
     assert "CHANGED" in message
     assert fingerprint(sshd.host_public_key) in message  # what the node offered
     assert fingerprint(impostor.with_name(impostor.name + ".pub")) in message  # what was pinned
