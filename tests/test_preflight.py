@@ -21,7 +21,7 @@ GB10_TABLE = (DATA / "nvidia-smi/gb10-580.95.05.txt").read_text()
 # The row preflight's query gets on a GB10, assembled from the recorded GB10 outputs
 # (name and compute capability 12.1, driver 580.95.05, memory.total [N/A]).
 GB10_QUERY = "0, NVIDIA GB10, 12.1, 580.95.05, [N/A]\n"
-H200_TABLE = (DATA / "nvidia-smi/h200x2-580.159.04.txt").read_text()
+H100_Q = (DATA / "nvidia-smi/h100-q-d-compute-580.159.04.txt").read_text()
 H200_QUERY = next((DATA / "nvidia-smi").glob("h200x2-query-*.csv")).read_text()
 DOCKER_NVIDIA = (DATA / "docker/nvidia-runtime-registered.json").read_text()
 DOCKER_PLAIN = (DATA / "docker/debian12-docker.io.json").read_text()
@@ -56,7 +56,7 @@ def disk(paths, free_bytes: int) -> Output:
 def healthy(node: inventory.Node, cluster: inventory.Cluster) -> preflight.Observation:
     outputs = {
         "arch": ok("aarch64\n"), "os": ok('ID=ubuntu\nVERSION_ID="24.04"\n'), "user": ok("nvidia\n"),
-        "gpu_query": ok(GB10_QUERY), "gpu_table": ok(GB10_TABLE), "meminfo": ok(MEMINFO),
+        "gpu_query": ok(GB10_QUERY), "cuda": ok(GB10_TABLE), "meminfo": ok(MEMINFO),
         "disk": disk(preflight.disk_paths(node, cluster).values(), 500 * 10**9),
         "docker": ok(DOCKER_NVIDIA),
         "git": ok("git version 2.43.0\n"), "git_lfs": ok("git-lfs/3.4.1 (GitHub; linux arm64; go 1.22.2)\n"),
@@ -92,12 +92,12 @@ def test_a_worker_is_not_asked_for_build_tools(cluster):
 
 CASES = [
     ("no-driver", dict(gpu_query=Output(127, "", "nvidia-smi: not found"),
-                       gpu_table=Output(127, "", "")),
+                       cuda=Output(127, "", "")),
      {"gpu": "fail", "compute": "skip", "driver": "skip", "cuda": "skip"}, "NVIDIA driver"),
     ("old-driver-and-cuda", dict(gpu_query=ok("0, NVIDIA GB10, 12.1, 575.57.08, [N/A]\n"),
-                                 gpu_table=ok(GB10_TABLE.replace("Version: 13.0", "Version: 12.9"))),
+                                 cuda=ok(GB10_TABLE.replace("Version: 13.0", "Version: 12.9"))),
      {"driver": "fail", "cuda": "fail"}, "reboot"),
-    ("not-a-gb10", dict(gpu_query=ok(H200_QUERY), gpu_table=ok(H200_TABLE)),
+    ("not-a-gb10", dict(gpu_query=ok(H200_QUERY), cuda=ok(H100_Q)),
      {"gpu": "warn", "compute": "pass"}, "assume a GB10"),
     ("fewer-gpus-than-declared", dict(gpu_query=ok("")), {"gpu": "fail"}, "nvidia-smi -L"),
     ("docker-permission", dict(docker=Output(1, (DATA / "docker/no-permission.stdout").read_text(),

@@ -98,32 +98,11 @@ def gpus_from_query(text: str, fields: list[str] | None = None) -> list[Gpu]:
     return gpus
 
 
-@dataclass(frozen=True)
-class SmiSummary:
-    """What the ``nvidia-smi`` table's header and GPU rows say."""
-
-    driver: str | None
-    cuda: str | None
-    gpu_names: tuple[str, ...]
-    memory_reported: bool
-
-
-_SMI_GPU_ROW = re.compile(r"^\|\s+(\d+)\s+(.+?)\s{2,}(?:On|Off)\s+\|")
-
-
-def parse_smi_table(text: str) -> SmiSummary:
-    """The plain ``nvidia-smi`` output; GB10 prints ``Not Supported`` for memory usage."""
-    driver = re.search(r"Driver Version:\s*([\w.]+)", text)
-    cuda = re.search(r"CUDA Version:\s*([\d.]+)", text)
-    names = tuple(match.group(2).strip() for line in text.splitlines()
-                  if (match := _SMI_GPU_ROW.match(line)))
-    usage = re.findall(r"(\d+MiB\s*/\s*\d+MiB|Not Supported|N/A\s*/\s*N/A)", text)
-    return SmiSummary(
-        driver=driver.group(1) if driver else None,
-        cuda=cuda.group(1) if cuda else None,
-        gpu_names=names,
-        memory_reported=bool(usage) and all("MiB" in item for item in usage),
-    )
+def parse_cuda_version(text: str) -> str | None:
+    """The CUDA version the driver supports, from ``nvidia-smi -q`` (``CUDA Version : 13.0``) or
+    from the plain ``nvidia-smi`` table's header (``CUDA Version: 13.0``)."""
+    match = re.search(r"CUDA Version\s*:\s*([\d.]+)", text)
+    return match.group(1) if match else None
 
 
 # --- memory and disks -------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def facts_for(node: Node, cluster: Cluster) -> list[Fact]:
         Fact("user", ("id", "-un")),
         Fact("gpu_query", ("nvidia-smi", f"--query-gpu={','.join(GPU_FIELDS)}",
                            "--format=csv,noheader,nounits")),
-        Fact("gpu_table", ("nvidia-smi",)),
+        # `-q -d COMPUTE` prints the CUDA version in its header; the plain table takes ~5x longer
+        # and several at once queue on the driver.
+        Fact("cuda", ("nvidia-smi", "-q", "-d", "COMPUTE")),
         Fact("meminfo", ("cat", "/proc/meminfo")),
         Fact("disk", ("sh", "-c", DISK_SCRIPT, "sh", *disk_paths(node, cluster).values())),
         Fact("docker", ("docker", "info", "--format", "{{json .}}")),
@@ -182,7 +184,7 @@ def _gpu_checks(seen: Observation, cluster: Cluster, gpus: list[parsers.Gpu],
     if failure:
         return [check("gpu", FAIL, failure, _DRIVER_FIX)] + [
             check(name, SKIP, "no GPU facts") for name in ("compute", "driver", "cuda")]
-    table = seen.outputs["gpu_table"]
+    cuda_fact = seen.outputs["cuda"]
     checks = []
     names = sorted({gpu.name or "?" for gpu in gpus})
     label = f"{len(gpus)} × {', '.join(names)}" if gpus else "no GPU visible"
@@ -214,7 +216,7 @@ def _gpu_checks(seen: Observation, cluster: Cluster, gpus: list[parsers.Gpu],
     else:
         checks.append(check("driver", FAIL, f"{driver or 'unknown'} < {want.min_driver}", _DRIVER_FIX))
 
-    cuda = parsers.parse_smi_table(table.stdout).cuda if table.ok else None
+    cuda = parsers.parse_cuda_version(cuda_fact.stdout) if cuda_fact.ok else None
     if cuda and parsers.at_least(cuda, want.min_cuda):
         checks.append(check("cuda", PASS, f"CUDA {cuda} (driver)"))
     else:
