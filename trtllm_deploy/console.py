@@ -15,8 +15,7 @@ from trtllm_deploy.secrets import redact
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
-STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim",
-         "change": "cyan", "ok": "green", "up to date": "dim"}
+STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 MARK = {"pass": "✔", "warn": "!", "fail": "✘", "skip": "–"}
 
 

@@ -6,7 +6,6 @@ One node's failure never hides another's result; the summary names each failed n
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
@@ -24,7 +23,6 @@ class Outcome(Generic[T]):
     node: Node
     value: T | None = None
     error: BaseException | None = None
-    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -55,10 +53,6 @@ class GroupResult(Generic[T]):
     def failed(self) -> list[Outcome[T]]:
         return [outcome for outcome in self if not outcome.ok]
 
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
     def summary(self) -> str:
         failed = self.failed
         if not failed:
@@ -87,14 +81,13 @@ def fan_out(
     lock = threading.Lock()
 
     def one(node: Node) -> Outcome[T]:
-        started = time.monotonic()
         target = reach(node)
         with lock:
             opened.append(target)
         try:
-            return Outcome(node, value=work(node, target), seconds=time.monotonic() - started)
+            return Outcome(node, value=work(node, target))
         except Exception as exc:  # noqa: BLE001 - every node's failure is reported, none raised
-            return Outcome(node, error=exc, seconds=time.monotonic() - started)
+            return Outcome(node, error=exc)
         finally:
             target.close()
 

@@ -22,14 +22,14 @@ def preflight(c: Context, hosts: str = "hosts.toml", nodes: str = "", json: bool
     if json:
         console.print_json(pre.as_json(cluster, checks))
     else:
-        _show(selected, checks)
+        _show(selected, checks, summary)
     if not summary["ok"]:
         failed_nodes = sorted({item.node for item in checks if item.status == pre.FAIL})
         raise Exit(f"preflight: {summary['fail']} check(s) failed on {', '.join(failed_nodes)}",
                    code=1)
 
 
-def _show(nodes, checks) -> None:
+def _show(nodes, checks, summary: dict) -> None:
     names = [node.name for node in nodes]
     order = list(dict.fromkeys(item.name for item in checks))
     cells = {(item.name, item.node): item for item in checks}
@@ -47,7 +47,6 @@ def _show(nodes, checks) -> None:
         for item in todo:
             console.out.print(console.status_cell(item.status, f"{item.node} {item.name}: {item.remedy}"),
                               soft_wrap=True)  # a remedy is a command to copy: never cut it
-    summary = pre.summarize(checks)
     console.out.print(f"\n{summary['pass']} passed, {summary['warn']} warned, "
                       f"{summary['fail']} failed, {summary['skip']} skipped")
 
