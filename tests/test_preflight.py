@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -253,3 +255,59 @@ def test_preflight_table_names_every_remedy(tmp_path, gpu_bin):
                            "--hosts", str(hosts)], capture_output=True, text=True, env=env, timeout=120)
     assert "nvidia-runtime" in done.stdout and "nvidia-ctk runtime configure" in done.stdout
     assert "passed" in done.stdout and "failed" in done.stdout
+
+
+SLOW_NVIDIA_SMI = """#!/bin/sh
+# a GPU tool that hangs, as a wedged driver's does
+exec sleep {seconds}
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_ctrl_c_during_preflight_exits_130_and_leaves_nothing_running(tmp_path, sshd_factory, where):
+    seconds = f"37.{os.getpid() % 1000:03d}{len(where)}"
+    bin_dir = tmp_path / "slow-bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(SLOW_NVIDIA_SMI.format(seconds=seconds))
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    system_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    hosts = tmp_path / "hosts.toml"
+    if where == "local":
+        hosts.write_text('[[nodes]]\nname = "here"\nconnection = "local"\n')
+    else:
+        home = tmp_path / "home"
+        home.mkdir()
+        server = sshd_factory(home=False, extra_config=f"SetEnv HOME={home} PATH={bin_dir}:{system_path}\n")
+        hosts.write_text(server.node_toml("there"))
+
+    def sleepers() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if seconds.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "preflight",
+                             "--hosts", str(hosts)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not sleepers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleepers(), "the hanging nvidia-smi never started"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=15)
+        assert proc.returncode == 130, stderr
+        assert "interrupted" in stderr and "Traceback" not in stderr
+        deadline = time.monotonic() + 5
+        while sleepers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleepers() == [], "Ctrl-C left the node's command running"
+    finally:
+        proc.kill()
+        for pid in sleepers():
+            os.kill(int(pid), signal.SIGKILL)

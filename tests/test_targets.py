@@ -361,6 +361,50 @@ def test_timeout_stops_the_command_and_its_children(side):
         kill_leftovers(seconds)
 
 
+@pytest.mark.parametrize("kind", ["local", "ssh"])
+def test_closing_a_target_stops_the_command_it_runs(kind, sshd_node):
+    """What Ctrl-C does through fan_out: the connection goes, and so does the command (with its
+    children) on the node, instead of running on orphaned until its timeout."""
+    target = Local() if kind == "local" else SSH(sshd_node)
+    seconds = unique_seconds(29)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = target.run(["sh", "-c", f"sleep {seconds} & sleep {seconds}; wait"],
+                                           timeout=60, check=False)
+        except Exception as exc:  # noqa: BLE001 - whatever the broken run raises is fine here
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(pids_with(seconds)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pids_with(seconds)) >= 2, "the command never started"
+        target.close()
+        deadline = time.monotonic() + 5
+        while pids_with(seconds) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pids_with(seconds) == [], "the command outlived its connection"
+        thread.join(5)
+        assert not thread.is_alive() and outcome, "run() did not return after close()"
+    finally:
+        kill_leftovers(seconds)
+
+
+def test_a_command_with_secrets_is_not_stopped_by_the_watchdog(sshd_node):
+    """The secret lines end the stream we feed, but not the channel: the command runs to its end."""
+    target = SSH(sshd_node)
+    try:
+        result = target.run(["sh", "-c", 'sleep 1; printf %s "$HF_TOKEN" | wc -c'],
+                            secrets={"HF_TOKEN": "hf_" + "x" * 40})
+        assert result.stdout.strip() == "43"
+    finally:
+        target.close()
+
+
 # --------------------------------------------------------------------------- put / get
 
 
@@ -477,12 +521,13 @@ def test_a_long_secret_does_not_slow_the_command_down(side):
 
 def test_the_ssh_runner_feeds_stdin_in_blocks():
     """Fabric's stock runner reads a non-terminal stream one byte per 10 ms loop (2.7 s for a
-    256-byte secret); ours hands over the whole block, then "" so the remote stdin is closed."""
+    256-byte secret); ours hands over the whole block, then None: the remote stdin stays open
+    for the watchdog that stops the command if the connection goes away."""
     runner = _block_reading_remote()
     stream = io.StringIO("x" * 300)
     reader = runner.__new__(runner)  # read_our_stdin needs no runner state
     assert reader.read_our_stdin(stream) == "x" * 300
-    assert reader.read_our_stdin(stream) == ""
+    assert reader.read_our_stdin(stream) is None
 
 
 def test_secret_never_appears_on_any_command_line(side):

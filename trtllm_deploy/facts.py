@@ -48,7 +48,10 @@ def script(facts: Sequence[Fact], nonce: str) -> str:
         command = shell.join(fact.argv)
         lines += [
             f"printf '%s\\n' {shell.quote(f'@@{nonce} out {index}')}",
-            f"if command -v timeout >/dev/null 2>&1; then timeout -k 2 {fact.timeout:g} {command};"
+            # --foreground keeps the fact in the caller's process group, so stopping the whole
+            # gather (Ctrl-C, the run's own timeout) stops a hung fact too.
+            f"if command -v timeout >/dev/null 2>&1; then timeout --foreground -k 2"
+            f" {fact.timeout:g} {command};"
             f" else {command}; fi </dev/null 2>\"$t\"",
             f"rc=$?; printf '\\n%s %s\\n' {shell.quote(f'@@{nonce} err {index}')} \"$rc\";"
             " cat \"$t\"; printf '\\n'",

@@ -50,36 +50,51 @@ def _check_names(names: Sequence[str]) -> None:
 
 def command_line(
     argv: Sequence[object],
+    timeout: float,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     secret_names: Sequence[str] = (),
     stdin_path: str | None = None,
-    timeout: float | None = None,
 ) -> str:
-    """The shell line that runs ``argv`` with ``env`` in ``cwd``.
+    """The remote shell script that runs ``argv`` with ``env`` in ``cwd`` on a node.
 
-    Each name in ``secret_names`` is read from the first lines of standard input and exported,
-    so its value travels inside the encrypted channel and never through ``ps``. The command's
-    own standard input is ``stdin_path``, or empty: a remote command never waits on a terminal
-    that is not there. With ``timeout``, the node itself stops the command and everything it
-    started (GNU timeout signals the whole process group) when the time is up.
+    - Each name in ``secret_names`` is read from the first lines of standard input and
+      exported, so its value travels inside the encrypted channel and never through ``ps``.
+    - The command's own standard input is ``stdin_path`` (opened, then deleted at once, so
+      nothing stays behind) or empty: a remote command never waits on a terminal.
+    - GNU ``timeout`` runs the command in a process group of its own and stops that whole group
+      when the time is up, or when told to.
+    - A watchdog holds the channel's standard input (fd 3): when the connection goes away
+      (Ctrl-C, a crash, a network cut) it reads end-of-file and tells ``timeout`` to stop the
+      command. Without it, a command started without a terminal would run on, orphaned.
     """
     if not argv:
         raise ValueError("empty command")
     env = dict(env or {})
     _check_names([*env, *secret_names])
-    steps = [f"IFS= read -r {name} && export {name}" for name in secret_names]
+    setup = [f"IFS= read -r {name} && export {name}" for name in secret_names]
+    # fd 3 keeps the channel for the watchdog; fd 4 holds the staged input, because a command
+    # started with `&` gets /dev/null as its stdin unless told otherwise.
     if stdin_path:
-        # Open the staged input as the shell's stdin, then delete it: the command inherits the
-        # open file and nothing stays behind on the node, whatever happens next.
-        steps.append(f"exec <{path_word(stdin_path)} && rm -f -- {path_word(stdin_path)}")
+        setup.append(f"exec 3<&0 4<{path_word(stdin_path)} && rm -f -- {path_word(stdin_path)}")
+        source = "<&4 4<&-"
+    else:
+        setup.append("exec 3<&0")
+        source = "</dev/null"
     if cwd:
-        steps.append(f"cd -- {path_word(cwd)}")
+        setup.append(f"cd -- {path_word(cwd)}")
     prefix = ["env", *(f"{key}={value}" for key, value in env.items())] if env else []
-    if timeout:
-        prefix = ["timeout", "-k", "5", f"{timeout:g}", *prefix]
-    steps.append("exec " + join([*prefix, *argv]) + ("" if stdin_path else " </dev/null"))
-    return " && ".join(steps)
+    command = join(["timeout", "-k", "5", f"{timeout:g}", *prefix, *argv])
+    return "\n".join([
+        " && ".join(setup) + " || exit $?",
+        f"{command} {source} 3<&- &",
+        "p=$!",
+        '{ cat <&3; kill -TERM "$p"; } >/dev/null 2>&1 &',
+        "w=$!",
+        'wait "$p"; s=$?',
+        'kill "$w" 2>/dev/null',
+        'exit "$s"',
+    ])
 
 
 def secret_preamble(secrets: Mapping[str, str]) -> str:

@@ -127,6 +127,8 @@ class Local:
     def __init__(self, name: str = "local", default_timeout: float | None = None):
         self.name = name
         self.default_timeout = default_timeout
+        self._running: set[subprocess.Popen] = set()  # what close() must stop
+        self._lock = threading.Lock()
 
     def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
             check=True) -> Result:
@@ -148,6 +150,8 @@ class Local:
                        else f"{argv[0]}: command not found")
             return _finish(Result(self.name, argv, 2 if missing else 127, "", message,
                                   time.monotonic() - started), check)
+        with self._lock:
+            self._running.add(proc)
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -156,15 +160,22 @@ class Local:
         except BaseException:  # Ctrl-C: take the whole process group down with us
             self._kill(proc)
             raise
+        finally:
+            with self._lock:
+                self._running.discard(proc)
         return _finish(Result(self.name, argv, proc.returncode, out, err,
                               time.monotonic() - started), check)
 
     @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
+    def _stop(proc: subprocess.Popen) -> None:
+        """SIGKILL the command's whole process group (it runs in a session of its own)."""
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        self._stop(proc)
         proc.communicate()
 
     def put(self, local, remote: str) -> None:
@@ -180,7 +191,11 @@ class Local:
         return str(Path.home())
 
     def close(self) -> None:
-        pass
+        """Stop whatever this target still runs (another thread may be waiting on it)."""
+        with self._lock:
+            running = list(self._running)
+        for proc in running:
+            self._stop(proc)
 
 
 def _copy_atomically(source: Path, dest: Path) -> None:
@@ -226,7 +241,9 @@ def _block_reading_remote():
         non-terminal stream a byte per 10 ms loop, which made a 256-byte secret cost 2.7 s."""
 
         def read_our_stdin(self, input_):
-            return input_.read(65536)  # "" at the end: invoke then closes the remote stdin
+            # At the end, None rather than "": invoke then leaves the remote stdin open, which
+            # the command line's watchdog reads to learn that the connection is gone.
+            return input_.read(65536) or None
 
     return BlockReadingRemote
 
@@ -370,8 +387,8 @@ class SSH(_HomeFromShell):
         timeout = timeout or self.node.command_timeout
         conn = self._connection()
         stdin_path = self._stage_stdin(stdin) if stdin is not None else None
-        line = shell.command_line(argv, env=env, cwd=cwd, secret_names=tuple(secrets),
-                                  stdin_path=stdin_path, timeout=timeout)
+        line = shell.command_line(argv, timeout, env=env, cwd=cwd, secret_names=tuple(secrets),
+                                  stdin_path=stdin_path)
         feed = shell.secret_preamble(secrets)
         started = time.monotonic()
         try:
