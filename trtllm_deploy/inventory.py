@@ -300,21 +300,22 @@ _EXAMPLES = {
     "nodes": '[[nodes]] tables, one per machine',
 }
 
-_TYPE_NAMES = {
-    bool: "a boolean (true or false)",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "an array",
-    dict: "a table",
+# One wording per type, for what pydantic expected ("int_type") and what the file held (int).
+_TYPE_WORDS = {
+    "bool": "a boolean (true or false)",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "string": "a string",
+    "list": "an array",
+    "dict": "a table",
+    "model": "a table",
+    "model_attributes": "a table",
 }
 
 
 def _kind(value: Any) -> str:
-    for cls, name in _TYPE_NAMES.items():
-        if type(value) is cls:
-            return name
-    return type(value).__name__
+    return _TYPE_WORDS.get(type(value).__name__, type(value).__name__)
 
 
 def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
@@ -361,13 +362,8 @@ def _problems(error: ValidationError, model: type[BaseModel], prefix: tuple) -> 
                 Problem(path, f"expected one of {expected}, got {value!r}{hint}",
                         f"use one of {expected}")
             )
-        elif kind.endswith("_type") or kind in ("model_attributes_type", "dict_type"):
-            wanted = {
-                "int_type": "an integer", "float_type": "a number", "string_type": "a string",
-                "bool_type": "a boolean (true or false)", "list_type": "an array",
-                "model_type": "a table", "dict_type": "a table",
-                "model_attributes_type": "a table",
-            }.get(kind, item["msg"])
+        elif kind.endswith("_type"):
+            wanted = _TYPE_WORDS.get(kind.removesuffix("_type"), item["msg"])
             problems.append(
                 Problem(path, f"expected {wanted}, got {_kind(value)} ({value!r})", fix)
             )
