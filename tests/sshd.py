@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
+from trtllm_deploy.sshkeys import fingerprint, keygen, known_hosts_line, public_key  # noqa: F401 - re-exported for tests
+
 # sshd refuses to re-exec itself unless started by absolute path. TRTLLM_DEPLOY_TEST_SSHD points
 # at another build (the benchmark carries one to machines that have none).
 SSHD = os.environ.get("TRTLLM_DEPLOY_TEST_SSHD", "/usr/sbin/sshd")
@@ -49,37 +51,6 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
-
-
-def keygen(path: Path, comment: str = "trtllm-deploy-test") -> Path:
-    """A fresh ed25519 key pair at ``path`` / ``path.pub``, no passphrase; returns ``path``."""
-    for old in (path, path.with_name(path.name + ".pub")):
-        if old.exists():
-            old.unlink()
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-        check=True, stdin=subprocess.DEVNULL, capture_output=True,
-    )
-    return path
-
-
-def public_key(private_key: Path) -> str:
-    """``ssh-ed25519 AAAA...`` (type and base64 only, no comment) of a generated key."""
-    words = private_key.with_name(private_key.name + ".pub").read_text().split()
-    return f"{words[0]} {words[1]}"
-
-
-def fingerprint(public_key_path: Path) -> str:
-    """``SHA256:...`` of a public key file, as ``ssh-keygen -lf`` prints it."""
-    out = subprocess.run(["ssh-keygen", "-lf", str(public_key_path)], check=True,
-                         capture_output=True, text=True).stdout
-    return out.split()[1]
-
-
-def known_hosts_line(address: str, port: int, key: str) -> str:
-    """One known_hosts line; OpenSSH writes ``[host]:port`` for any port but 22."""
-    name = address if port == 22 else f"[{address}]:{port}"
-    return f"{name} {key}\n"
 
 
 @dataclass
