@@ -1,0 +1,423 @@
+"""A real multi-node cluster on one machine: node containers with sshd and their own Docker engine.
+
+Every container, network and volume the testbed makes carries the label ``io.trtllm-deploy.testbed``
+with the testbed's name, and ``down`` removes exactly those. The keys (client key, each node's host
+key) live in the testbed's state folder and survive ``down``, so known_hosts stays true across
+restarts; ``down --purge`` removes them too.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trtllm_deploy import inventory, sshkeys, targets
+from trtllm_deploy.images import deliver
+from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.testbed import images
+from trtllm_deploy.testbed.images import docker, text
+
+LABEL = "io.trtllm-deploy.testbed"
+LABEL_NODE = "io.trtllm-deploy.testbed.node"
+DEFAULT_NAME = "testbed"
+DEFAULT_SUBNET = "10.213.7.0/24"
+USER = "spark"
+MAX_NODES = 16
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
+# What a node needs to run its own Docker engine (TESTING.md: --privileged is refused on the CI
+# machine, these are enough). /var/lib/docker is a tmpfs: overlay cannot sit on the container's
+# own overlay root.
+NESTED_DOCKER = ("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
+                 "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+                 "--cgroupns", "host", "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+                 "--tmpfs", "/var/lib/docker:exec")
+
+
+def default_state_dir(name: str) -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "trtllm-deploy" / "testbed" / name
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a testbed is: its name, node count, subnet and where its keys and files live."""
+
+    name: str = DEFAULT_NAME
+    nodes: int = 3
+    subnet: str = DEFAULT_SUBNET
+    state_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise InputError(f"--name {self.name!r}: expected 1-24 lowercase letters, digits or '-', "
+                             "starting with a letter or digit")
+        if not 1 <= self.nodes <= MAX_NODES:
+            raise InputError(f"--nodes {self.nodes}: expected 1 to {MAX_NODES} nodes")
+        try:
+            net = ipaddress.IPv4Network(self.subnet)
+        except ValueError:
+            raise InputError(f"--subnet {self.subnet!r}: expected an IPv4 network such as "
+                             f"{DEFAULT_SUBNET}") from None
+        if not net.is_private or net.is_loopback or net.num_addresses < 16 + self.nodes:
+            raise InputError(f"--subnet {self.subnet}: expected a private IPv4 network with room for "
+                             f"{self.nodes} nodes (e.g. {DEFAULT_SUBNET})")
+        if self.state_dir is None:
+            object.__setattr__(self, "state_dir", default_state_dir(self.name))
+
+    @property
+    def network(self) -> str:
+        return f"trtllm-{self.name}"
+
+    def container(self, index: int) -> str:
+        return f"trtllm-{self.name}-node{index}"
+
+    @staticmethod
+    def node_name(index: int) -> str:
+        return f"spark-{index}"
+
+    def address(self, index: int) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).network_address + 10 + index)
+
+    @property
+    def indexes(self) -> range:
+        return range(1, self.nodes + 1)
+
+    # files in the state folder
+    @property
+    def client_key(self) -> Path:
+        return self.state_dir / "id_ed25519"
+
+    def host_key(self, index: int) -> Path:
+        return self.state_dir / "host-keys" / self.node_name(index) / "ssh_host_ed25519_key"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.state_dir / "known_hosts"
+
+    @property
+    def hosts_file(self) -> Path:
+        return self.state_dir / "hosts.toml"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+@dataclass
+class NodeState:
+    """One node after ``up``: what was done to it and what it answered over SSH."""
+
+    index: int
+    name: str
+    container: str
+    address: str
+    action: str                 # created | already running | recreated: <why>
+    fingerprint: str = ""
+    storage_driver: str = ""
+    seconds: float = 0.0
+    runtime: str = ""           # the stand-in image: "loaded" | "already there" | "" (not asked)
+    runtime_seconds: float = 0.0
+
+
+@dataclass
+class UpReport:
+    layout: Layout
+    image: images.Built
+    base: str
+    runtime: images.Built | None = None
+    nodes: list[NodeState] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        built = [self.image] + ([self.runtime] if self.runtime else [])
+        return (any(not image.cached for image in built)
+                or any(n.action != "already running" or n.runtime == "loaded" for n in self.nodes))
+
+    def as_json(self) -> dict:
+        return {
+            "name": self.layout.name, "hosts_file": str(self.layout.hosts_file),
+            "known_hosts": str(self.layout.known_hosts), "client_key": str(self.layout.client_key),
+            "network": self.layout.network, "subnet": self.layout.subnet,
+            "image": self.image.tag, "image_built": not self.image.cached, "base": self.base,
+            "runtime_image": self.runtime.tag if self.runtime else None,
+            "runtime_image_built": bool(self.runtime and not self.runtime.cached),
+            "changed": self.changed, "seconds": round(self.seconds, 2),
+            "nodes": [{"name": n.name, "address": n.address, "container": n.container,
+                       "action": n.action, "host_key": n.fingerprint,
+                       "docker_storage_driver": n.storage_driver, "runtime_image": n.runtime,
+                       "ready_seconds": round(n.seconds, 2),
+                       "runtime_seconds": round(n.runtime_seconds, 2)} for n in self.nodes],
+        }
+
+
+Report = Callable[[str], None]
+Progress = Callable[[str, int, int, str], None]   # (image title, step, steps, what)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+class Testbed:
+    """Bring a testbed up, find out what is running, take it down. Used by tasks and by pytest."""
+
+    def __init__(self, layout: Layout, base: str = "auto", mirror: str = images.DEFAULT_MIRROR,
+                 report: Report = _quiet):
+        self.layout = layout
+        self.base = base
+        self.mirror = mirror
+        self.report = report
+
+    # --- what exists ----------------------------------------------------------------------
+
+    def _filter(self) -> tuple[str, ...]:
+        return ("--filter", f"label={LABEL}={self.layout.name}")
+
+    def containers(self) -> dict[str, dict]:
+        """This testbed's containers: name → {state, image, node}."""
+        done = docker("ps", "--all", *self._filter(), "--format",
+                      "{{.Names}}\t{{.State}}\t{{.Image}}\t{{.Label \"" + LABEL_NODE + "\"}}")
+        found = {}
+        for line in text(done).splitlines():
+            name, state, image, node = (line.split("\t") + ["", "", ""])[:4]
+            found[name] = {"state": state, "image": image, "node": node}
+        return found
+
+    def networks(self) -> list[str]:
+        return text(docker("network", "ls", *self._filter(), "--format", "{{.Name}}")).split()
+
+    def volumes(self) -> list[str]:
+        return text(docker("volume", "ls", *self._filter(), "--format", "{{.Name}}")).split()
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Everything with this testbed's label that is still here."""
+        return {"containers": sorted(self.containers()), "networks": self.networks(),
+                "volumes": self.volumes()}
+
+    # --- up -------------------------------------------------------------------------------
+
+    def up(self, runtime: bool = True, progress: Progress | None = None,
+           ready_timeout: float = 90) -> UpReport:
+        """Make the testbed exist and answer: images, keys, network, node containers, readiness,
+        and (``runtime``) the stand-in runtime image in every node's engine."""
+        started = time.monotonic()
+        layout = self.layout
+        images.require_engine()
+        self._check_other_nodes()
+        base = images.resolve_base(self.base, self.mirror, self.report)
+        node_image = images.ensure(images.NODE, base, layout.log_dir, self.report,
+                                   progress and functools.partial(progress, images.NODE.title))
+        runtime_image = (images.ensure(images.STANDIN, base, layout.log_dir, self.report,
+                                       progress and functools.partial(progress, images.STANDIN.title))
+                         if runtime else None)
+        self._make_keys()
+        self._ensure_network()
+        existing = self.containers()
+        actions = {}
+        for index in layout.indexes:
+            actions[index] = self._ensure_container(index, node_image,
+                                                    existing.get(layout.container(index)))
+        self._write_files(runtime_image.tag if runtime_image else None)
+        with ThreadPoolExecutor(max_workers=layout.nodes) as pool:
+            states = list(pool.map(lambda i: self._wait_ready(i, actions[i], ready_timeout),
+                                   layout.indexes))
+        if runtime_image:
+            self.report(f"delivering {runtime_image.tag} to {layout.nodes} node(s) over SSH")
+            delivered = deliver(runtime_image.tag, self.inventory().nodes)
+            delivered.raise_for_failures()
+            for state in states:
+                outcome = delivered[state.name]
+                state.runtime, state.runtime_seconds = outcome.value.action, outcome.value.seconds
+        return UpReport(layout, node_image, base, runtime_image, states, time.monotonic() - started)
+
+    def _check_other_nodes(self) -> None:
+        """Nodes beyond --nodes from an earlier, larger ``up`` would be silently left running."""
+        extra = [name for name, info in self.containers().items()
+                 if info["node"].isdigit() and int(info["node"]) > self.layout.nodes]
+        if extra:
+            raise InputError(f"--nodes {self.layout.nodes}: testbed {self.layout.name!r} is running "
+                             f"more nodes ({', '.join(sorted(extra))}); run `invoke testbed.down` "
+                             "first or ask for at least as many nodes")
+
+    def _make_keys(self) -> None:
+        layout = self.layout
+        layout.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(layout.state_dir, 0o700)
+        if not layout.client_key.exists():
+            sshkeys.keygen(layout.client_key, f"trtllm-deploy testbed {layout.name} client")
+        for index in layout.indexes:
+            key = layout.host_key(index)
+            if not key.exists():
+                key.parent.mkdir(parents=True, exist_ok=True)
+                sshkeys.keygen(key, f"{layout.node_name(index)} host key")
+
+    def _ensure_network(self) -> None:
+        layout = self.layout
+        if layout.network in self.networks():
+            subnet = text(docker("network", "inspect", "--format",
+                                 "{{range .IPAM.Config}}{{.Subnet}}{{end}}", layout.network))
+            if subnet == layout.subnet:
+                return
+            if self.containers():
+                raise InputError(f"--subnet {layout.subnet}: testbed {layout.name!r} runs on "
+                                 f"{subnet}; run `invoke testbed.down` first to change it")
+            docker("network", "rm", layout.network)
+        done = docker("network", "create", "--driver", "bridge", "--subnet", layout.subnet,
+                      "--label", f"{LABEL}={layout.name}", layout.network, check=False)
+        if done.returncode != 0:
+            error = done.stderr.decode(errors="replace").strip()
+            if "overlap" in error:
+                raise InputError(f"--subnet {layout.subnet} overlaps a network this machine already "
+                                 f"has ({error}); pick another with --subnet")
+            raise DeployError(f"creating network {layout.network} failed: {error}")
+
+    def _ensure_container(self, index: int, built: images.Built, info: dict | None) -> str:
+        layout = self.layout
+        name = layout.container(index)
+        if info is not None:
+            if info["state"] == "running" and info["image"] == built.tag:
+                return "already running"
+            why = f"was {info['state']}" if info["state"] != "running" else "new image"
+            docker("rm", "--force", "--volumes", name)
+            action = f"recreated: {why}"
+        else:
+            action = "created"
+        docker("create", "--name", name, "--hostname", layout.node_name(index),
+               "--network", layout.network, "--ip", layout.address(index),
+               "--label", f"{LABEL}={layout.name}", "--label", f"{LABEL_NODE}={index}",
+               *NESTED_DOCKER, built.tag)
+        with tempfile.TemporaryDirectory() as scratch:
+            given = Path(scratch) / "trtllm-testbed"
+            given.mkdir()
+            key = layout.host_key(index)
+            shutil.copy(key, given / "ssh_host_ed25519_key")
+            shutil.copy(key.with_name(key.name + ".pub"), given / "ssh_host_ed25519_key.pub")
+            (given / "authorized_keys").write_text(sshkeys.public_key(layout.client_key) + "\n")
+            docker("cp", f"{given}/.", f"{name}:/etc/trtllm-testbed")
+        docker("start", name)
+        return action
+
+    def _write_files(self, runtime_image: str | None) -> None:
+        layout = self.layout
+        lines = []
+        for index in layout.indexes:
+            key = layout.host_key(index)
+            lines.append(sshkeys.known_hosts_line(layout.address(index), 22,
+                                                  sshkeys.public_key(key)))
+        _write_atomically(layout.known_hosts, "".join(lines))
+        _write_atomically(layout.hosts_file, hosts_toml(layout, runtime_image))
+        inventory.load(layout.hosts_file)  # what we hand out must be a valid inventory
+
+    def _wait_ready(self, index: int, action: str, timeout: float) -> NodeState:
+        """Until the node answers over SSH (host key checked) and its own Docker engine runs."""
+        layout = self.layout
+        started = time.monotonic()
+        node = self.inventory().node(layout.node_name(index))
+        last = "no answer yet"
+        while time.monotonic() - started < timeout:
+            state = text(docker("inspect", "--format", "{{.State.Status}}", layout.container(index)))
+            if state != "running":
+                logs = docker("logs", "--tail", "20", layout.container(index), check=False)
+                raise DeployError(f"{layout.container(index)} stopped ({state}):\n"
+                                  f"{(logs.stdout + logs.stderr).decode(errors='replace')}")
+            target = None
+            try:
+                target = targets.SSH(node)
+                result = target.run(["docker", "info", "--format", "{{.Driver}}"], timeout=10,
+                                    check=False)
+                if result.ok and result.stdout.strip():
+                    return NodeState(index, node.name, layout.container(index), node.address,
+                                     action, sshkeys.fingerprint(
+                                         layout.host_key(index).with_suffix(".pub")),
+                                     result.stdout.strip(), time.monotonic() - started)
+                last = f"docker: {(result.stderr or result.stdout).strip()[:200]}"
+            except targets.HostKeyRejected:
+                raise
+            except targets.TargetError as exc:
+                last = str(exc)
+            finally:
+                if target is not None:
+                    target.close()
+            time.sleep(0.2)
+        raise DeployError(f"{node.name} ({layout.container(index)}) was not ready after "
+                          f"{timeout:.0f} s: {last}")
+
+    def inventory(self) -> inventory.Cluster:
+        return inventory.load(self.layout.hosts_file)
+
+    # --- down -----------------------------------------------------------------------------
+
+    def down(self, purge: bool = False) -> dict[str, list[str]]:
+        """Remove every container, network and volume with this testbed's label; say what went."""
+        images.require_engine()
+        removed = self.leftovers()
+        if removed["containers"]:
+            docker("rm", "--force", "--volumes", *removed["containers"], timeout=300)
+        for network in removed["networks"]:
+            docker("network", "rm", network)
+        if removed["volumes"]:
+            docker("volume", "rm", "--force", *removed["volumes"])
+        still = self.leftovers()
+        if any(still.values()):
+            raise DeployError(f"testbed {self.layout.name!r}: could not remove {still}")
+        if purge and self.layout.state_dir.exists():
+            shutil.rmtree(self.layout.state_dir)
+        elif self.layout.hosts_file.exists():
+            self.layout.hosts_file.unlink()  # points at nodes that no longer exist
+        return removed
+
+
+def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
+    """The inventory of the testbed: a plain hosts.toml any task can take with --hosts."""
+    q = _toml_string
+    lines = [
+        f"# The testbed {layout.name!r}: {layout.nodes} simulated node(s) on this machine, made by",
+        "# `invoke testbed.up`. They have no GPU; the runtime inside them is the stand-in.",
+        "# Written by trtllm-deploy; `invoke testbed.up` rewrites it.",
+        "",
+        "[cluster]",
+        f"name = {q(layout.name)}",
+        "",
+        "[defaults]",
+        f"user = {q(USER)}",
+        f"identity_file = {q(layout.client_key)}",
+        f"known_hosts = {q(layout.known_hosts)}",
+        "",
+        "[defaults.fabric]",
+        'interfaces = ["eth0"]',
+        "",
+        *(["[defaults.container]", f"image = {q(runtime_image)}  # the stand-in runtime", ""]
+          if runtime_image else []),
+        "[preflight]",
+        f"arch = {q(platform.machine())}  # the nodes run on this machine's architecture",
+    ]
+    for index in layout.indexes:
+        lines += ["", "[[nodes]]", f"name = {q(layout.node_name(index))}",
+                  f"address = {q(layout.address(index))}"]
+        if index == 1:
+            lines.append('role = "head"')
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(value: object) -> str:
+    import json
+
+    return json.dumps(str(value))
+
+
+def _write_atomically(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(content)
+    os.replace(temporary, path)
