@@ -5,9 +5,10 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import checks, hosts
+from trtllm_deploy.cli import checks, hosts, testbed
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
+ns.add_collection(testbed.ns)        # a simulated cluster on this machine, to try all of it on
 ns.add_task(checks.preflight)        # phase 1: is every node ready?
 ns.add_task(checks.dirs)             # phase 1: the directories every node needs

@@ -1,9 +1,12 @@
-"""Shared fixtures: an isolated SSH environment and real sshd servers (see tests/sshd.py)."""
+"""Shared fixtures: an isolated SSH environment, real sshd servers (see tests/sshd.py), the images
+the tests build and the testbed (several simulated nodes with sshd and Docker)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +19,8 @@ import sshd as sshd_module
 from sshd import SSHServer, start_sshd, write_hosts
 
 from trtllm_deploy import inventory
+from trtllm_deploy.errors import InputError
+from trtllm_deploy.testbed import cluster, images
 
 
 @pytest.fixture(autouse=True)
@@ -99,3 +104,62 @@ def sshd_node(sshd, hosts_file) -> inventory.Node:
     """The Node of the session's sshd, as ``inventory.load`` reads it from a hosts.toml."""
     cluster = inventory.load(hosts_file([sshd]))
     return cluster.head
+
+
+# --- Docker, the images and the testbed (the same code as `invoke testbed.*`) -----------------
+
+@functools.lru_cache(maxsize=1)
+def docker_unusable() -> str | None:
+    """Why this machine's Docker engine cannot be used, or None (probed once)."""
+    if shutil.which("docker") is None:
+        return "docker is not installed"
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        return "the Docker engine is not running"
+    return None
+
+
+@pytest.fixture(scope="session")
+def base_image() -> str:
+    """The Debian bookworm base every test image builds on (made with debootstrap on CI)."""
+    if docker_unusable():
+        pytest.skip(docker_unusable())
+    return images.resolve_base(os.environ.get("TRTLLM_DEPLOY_TEST_BASE", "auto"), report=_log)
+
+
+@pytest.fixture(scope="session")
+def standin_image(base_image, tmp_path_factory) -> str:
+    """The stand-in runtime image (docker/standin/), built once per content."""
+    return images.ensure(images.STANDIN, base_image, tmp_path_factory.mktemp("image-logs"),
+                         report=_log).tag
+
+
+def start_testbed(state_dir: Path, nodes: int, name: str, runtime: bool = True,
+                  base: str = "auto") -> tuple[cluster.Testbed, cluster.UpReport]:
+    """A testbed of its own for a test run: the first free subnet of 10.213.100-199.0/24."""
+    for third in range(100, 200):
+        layout = cluster.Layout(name=name, nodes=nodes, subnet=f"10.213.{third}.0/24",
+                                state_dir=state_dir)
+        bed = cluster.Testbed(layout, base=base, report=_log)
+        try:
+            return bed, bed.up(runtime=runtime)
+        except InputError as exc:
+            bed.down(purge=False)
+            if "overlaps" not in str(exc):
+                raise
+    raise RuntimeError("no free 10.213.x.0/24 subnet for a test testbed")
+
+
+@pytest.fixture(scope="session")
+def testbed(base_image, standin_image, tmp_path_factory):
+    """Three simulated nodes, each with sshd, its own Docker engine and the stand-in image loaded."""
+    name = f"pytest{os.getpid()}"
+    bed, report = start_testbed(tmp_path_factory.mktemp("testbed"), 3, name, base=base_image)
+    assert report.runtime is not None and report.runtime.tag == standin_image
+    try:
+        yield bed, report
+    finally:
+        bed.down(purge=True)
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr)
