@@ -99,6 +99,17 @@ def test_stdin_reaches_the_container(inside):
 
 
 @requires_docker
+def test_a_streamed_file_reaches_a_command_in_the_container(inside, tmp_path):
+    source = tmp_path / "payload"
+    source.write_bytes(bytes(range(256)) * 4096)
+    result = inside.stream(source, ["sh", "-c", "cat > /tmp/streamed && echo stored"])
+    assert result.stdout.strip() == "stored" and result.target == inside.name
+    back = tmp_path / "back"
+    inside.get("/tmp/streamed", back)
+    assert back.read_bytes() == source.read_bytes()
+
+
+@requires_docker
 def test_put_and_get_through_the_container(inside, tmp_path):
     source = tmp_path / "tree"
     (source / "sub").mkdir(parents=True)

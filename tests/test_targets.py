@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import secrets as _random
+import shutil
 import socket
 import stat
 import threading
@@ -406,6 +407,65 @@ def test_a_command_with_secrets_is_not_stopped_by_the_watchdog(sshd_node):
 
 
 # --------------------------------------------------------------------------- put / get
+
+
+def test_stream_feeds_a_file_to_a_command_on_the_target(side, tmp_path):
+    source = tmp_path / "image.tar"
+    source.write_bytes(os.urandom(3 * 1024 * 1024) + b"end")
+    dest = side.scratch / "received"
+
+    result = side.target.stream(source, ["sh", "-c", 'cat > "$1"; echo got', "sh", str(dest)])
+
+    assert result.ok and result.stdout.strip() == "got"
+    assert result.argv[0] == "sh"  # the node's command, not the ssh wrapper around it
+    assert dest.read_bytes() == source.read_bytes()
+
+
+def test_stream_reports_the_commands_failure(side, tmp_path):
+    source = tmp_path / "data"
+    source.write_text("not an image")
+    with pytest.raises(CommandFailed) as caught:
+        side.target.stream(source, ["sh", "-c", "cat >/dev/null; echo broken >&2; exit 3"])
+    assert caught.value.result.exit_code == 3
+    assert "broken" in caught.value.result.stderr
+
+
+def test_stream_stops_a_command_that_runs_past_its_timeout(side, tmp_path):
+    source = tmp_path / "data"
+    source.write_text("x")
+    started = time.monotonic()
+    with pytest.raises(CommandTimedOut):
+        side.target.stream(source, ["sleep", "30"], timeout=1)
+    assert time.monotonic() - started < 20
+
+
+def test_stream_over_ssh_refuses_an_unpinned_host_before_sending(sshd, make_node, tmp_path):
+    (tmp_path / "empty").write_text("")
+    source = tmp_path / "data"
+    source.write_text("secret bytes")
+    marker = tmp_path / "received"
+    target = SSH(make_node(sshd, known_hosts=str(tmp_path / "empty")))
+    try:
+        with pytest.raises(HostKeyRejected):
+            target.stream(source, ["sh", "-c", 'cat > "$1"', "sh", str(marker)])
+    finally:
+        target.close()
+    assert not marker.exists()
+
+
+def test_stream_over_ssh_without_an_openssh_client_goes_through_sftp(shared_ssh, tmp_path,
+                                                                      monkeypatch):
+    source = tmp_path / "data"
+    source.write_bytes(b"through sftp\n" * 1000)
+    dest = tmp_path / "received"
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kw: None if name == "ssh"
+                        else which(name, *args, **kw))
+    result = shared_ssh.stream(source, ["sh", "-c", 'cat > "$1"', "sh", str(dest)])
+    assert result.ok
+    assert dest.read_bytes() == source.read_bytes()
+    leftovers = shared_ssh.run(["sh", "-c", "ls ~/.cache/trtllm-deploy | grep -c stream- || true"])
+    assert leftovers.stdout.strip() == "0"
 
 
 def test_put_file_keeps_content_and_mode(side, tmp_path):

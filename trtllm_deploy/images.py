@@ -1,14 +1,13 @@
 """Getting a container image from this machine into every node's Docker engine.
 
-The way an image reaches a real node: ``docker save`` here once, the archive over SSH to each node
-that lacks the image (all in parallel), ``docker load`` there, then the image ID checked against
-this machine's. A node that already has the same image ID costs one ``docker image inspect``.
+The way an image reaches a real node: ``docker save`` here once, the archive streamed over SSH into
+``docker load`` on each node that lacks the image (all in parallel, nothing staged on the node),
+then the image ID checked against this machine's. A node that already has the same image ID costs
+one ``docker image inspect``.
 """
 
 from __future__ import annotations
 
-import posixpath
-import secrets
 import tempfile
 import threading
 import time
@@ -20,10 +19,7 @@ from trtllm_deploy.dockercli import docker, image_id
 from trtllm_deploy.errors import DeployError
 from trtllm_deploy.group import GroupResult, fan_out
 from trtllm_deploy.inventory import Node
-from trtllm_deploy.targets import Target, connect, expand
-
-STAGING = "~/.cache/trtllm-deploy/images"
-
+from trtllm_deploy.targets import Target, connect
 
 @dataclass(frozen=True)
 class Delivery:
@@ -73,13 +69,7 @@ def deliver(reference: str, nodes: Sequence[Node], *, reach: Callable[[Node], Ta
             if remote_image_id(target, reference) == wanted:
                 return Delivery(reference, wanted, "already there", 0, time.monotonic() - started)
             local = archive.get()
-            name = f"{wanted.split(':')[-1][:16]}-{secrets.token_hex(4)}.tar"
-            remote = posixpath.join(expand(STAGING, target.home()), name)
-            try:
-                target.put(local, remote)
-                target.run(["docker", "load", "--quiet", "--input", remote], timeout=1800)
-            finally:
-                target.run(["rm", "-f", remote], check=False, timeout=60)
+            target.stream(local, ["docker", "load", "--quiet"], timeout=1800)
             got = remote_image_id(target, reference)
             if got != wanted:
                 raise DeployError(f"{node.name}: after loading, {reference} is {got or 'missing'}, "

@@ -93,6 +93,11 @@ class Target(Protocol):
 
     def put(self, local: str | os.PathLike, remote: str) -> None: ...
 
+    def stream(self, local: str | os.PathLike, argv: Sequence[object], *,
+               timeout: float | None = None, check: bool = True) -> Result:
+        """Run ``argv`` with a local file's bytes as its standard input (bulk data: an image)."""
+        ...
+
     def get(self, remote: str, local: str | os.PathLike) -> None: ...
 
     def home(self) -> str: ...
@@ -175,11 +180,14 @@ class Local:
             pass
 
     def _kill(self, proc: subprocess.Popen) -> None:
-        self._stop(proc)
-        proc.communicate()
+        _kill_group(proc)
 
     def put(self, local, remote: str) -> None:
         _copy_atomically(Path(local), Path(expand(remote, self.home())))
+
+    def stream(self, local, argv, *, timeout=None, check=True) -> Result:
+        return _run_with_file(self.name, local, tuple(str(word) for word in argv),
+                              timeout or self.default_timeout, check, self._running, self._lock)
 
     def get(self, remote: str, local) -> None:
         source = Path(expand(remote, self.home()))
@@ -196,6 +204,40 @@ class Local:
             running = list(self._running)
         for proc in running:
             self._stop(proc)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with ``start_new_session`` and its whole group, then reap it."""
+    Local._stop(proc)
+    proc.communicate()
+
+
+def _run_with_file(name: str, local, argv: tuple[str, ...], timeout: float | None, check: bool,
+                   running: set | None = None, lock: threading.Lock | None = None,
+                   shown: tuple[str, ...] | None = None) -> Result:
+    """A local process reading a file on its standard input; stopped (whole group) on timeout or
+    Ctrl-C. ``shown`` is the command the Result names (the node's, not the ssh wrapper)."""
+    started = time.monotonic()
+    with open(local, "rb") as source:
+        proc = subprocess.Popen(argv, stdin=source, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        if running is not None:
+            with lock:
+                running.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise _timed_out(name, shown or argv, timeout) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            if running is not None:
+                with lock:
+                    running.discard(proc)
+    return _finish(Result(name, shown or argv, proc.returncode, out.decode(errors="replace"),
+                          err.decode(errors="replace"), time.monotonic() - started), check)
 
 
 def _copy_atomically(source: Path, dest: Path) -> None:
@@ -412,16 +454,21 @@ class SSH(_HomeFromShell):
         The file lives in the account's ``~/.cache/trtllm-deploy``, kept at mode 0700, so no
         other user can open it in the moment between its creation and its mode being set."""
         sftp = self._connection().sftp()
-        if self._staging is None:
-            directory = posixpath.join(sftp.normalize("."), ".cache", "trtllm-deploy")
-            self._mkdirs(sftp, directory)
-            sftp.chmod(directory, 0o700)
-            self._staging = directory
-        path = posixpath.join(self._staging, f"stdin-{_random.token_hex(8)}")
+        path = posixpath.join(self._staging_dir(), f"stdin-{_random.token_hex(8)}")
         with sftp.open(path, "w") as handle:
             handle.chmod(0o600)
             handle.write(data.encode())
         return path
+
+    def _staging_dir(self) -> str:
+        """The account's private ``~/.cache/trtllm-deploy`` (0700), made on first use."""
+        if self._staging is None:
+            sftp = self._connection().sftp()
+            directory = posixpath.join(sftp.normalize("."), ".cache", "trtllm-deploy")
+            self._mkdirs(sftp, directory)
+            sftp.chmod(directory, 0o700)
+            self._staging = directory
+        return self._staging
 
     def put(self, local, remote: str) -> None:
         """Copy a file or a tree to the node; each file appears under its name only when whole."""
@@ -438,6 +485,47 @@ class SSH(_HomeFromShell):
         else:
             self._mkdirs(sftp, posixpath.dirname(dest))
             self._put_file(sftp, source, dest)
+
+    def stream(self, local, argv, *, timeout=None, check=True) -> Result:
+        """Bulk data goes through OpenSSH's client where this machine has one: a process of its
+        own, several times faster than Paramiko's channel and in parallel across nodes. The
+        Paramiko connection is opened first, so the host key is checked (and refused) exactly as
+        for every other command; OpenSSH then checks the same known_hosts strictly."""
+        argv = tuple(str(word) for word in argv)
+        timeout = timeout or self.node.command_timeout
+        self._connection()
+        if shutil.which("ssh") is None:
+            staged = posixpath.join(self._staging_dir(), f"stream-{_random.token_hex(8)}")
+            try:
+                self._put_file(self._connection().sftp(), Path(local), staged)
+                result = self.run(["sh", "-c", 'f=$1; shift; exec "$@" <"$f"', "sh", staged, *argv],
+                                  timeout=timeout, check=False)
+            finally:
+                self.run(["rm", "-f", staged], check=False, timeout=60)
+            return _finish(Result(self.name, argv, result.exit_code, result.stdout, result.stderr,
+                                  result.seconds), check)
+        result = _run_with_file(self.name, local, (*self.openssh_argv(), "--",
+                                shell.join(["timeout", "-k", "5", f"{timeout:g}", *argv])),
+                                timeout + 10, False, shown=argv)
+        if result.exit_code == 255:
+            raise Unreachable(self.name, f"ssh to {self.node.login} failed: "
+                              f"{result.stderr.strip()[-500:]}")
+        if result.exit_code in (124, 137) and result.seconds >= timeout:
+            raise _timed_out(self.name, argv, timeout)
+        return _finish(result, check)
+
+    def openssh_argv(self) -> list[str]:
+        """``ssh`` with this node's settings: no config files, pinned known_hosts, batch mode."""
+        node = self.node
+        argv = ["ssh", "-F", "none", "-T", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "GlobalKnownHostsFile=none",
+                "-o", f"ConnectTimeout={int(node.connect_timeout)}", "-o", "ServerAliveInterval=15",
+                "-p", str(node.port)]
+        if node.identity_file:
+            argv += ["-i", os.path.expanduser(node.identity_file), "-o", "IdentitiesOnly=yes"]
+        if node.user:
+            argv += ["-l", node.user]
+        return [*argv, node.host]
 
     def _put_file(self, sftp, source: Path, dest: str) -> None:
         temporary = posixpath.join(posixpath.dirname(dest),
@@ -517,6 +605,13 @@ class InContainer(_HomeFromShell):
         exec_argv += [self.container, *argv]
         result = self.parent.run(exec_argv, timeout=timeout, stdin=stdin, secrets=secrets,
                                  check=False)
+        return _finish(Result(self.name, argv, result.exit_code, result.stdout, result.stderr,
+                              result.seconds), check)
+
+    def stream(self, local, argv, *, timeout=None, check=True) -> Result:
+        argv = tuple(str(word) for word in argv)
+        result = self.parent.stream(local, [*self.docker, "exec", "-i", self.container, *argv],
+                                    timeout=timeout, check=False)
         return _finish(Result(self.name, argv, result.exit_code, result.stdout, result.stderr,
                               result.seconds), check)
 
