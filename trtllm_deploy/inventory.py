@@ -273,8 +273,10 @@ class InventoryError(InputError):
         for line, problem in sorted(located, key=lambda item: item[0] or 0):
             where = f"{source}:{line}" if line else str(source)
             key = _dotted(problem.path)
-            lines.append(f"{where}: {key + ': ' if key else ''}{problem.message}")
-            lines.append(f"  what to do: {problem.remedy}")
+            said = [f"{where}: {key + ': ' if key else ''}{problem.message}",
+                    f"  what to do: {problem.remedy}"]
+            if said[0] not in lines:  # a [defaults] key is wrong once, not once per node
+                lines += said
         super().__init__("\n".join(lines))
 
 
