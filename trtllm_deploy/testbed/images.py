@@ -67,10 +67,26 @@ STANDIN = ImageSpec("trtllm-deploy/standin", "docker/standin",
                     "stand-in runtime image")
 
 
+# Certificate authorities this machine trusts beyond the system's (a site's TLS-inspecting proxy):
+# copied into every build context as site-ca/, so pip inside a build trusts what pip here trusts.
+SITE_CA = Path("/usr/local/share/ca-certificates")
+
+
+def site_ca_files(folder: Path = SITE_CA) -> list[tuple[str, Path]]:
+    if not folder.is_dir():
+        return []
+    return [(f"site-ca/{path.name}", path) for path in sorted(folder.glob("*.crt")) if path.is_file()]
+
+
+def context_files(spec: ImageSpec, root: Path = ROOT) -> list[tuple[str, Path]]:
+    """Everything the build context holds: the spec's files and the site's extra CAs."""
+    return spec.files(root) + site_ca_files()
+
+
 def content_hash(spec: ImageSpec, base_id: str, root: Path = ROOT) -> str:
     """The hash that names an image: recipe, base image ID, and every context file (name, mode, bytes)."""
     digest = hashlib.sha256(f"recipe {RECIPE}\nbase {base_id}\n".encode())
-    for name, path in spec.files(root):
+    for name, path in context_files(spec, root):
         executable = os.access(path, os.X_OK)
         digest.update(f"{name}\0{int(executable)}\0{path.stat().st_size}\0".encode())
         digest.update(path.read_bytes())
@@ -167,7 +183,8 @@ def ensure(spec: ImageSpec, base: str, log_dir: Path, report: Report = print,
     log = log_dir / f"{spec.repository.replace('/', '_')}-{digest[:16]}.log"
     report(f"building the {spec.title} ({tag}); log: {log}")
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-context-") as scratch:
-        for name, path in spec.files():
+        (Path(scratch) / "site-ca").mkdir()  # present even when empty: Dockerfiles COPY it
+        for name, path in context_files(spec):
             dest = Path(scratch) / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
