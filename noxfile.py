@@ -92,8 +92,17 @@ def lock_check(session: nox.Session) -> None:
     session.notify("lock", ["--check"])
 
 
+BENCHMARKS = {
+    "preflight": "benchmarks/preflight_fanout.py",  # preflight across 1, 2, 4 and 8 SSH nodes
+    "testbed": "benchmarks/testbed_up.py",          # 3-node testbed bring-up, images cached
+}
+
+
 @nox.session(default=False, tags=["bench"])
 def bench(session: nox.Session) -> None:
-    """Benchmark preflight across 1, 2, 4 and 8 SSH nodes and print the table."""
+    """Run the benchmarks and print their tables (`-- testbed` picks one; other args pass on)."""
     install(session, "test")
-    session.run("python", "benchmarks/preflight_fanout.py", *session.posargs)
+    chosen = [arg for arg in session.posargs if arg in BENCHMARKS] or list(BENCHMARKS)
+    rest = [arg for arg in session.posargs if arg not in BENCHMARKS]
+    for name in chosen:
+        session.run("python", BENCHMARKS[name], *rest)

@@ -102,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", default="1,2,4,8")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # nox -s bench passes the same extra arguments to all
     sizes = [int(size) for size in args.sizes.split(",")]
 
     with tempfile.TemporaryDirectory() as scratch:

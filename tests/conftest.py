@@ -142,9 +142,9 @@ def start_testbed(state_dir: Path, nodes: int, name: str, runtime: bool = True,
         bed = cluster.Testbed(layout, base=base, report=_log)
         try:
             return bed, bed.up(runtime=runtime)
-        except InputError as exc:
+        except BaseException as exc:  # a half-made testbed is removed, whatever stopped it
             bed.down(purge=False)
-            if "overlaps" not in str(exc):
+            if not (isinstance(exc, InputError) and "overlaps" in str(exc)):
                 raise
     raise RuntimeError("no free 10.213.x.0/24 subnet for a test testbed")
 
@@ -154,8 +154,8 @@ def testbed(base_image, standin_image, tmp_path_factory):
     """Three simulated nodes, each with sshd, its own Docker engine and the stand-in image loaded."""
     name = f"pytest{os.getpid()}"
     bed, report = start_testbed(tmp_path_factory.mktemp("testbed"), 3, name, base=base_image)
-    assert report.runtime is not None and report.runtime.tag == standin_image
     try:
+        assert report.runtime is not None and report.runtime.tag == standin_image
         yield bed, report
     finally:
         bed.down(purge=True)

@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +223,17 @@ class Testbed:
                                        progress and functools.partial(progress, images.STANDIN.title))
                          if runtime else None)
         self._make_keys()
+        before = self.leftovers()
+        try:
+            states = self._start(node_image, runtime_image, ready_timeout)
+        except BaseException:  # a failure or Ctrl-C takes back what this run made, no more
+            self._undo(before)
+            raise
+        return UpReport(layout, node_image, base, runtime_image, states, time.monotonic() - started)
+
+    def _start(self, node_image: images.Built, runtime_image: images.Built | None,
+               ready_timeout: float) -> list[NodeState]:
+        layout = self.layout
         self._ensure_network()
         existing = self.containers()
         actions = {}
@@ -229,9 +241,14 @@ class Testbed:
             actions[index] = self._ensure_container(index, node_image,
                                                     existing.get(layout.container(index)))
         self._write_files(runtime_image.tag if runtime_image else None)
-        with ThreadPoolExecutor(max_workers=layout.nodes) as pool:
-            states = list(pool.map(lambda i: self._wait_ready(i, actions[i], ready_timeout),
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=layout.nodes, thread_name_prefix="testbed-node")
+        try:
+            states = list(pool.map(lambda i: self._wait_ready(i, actions[i], ready_timeout, stop),
                                    layout.indexes))
+        finally:
+            stop.set()  # on Ctrl-C or a failed node, the other waits end at once
+            pool.shutdown(wait=True, cancel_futures=True)
         if runtime_image:
             self.report(f"delivering {runtime_image.tag} to {layout.nodes} node(s) over SSH")
             delivered = deliver(runtime_image.tag, self.inventory().nodes)
@@ -239,7 +256,19 @@ class Testbed:
             for state in states:
                 outcome = delivered[state.name]
                 state.runtime, state.runtime_seconds = outcome.value.action, outcome.value.seconds
-        return UpReport(layout, node_image, base, runtime_image, states, time.monotonic() - started)
+        return states
+
+    def _undo(self, before: dict[str, list[str]]) -> None:
+        """Remove the containers and network this run created (those that were there stay)."""
+        made = [name for name in self.containers() if name not in before["containers"]]
+        if made:
+            docker("rm", "--force", "--volumes", *made, check=False, timeout=300)
+        if not self.containers():
+            for network in self.networks():
+                if network not in before["networks"]:
+                    docker("network", "rm", network, check=False)
+            if self.layout.hosts_file.exists():
+                self.layout.hosts_file.unlink()
 
     def _check_other_nodes(self) -> None:
         """Nodes beyond --nodes from an earlier, larger ``up`` would be silently left running."""
@@ -319,13 +348,14 @@ class Testbed:
         _write_atomically(layout.hosts_file, hosts_toml(layout, runtime_image))
         inventory.load(layout.hosts_file)  # what we hand out must be a valid inventory
 
-    def _wait_ready(self, index: int, action: str, timeout: float) -> NodeState:
+    def _wait_ready(self, index: int, action: str, timeout: float,
+                    stop: threading.Event) -> NodeState:
         """Until the node answers over SSH (host key checked) and its own Docker engine runs."""
         layout = self.layout
         started = time.monotonic()
         node = self.inventory().node(layout.node_name(index))
         last = "no answer yet"
-        while time.monotonic() - started < timeout:
+        while time.monotonic() - started < timeout and not stop.is_set():
             state = text(docker("inspect", "--format", "{{.State.Status}}", layout.container(index)))
             if state != "running":
                 logs = docker("logs", "--tail", "20", layout.container(index), check=False)
@@ -349,9 +379,11 @@ class Testbed:
             finally:
                 if target is not None:
                     target.close()
-            time.sleep(0.2)
+            stop.wait(0.2)
+        logs = docker("logs", "--tail", "20", layout.container(index), check=False)
         raise DeployError(f"{node.name} ({layout.container(index)}) was not ready after "
-                          f"{timeout:.0f} s: {last}")
+                          f"{timeout:.0f} s: {last}\nits last log lines:\n"
+                          f"{(logs.stdout + logs.stderr).decode(errors='replace')}")
 
     def inventory(self) -> inventory.Cluster:
         return inventory.load(self.layout.hosts_file)

@@ -1,0 +1,395 @@
+"""The testbed for real: node containers with sshd and their own Docker engine, on a network of
+their own, and the stand-in runtime served by mpirun across three of them.
+
+Traffic goes only to loopback and to the testbed's own addresses (TESTING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import docker_unusable, start_testbed
+from trtllm_deploy import inventory, mpi, sshkeys, targets
+from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.shell import join
+from trtllm_deploy.testbed import cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+
+needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
+
+
+# --- input, without Docker --------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, flag", [
+    ({"nodes": 0}, "--nodes 0"),
+    ({"nodes": 17}, "--nodes 17"),
+    ({"name": "Bad_Name"}, "--name"),
+    ({"subnet": "10.213.7.0/33"}, "--subnet"),
+    ({"subnet": "8.8.8.0/24"}, "--subnet 8.8.8.0/24"),       # not private: never ours to take
+    ({"subnet": "10.213.7.0/29"}, "--subnet 10.213.7.0/29"),  # no room for the nodes
+], ids=["no-nodes", "too-many-nodes", "bad-name", "not-a-network", "public-subnet", "tiny-subnet"])
+def test_a_bad_layout_is_refused_with_the_flag_to_fix(kwargs, flag):
+    with pytest.raises(InputError) as caught:
+        cluster.Layout(**kwargs)
+    assert flag in str(caught.value)
+
+
+def test_bad_input_on_the_command_line_exits_2_before_touching_docker(tmp_path):
+    done = subprocess.run([*INVOKE, "testbed.up", "--nodes", "0", "--name", "never-made",
+                           "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--nodes 0: expected 1 to 16 nodes" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_written_hosts_file_is_an_inventory_of_the_testbed(tmp_path):
+    layout = cluster.Layout(name="inv", nodes=3, subnet="10.213.50.0/24", state_dir=tmp_path)
+    sshkeys.keygen(layout.client_key)
+    layout.hosts_file.write_text(cluster.hosts_toml(layout, "trtllm-deploy/standin:abc"))
+    loaded = inventory.load(layout.hosts_file)
+    assert [n.name for n in loaded.nodes] == ["spark-1", "spark-2", "spark-3"]
+    assert [n.address for n in loaded.nodes] == ["10.213.50.11", "10.213.50.12", "10.213.50.13"]
+    assert loaded.head.name == "spark-1"
+    node = loaded.node("spark-2")
+    assert (node.user, node.identity_file, node.known_hosts) == (
+        "spark", str(layout.client_key), str(layout.known_hosts))
+    assert node.container.image == "trtllm-deploy/standin:abc"
+    assert node.fabric.interfaces == ["eth0"]
+
+
+# --- the testbed ------------------------------------------------------------------------------
+
+def _nodes(testbed):
+    bed, _ = testbed
+    return bed.inventory().nodes
+
+
+@needs_docker
+def test_every_node_answers_over_ssh_with_its_pinned_host_key(testbed):
+    bed, report = testbed
+    for node in _nodes(testbed):
+        target = targets.SSH(node)
+        try:
+            facts = target.run(["sh", "-c", "hostname; id -nG; docker info --format '{{.Driver}}'; "
+                                "ip -4 -o addr show eth0"]).stdout.splitlines()
+        finally:
+            target.close()
+        assert facts[0] == node.name
+        assert "docker" in facts[1].split()
+        assert facts[2] in ("overlay2", "vfs")
+        assert f"inet {node.address}/24" in facts[3]
+        # OpenSSH's own client agrees with the known_hosts the testbed wrote.
+        done = subprocess.run(["ssh", "-F", "none", "-o", "BatchMode=yes",
+                               "-o", "StrictHostKeyChecking=yes",
+                               "-o", f"UserKnownHostsFile={bed.layout.known_hosts}",
+                               "-i", str(bed.layout.client_key), f"spark@{node.address}", "hostname"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.stdout.strip() == node.name, done.stderr
+    assert len({n.fingerprint for n in report.nodes}) == 3  # each node its own host key
+
+
+@needs_docker
+def test_a_node_offering_another_nodes_host_key_is_refused(testbed, tmp_path):
+    bed, _ = testbed
+    first, second, _ = _nodes(testbed)
+    # known_hosts that pins node 2's key for node 1's address: what a swapped node looks like.
+    wrong = tmp_path / "known_hosts"
+    key = (bed.layout.host_key(2).with_name("ssh_host_ed25519_key.pub")).read_text().split()
+    wrong.write_text(f"{first.address} {key[0]} {key[1]}\n")
+    target = targets.SSH(first.model_copy(update={"known_hosts": str(wrong)}))
+    with pytest.raises(targets.HostKeyRejected, match="HOST KEY CHANGED"):
+        target.run(["true"])
+
+
+@needs_docker
+def test_each_node_runs_containers_in_its_own_engine_on_its_own_address(testbed):
+    bed, report = testbed
+    for node in _nodes(testbed):
+        target = targets.SSH(node)
+        try:
+            out = target.run(["docker", "run", "--rm", "--network", "host", report.runtime.tag,
+                              "sh", "-c", "trtllm-serve --version; hostname; python3 -c "
+                              "'import socket; print(socket.gethostbyname(socket.gethostname()))'"],
+                             timeout=120).stdout.splitlines()
+            others = target.run(["docker", "ps", "--all", "--quiet"]).stdout.split()
+        finally:
+            target.close()
+        assert "stand-in" in out[0]
+        assert out[1:] == [node.name, node.address]
+        assert others == []  # --rm: each node's engine is its own and left clean
+
+
+@needs_docker
+def test_up_again_reports_the_running_testbed_and_changes_nothing(testbed):
+    bed, _ = testbed
+    layout = bed.layout
+    # Through the task, as a user runs it: the same code path as the fixture.
+    done = subprocess.run([*INVOKE, "testbed.up", "--nodes", "3", "--name", layout.name,
+                           "--subnet", layout.subnet, "--state-dir", str(layout.state_dir),
+                           "--base", bed.base, "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    again = json.loads(done.stdout)
+    assert again["changed"] is False
+    assert [n["action"] for n in again["nodes"]] == ["already running"] * 3
+    assert [n["runtime_image"] for n in again["nodes"]] == ["already there"] * 3
+    status = subprocess.run([*INVOKE, "testbed.status", "--name", layout.name,
+                             "--state-dir", str(layout.state_dir), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    containers = json.loads(status.stdout)["containers"]
+    assert sorted(containers) == [layout.container(i) for i in (1, 2, 3)]
+    assert {info["state"] for info in containers.values()} == {"running"}
+
+
+# --- the stand-in served by mpirun across three nodes -----------------------------------------
+
+CONTAINER = "trtllm-serve-test"
+PORT = 8000
+
+
+class Serving:
+    """The stand-in across the testbed: one container per node (host network), mpirun in the
+    head's, reaching the others through the rsh agent (ssh to the node, docker exec)."""
+
+    def __init__(self, bed, image: str, workdir: Path):
+        self.cluster = bed.inventory()
+        self.nodes = self.cluster.nodes
+        self.head = self.cluster.head
+        self.image = image
+        self.workdir = workdir
+        self.targets = {node.name: targets.SSH(node) for node in self.nodes}
+        self.known_hosts = bed.layout.known_hosts
+
+    def run(self, node, argv, **kwargs):
+        return self.targets[node.name].run(argv, **kwargs)
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        head = self.head
+        # The head's own key for mpirun, made on the head (never copied), trusted by the others.
+        self.run(head, ["sh", "-c", "test -f ~/.ssh/id_ed25519 || "
+                        "ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519"])
+        public = self.run(head, ["cat", ".ssh/id_ed25519.pub"], cwd="~").stdout.strip()
+        files = self.workdir / "mpi"
+        files.mkdir(exist_ok=True)
+        (files / "known_hosts").write_text(self.known_hosts.read_text())
+        (files / "ssh_config").write_text(mpi.ssh_config(self.nodes))
+        (files / "rsh-agent").write_text(mpi.rsh_agent(CONTAINER))
+        (files / "rsh-agent").chmod(0o755)
+        model = self.workdir / "model"
+        model.mkdir(exist_ok=True)
+        (model / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                       "architectures": ["LlamaForCausalLM"]}))
+        (model / "model.safetensors").write_bytes(b"\0" * 1024)
+        for node in self.nodes:
+            self.run(node, ["sh", "-c", 'grep -qxF "$1" ~/.ssh/authorized_keys || '
+                            'echo "$1" >> ~/.ssh/authorized_keys', "sh", public])
+            self.run(node, ["rm", "-rf", "serve-test"], cwd="~")
+            self.targets[node.name].put(files, "~/serve-test/mpi")
+            self.targets[node.name].put(model, "~/serve-test/model")
+            self.run(node, ["docker", "rm", "--force", CONTAINER], check=False)
+        home = self.targets[head.name].home()
+        socket = f"{home}/serve-test/mpi/agent.sock"
+        self.run(head, ["sh", "-c", f'ssh-agent -a {socket} >/dev/null && '
+                        f'SSH_AUTH_SOCK={socket} ssh-add -q ~/.ssh/id_ed25519'])
+        for node in self.nodes:
+            home = self.targets[node.name].home()
+            self.run(node, ["docker", "run", "--detach", "--init", "--name", CONTAINER,
+                            "--network", "host",
+                            "--volume", f"{home}/serve-test/mpi:{mpi.MOUNT}:ro",
+                            "--volume", f"{home}/serve-test/model:/model:ro",
+                            self.image, "sleep", "infinity"], timeout=120)
+        argv = mpi.mpirun_argv([node.name for node in self.nodes],
+                               ["trtllm-llmapi-launch", "trtllm-serve", "/model", "--tp_size", "3",
+                                "--host", "0.0.0.0", "--port", str(PORT)],
+                               interfaces=[self.cluster_subnet()])
+        exec_env = [f"--env={key}={value}" for key, value in (env or {}).items()]
+        self.run(head, ["docker", "exec", "--detach", *exec_env, CONTAINER, "sh", "-c",
+                        join(argv) + " >/tmp/serve.log 2>&1"])
+
+    def cluster_subnet(self) -> str:
+        address = self.head.address
+        return address.rsplit(".", 1)[0] + ".0/24"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.head.address}:{PORT}{path}"
+
+    def log(self) -> str:
+        return self.run(self.head, ["docker", "exec", CONTAINER, "cat", "/tmp/serve.log"],
+                        check=False).stdout
+
+    def wait_healthy(self, deadline_s: float = 90) -> None:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            try:
+                with urllib.request.urlopen(self.url("/health"), timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.3)
+        raise AssertionError(f"the stand-in did not become healthy; its log:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            self.run(node, ["docker", "rm", "--force", CONTAINER], check=False)
+            self.run(node, ["rm", "-rf", "serve-test"], cwd="~", check=False)
+        self.run(self.head, ["pkill", "-u", "spark", "ssh-agent"], check=False)
+        for target in self.targets.values():
+            target.close()
+
+
+def stream_completion(url: str, prompt: str, max_tokens: int, timeout: float) -> list[dict]:
+    body = json.dumps({"model": "/model", "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0, "stream": True}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    chunks = []
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        assert answer.headers["Content-Type"].startswith("text/event-stream")
+        for raw in answer:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return chunks
+            chunks.append(json.loads(line[len("data: "):]))
+    raise AssertionError("the stream ended without [DONE]")
+
+
+@pytest.fixture(scope="module")
+def serving(testbed, tmp_path_factory):
+    bed, report = testbed
+    deployment = Serving(bed, report.runtime.tag, tmp_path_factory.mktemp("serving"))
+    try:
+        deployment.start({"STANDIN_TOKENS_PER_S": "200", "STANDIN_LOAD_SECONDS": "1"})
+        deployment.wait_healthy()
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@needs_docker
+def test_mpirun_across_three_nodes_serves_a_streamed_completion(serving):
+    chunks = stream_completion(serving.url("/v1/completions"), "Hello testbed", 12, timeout=60)
+    text = "".join(chunk["choices"][0]["text"] for chunk in chunks)
+    assert len([c for c in chunks if c["choices"][0]["text"]]) == 12
+    assert "stand-in" in chunks[0]["model"]
+    # Deterministic: the same prompt gives the same text; another prompt another text.
+    again = stream_completion(serving.url("/v1/completions"), "Hello testbed", 12, timeout=60)
+    assert "".join(c["choices"][0]["text"] for c in again) == text
+    other = stream_completion(serving.url("/v1/completions"), "Another prompt", 12, timeout=60)
+    assert "".join(c["choices"][0]["text"] for c in other) != text
+    # Every rank ran on its own node, inside that node's container.
+    log = serving.log()
+    for rank in range(3):
+        assert f"[1,{rank}]" in log
+
+
+@needs_docker
+def test_killing_one_ranks_process_fails_or_stalls_serving(serving):
+    third = serving.nodes[2]
+    killed = serving.run(third, ["docker", "exec", CONTAINER, "pkill", "-KILL", "-f", "trtllm-serve"],
+                         check=False)
+    assert killed.exit_code == 0, killed.stderr
+    started = time.monotonic()
+    outcome = "answered"
+    try:
+        chunks = stream_completion(serving.url("/v1/completions"), "after the loss", 50, timeout=8)
+        outcome = f"answered {len(chunks)} chunks"
+    except (urllib.error.URLError, OSError, AssertionError, json.JSONDecodeError) as exc:
+        outcome = f"failed: {type(exc).__name__}"
+    assert not outcome.startswith("answered"), (outcome, time.monotonic() - started)
+    # mpirun notices the lost rank and the job ends: the head's serving process is gone too.
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        alive = serving.run(serving.head, ["docker", "exec", CONTAINER, "pgrep", "-f", "mpirun"],
+                            check=False)
+        if alive.exit_code != 0:
+            break
+        time.sleep(0.5)
+    assert alive.exit_code != 0, "mpirun kept running after a rank was killed"
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(serving.url("/health"), timeout=2)
+
+
+# --- down -------------------------------------------------------------------------------------
+
+@needs_docker
+def test_down_removes_everything_it_made_and_nothing_else(base_image, tmp_path):
+    name = f"pydown{os.getpid()}"
+    bed, report = start_testbed(tmp_path / "state", 1, name, runtime=False, base=base_image)
+    layout = bed.layout
+    # Something of the user's that looks like ours but is not labelled: it must survive.
+    bystander = f"trtllm-{name}-node9"
+    subprocess.run(["docker", "create", "--name", bystander, report.image.tag], check=True,
+                   capture_output=True)
+    try:
+        assert bed.leftovers()["containers"] == [layout.container(1)]
+        removed = bed.down()
+        assert removed == {"containers": [layout.container(1)], "networks": [layout.network],
+                           "volumes": []}
+        assert bed.leftovers() == {"containers": [], "networks": [], "volumes": []}
+        listed = subprocess.run(["docker", "ps", "--all", "--format", "{{.Names}}"],
+                                capture_output=True, text=True).stdout.split()
+        assert layout.container(1) not in listed and bystander in listed
+        networks = subprocess.run(["docker", "network", "ls", "--format", "{{.Name}}"],
+                                  capture_output=True, text=True).stdout.split()
+        assert layout.network not in networks
+        assert layout.client_key.exists() and not layout.hosts_file.exists()  # keys kept
+        assert bed.down() == {"containers": [], "networks": [], "volumes": []}  # idempotent
+        bed.down(purge=True)
+        assert not layout.state_dir.exists()
+    finally:
+        subprocess.run(["docker", "rm", "--force", bystander], capture_output=True)
+        bed.down(purge=True)
+
+
+@needs_docker
+def test_a_failed_up_takes_back_what_it_made(base_image, tmp_path):
+    layout = cluster.Layout(name=f"pyfail{os.getpid()}", nodes=2, subnet="10.213.230.0/24",
+                            state_dir=tmp_path / "state")
+    bed = cluster.Testbed(layout, base=base_image)
+    try:
+        with pytest.raises(DeployError, match="was not ready after"):
+            bed.up(runtime=False, ready_timeout=0.01)  # no node can answer that fast
+        assert bed.leftovers() == {"containers": [], "networks": [], "volumes": []}
+        assert not layout.hosts_file.exists()
+    finally:
+        bed.down(purge=True)
+
+
+@needs_docker
+def test_ctrl_c_during_up_exits_130_and_leaves_nothing(base_image, tmp_path):
+    name = f"pyint{os.getpid()}"
+    state = tmp_path / "state"
+    bed = cluster.Testbed(cluster.Layout(name=name, nodes=3, subnet="10.213.231.0/24",
+                                         state_dir=state))
+    proc = subprocess.Popen([*INVOKE, "testbed.up", "--nodes", "3", "--name", name, "--no-runtime",
+                             "--subnet", "10.213.231.0/24", "--state-dir", str(state),
+                             "--base", base_image],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not bed.containers() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert bed.containers(), "no node container appeared"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "Traceback" not in err
+        assert bed.leftovers() == {"containers": [], "networks": [], "volumes": []}
+    finally:
+        proc.kill()
+        bed.down(purge=True)
