@@ -10,7 +10,6 @@ import difflib
 import ipaddress
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,7 +27,7 @@ from pydantic import (
 )
 
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.tomlsource import key_lines, line_of
+from trtllm_deploy.tomlsource import Problem, TomlFileError, problems_from, read
 
 DEFAULT_PATH = "hosts.toml"
 
@@ -255,36 +254,8 @@ class Cluster:
         return tuple(self.node(name.strip()) for name in names.split(",") if name.strip())
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the file."""
-
-    path: tuple
-    message: str
-    remedy: str
-
-
-class InventoryError(InputError):
-    def __init__(self, source: Path, text: str, problems: list[Problem]):
-        self.source, self.problems = source, problems
-        lines = []
-        lines_by_key = key_lines(text)
-        located = [(line_of(lines_by_key, p.path), p) for p in problems]
-        for line, problem in sorted(located, key=lambda item: item[0] or 0):
-            where = f"{source}:{line}" if line else str(source)
-            key = _dotted(problem.path)
-            said = [f"{where}: {key + ': ' if key else ''}{problem.message}",
-                    f"  what to do: {problem.remedy}"]
-            if said[0] not in lines:  # a [defaults] key is wrong once, not once per node
-                lines += said
-        super().__init__("\n".join(lines))
-
-
-def _dotted(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+class InventoryError(TomlFileError):
+    """hosts.toml is wrong; the message lists every problem with its line."""
 
 
 _EXAMPLES = {
@@ -302,81 +273,9 @@ _EXAMPLES = {
     "nodes": '[[nodes]] tables, one per machine',
 }
 
-# One wording per type, for what pydantic expected ("int_type") and what the file held (int).
-_TYPE_WORDS = {
-    "bool": "a boolean (true or false)",
-    "int": "an integer",
-    "float": "a number",
-    "str": "a string",
-    "string": "a string",
-    "list": "an array",
-    "dict": "a table",
-    "model": "a table",
-    "model_attributes": "a table",
-}
-
-
-def _kind(value: Any) -> str:
-    return _TYPE_WORDS.get(type(value).__name__, type(value).__name__)
-
-
-def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
-    """The keys allowed in the table at ``path`` (for "did you mean")."""
-    for part in path:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-        else:
-            return []
-    return list(model.model_fields)
-
-
 def _problems(error: ValidationError, model: type[BaseModel], prefix: tuple) -> list[Problem]:
-    problems = []
-    for item in error.errors():
-        loc = tuple(item["loc"])
-        # pydantic names the member of a union it tried ("int", "float"); that is noise here.
-        loc = tuple(part for part in loc if part not in ("int", "float", "str", "[key]"))
-        path = prefix + loc
-        kind, value = item["type"], item.get("input")
-        last = next((p for p in reversed(path) if isinstance(p, str)), "")
-        example = _EXAMPLES.get(last)
-        fix = f"write it like: {example}" if example else "correct the value"
-        if kind == "extra_forbidden":
-            allowed = _fields_at(model, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(
-                Problem(path, f"unknown key; {hint}allowed here: {', '.join(allowed)}",
-                        f"rename or remove {loc[-1]!r}")
-            )
-        elif kind == "missing":
-            problems.append(Problem(path, "required key is missing", f"add it: {fix}"))
-        elif kind == "literal_error":
-            expected = item.get("ctx", {}).get("expected", "")
-            options = re.findall(r"'([^']*)'", expected)
-            close = difflib.get_close_matches(str(value), options, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(
-                Problem(path, f"expected one of {expected}, got {value!r}{hint}",
-                        f"use one of {expected}")
-            )
-        elif kind.endswith("_type"):
-            wanted = _TYPE_WORDS.get(kind.removesuffix("_type"), item["msg"])
-            problems.append(
-                Problem(path, f"expected {wanted}, got {_kind(value)} ({value!r})", fix)
-            )
-        elif kind == "value_error":
-            message = item["msg"].removeprefix("Value error, ")
-            if "secret" in message:
-                fix = f"remove {last!r} from hosts.toml and export it in your shell instead"
-            problems.append(Problem(path, f"{message}; got {value!r}", fix))
-        else:
-            problems.append(Problem(path, f"{item['msg']}; got {value!r}", fix))
-    return problems
+    return problems_from(error, model, prefix, _EXAMPLES,
+                         secret_fix="remove {key!r} from hosts.toml and export it in your shell instead")
 
 
 def _merge(defaults: dict, own: dict) -> dict:
@@ -420,25 +319,8 @@ def _check_node(raw: dict, node: Node, index: int) -> list[Problem]:
 def load(path: str | os.PathLike = DEFAULT_PATH) -> Cluster:
     """Read and validate an inventory; raises :class:`InventoryError` listing every problem."""
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InventoryError(source, "", [Problem((), "file not found",
-                             "create it (copy the example in README.md) or pass --hosts PATH")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InventoryError(source, "", [Problem((), f"cannot read the file: {reason}",
-                             "check the path and its permissions")]) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        where = f"{source}:{match.group(1)}" if match else str(source)
-        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
-        err = InputError(f"{where}: not valid TOML: {reason}"
-                         + (f" (column {match.group(2)})" if match else "")
-                         + "\n  what to do: fix the syntax; see https://toml.io for the format")
-        raise err from None
+    text, data = read(source, InventoryError,
+                      "create it (copy the example in README.md) or pass --hosts PATH")
     return _validate(source, text, data)
 
 

@@ -1,4 +1,4 @@
-"""Finds the line of a key in a TOML file, so an error can point at it.
+"""TOML files the user writes: reading them, and errors that point at the line of the key.
 
 ``tomllib`` keeps no positions, so this reads the file's table headers and ``key =`` lines itself.
 It follows what inventory files use (tables, arrays of tables, dotted keys); for anything it cannot
@@ -7,7 +7,16 @@ place (a key inside an inline table, an array element) it answers with the neare
 
 from __future__ import annotations
 
+import difflib
 import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from trtllm_deploy.errors import InputError
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 _PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
@@ -71,3 +80,139 @@ def line_of(lines: dict[tuple, int], path: tuple) -> int | None:
             return lines[path]
         path = path[:-1]
     return None
+
+
+# --- a TOML file the user wrote, validated by a pydantic model --------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the file."""
+
+    path: tuple
+    message: str
+    remedy: str
+
+
+class TomlFileError(InputError):
+    """Every problem of one file, each as ``file:line: key: message`` and what to do."""
+
+    def __init__(self, source: Path, text: str, problems: list[Problem]):
+        self.source, self.problems = source, problems
+        lines: list[str] = []
+        lines_by_key = key_lines(text)
+        located = [(line_of(lines_by_key, p.path), p) for p in problems]
+        for line, problem in sorted(located, key=lambda item: item[0] or 0):
+            where = f"{source}:{line}" if line else str(source)
+            key = dotted(problem.path)
+            said = [f"{where}: {key + ': ' if key else ''}{problem.message}",
+                    f"  what to do: {problem.remedy}"]
+            if said[0] not in lines:  # a [defaults] key is wrong once, not once per node
+                lines += said
+        super().__init__("\n".join(lines))
+
+
+def dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def read(source: Path, error: type[TomlFileError], missing_remedy: str) -> tuple[str, dict]:
+    """The file's text and its parsed TOML; unreadable or invalid TOML is an ``error``."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(source, "", [Problem((), "file not found", missing_remedy)]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise error(source, "", [Problem((), f"cannot read the file: {reason}",
+                                         "check the path and its permissions")]) from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        where = f"{source}:{match.group(1)}" if match else str(source)
+        reason = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise InputError(f"{where}: not valid TOML: {reason}"
+                         + (f" (column {match.group(2)})" if match else "")
+                         + "\n  what to do: fix the syntax; see https://toml.io for the format") from None
+
+
+# One wording per type, for what pydantic expected ("int_type") and what the file held (int).
+_TYPE_WORDS = {
+    "bool": "a boolean (true or false)",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "string": "a string",
+    "list": "an array",
+    "dict": "a table",
+    "model": "a table",
+    "model_attributes": "a table",
+}
+
+
+def _kind(value: Any) -> str:
+    return _TYPE_WORDS.get(type(value).__name__, type(value).__name__)
+
+
+def _fields_at(model: type[BaseModel], path: tuple) -> list[str]:
+    """The keys allowed in the table at ``path`` (for "did you mean")."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def problems_from(error: ValidationError, model: type[BaseModel], prefix: tuple,
+                  examples: dict[str, str], secret_fix: str = "") -> list[Problem]:
+    """pydantic's errors as Problems: the key, what was expected, what the file held, a fix."""
+    problems = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        # pydantic names the member of a union it tried ("int", "float"); that is noise here.
+        loc = tuple(part for part in loc if part not in ("int", "float", "str", "[key]"))
+        path = prefix + loc
+        kind, value = item["type"], item.get("input")
+        last = next((p for p in reversed(path) if isinstance(p, str)), "")
+        example = examples.get(last)
+        fix = f"write it like: {example}" if example else "correct the value"
+        if kind == "extra_forbidden":
+            allowed = _fields_at(model, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(
+                Problem(path, f"unknown key; {hint}allowed here: {', '.join(allowed)}",
+                        f"rename or remove {loc[-1]!r}")
+            )
+        elif kind == "missing":
+            problems.append(Problem(path, "required key is missing", f"add it: {fix}"))
+        elif kind == "literal_error":
+            expected = item.get("ctx", {}).get("expected", "")
+            options = re.findall(r"'([^']*)'", expected)
+            close = difflib.get_close_matches(str(value), options, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(
+                Problem(path, f"expected one of {expected}, got {value!r}{hint}",
+                        f"use one of {expected}")
+            )
+        elif kind.endswith("_type"):
+            wanted = _TYPE_WORDS.get(kind.removesuffix("_type"), item["msg"])
+            problems.append(
+                Problem(path, f"expected {wanted}, got {_kind(value)} ({value!r})", fix)
+            )
+        elif kind == "value_error":
+            message = item["msg"].removeprefix("Value error, ")
+            if "secret" in message and secret_fix:
+                fix = secret_fix.format(key=last)
+            problems.append(Problem(path, f"{message}; got {value!r}", fix))
+        else:
+            problems.append(Problem(path, f"{item['msg']}; got {value!r}", fix))
+    return problems
