@@ -182,6 +182,9 @@ CASES = [
         "/opt/tiger/llm-best-practice/TensorRT-LLM/cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention/"
         "decoderMaskedMultiheadAttentionTemplate.h(2317): error: no instance of function template "
         "\"tensorrt_llm::kernels::mmha::Logit_value_fma\" matches the argument list"]),
+    ("cuda-arch-unsupported.log", "cuda-arch-unsupported", [
+        "nvcc fatal   : Unsupported gpu architecture 'compute_120'"]),
+    ("submodule-missing.log", "submodule-missing", ["does not contain a CMakeLists.txt file."]),
     ("not-oom-resource-exhausted.log", "unknown", [
         "ERROR: failed to write file header root/.cshrc: rpc error: code = ResourceExhausted desc = grpc: "
         "received message larger than max (16307097 vs. 4194304)"]),
@@ -259,5 +262,5 @@ def test_remedies_name_the_fix():
 
 
 def test_kinds():
-    assert buildlog.KINDS == ("oom-killed", "disk-full", "lfs-missing", "download-failed", "compiler-error",
-                              "unknown")
+    assert buildlog.KINDS == ("oom-killed", "disk-full", "lfs-missing", "download-failed",
+                              "cuda-arch-unsupported", "submodule-missing", "compiler-error", "unknown")

@@ -225,6 +225,21 @@ _KINDS = (
         "build again: the steps that finished are cached.",
     ),
     _Kind(
+        "cuda-arch-unsupported",
+        "The CUDA toolkit in the build image does not know the GPU architecture asked for",
+        re.compile(r"Unsupported gpu architecture 'compute_\d+[af]?'"),
+        "The base image's nvcc is older than the GPU: compute capability 12.1 (GB10) needs a "
+        "CUDA 12.9 or newer toolkit. Use the base image the pinned tree's docker/Dockerfile.multi "
+        "names (`invoke source.update` records it), or pin a newer TensorRT-LLM commit.",
+    ),
+    _Kind(
+        "submodule-missing",
+        "A git submodule of the source tree is not checked out",
+        re.compile(r"does not contain a CMakeLists\.txt file"),
+        "Check out the submodules at their recorded commits: `git submodule update --init "
+        "--recursive` in the TensorRT-LLM tree (`invoke source` does this), then build again.",
+    ),
+    _Kind(
         "compiler-error",
         "The C++/CUDA sources did not compile",
         # gcc/clang "file:line[:col]: [fatal ]error:", nvcc "file(line): [catastrophic ]error:"
@@ -255,8 +270,9 @@ def classify(log: str) -> Failure | None:
     """The root cause of a failed build log, or ``None`` if the log shows no failure.
 
     Kinds, most specific first: ``oom-killed``, ``disk-full``, ``lfs-missing``,
-    ``download-failed``, ``compiler-error``; ``unknown`` when the build failed ("make: ***",
-    "ninja: build stopped", docker's "failed to solve", ...) for a reason not recognised.
+    ``download-failed``, ``cuda-arch-unsupported``, ``submodule-missing``, ``compiler-error``;
+    ``unknown`` when the build failed ("make: ***", "ninja: build stopped", docker's "failed to
+    solve", ...) for a reason not recognised.
     """
     lines = [strip_prefix(line).strip() for line in log.splitlines()]
     final = next((line for line in reversed(lines) if _DOCKER_FINAL.search(line)), None)
