@@ -1,0 +1,185 @@
+"""The TensorRT-LLM lock, CUDA_ARCHS coverage and compile-job sizing: pure, table-driven."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trtllm_deploy.source import cuda
+from trtllm_deploy.source import image as images
+from trtllm_deploy.source import lock as locks
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "a" * 40
+OTHER = "b" * 40
+
+GOOD = f"""\
+[source]
+repository = "https://github.com/NVIDIA/TensorRT-LLM.git"
+ref = "main"
+commit = "{SHA}"
+version = "1.3.0rc1"
+
+[[source.submodules]]
+path = "3rdparty/cutlass"
+commit = "{OTHER}"
+
+[build]
+base_image = "nvcr.io/nvidia/pytorch:25.10-py3"
+cuda_archs = "121-real"
+options = {{ BUILD_WHEEL_OPTS = "--use_ccache" }}
+
+[[fixes]]
+commit = "{OTHER}"
+pr = 8803
+title = "Fix the AllReduce wrapper cache"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tensorrt-llm.lock.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_lock_loads(tmp_path):
+    lockfile = locks.load(write(tmp_path, GOOD))
+    assert lockfile.lock.source.commit == SHA
+    assert lockfile.lock.source.submodules[0].path == "3rdparty/cutlass"
+    assert lockfile.lock.build.kind == "source" and lockfile.lock.build.jobs == 0
+    assert lockfile.lock.fixes[0].pr == 8803
+
+
+def test_the_shipped_lock_is_valid_and_says_what_is_still_to_resolve():
+    lockfile = locks.load(ROOT / locks.DEFAULT_PATH)
+    assert lockfile.lock.build.cuda_archs == "121-real"  # GB10
+    assert all(fix.pr or fix.commit for fix in lockfile.lock.fixes)
+    if lockfile.lock.source.commit is None:  # shipped unresolved: no SHA was read from upstream here
+        with pytest.raises(locks.LockError, match="invoke source.update"):
+            lockfile.require_resolved()
+
+
+def test_a_fix_given_by_pr_number_only_is_accepted_and_written_back(tmp_path):
+    given = f'[[fixes]]\ncommit = "{OTHER}"\npr = 8803\ntitle = "Fix the AllReduce wrapper cache"'
+    text = GOOD.replace(given, "[[fixes]]\npr = 7937")
+    lock = locks.load(write(tmp_path, text)).lock
+    assert lock.fixes[0].commit is None and lock.fixes[0].pr == 7937
+    assert "[[fixes]]\npr = 7937\n" in locks.dumps(lock)
+
+
+@pytest.mark.parametrize("old, new, line, words", [
+    (f'commit = "{SHA}"', 'commit = "abc123"', 4, ["source.commit", "40-character"]),
+    ('cuda_archs = "121-real"', 'cuda_archs = "121-virtual"', 13, ["-virtual is refused"]),
+    ('cuda_archs = "121-real"', 'cuda_archs = "sm_121"', 13, ["expected NN"]),
+    ('options = { BUILD_WHEEL_OPTS = "--use_ccache" }', 'options = { CUDA_ARCHS = "120-real" }', 14,
+     ["CUDA_ARCHS is set by trtllm-deploy"]),
+    ('ref = "main"', 'reff = "main"', 3, ["unknown key", "'ref'"]),
+    ("pr = 8803", "pr = 0", 18, ["fixes[0].pr", "greater than or equal to 1"]),
+    ('[build]', '[build]\nkind = "release"', 12, ["needs [release] image"]),
+], ids=["short-sha", "virtual-arch", "bad-arch", "reserved-option", "typo", "bad-pr", "release-no-image"])
+def test_a_bad_lock_names_the_line_and_the_fix(tmp_path, old, new, line, words):
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(locks.LockError) as caught:
+        locks.load(path)
+    message = str(caught.value)
+    if line:
+        assert f"{path}:{line}:" in message
+    assert "what to do:" in message
+    for word in words:
+        assert word in message
+
+
+def test_a_bad_lock_on_the_command_line_exits_2_before_any_host(tmp_path):
+    path = write(tmp_path, GOOD.replace('cuda_archs = "121-real"', 'cuda_archs = "121-virtual"'))
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[[nodes]]\nname = "far"\naddress = "192.0.2.1"\n')  # never contacted
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "source",
+                           "--lock", str(path), "--hosts", str(hosts)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "-virtual is refused" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_writing_a_lock_and_reading_it_back_gives_the_same_lock(tmp_path):
+    lock = locks.load(write(tmp_path, GOOD)).lock
+    again = tmp_path / "again.toml"
+    locks.write(again, lock)
+    assert locks.load(again).lock == lock
+    locks.write(again, lock)
+    assert again.read_text() == locks.dumps(lock)  # stable: a rewrite changes no byte
+
+
+@pytest.mark.parametrize("change, differs", [
+    (lambda t: t.replace(f'commit = "{SHA}"', f'commit = "{OTHER}"', 1), True),
+    (lambda t: t.replace('"121-real"', '"120-real"'), True),
+    (lambda t: t.replace('--use_ccache', '--no-ccache'), True),
+    (lambda t: t.replace("pytorch:25.10-py3", "pytorch:25.11-py3"), True),
+    (lambda t: t.replace('commit = "' + OTHER + '"\n\n[build]', 'commit = "' + SHA + '"\n\n[build]'),
+     True),  # a submodule moved
+    (lambda t: t.replace('ref = "main"', 'ref = "v1.3.0rc1"'), False),
+    (lambda t: t.replace('version = "1.3.0rc1"', 'version = "1.3.0rc1"\ndate = "2026-11-01"'), False),
+    (lambda t: t.replace("[build]", "[build]\njobs = 4"), False),
+    (lambda t: t.replace("Fix the AllReduce", "Fix the all-reduce"), False),
+], ids=["commit", "cuda-archs", "options", "base", "submodule", "ref-name", "date", "jobs", "fix-title"])
+def test_the_lock_hash_follows_what_decides_the_image(tmp_path, change, differs):
+    first = locks.load(write(tmp_path, GOOD)).hash
+    second = locks.load(write(tmp_path, change(GOOD))).hash
+    assert (first != second) is differs
+
+
+@pytest.mark.parametrize("capabilities, archs", [
+    (["12.1"], "121-real"), (["12.1", "12.1"], "121-real"), (["9.0", "12.1"], "90-real;121-real"),
+])
+def test_cuda_archs_come_from_compute_capability(capabilities, archs):
+    assert cuda.archs_for(capabilities) == archs
+
+
+@pytest.mark.parametrize("archs, capability, ok, words", [
+    ("121-real", "12.1", True, "exactly"),
+    ("120-real", "12.1", True, "without its architecture-specific kernels"),
+    ("90-real;100-real;120-real", "12.1", True, "same major"),  # upstream's arm64 default
+    ("120f", "12.1", True, "family"),
+    ("121a", "12.1", True, "exactly"),
+    ("120a", "12.1", False, "nothing"),
+    ("90-real;100-real", "12.1", False, "nothing"),
+    ("90", "12.1", True, "PTX"),
+    ("121-real", "12.0", False, "nothing"),
+    ("native", "12.1", True, "native"),
+])
+def test_cuda_archs_coverage(archs, capability, ok, words):
+    covered, how = cuda.covers(archs, capability)
+    assert covered is ok and words in how
+
+
+@pytest.mark.parametrize("gb, cpus, jobs", [
+    (120, 20, 14),  # a Spark with most of its 128 GB free: memory, not cores, decides
+    (20, 20, 1),
+    (4, 8, 1),      # never zero
+    (512, 16, 16),  # a big x86 builder: cores decide
+])
+def test_compile_jobs_are_sized_from_memory(gb, cpus, jobs):
+    count, why = images.jobs_for(gb * images.GB, cpus)
+    assert count == jobs
+    assert f"{cpus} cores" in why and "GB per compile job" in why
+
+
+def test_make_argv_carries_the_lock_and_labels_quoted_for_the_recipe_shell(tmp_path):
+    lockfile = locks.load(write(tmp_path, GOOD))
+    labels = images.labels(lockfile, "121-real")
+    argv = images.make_argv(lockfile, "/b/TensorRT-LLM", images.image_ref(lockfile), "121-real", 6,
+                            labels)
+    assert argv[:4] == ["make", "-C", "/b/TensorRT-LLM/docker", "release_build"]
+    assert "CUDA_ARCHS=121-real" in argv
+    assert "BUILD_WHEEL_OPTS=--use_ccache --job_count 6" in argv
+    docker_opts = next(a for a in argv if a.startswith("DOCKER_BUILD_OPTS=")).split("=", 1)[1]
+    words = shlex.split(docker_opts)  # what the Makefile's recipe shell will see
+    assert words[:2] == ["--pull", "--load"]  # the Makefile's own default, kept
+    words = words[2:]
+    pairs = dict(words[i + 1].split("=", 1) for i in range(0, len(words), 2))
+    assert pairs == labels
+    assert labels["org.opencontainers.image.revision"] == SHA
+    assert labels[images.LABEL_LOCK] == lockfile.hash

@@ -1,0 +1,268 @@
+"""The TensorRT-LLM lock: which source, at which commit, built how — like a requirements lock.
+
+``requirements/tensorrt-llm.lock.toml`` is written by ``invoke source.update`` and committed by the
+user. Everything that decides what the image contains is in it, and its hash (``lock_hash``) is
+the label an image carries: the same hash on a node means the same build, so nothing to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+
+from trtllm_deploy.tomlsource import Problem, TomlFileError, problems_from, read
+
+DEFAULT_PATH = Path("requirements/tensorrt-llm.lock.toml")
+KINDS = ("source", "release", "wheel")
+# Set by trtllm-deploy itself on every build; a lock may not override them through [build.options].
+RESERVED_OPTIONS = ("CUDA_ARCHS", "IMAGE_NAME", "IMAGE_TAG", "IMAGE_WITH_TAG", "DOCKER_BUILD_OPTS")
+
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+_MAKE_VAR = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_ARCH = re.compile(r"^(native|\d{2,3}[af]?(-real)?)$")
+
+
+def _sha(value: str) -> str:
+    if not _SHA.match(value):
+        raise ValueError("expected a full 40-character lowercase commit SHA (git rev-parse gives it)")
+    return value
+
+
+def _cuda_archs(value: str) -> str:
+    items = [item.strip() for item in value.split(";")]
+    for item in items:
+        if item.endswith("-virtual"):
+            raise ValueError(f"{item!r}: -virtual is refused by TensorRT-LLM's CMake; use NN-real")
+        if not _ARCH.match(item):
+            raise ValueError(f"{item!r}: expected NN, NNa, NNf, NN-real (e.g. 121-real) or native, "
+                             "separated by ';'")
+    return ";".join(items)
+
+
+def _options(value: dict) -> dict:
+    for name in value:
+        if not _MAKE_VAR.match(name):
+            raise ValueError(f"{name!r}: expected a make variable name (capitals, digits, _)")
+        if name in RESERVED_OPTIONS:
+            raise ValueError(f"{name} is set by trtllm-deploy on every build "
+                             "(cuda_archs, the image name and its labels); remove it from options")
+    return value
+
+
+def _short_sha(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{7,40}", value):
+        raise ValueError("expected a commit SHA: 7 to 40 lowercase hex characters")
+    return value
+
+
+Sha = Annotated[StrictStr, AfterValidator(_sha)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Submodule(_Table):
+    path: StrictStr
+    commit: Sha
+
+
+class Source(_Table):
+    repository: StrictStr
+    ref: StrictStr = "main"
+    commit: Sha | None = None        # None: not resolved yet (run source.update)
+    version: StrictStr | None = None
+    date: StrictStr | None = None
+    trtllm_build: StrictBool | None = None
+    submodules: list[Submodule] = []
+
+
+class Build(_Table):
+    kind: Literal["source", "release", "wheel"] = "source"
+    base_image: StrictStr | None = None   # None: what the tree's docker/Dockerfile.multi names
+    cuda_archs: Annotated[StrictStr, AfterValidator(_cuda_archs)] = "121-real"
+    make_target: StrictStr = "release_build"
+    jobs: Annotated[StrictInt, Field(ge=0, le=1024)] = 0
+    options: Annotated[dict[StrictStr, StrictStr], AfterValidator(_options)] = {}
+
+
+class Release(_Table):
+    image: StrictStr | None = None
+
+
+class Wheel(_Table):
+    version: StrictStr | None = None
+
+
+class Fix(_Table):
+    """A commit the pinned tree must contain. Given by PR number only, ``source.update`` finds
+    its commit in the repository's own history and records SHA and subject."""
+
+    commit: Annotated[StrictStr, AfterValidator(_short_sha)] | None = None
+    pr: Annotated[StrictInt, Field(ge=1)] | None = None
+    title: StrictStr | None = None
+
+    @property
+    def name(self) -> str:
+        return " ".join(filter(None, [self.commit[:12] if self.commit else None,
+                                      f"(#{self.pr})" if self.pr else None, self.title]))
+
+
+class Lock(_Table):
+    source: Source
+    build: Build
+    release: Release = Release()
+    wheel: Wheel = Wheel()
+    fixes: list[Fix] = []
+
+
+_EXAMPLES = {
+    "repository": 'repository = "https://github.com/NVIDIA/TensorRT-LLM.git"',
+    "commit": 'commit = "<40-character SHA>"  (invoke source.update writes it)',
+    "base_image": 'base_image = "nvcr.io/nvidia/pytorch:25.10-py3"',
+    "cuda_archs": 'cuda_archs = "121-real"',
+    "kind": 'kind = "source"',
+    "title": 'title = "what the commit fixes, in one line"',
+}
+
+
+class LockError(TomlFileError):
+    """The lock file is wrong; the message lists every problem with its line."""
+
+
+@dataclass(frozen=True)
+class LockFile:
+    path: Path
+    lock: Lock
+
+    @property
+    def hash(self) -> str:
+        return lock_hash(self.lock)
+
+    def require_resolved(self) -> None:
+        """Building and fetching need a commit, a base image and full fix SHAs."""
+        lock, problems = self.lock, []
+        if not lock.source.commit:
+            problems.append(Problem(("source",), "no commit pinned yet",
+                                    "run `invoke source.update` (it resolves the ref on the build node)"))
+        if not lock.build.base_image:
+            problems.append(Problem(("build",), "no base image yet",
+                                    "run `invoke source.update`, or set [build] base_image"))
+        for index, fix in enumerate(lock.fixes):
+            if not fix.commit or len(fix.commit) != 40:
+                problems.append(Problem(("fixes", index), f"fix {fix.name} has no full commit SHA yet",
+                                        "run `invoke source.update` to resolve it"))
+        if problems:
+            raise LockError(self.path, self.path.read_text(), problems)
+
+
+def load(path: str | os.PathLike = DEFAULT_PATH) -> LockFile:
+    source = Path(path)
+    text, data = read(source, LockError, "create it with `invoke source.update` or pass --lock PATH")
+    try:
+        lock = Lock.model_validate(data)
+    except ValidationError as exc:
+        raise LockError(source, text, problems_from(exc, Lock, (), _EXAMPLES)) from None
+    problems = []
+    for index, fix in enumerate(lock.fixes):
+        if not fix.commit and not fix.pr:
+            problems.append(Problem(("fixes", index), "a fix needs a commit or a pr number",
+                                    "add: pr = 1234 (source.update finds its commit)"))
+    if lock.build.kind == "release" and not lock.release.image:
+        problems.append(Problem(("build", "kind"), 'kind "release" needs [release] image',
+                                'add: [release] image = "nvcr.io/nvidia/tensorrt-llm/release:<tag>"'))
+    if lock.build.kind == "wheel" and not lock.wheel.version:
+        problems.append(Problem(("build", "kind"), 'kind "wheel" needs [wheel] version',
+                                'add: [wheel] version = "1.2.1"'))
+    if problems:
+        raise LockError(source, text, problems)
+    return LockFile(source, lock)
+
+
+def lock_hash(lock: Lock) -> str:
+    """The hash of what decides the image's contents (not dates, the ref asked for, or job count)."""
+    build = lock.build
+    decisive = {
+        "kind": build.kind, "base_image": build.base_image, "cuda_archs": build.cuda_archs,
+        "make_target": build.make_target, "options": dict(sorted(build.options.items())),
+    }
+    if build.kind == "source":
+        decisive |= {"repository": lock.source.repository, "commit": lock.source.commit,
+                     "submodules": sorted((s.path, s.commit) for s in lock.source.submodules)}
+    elif build.kind == "release":
+        decisive |= {"release": lock.release.image}
+    else:
+        decisive |= {"wheel": lock.wheel.version}
+    canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- writing it back -------------------------------------------------------------------------
+
+HEADER = """\
+# The TensorRT-LLM this project builds and serves. Written by `invoke source.update`; commit it.
+# Edit [build], [release], [wheel] and [[fixes]] by hand if you must, then run source.update again.
+"""
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    return json.dumps(str(value))  # JSON's escapes are a subset TOML's basic strings accept
+
+
+def dumps(lock: Lock) -> str:
+    """The lock as TOML, in a stable order (a rewrite with nothing changed is byte-identical)."""
+    out = [HEADER, "[source]"]
+    source = lock.source
+    for key in ("repository", "ref", "commit", "version", "date", "trtllm_build"):
+        value = getattr(source, key)
+        if value is not None:
+            out.append(f"{key} = {_value(value)}")
+    for submodule in source.submodules:
+        out += ["", "[[source.submodules]]", f"path = {_value(submodule.path)}",
+                f"commit = {_value(submodule.commit)}"]
+    build = lock.build
+    out += ["", "[build]", f"kind = {_value(build.kind)}",
+            *([f"base_image = {_value(build.base_image)}"] if build.base_image else []),
+            f"cuda_archs = {_value(build.cuda_archs)}", f"make_target = {_value(build.make_target)}",
+            f"jobs = {build.jobs}  # 0: sized from the build node's memory at build time",
+            f"options = {_value(build.options)}"]
+    if lock.release.image:
+        out += ["", "[release]", f"image = {_value(lock.release.image)}"]
+    if lock.wheel.version:
+        out += ["", "[wheel]", f"version = {_value(lock.wheel.version)}"]
+    for fix in lock.fixes:
+        out += ["", "[[fixes]]"]
+        for key in ("commit", "pr", "title"):
+            value = getattr(fix, key)
+            if value is not None:
+                out.append(f"{key} = {_value(value)}")
+    return "\n".join(out) + "\n"
+
+
+def write(path: Path, lock: Lock) -> None:
+    """Replace the lock file atomically (a crash leaves the old one or the new one)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(dumps(lock))
+    os.replace(temporary, path)
