@@ -5,10 +5,12 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import checks, hosts, testbed
+from trtllm_deploy.cli import checks, hosts, source, testbed
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
 ns.add_collection(testbed.ns)        # a simulated cluster on this machine, to try all of it on
 ns.add_task(checks.preflight)        # phase 1: is every node ready?
 ns.add_task(checks.dirs)             # phase 1: the directories every node needs
+ns.add_collection(source.source_ns)  # phase 2: pin TensorRT-LLM and fetch exactly that commit
+ns.add_collection(source.image_ns)   # phase 2: build the image from it, labelled; verify it

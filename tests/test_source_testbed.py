@@ -1,0 +1,206 @@
+"""Phase 2 for real: `invoke source.update`, `invoke source`, `invoke image`, `invoke image.verify`
+on the testbed, against a git repository shaped like TensorRT-LLM (tests/trtllm_repo.py) kept on
+the head node and reached with file:// URLs, with real git, git-lfs, make and Docker there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import docker_unusable
+from trtllm_deploy import targets
+from trtllm_deploy.source import lock as locks
+from trtllm_repo import BUILD_VARS_FILE, make_upstream
+
+ROOT = Path(__file__).resolve().parents[1]
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
+REMOTE = "/home/spark/upstream"
+
+pytestmark = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
+
+
+def invoke(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*INVOKE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def upstream(testbed, tmp_path_factory):
+    """The stand-in upstream, copied onto the head node; its base image is the stand-in runtime
+    image, which every testbed node's engine already has."""
+    bed, report = testbed
+    made = make_upstream(tmp_path_factory.mktemp("upstream"), base_image=report.runtime.tag)
+    head = targets.SSH(bed.inventory().head)
+    try:
+        head.run(["rm", "-rf", REMOTE])
+        head.put(made.repo, f"{REMOTE}/TensorRT-LLM.git")
+        head.put(made.submodule_repo, f"{REMOTE}/cutlass.git")
+        yield made
+        head.run(["rm", "-rf", REMOTE, "trtllm-deploy/build/TensorRT-LLM"], cwd="~", check=False)
+    finally:
+        head.close()
+
+
+@pytest.fixture
+def hosts(testbed) -> str:
+    bed, _ = testbed
+    return str(bed.layout.hosts_file)
+
+
+URL = f"file://{REMOTE}/TensorRT-LLM.git"
+
+
+def first_lock(path: Path, fixes: str = "") -> Path:
+    path.write_text(f'[source]\nrepository = "{URL}"\nref = "main"\n\n[build]\n'
+                    'cuda_archs = "121-real"\n' + fixes)
+    return path
+
+
+def test_update_pins_main_to_its_commit_with_submodules_version_and_fixes(upstream, hosts, tmp_path):
+    lock = first_lock(tmp_path / "lock.toml", "\n[[fixes]]\npr = 8803\n")
+    done = invoke("source.update", "--hosts", hosts, "--lock", str(lock), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["changed"] is True and report["commit"] == upstream.tip
+    written = locks.load(lock).lock
+    assert written.source.commit == upstream.tip
+    assert written.source.version == upstream.versions["tip"]
+    assert written.source.trtllm_build is False          # the tip has no trtllm-build
+    assert [(s.path, s.commit) for s in written.source.submodules] == [
+        (upstream.submodule_path, upstream.submodule_at_tip)]
+    assert written.build.base_image == upstream.base_image  # from the tree's Dockerfile.multi
+    # The fix given by PR number is found in the history and recorded from the commit itself.
+    assert written.fixes[0].commit == upstream.fix_a
+    assert written.fixes[0].title == upstream.subjects["fix_a"]
+    # Again: nothing to change, and the file is byte for byte the same.
+    before = lock.read_text()
+    again = json.loads(invoke("source.update", "--hosts", hosts, "--lock", str(lock), "--json").stdout)
+    assert again["changed"] is False and lock.read_text() == before
+
+
+@pytest.mark.parametrize("ref, role, has_build", [
+    ("v1.3.0rc1", "tagged", False), ("old", "old", True)], ids=["tag", "old-sha"])
+def test_update_resolves_a_tag_or_a_sha(upstream, hosts, tmp_path, ref, role, has_build):
+    lock = first_lock(tmp_path / "lock.toml")
+    asked = upstream.old if ref == "old" else ref
+    done = invoke("source.update", "--hosts", hosts, "--lock", str(lock), "--ref", asked, "--json")
+    assert done.returncode == 0, done.stderr
+    written = locks.load(lock).lock
+    assert written.source.commit == upstream.commit(role)
+    assert written.source.trtllm_build is has_build
+    assert written.source.version == upstream.versions[role]
+
+
+def test_a_required_fix_that_is_not_in_the_pin_is_named_and_nothing_is_written(upstream, hosts, tmp_path):
+    lock = first_lock(tmp_path / "lock.toml",
+                      f'\n[[fixes]]\ncommit = "{upstream.fix_b_unmerged}"\ntitle = "fix B"\n')
+    before = lock.read_text()
+    done = invoke("source.update", "--hosts", hosts, "--lock", str(lock))
+    assert done.returncode == 1
+    assert upstream.fix_b_unmerged[:12] in done.stderr and "not in the history of" in done.stderr
+    assert lock.read_text() == before
+
+
+@pytest.fixture(scope="module")
+def pinned(upstream, testbed, tmp_path_factory) -> Path:
+    bed, _ = testbed
+    lock = first_lock(tmp_path_factory.mktemp("pinned") / "lock.toml", "\n[[fixes]]\npr = 8803\n")
+    done = invoke("source.update", "--hosts", str(bed.layout.hosts_file), "--lock", str(lock))
+    assert done.returncode == 0, done.stderr
+    return lock
+
+
+def test_source_fetches_exactly_the_pin_with_lfs_then_is_up_to_date_without_the_network(
+        upstream, pinned, hosts, testbed):
+    bed, _ = testbed
+    head = targets.SSH(bed.inventory().head)
+    tree = "trtllm-deploy/build/TensorRT-LLM"
+    try:
+        head.run(["rm", "-rf", tree], cwd="~")
+        first = invoke("source", "--hosts", hosts, "--lock", str(pinned), "--json")
+        assert first.returncode == 0, first.stderr
+        assert json.loads(first.stdout)["action"] == "fetched"
+        assert head.run(["git", "rev-parse", "HEAD"], cwd=f"~/{tree}").stdout.strip() == upstream.tip
+        lfs = head.run(["sha256sum", upstream.lfs_path], cwd=f"~/{tree}").stdout.split()[0]
+        assert lfs == upstream.lfs_oid  # the real object, not the pointer
+        # The upstream goes away: an up-to-date tree needs no network and does no work.
+        head.run(["mv", REMOTE, REMOTE + ".away"])
+        try:
+            again = invoke("source", "--hosts", hosts, "--lock", str(pinned), "--json")
+        finally:
+            head.run(["mv", REMOTE + ".away", REMOTE])
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["action"] == "up to date"
+        # A changed file is noticed and put right.
+        head.run(["sh", "-c", f"echo tampered >> {upstream.lfs_path}"], cwd=f"~/{tree}")
+        third = json.loads(invoke("source", "--hosts", hosts, "--lock", str(pinned), "--json").stdout)
+        assert third["action"] == "fetched" and "local changes in the tree" in third["reasons"]
+        lfs = head.run(["sha256sum", upstream.lfs_path], cwd=f"~/{tree}").stdout.split()[0]
+        assert lfs == upstream.lfs_oid
+    finally:
+        head.close()
+
+
+def _head_labels(bed, image: str) -> dict:
+    head = targets.SSH(bed.inventory().head)
+    try:
+        return json.loads(head.run(["docker", "image", "inspect", "--format",
+                                    "{{json .Config.Labels}}", image]).stdout)
+    finally:
+        head.close()
+
+
+def test_image_builds_labelled_then_is_up_to_date_and_verify_names_the_nodes_without_it(
+        upstream, pinned, hosts, testbed):
+    bed, _ = testbed
+    built = invoke("image", "--hosts", hosts, "--lock", str(pinned), "--json", timeout=900)
+    assert built.returncode == 0, built.stderr
+    report = json.loads(built.stdout)
+    lockfile = locks.load(pinned)
+    labels = _head_labels(bed, report["image"])
+    assert labels["io.trtllm-deploy.lock-hash"] == lockfile.hash
+    assert labels["org.opencontainers.image.revision"] == upstream.tip
+    assert labels["io.trtllm-deploy.cuda-archs"] == "121-real"
+    # The upstream Makefile got the lock's choices.
+    head = targets.SSH(bed.inventory().head)
+    try:
+        recorded = head.run(["docker", "run", "--rm", "--entrypoint", "cat", report["image"],
+                             BUILD_VARS_FILE]).stdout
+    finally:
+        head.close()
+    assert "CUDA_ARCHS=121-real" in recorded
+    assert f"--job_count {report['jobs']}" in recorded
+    again = invoke("image", "--hosts", hosts, "--lock", str(pinned), "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["up_to_date"] is True
+    verify = invoke("image.verify", "--hosts", hosts, "--lock", str(pinned), "--json")
+    assert verify.returncode == 1  # only the build node has it until push
+    verdicts = {v["node"]: v for v in json.loads(verify.stdout)}
+    assert verdicts["spark-1"]["ok"] is True
+    assert verdicts["spark-2"]["ok"] is False and "missing" in verdicts["spark-2"]["detail"]
+
+
+@pytest.mark.parametrize("mode, kind", [("oom", "oom-killed"), ("disk", "disk-full"), ("lfs", "lfs-missing"),
+                                        ("arch", "cuda-arch-unsupported"),
+                                        ("compiler", "compiler-error")])
+def test_a_failed_build_is_explained_from_its_log(upstream, pinned, hosts, tmp_path, mode, kind):
+    lock = tmp_path / "lock.toml"
+    lock.write_text(pinned.read_text().replace("options = {}", f'options = {{ FAKE_FAIL = "{mode}" }}'))
+    done = invoke("image", "--hosts", hosts, "--lock", str(lock), timeout=900)
+    assert done.returncode == 1, done.stdout
+    assert f"({kind})" in done.stderr
+    assert "what to do:" in done.stderr and "the lines that show it" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_cross_architecture_build_is_refused_before_anything_runs(pinned, hosts, tmp_path):
+    other = tmp_path / "hosts.toml"
+    text = Path(hosts).read_text()
+    arch = next(line for line in text.splitlines() if line.startswith("arch = "))
+    other.write_text(text.replace(arch, 'arch = "aarch64"' if "x86_64" in arch else 'arch = "x86_64"'))
+    done = invoke("image", "--hosts", str(other), "--lock", str(pinned))
+    assert done.returncode == 1
+    assert "cross-architecture build refused" in done.stderr
