@@ -6,6 +6,8 @@ import filecmp
 import os
 import shutil
 import tempfile
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import nox
@@ -90,6 +92,40 @@ def lock(session: nox.Session) -> None:
 def lock_check(session: nox.Session) -> None:
     """Fail when a lockfile no longer matches its requirements/*.in (same as lock -- --check)."""
     session.notify("lock", ["--check"])
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """What the pinned source build builds: read from the TensorRT-LLM lock, logged before it runs."""
+
+    repository: str
+    commit: str
+    version: str
+    cuda_archs: str
+
+    @classmethod
+    def from_lock(cls, path: Path) -> Pinned | None:
+        data = tomllib.loads(path.read_text())
+        source, build = data.get("source", {}), data.get("build", {})
+        if not source.get("commit"):
+            return None
+        return cls(source["repository"], source["commit"], source.get("version", "?"),
+                   build.get("cuda_archs", "121-real"))
+
+
+@nox.session(default=False, tags=["build"])
+def build(session: nox.Session) -> None:
+    """The pinned TensorRT-LLM source build on the build node (args go to invoke, e.g. --hosts)."""
+    install(session, "host")
+    lock = next((Path(arg.split("=", 1)[1]) for arg in session.posargs if arg.startswith("--lock=")),
+                REQUIREMENTS / "tensorrt-llm.lock.toml")
+    pinned = Pinned.from_lock(lock)
+    if pinned is None:
+        session.error(f"{lock} pins no commit yet: run `invoke source.update` and commit the lock")
+    session.log(f"building TensorRT-LLM {pinned.version} at {pinned.commit} from {pinned.repository} "
+                f"for CUDA_ARCHS {pinned.cuda_archs}")
+    session.run("invoke", "source", *session.posargs)
+    session.run("invoke", "image", *session.posargs)
 
 
 BENCHMARKS = {

@@ -183,3 +183,11 @@ def test_make_argv_carries_the_lock_and_labels_quoted_for_the_recipe_shell(tmp_p
     assert pairs == labels
     assert labels["org.opencontainers.image.revision"] == SHA
     assert labels[images.LABEL_LOCK] == lockfile.hash
+
+
+@pytest.mark.parametrize("ccache, expected", [(True, "--benchmarks --job_count 4 --use_ccache"),
+                                              (False, "--benchmarks --job_count 4")])
+def test_ccache_is_asked_for_only_where_the_tree_sets_it_up(tmp_path, ccache, expected):
+    lockfile = locks.load(write(tmp_path, GOOD.replace("--use_ccache", "--benchmarks")))
+    argv = images.make_argv(lockfile, "/t", images.image_ref(lockfile), "121-real", 4, {}, ccache)
+    assert f"BUILD_WHEEL_OPTS={expected}" in argv

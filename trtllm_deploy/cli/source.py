@@ -80,7 +80,8 @@ def build(c: Context, cuda_archs: str = "", jobs: int = 0, hosts: str = "hosts.t
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
     report = phase.fetch(cluster, lockfile)
-    plan = images.plan(cluster, lockfile, report.directory, cuda_archs or None, jobs or None)
+    plan = images.plan(cluster, lockfile, report.directory, cuda_archs or None, jobs or None,
+                       report.ccache)
     if json and (dry_run or plan.up_to_date):
         console.print_json(plan.as_json() | {"dry_run": dry_run})
         return

@@ -75,11 +75,12 @@ class FetchReport:
     reasons: list[str] = field(default_factory=list)   # why it was not up to date
     trtllm_build: bool = False
     version: str | None = None
+    ccache: bool = False
 
     def as_json(self) -> dict:
         return {"node": self.node, "directory": self.directory, "commit": self.commit,
-                "action": self.action, "reasons": self.reasons,
-                "trtllm_build": self.trtllm_build, "version": self.version}
+                "action": self.action, "reasons": self.reasons, "trtllm_build": self.trtllm_build,
+                "version": self.version, "ccache": self.ccache}
 
 
 def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
@@ -94,7 +95,8 @@ def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
             require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes)[1], source.commit)
             described = tree.describe(source.commit)
             return FetchReport(cluster.build_node.name, tree.directory, source.commit, "up to date",
-                               trtllm_build=described.trtllm_build, version=described.version)
+                               trtllm_build=described.trtllm_build, version=described.version,
+                               ccache=described.ccache)
         reasons = _why_not(state, source.commit)
         tree.ensure_repository()
         tree.check_out(source)
@@ -109,7 +111,7 @@ def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
     finally:
         target.close()
     return FetchReport(cluster.build_node.name, tree.directory, source.commit, "fetched", reasons,
-                       described.trtllm_build, described.version)
+                       described.trtllm_build, described.version, described.ccache)
 
 
 def _why_not(state, commit: str) -> list[str]:

@@ -114,7 +114,8 @@ class BuildPlan:
 
 
 def plan(cluster: Cluster, lockfile: LockFile, tree: str, cuda_archs: str | None = None,
-         jobs: int | None = None, reach: Callable[[Node], Target] = connect) -> BuildPlan:
+         jobs: int | None = None, ccache: bool = False,
+         reach: Callable[[Node], Target] = connect) -> BuildPlan:
     """Every check that can refuse the build, before anything is built."""
     lock = lockfile.lock
     if lock.build.kind != "source":
@@ -149,6 +150,13 @@ def plan(cluster: Cluster, lockfile: LockFile, tree: str, cuda_archs: str | None
         why = f"{count} jobs, as asked ({'--jobs' if jobs else 'build.jobs in the lock'})"
     else:
         count, why = jobs_for(mine.mem_available, mine.cpus)
+    wheel_opts = lock.build.options.get("BUILD_WHEEL_OPTS", "")
+    use_ccache = ccache and "ccache" not in wheel_opts
+    if "ccache" in wheel_opts:
+        notes.append("ccache: as the lock's BUILD_WHEEL_OPTS says")
+    else:
+        notes.append("ccache: used (the pinned tree's image build sets it up)" if use_ccache else
+                     "ccache: not available at this pin (its Dockerfile.multi does not set it up)")
     image = image_ref(lockfile)
     found = labels(lockfile, archs)
     target = reach(builder)
@@ -161,14 +169,16 @@ def plan(cluster: Cluster, lockfile: LockFile, tree: str, cuda_archs: str | None
     up_to_date = bool(current) and current.get(LABEL_LOCK) == lockfile.hash \
         and current.get(LABEL_ARCHS) == archs
     return BuildPlan(builder.name, image, lockfile.hash, archs, count, why,
-                     make_argv(lockfile, tree, image, archs, count, found), found, up_to_date, notes)
+                     make_argv(lockfile, tree, image, archs, count, found, use_ccache), found,
+                     up_to_date, notes)
 
 
 def make_argv(lockfile: LockFile, tree: str, image: str, archs: str, jobs: int,
-              image_labels: dict[str, str]) -> list[str]:
+              image_labels: dict[str, str], ccache: bool = False) -> list[str]:
     """``make -C <tree>/docker release_build VAR=value ...`` with the lock's options."""
     options = dict(lockfile.lock.build.options)
-    wheel_opts = " ".join(filter(None, [options.pop("BUILD_WHEEL_OPTS", ""), f"--job_count {jobs}"]))
+    wheel_opts = " ".join(filter(None, [options.pop("BUILD_WHEEL_OPTS", ""), f"--job_count {jobs}",
+                                        "--use_ccache" if ccache else ""]))
     name, tag = image.rsplit(":", 1)
     # The Makefile's own default (--pull --load: buildx must load the image into the engine),
     # then the labels, quoted for the recipe's shell.

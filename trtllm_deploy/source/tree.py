@@ -32,6 +32,7 @@ class Described:
     trtllm_build: bool
     submodules: tuple[Submodule, ...]
     base_image: str | None  # from docker/Dockerfile.multi's ARG BASE_IMAGE / BASE_TAG
+    ccache: bool            # the tree's image build sets up ccache (build_wheel.py --use_ccache)
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Checkout:
         base = (f"{args['BASE_IMAGE']}:{args['BASE_TAG']}" if "BASE_IMAGE" in args and "BASE_TAG" in args
                 else None)
         return Described(commit, version.group(1) if version else None, date, has_build,
-                         submodules, base)
+                         submodules, base, "ccache" in dockerfile.stdout if dockerfile.ok else False)
 
     def resolve_fixes(self, commit: str, fixes) -> tuple[list[Fix], list[tuple[Fix, str]]]:
         """Each required fix as a full SHA and its subject, and those not in ``commit``'s history.
