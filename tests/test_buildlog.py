@@ -182,6 +182,9 @@ CASES = [
         "/opt/tiger/llm-best-practice/TensorRT-LLM/cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention/"
         "decoderMaskedMultiheadAttentionTemplate.h(2317): error: no instance of function template "
         "\"tensorrt_llm::kernels::mmha::Logit_value_fma\" matches the argument list"]),
+    ("download-failed-registry.log", "download-failed", [
+        'Error response from daemon: Get "https://registry-1.docker.io/v2/": dial tcp: lookup '
+        "registry-1.docker.io on 10.255.255.53:53: no such host"]),
     ("cuda-arch-unsupported.log", "cuda-arch-unsupported", [
         "nvcc fatal   : Unsupported gpu architecture 'compute_120'"]),
     ("submodule-missing.log", "submodule-missing", ["does not contain a CMakeLists.txt file."]),

@@ -204,3 +204,59 @@ def test_a_cross_architecture_build_is_refused_before_anything_runs(pinned, host
     done = invoke("image", "--hosts", str(other), "--lock", str(pinned))
     assert done.returncode == 1
     assert "cross-architecture build refused" in done.stderr
+
+
+# --- the release kind: NVIDIA's image under a thin overlay --------------------------------------
+
+RELEASE = "nvcr.io/nvidia/tensorrt-llm/release:1.3.0rc2"
+
+
+@pytest.fixture(scope="module")
+def release_image(upstream, testbed):
+    """A local image shaped like a release image (it reports its commit and version the way the
+    real one does, in its environment), on the head node only."""
+    bed, report = testbed
+    head = targets.SSH(bed.inventory().head)
+    try:
+        head.run(["sh", "-c", 'printf "FROM %s\\nENV TRT_LLM_GIT_COMMIT=%s TRT_LLM_VERSION=%s\\n" '
+                  '"$1" "$2" "$3" | docker build --quiet --tag "$4" -', "sh", report.runtime.tag,
+                  upstream.tip, upstream.versions["tip"], RELEASE], timeout=300)
+        yield RELEASE
+        head.run(["docker", "rmi", "--force", RELEASE], check=False)
+    finally:
+        head.close()
+
+
+def release_lock(pinned: Path, tmp_path: Path, image: str) -> Path:
+    lock = tmp_path / "release.toml"
+    lock.write_text(pinned.read_text().replace('kind = "source"', 'kind = "release"')
+                    + f'\n[release]\nimage = "{image}"\n')
+    return lock
+
+
+def test_the_release_kind_labels_the_release_with_what_it_reports_and_verifies(
+        release_image, pinned, hosts, testbed, tmp_path, upstream):
+    bed, _ = testbed
+    lock = release_lock(pinned, tmp_path, release_image)
+    built = invoke("image", "--hosts", hosts, "--lock", str(lock), "--json", timeout=600)
+    assert built.returncode == 0, built.stderr
+    report = json.loads(built.stdout)
+    assert report["image"].startswith("trtllm-deploy/tensorrt-llm:release-1.3.0rc2-")
+    assert any("not pinned by digest" in note for note in report["notes"])
+    labels = _head_labels(bed, report["image"])
+    assert labels["io.trtllm-deploy.source-kind"] == "release"
+    assert labels["io.trtllm-deploy.lock-hash"] == locks.load(lock).hash
+    assert labels["org.opencontainers.image.revision"] == upstream.tip
+    assert labels["org.opencontainers.image.version"] == upstream.versions["tip"]
+    again = json.loads(invoke("image", "--hosts", hosts, "--lock", str(lock), "--json").stdout)
+    assert again["up_to_date"] is True
+    verdicts = {v["node"]: v for v in json.loads(
+        invoke("image.verify", "--hosts", hosts, "--lock", str(lock), "--json").stdout)}
+    assert verdicts["spark-1"]["ok"] and "release" in verdicts["spark-1"]["detail"]
+
+
+def test_a_release_image_without_the_locked_digest_is_refused(release_image, pinned, hosts, tmp_path):
+    lock = release_lock(pinned, tmp_path, f"{release_image}@sha256:{'0' * 64}")
+    done = invoke("image", "--hosts", hosts, "--lock", str(lock))
+    assert done.returncode == 1
+    assert "not with the locked digest" in done.stderr

@@ -217,6 +217,7 @@ _KINDS = (
             r"|Max retries exceeded|NewConnectionError|Connection reset by peer"
             r"|Network is unreachable|Failed to connect to .* port|unable to access 'https?://"
             r"|unable to connect to \S+:|TLS handshake timeout|dial tcp .*: i/o timeout"
+            r"|dial tcp: lookup \S+ on \S+: no such host"
             r"|^curl: \(\d+\)|The requested URL returned error: 5\d\d|^ERROR 5\d\d: "
             r"|\b50[0234] (?:Internal Server Error|Bad Gateway|Service Unavailable|Gateway Time-?out)"
             r"|Connection failed; retrying"),

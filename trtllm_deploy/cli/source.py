@@ -79,9 +79,12 @@ def build(c: Context, cuda_archs: str = "", jobs: int = 0, hosts: str = "hosts.t
     """Build the TensorRT-LLM image at the locked commit on the build node, labelled with the lock."""
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
-    report = phase.fetch(cluster, lockfile)
-    plan = images.plan(cluster, lockfile, report.directory, cuda_archs or None, jobs or None,
-                       report.ccache)
+    if lockfile.lock.build.kind == "source":
+        report = phase.fetch(cluster, lockfile)
+        plan = images.plan(cluster, lockfile, report.directory, cuda_archs or None, jobs or None,
+                           report.ccache)
+    else:
+        plan = images.plan(cluster, lockfile)
     if json and (dry_run or plan.up_to_date):
         console.print_json(plan.as_json() | {"dry_run": dry_run})
         return
@@ -90,7 +93,7 @@ def build(c: Context, cuda_archs: str = "", jobs: int = 0, hosts: str = "hosts.t
             ["image", plan.image], ["lock hash", plan.lock_hash[:16]],
             ["CUDA_ARCHS", plan.cuda_archs], ["compile jobs", plan.jobs_why],
             *[["note", note] for note in plan.notes],
-            ["command", " ".join(plan.make_argv[:4]) + " …"]]))
+            *[["step", " ".join(argv[:4]) + " …"] for argv in plan.commands]]))
     if plan.up_to_date:
         console.out.print(f"up to date: {plan.image} on {plan.node} carries this lock's hash")
         return

@@ -3,6 +3,7 @@ image built from it (``invoke image``, ``invoke image.verify``)."""
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,12 +59,30 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
         fixes, missing = tree.resolve_fixes(commit, after.fixes)
         require_fixes(missing, commit)
         after = after.model_copy(update={"fixes": fixes})
+        if after.release.image and "@sha256:" not in after.release.image:
+            pinned = pin_digest(target, after.release.image)
+            if pinned:
+                after = after.model_copy(update={"release": after.release.model_copy(
+                    update={"image": pinned})})
     finally:
         target.close()
     changed = before != after
     if changed and not dry_run:
         locks.write(path, after)
     return UpdateReport(path, before, after, changed, len(after.fixes))
+
+
+def pin_digest(target: Target, reference: str) -> str | None:
+    """``name:tag@sha256:...`` from the registry digest of an image the node has, else None."""
+    seen = target.run(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", reference],
+                      check=False, timeout=60)
+    if not seen.ok:
+        return None
+    name = reference.rsplit(":", 1)[0] if ":" in reference.rsplit("/", 1)[-1] else reference
+    for digest in json.loads(seen.stdout or "null") or []:
+        if digest.split("@", 1)[0] == name:
+            return f"{reference}@{digest.split('@', 1)[1]}"
+    return None
 
 
 @dataclass

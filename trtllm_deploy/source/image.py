@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trtllm_deploy import __version__, buildlog
 from trtllm_deploy.errors import CheckFailed, DeployError, InputError
@@ -25,6 +26,7 @@ from trtllm_deploy.source import cuda
 from trtllm_deploy.source.lock import LockFile
 from trtllm_deploy.targets import Target, connect, expand
 
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_NAME = "trtllm-deploy/tensorrt-llm"
 LABEL_LOCK = "io.trtllm-deploy.lock-hash"
 LABEL_ARCHS = "io.trtllm-deploy.cuda-archs"
@@ -37,7 +39,11 @@ RESERVE_GB = 8      # left to the OS (and, on a Spark, the GPU: the memory is sh
 
 
 def image_ref(lockfile: LockFile) -> str:
-    version = lockfile.lock.source.version or "unversioned"
+    lock = lockfile.lock
+    if lock.build.kind == "release" and lock.release.image:
+        version = "release-" + lock.release.image.split("@")[0].rsplit(":", 1)[-1]
+    else:
+        version = lock.source.version or "unversioned"
     return f"{IMAGE_NAME}:{re.sub(r'[^A-Za-z0-9_.-]', '_', version)}-{lockfile.hash[:12]}"
 
 
@@ -51,15 +57,17 @@ def jobs_for(mem_available_bytes: int, cpus: int) -> tuple[int, str]:
     return jobs, why
 
 
-def labels(lockfile: LockFile, cuda_archs: str) -> dict[str, str]:
-    """What the image says about itself (OCI keys where they fit)."""
+def labels(lockfile: LockFile, cuda_archs: str, revision: str | None = None,
+           version: str | None = None, base: str | None = None) -> dict[str, str]:
+    """What the image says about itself (OCI keys where they fit). The revision, version and base
+    are the source pin's unless given (a release image brings its own)."""
     lock = lockfile.lock
-    base = lock.build.base_image
+    base = base or lock.build.base_image or ""
     found = {
         "org.opencontainers.image.title": "TensorRT-LLM (built by trtllm-deploy)",
         "org.opencontainers.image.source": lock.source.repository,
-        "org.opencontainers.image.revision": lock.source.commit,
-        "org.opencontainers.image.version": lock.source.version or "",
+        "org.opencontainers.image.revision": revision or lock.source.commit or "",
+        "org.opencontainers.image.version": version or lock.source.version or "",
         "org.opencontainers.image.base.name": base.split("@")[0],
         LABEL_LOCK: lockfile.hash,
         LABEL_ARCHS: cuda_archs,
@@ -101,26 +109,21 @@ class BuildPlan:
     cuda_archs: str
     jobs: int
     jobs_why: str
-    make_argv: list[str]
+    commands: list[list[str]]          # run one after another on the build node
     labels: dict[str, str]
     up_to_date: bool
     notes: list[str] = field(default_factory=list)
+    upload: tuple[Path, str] | None = None   # a local build context and where it goes on the node
 
     def as_json(self) -> dict:
         return {"node": self.node, "image": self.image, "lock_hash": self.lock_hash,
                 "cuda_archs": self.cuda_archs, "jobs": self.jobs, "jobs_why": self.jobs_why,
-                "command": join(self.make_argv), "labels": self.labels,
+                "command": " && ".join(join(argv) for argv in self.commands), "labels": self.labels,
                 "up_to_date": self.up_to_date, "notes": self.notes}
 
 
-def plan(cluster: Cluster, lockfile: LockFile, tree: str, cuda_archs: str | None = None,
-         jobs: int | None = None, ccache: bool = False,
-         reach: Callable[[Node], Target] = connect) -> BuildPlan:
-    """Every check that can refuse the build, before anything is built."""
-    lock = lockfile.lock
-    if lock.build.kind != "source":
-        raise InputError(f"{lockfile.path}: build.kind = {lock.build.kind!r}: `invoke image` builds "
-                         "kind \"source\" (the release and wheel kinds are not built here yet)")
+def look(cluster: Cluster, reach: Callable[[Node], Target] = connect) -> dict[str, NodeFacts]:
+    """Every node's architecture, cores, memory and GPUs; a cross-architecture build is refused."""
     seen = fan_out(cluster.nodes, _facts, reach=reach)
     seen.raise_for_failures()
     facts = {outcome.node.name: outcome.value for outcome in seen}
@@ -133,18 +136,47 @@ def plan(cluster: Cluster, lockfile: LockFile, tree: str, cuda_archs: str | None
                           f"{mine.arch}, the image must run on {others} (hosts.toml [preflight] arch "
                           f"and the nodes themselves). Build on a node of the cluster: set "
                           "[cluster] build_node to one of them (a DGX Spark builds arm64 natively)")
-    archs = cuda_archs or lock.build.cuda_archs
-    notes = []
+    return facts
+
+
+def coverage(facts: dict[str, NodeFacts], archs: str, where: str) -> list[str]:
+    """Notes on how ``archs`` covers every GPU seen; an error if one is not covered."""
     capabilities = sorted({c for f in facts.values() for c in f.capabilities})
     if not capabilities:
-        notes.append("no GPU answered nvidia-smi on any node: CUDA_ARCHS not checked against GPUs")
+        return ["no GPU answered nvidia-smi on any node: CUDA_ARCHS not checked against GPUs"]
+    notes = []
     for capability in capabilities:
         ok, how = cuda.covers(archs, capability)
         if not ok:
             raise CheckFailed(f"CUDA_ARCHS {archs!r} does not cover the cluster's GPUs (compute "
                               f"capability {capability}): {how}. Use {cuda.archs_for(capabilities)!r}"
-                              f" (--cuda-archs, or [build] cuda_archs in {lockfile.path})")
+                              f" ({where})")
         notes.append(f"compute capability {capability}: {how}")
+    return notes
+
+
+def _labels_on(target: Target, image: str) -> dict | None:
+    seen = target.run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", image],
+                      check=False, timeout=60)
+    return (json.loads(seen.stdout or "null") or {}) if seen.ok else None
+
+
+def plan(cluster: Cluster, lockfile: LockFile, tree: str = "", cuda_archs: str | None = None,
+         jobs: int | None = None, ccache: bool = False,
+         reach: Callable[[Node], Target] = connect) -> BuildPlan:
+    """Every check that can refuse the build, before anything is built."""
+    kind = lockfile.lock.build.kind
+    if kind == "release":
+        return plan_release(cluster, lockfile, reach)
+    if kind != "source":
+        raise InputError(f"{lockfile.path}: build.kind = {kind!r}: `invoke image` builds the kinds "
+                         "\"source\" and \"release\"; the wheel kind is not built yet")
+    lock = lockfile.lock
+    facts = look(cluster, reach)
+    builder = cluster.build_node
+    mine = facts[builder.name]
+    archs = cuda_archs or lock.build.cuda_archs
+    notes = coverage(facts, archs, f"--cuda-archs, or [build] cuda_archs in {lockfile.path}")
     if jobs or lock.build.jobs:
         count = jobs or lock.build.jobs
         why = f"{count} jobs, as asked ({'--jobs' if jobs else 'build.jobs in the lock'})"
@@ -161,16 +193,72 @@ def plan(cluster: Cluster, lockfile: LockFile, tree: str, cuda_archs: str | None
     found = labels(lockfile, archs)
     target = reach(builder)
     try:
-        existing = target.run(["docker", "image", "inspect", "--format",
-                               "{{json .Config.Labels}}", image], check=False, timeout=60)
+        current = _labels_on(target, image)
     finally:
         target.close()
-    current = json.loads(existing.stdout or "null") if existing.ok else None
     up_to_date = bool(current) and current.get(LABEL_LOCK) == lockfile.hash \
         and current.get(LABEL_ARCHS) == archs
     return BuildPlan(builder.name, image, lockfile.hash, archs, count, why,
-                     make_argv(lockfile, tree, image, archs, count, found, use_ccache), found,
+                     [make_argv(lockfile, tree, image, archs, count, found, use_ccache)], found,
                      up_to_date, notes)
+
+
+# The upstream Makefile's default for arm64 when CUDA_ARCHS is not given (FACTS.md): what a
+# release image is assumed to carry, since it does not say.
+RELEASE_ARCHS = {"aarch64": "90-real;100-real;120-real"}
+OVERLAY = ROOT / "docker" / "release-overlay"
+
+
+def plan_release(cluster: Cluster, lockfile: LockFile,
+                 reach: Callable[[Node], Target] = connect) -> BuildPlan:
+    """The ``release`` kind: NVIDIA's release image, pinned by digest, under a thin overlay."""
+    lock = lockfile.lock
+    release = lock.release.image or ""
+    facts = look(cluster, reach)
+    builder = cluster.build_node
+    notes = []
+    archs = RELEASE_ARCHS.get(facts[builder.name].arch, "")
+    if archs:
+        notes += coverage(facts, archs, "a release image's architectures cannot be chosen: use "
+                                        "the source kind")
+        notes.append(f"CUDA_ARCHS of the release assumed to be upstream's arm64 default {archs!r}")
+    image = image_ref(lockfile)
+    target = reach(builder)
+    try:
+        # Looked up by name and tag: an image pulled by digest answers to that too, and one
+        # with another digest must be found to be refused.
+        env = target.run(["docker", "image", "inspect", "--format",
+                          "{{json .Config.Env}}|{{json .RepoDigests}}", release.split("@")[0]],
+                         check=False, timeout=60)
+        current = _labels_on(target, image)
+        context = posixpath.join(expand(builder.paths.state, target.home()), "release-overlay")
+    finally:
+        target.close()
+    commands = []
+    revision = version = None
+    if env.ok:
+        variables, digests = (json.loads(part or "null") or [] for part in env.stdout.split("|", 1))
+        values = dict(item.split("=", 1) for item in variables if "=" in item)
+        revision, version = values.get("TRT_LLM_GIT_COMMIT"), values.get("TRT_LLM_VERSION")
+        if "@sha256:" in release and not any(d.endswith(release.split("@", 1)[1]) for d in digests):
+            raise CheckFailed(f"{builder.name} has {release.split('@')[0]} but not with the locked "
+                              f"digest (it has {digests or 'no registry digest'}); remove it there "
+                              "(docker rmi) so the pinned one is pulled")
+        notes.append(f"release image present on {builder.name}"
+                     + (f": TensorRT-LLM {version} at {revision[:12]}" if revision and version else ""))
+    else:
+        commands.append(["docker", "pull", release])
+        notes.append(f"{release} will be pulled on {builder.name}")
+    if "@sha256:" not in release:
+        notes.append("the release image is not pinned by digest: run `invoke source.update` once it "
+                     "is on the build node to record its digest")
+    found = labels(lockfile, "", revision, version, release)
+    commands.append(["docker", "build", "--build-arg", f"RELEASE_IMAGE={release}",
+                     *(word for key, value in found.items() for word in ("--label", f"{key}={value}")),
+                     "--tag", image, context])
+    up_to_date = bool(current) and current.get(LABEL_LOCK) == lockfile.hash
+    return BuildPlan(builder.name, image, lockfile.hash, archs, 0, "no compile: a release image",
+                     commands, found, up_to_date, notes, upload=(OVERLAY, context))
 
 
 def make_argv(lockfile: LockFile, tree: str, image: str, archs: str, jobs: int,
@@ -214,8 +302,13 @@ def build(cluster: Cluster, build_plan: BuildPlan, log_dir: str, progress: Progr
         directory = expand(log_dir, target.home())
         stamp = time.strftime("%Y%m%d-%H%M%S")
         log = posixpath.join(directory, f"image-{stamp}-{build_plan.lock_hash[:12]}.log")
-        script = f"{join(build_plan.make_argv)} >{quote(log)} 2>&1; echo $? >{quote(log + '.rc')}"
+        steps = " && ".join(join(argv) for argv in build_plan.commands)
+        script = f"{{ {steps}; }} >{quote(log)} 2>&1; echo $? >{quote(log + '.rc')}"
         target.run(["mkdir", "-p", directory], timeout=60)
+        if build_plan.upload:
+            local, remote = build_plan.upload
+            target.run(["rm", "-rf", remote], timeout=60)
+            target.put(local, remote)
         pid = target.run(["sh", "-c", 'setsid sh -c "$1" </dev/null >/dev/null 2>&1 & echo $!',
                           "sh", script], timeout=60).stdout.strip()
         try:
@@ -285,8 +378,9 @@ def verify(cluster: Cluster, lockfile: LockFile, nodes=None,
            reach: Callable[[Node], Target] = connect) -> list[Verdict]:
     """Every node's image against the lock: present, and labelled with this lock's hash and commit."""
     image = image_ref(lockfile)
-    expected = {LABEL_LOCK: lockfile.hash,
-                "org.opencontainers.image.revision": lockfile.lock.source.commit}
+    expected = {LABEL_LOCK: lockfile.hash}
+    if lockfile.lock.build.kind == "source":
+        expected["org.opencontainers.image.revision"] = lockfile.lock.source.commit
 
     def check(node: Node, target: Target) -> Verdict:
         seen = target.run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}",
@@ -298,8 +392,9 @@ def verify(cluster: Cluster, lockfile: LockFile, nodes=None,
                  if got.get(key) != value]
         if wrong:
             return Verdict(node.name, image, False, "differs from the lock: " + "; ".join(wrong))
-        return Verdict(node.name, image, True,
-                       f"commit {lockfile.lock.source.commit[:12]}, CUDA_ARCHS {got.get(LABEL_ARCHS)}")
+        revision = got.get("org.opencontainers.image.revision") or "unknown"
+        return Verdict(node.name, image, True, f"{got.get(LABEL_KIND)}: commit {revision[:12]}, "
+                       f"CUDA_ARCHS {got.get(LABEL_ARCHS) or 'the release default'}")
 
     results = fan_out(nodes or cluster.nodes, check, reach=reach)
     return [outcome.value if outcome.ok else Verdict(outcome.node.name, image, False, outcome.reason)
