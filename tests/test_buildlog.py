@@ -182,6 +182,12 @@ CASES = [
         "/opt/tiger/llm-best-practice/TensorRT-LLM/cpp/tensorrt_llm/kernels/decoderMaskedMultiheadAttention/"
         "decoderMaskedMultiheadAttentionTemplate.h(2317): error: no instance of function template "
         "\"tensorrt_llm::kernels::mmha::Logit_value_fma\" matches the argument list"]),
+    ("hash-mismatch.log", "hash-mismatch", [
+        "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE. If you have updated "
+        "the package versions, please update the hashes. Otherwise, examine the package contents "
+        "carefully; someone may have tampered with them.",
+        "Expected sha256 0000000000000000000000000000000000000000000000000000000000000000",
+        "Got        25118dd9ef521e351952bd337cb88cc4503bb15e66f1f8df12bc33912e64b51a"]),
     ("download-failed-registry.log", "download-failed", [
         'Error response from daemon: Get "https://registry-1.docker.io/v2/": dial tcp: lookup '
         "registry-1.docker.io on 10.255.255.53:53: no such host"]),
@@ -265,5 +271,5 @@ def test_remedies_name_the_fix():
 
 
 def test_kinds():
-    assert buildlog.KINDS == ("oom-killed", "disk-full", "lfs-missing", "download-failed",
+    assert buildlog.KINDS == ("oom-killed", "disk-full", "lfs-missing", "hash-mismatch", "download-failed",
                               "cuda-arch-unsupported", "submodule-missing", "compiler-error", "unknown")

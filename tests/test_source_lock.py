@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy.source import cuda
+from trtllm_deploy.errors import DeployError
+from trtllm_deploy.source import cuda, wheel
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source import lock as locks
 
@@ -191,3 +192,27 @@ def test_ccache_is_asked_for_only_where_the_tree_sets_it_up(tmp_path, ccache, ex
     lockfile = locks.load(write(tmp_path, GOOD.replace("--use_ccache", "--benchmarks")))
     argv = images.make_argv(lockfile, "/t", images.image_ref(lockfile), "121-real", 4, {}, ccache)
     assert f"BUILD_WHEEL_OPTS={expected}" in argv
+
+
+REPORT = {"environment": {"platform_machine": "aarch64", "python_full_version": "3.12.3"},
+          "install": [
+              {"metadata": {"name": "tensorrt-llm", "version": "1.2.1"}, "is_direct": False,
+               "download_info": {"url": "https://files.example/tensorrt_llm-1.2.1.whl",
+                                 "archive_info": {"hashes": {"sha256": "a" * 64}}}},
+              {"metadata": {"name": "Aiohttp", "version": "3.9.0"}, "is_direct": False,
+               "download_info": {"url": "file:///tmp/trtllm-deploy-wheels/aiohttp-3.9.0.whl",
+                                 "archive_info": {}}}]}
+
+
+def test_wheel_requirements_pin_every_package_pip_would_install_by_hash():
+    text = wheel.requirements(REPORT, "tensorrt-llm==1.2.1 on base",
+                              lambda url: "b" * 64 if url.endswith("aiohttp-3.9.0.whl") else None)
+    assert "aarch64, Python 3.12.3" in text
+    body = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert body == ["Aiohttp==3.9.0 \\", f"    --hash=sha256:{'b' * 64}",
+                    "tensorrt-llm==1.2.1 \\", f"    --hash=sha256:{'a' * 64}"]
+
+
+def test_a_package_without_a_hash_to_pin_is_refused():
+    with pytest.raises(DeployError, match="aiohttp-3.9.0.whl without a sha256"):
+        wheel.requirements(REPORT, "x")

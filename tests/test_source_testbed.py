@@ -5,9 +5,13 @@ the head node and reached with file:// URLs, with real git, git-lfs, make and Do
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -260,3 +264,82 @@ def test_a_release_image_without_the_locked_digest_is_refused(release_image, pin
     done = invoke("image", "--hosts", hosts, "--lock", str(lock))
     assert done.returncode == 1
     assert "not with the locked digest" in done.stderr
+
+
+# --- the wheel kind: a pinned wheel onto the pinned base ----------------------------------------
+
+def make_wheel(folder: Path, version: str, marker: str = "") -> Path:
+    """A minimal, valid tensorrt-llm wheel (pure Python) that reports ``version``."""
+    name = "tensorrt_llm"
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": f'__version__ = "{version}"\n# {marker}\n',
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: tensorrt-llm\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: trtllm-deploy-tests\n"
+                              "Root-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(zipfile.ZipInfo(member, (2026, 1, 1, 0, 0, 0)), text)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+            record.append(f"{member},sha256={digest.decode()},{len(text)}")
+        record.append(f"{info}/RECORD,,")
+        archive.writestr(zipfile.ZipInfo(f"{info}/RECORD", (2026, 1, 1, 0, 0, 0)), "\n".join(record) + "\n")
+    return path
+
+
+PIP_BASE = "trtllm-deploy-test/pytorch-like:1"
+
+
+@pytest.fixture(scope="module")
+def wheel_setup(testbed, tmp_path_factory):
+    """On the head: a base image with pip (as the PyTorch base has) and a folder with the wheel."""
+    bed, report = testbed
+    head = targets.SSH(bed.inventory().head)
+    folder = tmp_path_factory.mktemp("wheels")
+    make_wheel(folder, "1.2.1")
+    try:
+        head.run(["sh", "-c", 'printf "FROM %s\\nRUN python3 -m venv /opt/py && ln -s /opt/py/bin/pip '
+                  '/usr/local/bin/pip\\n" "$1" | docker build --quiet --tag "$2" -', "sh",
+                  report.runtime.tag, PIP_BASE], timeout=300)
+        head.run(["rm", "-rf", "wheels"], cwd="~")
+        head.put(folder, "~/wheels")
+        yield head, folder
+        head.run(["rm", "-rf", "wheels"], cwd="~", check=False)
+    finally:
+        head.close()
+
+
+def test_the_wheel_kind_pins_the_wheel_by_hash_installs_it_and_refuses_a_swapped_one(
+        wheel_setup, pinned, hosts, tmp_path, testbed):
+    bed, _ = testbed
+    head, folder = wheel_setup
+    lock = tmp_path / "wheel.toml"
+    text = pinned.read_text().replace('kind = "source"', 'kind = "wheel"')
+    text = re.sub(r'base_image = ".*"', f'base_image = "{PIP_BASE}"', text)
+    lock.write_text(text + '\n[wheel]\nversion = "1.2.1"\nfind_links = "~/wheels"\n')
+    updated = invoke("source.update", "--hosts", hosts, "--lock", str(lock))
+    assert updated.returncode == 0, updated.stderr
+    requirements = (tmp_path / "tensorrt-llm-wheel.txt").read_text()
+    wheel_hash = hashlib.sha256((folder / "tensorrt_llm-1.2.1-py3-none-any.whl").read_bytes()).hexdigest()
+    assert f"tensorrt-llm==1.2.1 \\\n    --hash=sha256:{wheel_hash}" in requirements
+    assert locks.load(lock).lock.wheel.requirements == "tensorrt-llm-wheel.txt"
+
+    built = invoke("image", "--hosts", hosts, "--lock", str(lock), "--json", timeout=600)
+    assert built.returncode == 0, built.stderr
+    image = json.loads(built.stdout)["image"]
+    assert image.startswith("trtllm-deploy/tensorrt-llm:wheel-1.2.1-")
+    version = head.run(["docker", "run", "--rm", "--entrypoint", "/opt/py/bin/python", image, "-c",
+                        "import tensorrt_llm; print(tensorrt_llm.__version__)"]).stdout.strip()
+    assert version == "1.2.1"
+    assert _head_labels(bed, image)["io.trtllm-deploy.source-kind"] == "wheel"
+
+    # Someone replaces the wheel on the node with other bytes: the rebuild refuses it.
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    make_wheel(swapped, "1.2.1", marker="not the pinned bytes")
+    head.put(swapped / "tensorrt_llm-1.2.1-py3-none-any.whl", "~/wheels/tensorrt_llm-1.2.1-py3-none-any.whl")
+    head.run(["docker", "rmi", "--force", image])
+    again = invoke("image", "--hosts", hosts, "--lock", str(lock), timeout=600)
+    assert again.returncode == 1
+    assert "(hash-mismatch)" in again.stderr and wheel_hash in again.stderr

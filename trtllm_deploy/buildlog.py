@@ -208,6 +208,15 @@ _KINDS = (
         "(`invoke source` does this), then run the build again.",
     ),
     _Kind(
+        "hash-mismatch",
+        "A downloaded package does not match the hash the lock pinned",
+        re.compile(r"THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE"
+                   r"|^\s*Expected sha256 [0-9a-f]{64}$|^\s*Got +[0-9a-f]{64}$"),
+        "A package file changed since the lock was made (a replaced wheel, a mirror serving other "
+        "bytes, or tampering). Find out which; if the change is expected, run `invoke "
+        "source.update` to pin it again.",
+    ),
+    _Kind(
         "download-failed",
         "A download failed",
         re.compile(
@@ -270,7 +279,7 @@ _MAX_EVIDENCE = 4
 def classify(log: str) -> Failure | None:
     """The root cause of a failed build log, or ``None`` if the log shows no failure.
 
-    Kinds, most specific first: ``oom-killed``, ``disk-full``, ``lfs-missing``,
+    Kinds, most specific first: ``oom-killed``, ``disk-full``, ``lfs-missing``, ``hash-mismatch``,
     ``download-failed``, ``cuda-arch-unsupported``, ``submodule-missing``, ``compiler-error``;
     ``unknown`` when the build failed ("make: ***", "ninja: build stopped", docker's "failed to
     solve", ...) for a reason not recognised.

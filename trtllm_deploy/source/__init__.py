@@ -11,6 +11,7 @@ from pathlib import Path
 from trtllm_deploy.errors import DeployError
 from trtllm_deploy.inventory import Cluster
 from trtllm_deploy.source import lock as locks
+from trtllm_deploy.source import wheel
 from trtllm_deploy.source.tree import Checkout, lock_from, require_fixes
 from trtllm_deploy.targets import Target, connect, expand
 
@@ -59,6 +60,12 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
         fixes, missing = tree.resolve_fixes(commit, after.fixes)
         require_fixes(missing, commit)
         after = after.model_copy(update={"fixes": fixes})
+        requirements = None
+        if after.build.kind == "wheel":
+            requirements = wheel.resolve(target, after.build.base_image, after.wheel.version,
+                                         after.wheel.find_links)
+            after = after.model_copy(update={"wheel": after.wheel.model_copy(
+                update={"requirements": after.wheel.requirements or wheel.REQUIREMENTS_NAME})})
         if after.release.image and "@sha256:" not in after.release.image:
             pinned = pin_digest(target, after.release.image)
             if pinned:
@@ -66,8 +73,14 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
                     update={"image": pinned})})
     finally:
         target.close()
-    changed = before != after
+    written = path.parent / after.wheel.requirements if requirements else None
+    changed = before != after or bool(written and (not written.exists()
+                                                   or written.read_text() != requirements))
     if changed and not dry_run:
+        if written:
+            temporary = written.with_name(f".{written.name}.tmp")
+            temporary.write_text(requirements)
+            temporary.replace(written)
         locks.write(path, after)
     return UpdateReport(path, before, after, changed, len(after.fixes))
 

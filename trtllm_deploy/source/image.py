@@ -42,6 +42,8 @@ def image_ref(lockfile: LockFile) -> str:
     lock = lockfile.lock
     if lock.build.kind == "release" and lock.release.image:
         version = "release-" + lock.release.image.split("@")[0].rsplit(":", 1)[-1]
+    elif lock.build.kind == "wheel":
+        version = f"wheel-{lock.wheel.version}"
     else:
         version = lock.source.version or "unversioned"
     return f"{IMAGE_NAME}:{re.sub(r'[^A-Za-z0-9_.-]', '_', version)}-{lockfile.hash[:12]}"
@@ -113,7 +115,7 @@ class BuildPlan:
     labels: dict[str, str]
     up_to_date: bool
     notes: list[str] = field(default_factory=list)
-    upload: tuple[Path, str] | None = None   # a local build context and where it goes on the node
+    upload: list[tuple[Path, str]] = field(default_factory=list)  # local files → where on the node
 
     def as_json(self) -> dict:
         return {"node": self.node, "image": self.image, "lock_hash": self.lock_hash,
@@ -168,9 +170,8 @@ def plan(cluster: Cluster, lockfile: LockFile, tree: str = "", cuda_archs: str |
     kind = lockfile.lock.build.kind
     if kind == "release":
         return plan_release(cluster, lockfile, reach)
-    if kind != "source":
-        raise InputError(f"{lockfile.path}: build.kind = {kind!r}: `invoke image` builds the kinds "
-                         "\"source\" and \"release\"; the wheel kind is not built yet")
+    if kind == "wheel":
+        return plan_wheel(cluster, lockfile, reach)
     lock = lockfile.lock
     facts = look(cluster, reach)
     builder = cluster.build_node
@@ -207,6 +208,46 @@ def plan(cluster: Cluster, lockfile: LockFile, tree: str = "", cuda_archs: str |
 # release image is assumed to carry, since it does not say.
 RELEASE_ARCHS = {"aarch64": "90-real;100-real;120-real"}
 OVERLAY = ROOT / "docker" / "release-overlay"
+
+
+WHEEL_CONTEXT = ROOT / "docker" / "wheel"
+
+
+def plan_wheel(cluster: Cluster, lockfile: LockFile,
+               reach: Callable[[Node], Target] = connect) -> BuildPlan:
+    """The ``wheel`` kind: the lock's hash-pinned requirements installed onto its base image."""
+    lock = lockfile.lock
+    requirements = lockfile.requirements_path
+    if not requirements or not requirements.exists():
+        raise InputError(f"{lockfile.path}: the wheel kind needs its requirements file "
+                         f"({requirements or 'wheel.requirements'}); run `invoke source.update`")
+    look(cluster, reach)
+    builder = cluster.build_node
+    image = image_ref(lockfile)
+    target = reach(builder)
+    try:
+        current = _labels_on(target, image)
+        context = posixpath.join(expand(builder.paths.state, target.home()), "wheel-build")
+        wheels = expand(lock.wheel.find_links, target.home()) if lock.wheel.find_links else None
+    finally:
+        target.close()
+    found = labels(lockfile, "", None, lock.wheel.version, lock.build.base_image)
+    commands = [["mkdir", "-p", f"{context}/wheels"]]
+    if wheels:
+        commands.append(["cp", "-a", f"{wheels}/.", f"{context}/wheels/"])
+    commands.append(["docker", "build", "--build-arg", f"BASE_IMAGE={lock.build.base_image}",
+                     *(["--build-arg", "LOCAL_WHEELS=1"] if wheels else []),
+                     *(word for key, value in found.items() for word in ("--label", f"{key}={value}")),
+                     "--tag", image, context])
+    notes = [f"tensorrt-llm {lock.wheel.version} from "
+             + (f"the wheel folder {lock.wheel.find_links} on {builder.name}" if wheels
+                else "the package index") + f", hash-pinned by {requirements.name}",
+             "CUDA architectures: the ones upstream built the wheel for"]
+    up_to_date = bool(current) and current.get(LABEL_LOCK) == lockfile.hash
+    return BuildPlan(builder.name, image, lockfile.hash, "", 0, "no compile: a published wheel",
+                     commands, found, up_to_date, notes,
+                     upload=[(WHEEL_CONTEXT, context),
+                             (requirements, posixpath.join(context, "requirements.txt"))])
 
 
 def plan_release(cluster: Cluster, lockfile: LockFile,
@@ -258,7 +299,7 @@ def plan_release(cluster: Cluster, lockfile: LockFile,
                      "--tag", image, context])
     up_to_date = bool(current) and current.get(LABEL_LOCK) == lockfile.hash
     return BuildPlan(builder.name, image, lockfile.hash, archs, 0, "no compile: a release image",
-                     commands, found, up_to_date, notes, upload=(OVERLAY, context))
+                     commands, found, up_to_date, notes, upload=[(OVERLAY, context)])
 
 
 def make_argv(lockfile: LockFile, tree: str, image: str, archs: str, jobs: int,
@@ -305,8 +346,7 @@ def build(cluster: Cluster, build_plan: BuildPlan, log_dir: str, progress: Progr
         steps = " && ".join(join(argv) for argv in build_plan.commands)
         script = f"{{ {steps}; }} >{quote(log)} 2>&1; echo $? >{quote(log + '.rc')}"
         target.run(["mkdir", "-p", directory], timeout=60)
-        if build_plan.upload:
-            local, remote = build_plan.upload
+        for local, remote in build_plan.upload:
             target.run(["rm", "-rf", remote], timeout=60)
             target.put(local, remote)
         pid = target.run(["sh", "-c", 'setsid sh -c "$1" </dev/null >/dev/null 2>&1 & echo $!',

@@ -108,6 +108,10 @@ class Release(_Table):
 
 class Wheel(_Table):
     version: StrictStr | None = None
+    # The hash-pinned requirements file source.update writes (relative to the lock's folder).
+    requirements: StrictStr | None = None
+    # A folder of wheels on the build node to install from instead of the package index.
+    find_links: StrictStr | None = None
 
 
 class Fix(_Table):
@@ -153,7 +157,15 @@ class LockFile:
 
     @property
     def hash(self) -> str:
-        return lock_hash(self.lock)
+        requirements = self.requirements_path
+        extra = (hashlib.sha256(requirements.read_bytes()).hexdigest()
+                 if requirements and requirements.exists() else None)
+        return lock_hash(self.lock, extra)
+
+    @property
+    def requirements_path(self) -> Path | None:
+        name = self.lock.wheel.requirements
+        return self.path.parent / name if name else None
 
     def require_resolved(self) -> None:
         """Building and fetching need a commit, a base image and full fix SHAs."""
@@ -195,8 +207,9 @@ def load(path: str | os.PathLike = DEFAULT_PATH) -> LockFile:
     return LockFile(source, lock)
 
 
-def lock_hash(lock: Lock) -> str:
-    """The hash of what decides the image's contents (not dates, the ref asked for, or job count)."""
+def lock_hash(lock: Lock, requirements_digest: str | None = None) -> str:
+    """The hash of what decides the image's contents (not dates, the ref asked for, or job count);
+    for the wheel kind, the requirements file's content too."""
     build = lock.build
     decisive = {
         "kind": build.kind, "base_image": build.base_image, "cuda_archs": build.cuda_archs,
@@ -208,7 +221,8 @@ def lock_hash(lock: Lock) -> str:
     elif build.kind == "release":
         decisive |= {"release": lock.release.image}
     else:
-        decisive |= {"wheel": lock.wheel.version}
+        decisive |= {"wheel": lock.wheel.version, "requirements": requirements_digest,
+                     "find_links": bool(lock.wheel.find_links)}
     canonical = json.dumps(decisive, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -251,7 +265,9 @@ def dumps(lock: Lock) -> str:
     if lock.release.image:
         out += ["", "[release]", f"image = {_value(lock.release.image)}"]
     if lock.wheel.version:
-        out += ["", "[wheel]", f"version = {_value(lock.wheel.version)}"]
+        out += ["", "[wheel]"] + [f"{key} = {_value(getattr(lock.wheel, key))}"
+                                  for key in ("version", "requirements", "find_links")
+                                  if getattr(lock.wheel, key)]
     for fix in lock.fixes:
         out += ["", "[[fixes]]"]
         for key in ("commit", "pr", "title"):
