@@ -222,13 +222,17 @@ def release_image(upstream, testbed):
     bed, report = testbed
     head = targets.SSH(bed.inventory().head)
     try:
-        head.run(["sh", "-c", 'printf "FROM %s\\nENV TRT_LLM_GIT_COMMIT=%s TRT_LLM_VERSION=%s\\n" '
-                  '"$1" "$2" "$3" | docker build --quiet --tag "$4" -', "sh", report.runtime.tag,
-                  upstream.tip, upstream.versions["tip"], RELEASE], timeout=300)
+        make_release(head, report.runtime.tag, RELEASE, upstream.tip, upstream.versions["tip"])
         yield RELEASE
         head.run(["docker", "rmi", "--force", RELEASE], check=False)
     finally:
         head.close()
+
+
+def make_release(head, base: str, name: str, commit: str, version: str) -> None:
+    head.run(["sh", "-c", 'printf "FROM %s\\nENV TRT_LLM_GIT_COMMIT=%s TRT_LLM_VERSION=%s\\n" '
+              '"$1" "$2" "$3" | docker build --quiet --tag "$4" -', "sh", base, commit, version, name],
+             timeout=300)
 
 
 def release_lock(pinned: Path, tmp_path: Path, image: str) -> Path:
@@ -343,3 +347,43 @@ def test_the_wheel_kind_pins_the_wheel_by_hash_installs_it_and_refuses_a_swapped
     again = invoke("image", "--hosts", hosts, "--lock", str(lock), timeout=600)
     assert again.returncode == 1
     assert "(hash-mismatch)" in again.stderr and wheel_hash in again.stderr
+
+
+# --- source.advise --------------------------------------------------------------------------------
+
+OLD_RELEASE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0rc0"
+
+
+@pytest.mark.parametrize("release, choice", [("old", "wheel"), ("tip", "release")],
+                         ids=["release-lacks-the-fix", "release-has-the-fix"])
+def test_advise_picks_the_cheapest_source_that_has_every_required_fix(
+        upstream, pinned, hosts, testbed, tmp_path, release_image, release, choice):
+    bed, report = testbed
+    head = targets.SSH(bed.inventory().head)
+    try:
+        assert invoke("source", "--hosts", hosts, "--lock", str(pinned)).returncode == 0  # the clone
+        image = release_image
+        if release == "old":
+            image = OLD_RELEASE
+            make_release(head, report.runtime.tag, image, upstream.old, upstream.versions["old"])
+        lock = release_lock(pinned, tmp_path, image)
+        # The wheel: the version whose tag carries the fix (v1.3.0rc1 is after fix A).
+        lock.write_text(lock.read_text() + f'\n[wheel]\nversion = "{upstream.tag.removeprefix("v")}"\n')
+        done = invoke("source.advise", "--hosts", hosts, "--lock", str(lock), "--json")
+        assert done.returncode == 0, done.stderr
+        advice = json.loads(done.stdout)
+        options = {option["kind"]: option for option in advice["options"]}
+        assert advice["choice"] == choice
+        assert options["source"]["usable"] and options["source"]["fixes"] == "all 1 present"
+        assert options["wheel"]["usable"] and upstream.tagged[:12] in " ".join(options["wheel"]["reasons"])
+        if release == "old":
+            assert not options["release"]["usable"]
+            missing = options["release"]["fixes"]
+            assert missing.startswith("missing") and "#8803" in missing
+        else:
+            assert options["release"]["usable"] and options["release"]["fixes"] == "all 1 present"
+        human = invoke("source.advise", "--hosts", hosts, "--lock", str(lock))
+        assert f"use: {choice}" in human.stdout
+    finally:
+        head.run(["docker", "rmi", "--force", OLD_RELEASE], check=False)
+        head.close()

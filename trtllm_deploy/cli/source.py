@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from trtllm_deploy import console, inventory
 from trtllm_deploy import source as phase
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.source import advise as advisor
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source import lock as locks
 
@@ -67,6 +68,35 @@ def fetch(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_P
     console.out.print("trtllm-build: " + ("present (the TensorRT-engine backend can be built)"
                                           if report.trtllm_build else
                                           "absent (this pin serves checkpoints with the PyTorch backend)"))
+
+
+@task(help={"hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
+@user_errors
+def advise(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_PATH),
+           json: bool = False) -> None:
+    """Which source to use (build, release image, wheel, or stay with vLLM), from the facts."""
+    cluster = inventory.load(hosts)
+    lockfile = locks.load(lock)
+    with console.err.status("looking at the cluster and the lock…"):
+        advice = advisor.advise(cluster, lockfile)
+    if json:
+        console.print_json(advice.as_json())
+        return
+    rows = [[option.kind + (" ◀" if option.kind == advice.choice else ""),
+             console.status_cell("pass" if option.usable else "fail", "usable" if option.usable
+                                 else "not now"),
+             option.fixes, option.disk, option.time, "; ".join(option.reasons)]
+            for option in advice.options]
+    console.out.print(console.table("source.advise", ["source", "", "required fixes", "disk", "time",
+                                                      "why"], rows))
+    kind = lockfile.lock.build.kind
+    if advice.choice == "vllm":
+        console.out.print("use: vllm — no TensorRT-LLM option passes every check yet (see why)")
+    elif advice.choice == kind:
+        console.out.print(f"use: {advice.choice} (what the lock already says)")
+    else:
+        console.out.print(f"use: {advice.choice} — the lock says {kind!r}: set [build] kind = "
+                          f"\"{advice.choice}\" in {lockfile.path} and run invoke source.update")
 
 
 @task(default=True, help={"cuda_archs": "override CUDA_ARCHS (default: the lock's)",
@@ -138,5 +168,5 @@ def verify(c: Context, hosts: str = "hosts.toml", nodes: str = "",
         raise Exit(f"image.verify: {len(bad)} node(s) differ from the lock: {', '.join(bad)}", code=1)
 
 
-source_ns = Collection("source", fetch, update)
+source_ns = Collection("source", fetch, update, advise)
 image_ns = Collection("image", build, verify)
