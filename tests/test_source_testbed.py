@@ -159,7 +159,7 @@ def _head_labels(bed, image: str) -> dict:
 
 
 def test_image_builds_labelled_then_is_up_to_date_and_verify_names_the_nodes_without_it(
-        upstream, pinned, hosts, testbed):
+        upstream, pinned, hosts, testbed, tmp_path):
     bed, _ = testbed
     built = invoke("image", "--hosts", hosts, "--lock", str(pinned), "--json", timeout=900)
     assert built.returncode == 0, built.stderr
@@ -180,6 +180,15 @@ def test_image_builds_labelled_then_is_up_to_date_and_verify_names_the_nodes_wit
     assert f"--job_count {report['jobs']}" in recorded
     again = invoke("image", "--hosts", hosts, "--lock", str(pinned), "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["up_to_date"] is True
+    # A changed lock is a new build, under a new hash; the old image stays what it was.
+    changed = tmp_path / "changed.toml"
+    changed.write_text(pinned.read_text().replace("options = {}",
+                                                  'options = { BUILD_WHEEL_OPTS = "--benchmarks" }'))
+    rebuilt = invoke("image", "--hosts", hosts, "--lock", str(changed), "--json", timeout=900)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    second = json.loads(rebuilt.stdout)
+    assert second["up_to_date"] is False and second["image"] != report["image"]
+    assert _head_labels(bed, second["image"])["io.trtllm-deploy.lock-hash"] == locks.load(changed).hash
     verify = invoke("image.verify", "--hosts", hosts, "--lock", str(pinned), "--json")
     assert verify.returncode == 1  # only the build node has it until push
     verdicts = {v["node"]: v for v in json.loads(verify.stdout)}
@@ -387,3 +396,37 @@ def test_advise_picks_the_cheapest_source_that_has_every_required_fix(
     finally:
         head.run(["docker", "rmi", "--force", OLD_RELEASE], check=False)
         head.close()
+
+
+# --- CUDA_ARCHS against the cluster's GPUs ---------------------------------------------------------
+
+@pytest.fixture
+def gb10_nodes(testbed):
+    """Every node answers nvidia-smi's compute-capability query as a GB10 does ("12.1"), through a
+    stand-in put in the node containers by the test (the nodes have no GPU)."""
+    bed, _ = testbed
+    script = ('#!/bin/sh\ncase "$*" in *compute_cap*) echo 12.1 ;; '
+              '*) echo "stand-in nvidia-smi" >&2; exit 9 ;; esac\n')
+    for index in bed.layout.indexes:
+        subprocess.run(["docker", "exec", "-i", bed.layout.container(index), "sh", "-c",
+                        "cat > /usr/local/bin/nvidia-smi && chmod 755 /usr/local/bin/nvidia-smi"],
+                       input=script, text=True, check=True, timeout=60)
+    yield
+    for index in bed.layout.indexes:
+        subprocess.run(["docker", "exec", bed.layout.container(index), "rm", "-f",
+                        "/usr/local/bin/nvidia-smi"], timeout=60)
+
+
+def test_update_derives_cuda_archs_from_the_gpus_and_image_refuses_one_that_misses_them(
+        gb10_nodes, upstream, hosts, tmp_path):
+    lock = tmp_path / "lock.toml"
+    lock.write_text(f'[source]\nrepository = "{URL}"\n\n[build]\n')  # no cuda_archs chosen
+    done = invoke("source.update", "--hosts", hosts, "--lock", str(lock))
+    assert done.returncode == 0, done.stderr
+    assert locks.load(lock).lock.build.cuda_archs == "121-real"
+    lock.write_text(lock.read_text().replace('cuda_archs = "121-real"',
+                                             'cuda_archs = "90-real;100-real"'))
+    refused = invoke("image", "--hosts", hosts, "--lock", str(lock))
+    assert refused.returncode == 1
+    assert "does not cover the cluster's GPUs (compute capability 12.1)" in refused.stderr
+    assert "'121-real'" in refused.stderr

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.errors import DeployError
+from trtllm_deploy.group import fan_out
 from trtllm_deploy.inventory import Cluster
+from trtllm_deploy.source import cuda
 from trtllm_deploy.source import lock as locks
 from trtllm_deploy.source import wheel
 from trtllm_deploy.source.tree import Checkout, lock_from, require_fixes
@@ -71,6 +73,15 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
             if pinned:
                 after = after.model_copy(update={"release": after.release.model_copy(
                     update={"image": pinned})})
+        build = after.build
+        if build.base_image and "@sha256:" not in build.base_image:
+            build = build.model_copy(update={"base_image": pin_digest(target, build.base_image)
+                                             or build.base_image})
+        if before is None or "cuda_archs" not in before.build.model_fields_set:
+            derived = derive_cuda_archs(cluster)
+            if derived:
+                build = build.model_copy(update={"cuda_archs": derived})
+        after = after.model_copy(update={"build": build})
     finally:
         target.close()
     written = path.parent / after.wheel.requirements if requirements else None
@@ -83,6 +94,15 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
             temporary.replace(written)
         locks.write(path, after)
     return UpdateReport(path, before, after, changed, len(after.fixes))
+
+
+def derive_cuda_archs(cluster: Cluster) -> str | None:
+    """CUDA_ARCHS for the GPUs the nodes have (12.1 → 121-real), or None where none answers."""
+    from trtllm_deploy.source.image import node_facts  # the facts `invoke image` looks at
+
+    seen = fan_out(cluster.nodes, node_facts)
+    capabilities = [c for outcome in seen if outcome.ok for c in outcome.value.capabilities]
+    return cuda.archs_for(capabilities) if capabilities else None
 
 
 def pin_digest(target: Target, reference: str) -> str | None:

@@ -96,7 +96,7 @@ class NodeFacts:
     capabilities: list[str]
 
 
-def _facts(node: Node, target: Target) -> NodeFacts:
+def node_facts(node: Node, target: Target) -> NodeFacts:
     lines = target.run(["sh", "-c", _FACTS], timeout=60).stdout.splitlines()
     mem_kb = int(lines[2].split()[1]) if len(lines) > 2 and "MemAvailable" in lines[2] else 0
     return NodeFacts(lines[0].strip(), int(lines[1]), mem_kb * 1024,
@@ -126,7 +126,7 @@ class BuildPlan:
 
 def look(cluster: Cluster, reach: Callable[[Node], Target] = connect) -> dict[str, NodeFacts]:
     """Every node's architecture, cores, memory and GPUs; a cross-architecture build is refused."""
-    seen = fan_out(cluster.nodes, _facts, reach=reach)
+    seen = fan_out(cluster.nodes, node_facts, reach=reach)
     seen.raise_for_failures()
     facts = {outcome.node.name: outcome.value for outcome in seen}
     builder = cluster.build_node
