@@ -36,8 +36,7 @@ def update(c: Context, ref: str = "", repository: str = "", base_image: str = ""
         console.print_json(report.as_json() | {"dry_run": dry_run})
         return
     after = report.after.source
-    before = ((report.before.source.commit or "nothing pinned")[:12] if report.before
-              else "no lock")
+    before = (report.before.source.commit or "nothing pinned") if report.before else "no lock"
     console.out.print(console.table(f"{lock}" + (" (dry run)" if dry_run else ""), ["", "value"], [
         ["ref", after.ref], ["commit", f"{after.commit} (was {before})"],
         ["version", after.version or "?"], ["date", after.date or "?"],

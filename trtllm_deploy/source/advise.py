@@ -123,7 +123,7 @@ def _source_option(lockfile: LockFile, clone, free: int | None, mine, capabiliti
             usable = False
             reasons.append(how)
     jobs, why = images.jobs_for(mine.mem_available, mine.cpus)
-    reasons.append(f"CUDA_ARCHS {lock.build.cuda_archs} chosen for these GPUs; {why}")
+    reasons.append(f"CUDA_ARCHS {lock.build.cuda_archs}; {why}")
     disk = f"about {SOURCE_BUILD_GB} GB" + (f" ({free / GB:.0f} GB free)" if free is not None else "")
     return Option("source", usable, fixes, disk,
                   f"the longest: compiles TensorRT-LLM's C++/CUDA with {jobs} parallel jobs (hours)",
