@@ -356,6 +356,8 @@ def test_the_wheel_kind_pins_the_wheel_by_hash_installs_it_and_refuses_a_swapped
     again = invoke("image", "--hosts", hosts, "--lock", str(lock), timeout=600)
     assert again.returncode == 1
     assert "(hash-mismatch)" in again.stderr and wheel_hash in again.stderr
+    # The failed build left no container behind on the node.
+    assert head.run(["docker", "ps", "--all", "--quiet", "--filter", "status=exited"]).stdout.strip() == ""
 
 
 # --- source.advise --------------------------------------------------------------------------------
@@ -371,6 +373,8 @@ def test_advise_picks_the_cheapest_source_that_has_every_required_fix(
     head = targets.SSH(bed.inventory().head)
     try:
         assert invoke("source", "--hosts", hosts, "--lock", str(pinned)).returncode == 0  # the clone
+        # A source build measured on this node (built now, or earlier in the session).
+        assert invoke("image", "--hosts", hosts, "--lock", str(pinned), timeout=900).returncode == 0
         image = release_image
         if release == "old":
             image = OLD_RELEASE
@@ -384,6 +388,7 @@ def test_advise_picks_the_cheapest_source_that_has_every_required_fix(
         options = {option["kind"]: option for option in advice["options"]}
         assert advice["choice"] == choice
         assert options["source"]["usable"] and options["source"]["fixes"] == "all 1 present"
+        assert "the last source build here took" in options["source"]["time"]
         assert options["wheel"]["usable"] and upstream.tagged[:12] in " ".join(options["wheel"]["reasons"])
         if release == "old":
             assert not options["release"]["usable"]

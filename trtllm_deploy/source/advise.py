@@ -91,7 +91,8 @@ def advise(cluster: Cluster, lockfile: LockFile,
                               check=False, timeout=60)
             wheel_commit = found.stdout.strip() if found.ok else None
         options = [
-            _source_option(lockfile, clone, free, mine, capabilities),
+            _source_option(lockfile, clone, free, mine, capabilities,
+                           images.last_source_build(target, f"{builder.paths.state}/logs")),
             _release_option(lockfile, clone, release, capabilities, mine.arch),
             _wheel_option(lockfile, clone, wheel_commit),
         ]
@@ -105,7 +106,8 @@ def advise(cluster: Cluster, lockfile: LockFile,
     return Advice(choice, options)
 
 
-def _source_option(lockfile: LockFile, clone, free: int | None, mine, capabilities) -> Option:
+def _source_option(lockfile: LockFile, clone, free: int | None, mine, capabilities,
+                   last: dict | None) -> Option:
     lock = lockfile.lock
     reasons = []
     ok_fixes, fixes = _fixes_in(clone, lock.source.commit, lock.fixes,
@@ -125,9 +127,20 @@ def _source_option(lockfile: LockFile, clone, free: int | None, mine, capabiliti
     jobs, why = images.jobs_for(mine.mem_available, mine.cpus)
     reasons.append(f"CUDA_ARCHS {lock.build.cuda_archs}; {why}")
     disk = f"about {SOURCE_BUILD_GB} GB" + (f" ({free / GB:.0f} GB free)" if free is not None else "")
-    return Option("source", usable, fixes, disk,
-                  f"the longest: compiles TensorRT-LLM's C++/CUDA with {jobs} parallel jobs (hours)",
-                  reasons)
+    if last:
+        # Compile time scales about inversely with the jobs that run at once.
+        estimate = last["seconds"] * max(1, last.get("jobs") or 1) / jobs
+        time = (f"about {_duration(estimate)} with {jobs} jobs (the last source build here took "
+                f"{_duration(last['seconds'])} with {last.get('jobs')} jobs)")
+    else:
+        time = (f"the longest: compiles TensorRT-LLM's C++/CUDA with {jobs} parallel jobs (hours; "
+                "no build measured on this node yet)")
+    return Option("source", usable, fixes, disk, time, reasons)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{max(1, minutes)} min"
 
 
 def _release_facts(target: Target, reference: str) -> dict | None:

@@ -235,7 +235,7 @@ def plan_wheel(cluster: Cluster, lockfile: LockFile,
     commands = [["mkdir", "-p", f"{context}/wheels"]]
     if wheels:
         commands.append(["cp", "-a", f"{wheels}/.", f"{context}/wheels/"])
-    commands.append(["docker", "build", "--build-arg", f"BASE_IMAGE={lock.build.base_image}",
+    commands.append(["docker", "build", "--force-rm", "--build-arg", f"BASE_IMAGE={lock.build.base_image}",
                      *(["--build-arg", "LOCAL_WHEELS=1"] if wheels else []),
                      *(word for key, value in found.items() for word in ("--label", f"{key}={value}")),
                      "--tag", image, context])
@@ -294,7 +294,7 @@ def plan_release(cluster: Cluster, lockfile: LockFile,
         notes.append("the release image is not pinned by digest: run `invoke source.update` once it "
                      "is on the build node to record its digest")
     found = labels(lockfile, "", revision, version, release)
-    commands.append(["docker", "build", "--build-arg", f"RELEASE_IMAGE={release}",
+    commands.append(["docker", "build", "--force-rm", "--build-arg", f"RELEASE_IMAGE={release}",
                      *(word for key, value in found.items() for word in ("--label", f"{key}={value}")),
                      "--tag", image, context])
     up_to_date = bool(current) and current.get(LABEL_LOCK) == lockfile.hash
@@ -333,6 +333,20 @@ class BuildResult:
 Progress = Callable[[buildlog.Progress], None]
 
 
+def last_source_build(target: Target, log_dir: str) -> dict | None:
+    """The newest finished source build recorded on the build node (seconds, jobs), if any."""
+    found = target.run(["sh", "-c", 'cat $(ls -t "$1"/image-*.log.json 2>/dev/null) 2>/dev/null || true',
+                        "sh", expand(log_dir, target.home())], check=False, timeout=60)
+    for line in found.stdout.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "source" and record.get("seconds"):
+            return record
+    return None
+
+
 def build(cluster: Cluster, build_plan: BuildPlan, log_dir: str, progress: Progress | None = None,
           poll_s: float = 1.0, reach: Callable[[Node], Target] = connect) -> BuildResult:
     """Run the build detached on the build node (an SSH hiccup does not kill it), follow its log,
@@ -369,7 +383,14 @@ def build(cluster: Cluster, build_plan: BuildPlan, log_dir: str, progress: Progr
             raise DeployError(f"the build finished but {build_plan.image} lacks the labels "
                               f"{sorted(wrong)}: does the Makefile pass DOCKER_BUILD_OPTS to "
                               "docker build?")
-        return BuildResult(build_plan.image, image_id, time.monotonic() - started, log)
+        seconds = time.monotonic() - started
+        # What this build cost, for source.advise's time estimate of the next one.
+        record = json.dumps({"image": build_plan.image, "kind": build_plan.labels.get(LABEL_KIND),
+                             "jobs": build_plan.jobs, "seconds": round(seconds, 1),
+                             "lock_hash": build_plan.lock_hash})
+        target.run(["sh", "-c", 'printf "%s\\n" "$1" > "$2"', "sh", record, f"{log}.json"],
+                   check=False, timeout=60)
+        return BuildResult(build_plan.image, image_id, seconds, log)
     finally:
         target.close()
 
