@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import os
-import shutil
 import subprocess
 import tarfile
 import time
@@ -13,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import docker_unusable
 
 from trtllm_deploy import secrets
 from trtllm_deploy.targets import SSH, CommandFailed, InContainer, Local
@@ -21,16 +20,11 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = ["sh", "cat", "echo", "printf", "pwd", "mkdir", "rm", "sleep", "ls", "env", "stat", "tar"]
 
 
-@functools.lru_cache(maxsize=1)
 def docker_ready() -> str | None:
-    """Why Docker cannot be used here, or None (probed once)."""
-    if shutil.which("docker") is None:
-        return "docker is not installed"
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        return "the Docker engine is not running"
+    """Why Docker cannot be used here, or None (probed once, in conftest)."""
     if not BUSYBOX.exists():
         return "no static busybox (apt-get install busybox-static)"
-    return None
+    return docker_unusable()
 
 
 requires_docker = pytest.mark.skipif(docker_ready() is not None, reason=str(docker_ready()))
