@@ -92,7 +92,7 @@ def hash_files(paths: dict[str, tuple[str, int]], workers: int | None = None) ->
         digests = list(pool.map(lambda job: _hash_chunk(paths[job[0]][0], job[1], paths[job[0]][1]),
                                 jobs))
     chunks: dict[str, list[bytes]] = {}
-    for (name, _), digest in zip(jobs, digests):
+    for (name, _), digest in zip(jobs, digests, strict=True):
         chunks.setdefault(name, []).append(digest)
     return {name: hashlib.sha256(b"".join(parts)).hexdigest() for name, parts in chunks.items()}
 
