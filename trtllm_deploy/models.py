@@ -126,7 +126,8 @@ class ModelsFileError(TomlFileError):
 
 _EXAMPLES = {
     "repo": 'repo = "nvidia/Llama-3.3-70B-Instruct-FP4"',
-    "revision": 'revision = "<the 40-hex commit from the repository\'s history on the Hub>"',
+    "revision": ('revision = "<the 40-hex commit from the repository\'s history on the Hub>",'
+                 " or remove it and engine.build resolves and records one"),
     "bytes_per_param": "bytes_per_param = 0.61",
     "params_billion": "params_billion = 70.55",
     "default_precision": 'default_precision = "nvfp4"',
@@ -259,11 +260,42 @@ def _check(top: _File) -> list[Problem]:
     return problems
 
 
+def _allowed_at(path: tuple) -> list[str]:
+    """The keys a table at ``path`` may hold, looking through the name-keyed tables (models, variants)."""
+    model: Any = _File
+    for part in path:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if annotation is None:  # a model's or a variant's name
+            continue
+        args = [arg for arg in get_args(annotation) if isinstance(arg, type)]
+        model = annotation if isinstance(annotation, type) else (args[-1] if args else None)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _problems(error: ValidationError) -> list[Problem]:
+    """tomlsource's Problems, with what it cannot see past the name-keyed tables filled in."""
+    problems = []
+    for problem in problems_from(error, _File, (), _EXAMPLES):
+        message, remedy = problem.message, problem.remedy
+        if message.endswith("allowed here: "):
+            allowed = _allowed_at(problem.path[:-1])
+            close = difflib.get_close_matches(str(problem.path[-1]), allowed, n=1)
+            message = (f"unknown key; {f'did you mean {close[0]!r}? ' if close else ''}"
+                       f"allowed here: {', '.join(allowed)}")
+        if remedy == "correct the value":  # the key is a name (a node count, a model): use the table's example
+            example = next((_EXAMPLES[part] for part in reversed(problem.path) if part in _EXAMPLES), None)
+            remedy = f"write it like: {example}" if example else remedy
+        problems.append(Problem(problem.path, message, remedy))
+    return problems
+
+
 def _validate(source: Path, text: str, data: dict) -> _File:
     try:
         top = _File.model_validate(data)
     except ValidationError as exc:
-        raise ModelsFileError(source, text, problems_from(exc, _File, (), _EXAMPLES)) from None
+        raise ModelsFileError(source, text, _problems(exc)) from None
     problems = _check(top)
     if problems:
         raise ModelsFileError(source, text, problems)
