@@ -43,7 +43,8 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 def _model_name(value: str) -> str:
     if not _NAME.match(value):
-        raise ValueError("expected a model name: lower-case letters, digits, '.', '_' or '-' (e.g. llama-70b)")
+        raise ValueError(
+            "expected a model name: lower-case letters, digits, '.', '_' or '-' (e.g. llama-70b)")
     return value
 
 
@@ -248,14 +249,16 @@ def _check(top: _File) -> list[Problem]:
         if entry.default_precision not in entry.variants:
             problems.append(Problem(
                 ("models", name, "default_precision"),
-                f"{entry.default_precision!r} is not one of this model's variants ({', '.join(entry.variants)})",
+                f"{entry.default_precision!r} is not one of this model's variants"
+                f" ({', '.join(entry.variants)})",
                 "name one of its variants, or add that variant"))
         for precision, variant in entry.variants.items():
             for nodes, tp in variant.tp_by_nodes.items():
                 if tp > int(nodes):
                     problems.append(Problem(
                         ("models", name, "variants", precision, "tp_by_nodes"),
-                        f"tp {tp} on {nodes} node(s): each node has one GPU, so tp cannot exceed the node count",
+                        f"tp {tp} on {nodes} node(s): each node has one GPU,"
+                        " so tp cannot exceed the node count",
                         f"use at most tp {nodes} for {nodes} node(s)"))
     return problems
 
@@ -284,7 +287,8 @@ def _problems(error: ValidationError) -> list[Problem]:
             close = difflib.get_close_matches(str(problem.path[-1]), allowed, n=1)
             message = (f"unknown key; {f'did you mean {close[0]!r}? ' if close else ''}"
                        f"allowed here: {', '.join(allowed)}")
-        if remedy == "correct the value":  # the key is a name (a node count, a model): use the table's example
+        # A key that is itself a name (a node count, a model) has no example: use its table's.
+        if remedy == "correct the value":
             example = next((_EXAMPLES[part] for part in reversed(problem.path) if part in _EXAMPLES), None)
             remedy = f"write it like: {example}" if example else remedy
         problems.append(Problem(problem.path, message, remedy))
