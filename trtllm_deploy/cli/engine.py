@@ -1,12 +1,16 @@
-"""``invoke engine.*``: phase 3, the deployable artifact on every node."""
+"""``invoke engine.*``: phases 3-4, the deployable artifact: plan it, build it, verify it on every node."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from trtllm_deploy import console, engines, inventory
+from trtllm_deploy import artifact, console, engines, inventory, models
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.source import lock as locks
 
 NAME_HELP = "the artifact's directory name in each node's artifact store (paths.artifacts)"
 SHOWN_PROBLEMS = 5  # per node in the table; --json has them all
@@ -56,4 +60,79 @@ def verify(c: Context, name: str = "", hosts: str = "hosts.toml", nodes: str = "
         raise Exit(f"engine.verify: {name} failed on {', '.join(bad)}", code=1)
 
 
-ns = Collection("engine", verify)
+MODEL_HELP = "a model name from the presets or your models file (e.g. llama-70b)"
+PRECISION_HELP = "bf16, fp8, nvfp4, mxfp4 … (default: the model's default)"
+TP_HELP = "tensor-parallel size, one GPU per node (default: the model's recommendation)"
+MODELS_HELP = "your models file, merged over the presets (default: ~/.config/trtllm-deploy/models.toml)"
+LOCK_HELP = "the TensorRT-LLM lock (default: requirements/tensorrt-llm.lock.toml)"
+
+
+def _planned(hosts: str, lock: str, models_file: str, model: str, precision: str, tp: int,
+             backend: str, kv_gb: float):
+    cluster = inventory.load(hosts)
+    lockfile = locks.load(lock)
+    catalog = models.load(models_file or None)
+    request = artifact.Request(model, precision or None, tp or None, backend, kv_gb or None)
+    return cluster, lockfile, artifact.plan(cluster, lockfile, catalog, request)
+
+
+def _show_fit(planned) -> None:
+    variant = planned.variant
+    console.out.print(console.table(f"engine: {planned.name}", ["", "value"], [
+        ["checkpoint", f"{variant.repo} @ {variant.revision_text}"],
+        ["precision", variant.precision], ["tensor parallel", str(planned.tp)],
+        ["fit", console.status_cell("pass" if planned.fit.fits else "fail", planned.fit.sentence)]]))
+
+
+@task(help={"model": MODEL_HELP, "precision": PRECISION_HELP, "tp": TP_HELP,
+            "backend": "pytorch (default) or tensorrt", "kv_gb": "KV-cache budget per node in GB",
+            "models_file": MODELS_HELP, "hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
+@user_errors
+def plan(c: Context, model: str = "", precision: str = "", tp: int = 0, backend: str = "pytorch",
+         kv_gb: float = 0.0, models_file: str = "", hosts: str = "hosts.toml",
+         lock: str = "requirements/tensorrt-llm.lock.toml", json: bool = False) -> None:
+    """Will the model fit? Weights and KV cache per node against each node's memory, nothing fetched."""
+    if not model:
+        raise Exit("--model is required (e.g. --model llama-70b)", code=2)
+    _, _, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb)
+    if json:
+        console.print_json(planned.as_json())
+    else:
+        _show_fit(planned)
+    planned.fit.require()
+
+
+@task(help={"model": MODEL_HELP, "precision": PRECISION_HELP, "tp": TP_HELP,
+            "backend": "pytorch (default) or tensorrt", "kv_gb": "KV-cache budget per node in GB",
+            "models_file": MODELS_HELP, "store": "where artifacts are made (default: engines/)",
+            "hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
+@user_errors
+def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend: str = "pytorch",
+          kv_gb: float = 0.0, models_file: str = "", store: str = "engines", hosts: str = "hosts.toml",
+          lock: str = "requirements/tensorrt-llm.lock.toml", json: bool = False) -> None:
+    """Make the deployable artifact: checkpoint at its pinned revision, LLM-API YAML, manifest."""
+    if not model:
+        raise Exit("--model is required (e.g. --model llama-70b)", code=2)
+    _, lockfile, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb)
+    if not json:
+        _show_fit(planned)
+    planned.fit.require()
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console.err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def follow(path: str, done: int, total: int) -> None:
+            if path not in tasks:
+                tasks[path] = bar.add_task(path, total=total)
+            bar.update(tasks[path], completed=done)
+
+        built = artifact.build(planned, lockfile, Path(store), backend, progress=follow)
+    if json:
+        console.print_json(planned.as_json() | built.as_json())
+        return
+    console.out.print(f"{built.action}: {built.path} ({built.files} files, {_size(built.bytes)}, "
+                      f"{planned.variant.repo}@{built.revision[:12]}) in {built.seconds:.1f} s",
+                      soft_wrap=True)
+
+
+ns = Collection("engine", plan, build, verify)

@@ -1,0 +1,130 @@
+"""`invoke engine.plan` / `engine.build` / `engine.verify` end to end, on this machine, against the
+local Hub stand-in (tests/fakehub.py) serving a small checkpoint the test generates."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fakehub import FakeHub, Repo
+from trtllm_deploy import manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "5e1d0c3b" * 5
+WEIGHTS = os.urandom(2 * 1024 * 1024)
+FILES = {"config.json": b'{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}',
+         "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
+         "tokenizer_config.json": b'{"chat_template": "{{ messages }}"}',
+         "model.safetensors": WEIGHTS, "pytorch_model.bin": b"not for serving"}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    hub = FakeHub({"org/tiny": Repo("org/tiny", SHA, dict(FILES))})
+    url = hub.start()
+    store = tmp_path / "engines"
+    models = tmp_path / "models.toml"
+    models.write_text(f"""\
+[models.tiny]
+description = "a tiny checkpoint for tests"
+params_billion = 0.001
+default_precision = "bf16"
+
+[models.tiny.variants.bf16]
+repo = "org/tiny"
+revision = "{SHA}"
+bytes_per_param = 2.0
+tp_by_nodes = {{ 1 = 1 }}
+
+[models.huge]
+description = "too big for any node"
+params_billion = 5000
+default_precision = "bf16"
+
+[models.huge.variants.bf16]
+repo = "org/tiny"
+revision = "{SHA}"
+bytes_per_param = 2.0
+tp_by_nodes = {{ 1 = 1 }}
+""")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(f'[[nodes]]\nname = "here"\nconnection = "local"\n\n[nodes.paths]\n'
+                     f'artifacts = "{store}"\n')
+    lock = tmp_path / "lock.toml"
+    lock.write_text((ROOT / "requirements" / "tensorrt-llm.lock.toml").read_text())
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
+    env |= {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def invoke(*args: str) -> subprocess.CompletedProcess:
+        with_lock = ["--lock", str(lock)] if args[0] != "engine.verify" else []
+        return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args,
+                               "--hosts", str(hosts), *with_lock],
+                              capture_output=True, text=True, timeout=120, env=env)
+
+    yield invoke, hub, store, models, tmp_path
+    hub.stop()
+
+
+def test_build_makes_a_whole_verified_artifact_then_is_up_to_date(setup):
+    invoke, hub, store, models, tmp_path = setup
+    done = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--store", str(store),
+                  "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["action"] == "built" and report["revision"] == SHA
+    artifact = Path(report["path"])
+    assert artifact.parent == store and artifact.name.startswith("tiny-bf16-tp1-")
+    names = sorted(p.name for p in artifact.iterdir())
+    assert names == ["config.json", "llm-api.yaml", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "trtllm-deploy-manifest.json"]
+    assert (artifact / "model.safetensors").read_bytes() == WEIGHTS
+    assert (artifact / "model.safetensors").stat().st_nlink == 2  # linked from the Hub cache, not copied
+    settings = yaml.safe_load((artifact / "llm-api.yaml").read_text())
+    assert settings["disable_overlap_scheduler"] is True  # one node
+    assert settings["kv_cache_config"]["free_gpu_memory_fraction"] == 0.9
+    made = manifest.load(artifact)
+    assert made["provenance"]["revision"] == SHA and made["provenance"]["repo"] == "org/tiny"
+    assert manifest.verify(artifact, made) == []
+    assert not list(store.glob(".*"))  # no half-made artifact left beside it
+
+    bodies = [s for s in hub.seen if s.method == "GET" and "/resolve/" in s.path]
+    again = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--store", str(store),
+                   "--json")
+    assert json.loads(again.stdout)["action"] == "up to date"
+    assert [s for s in hub.seen if s.method == "GET" and "/resolve/" in s.path] == bodies
+
+    # engine.verify on the node (here: this machine) agrees; a damaged file is named, and the
+    # next build puts the artifact right.
+    assert invoke("engine.verify", "--name", artifact.name).returncode == 0
+    damaged = artifact / "tokenizer.json"
+    damaged.unlink()  # a hard link: replace the file rather than write through to the cache
+    damaged.write_bytes(b'{"version": "2.0", "model": {"type": "BPE"}}')
+    refused = invoke("engine.verify", "--name", artifact.name)
+    assert refused.returncode == 1 and "tokenizer.json" in refused.stdout + refused.stderr
+    fixed = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--store", str(store),
+                   "--json")
+    assert json.loads(fixed.stdout)["action"] == "built"
+    assert invoke("engine.verify", "--name", artifact.name).returncode == 0
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_any_download(setup):
+    invoke, hub, store, models, _ = setup
+    done = invoke("engine.build", "--model", "huge", "--models-file", str(models), "--store", str(store))
+    assert done.returncode == 2
+    assert "does not fit" in done.stderr and "what to do:" in done.stderr
+    assert hub.seen == [] and not store.exists()
+
+
+def test_the_tensorrt_backend_is_refused_where_the_pin_has_no_trtllm_build(setup):
+    invoke, hub, store, models, tmp = setup
+    assert "trtllm_build = false" in (tmp / "lock.toml").read_text()
+    done = invoke("engine.plan", "--model", "tiny", "--models-file", str(models), "--backend", "tensorrt")
+    assert done.returncode == 2
+    assert "no trtllm-build" in done.stderr and "removed" in done.stderr
+    assert hub.seen == []
