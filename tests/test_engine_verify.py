@@ -15,9 +15,6 @@ from trtllm_deploy import engines, manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = "tiny-llama-bf16-tp1"
-# The namespace as tasks.py assembles it, so the task runs through invoke's own parser and exits.
-PROGRAM = ("import sys; from invoke import Collection, Program; from trtllm_deploy.cli import engine; "
-           "ns = Collection(); ns.add_collection(engine.ns); Program(namespace=ns).run(sys.argv[1:])")
 
 
 def make_artifact(home: Path) -> Path:
@@ -33,7 +30,7 @@ def make_artifact(home: Path) -> Path:
 
 def run_verify(hosts: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", PROGRAM, "invoke", "engine.verify",
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "engine.verify",
                            "--hosts", str(hosts), *args], capture_output=True, text=True,
                           env=env, timeout=120, cwd=ROOT)
 
