@@ -131,6 +131,7 @@ def build(session: nox.Session) -> None:
 BENCHMARKS = {
     "preflight": "benchmarks/preflight_fanout.py",  # preflight across 1, 2, 4 and 8 SSH nodes
     "testbed": "benchmarks/testbed_up.py",          # 3-node testbed bring-up, images cached
+    "manifest": "benchmarks/manifest_hashing.py",   # manifest create/verify on 4 GiB vs sha256sum
 }
 
 

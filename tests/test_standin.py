@@ -7,7 +7,6 @@ the HTTP surface and the faults are tested against a real server process on loop
 from __future__ import annotations
 
 import ast
-import hashlib
 import http.client
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from trtllm_deploy import manifest as manifests
 from trtllm_deploy.standin import artifact, cli, faults, llmapi
 from trtllm_deploy.standin.engine import VOCABULARY, expected_words
 from trtllm_deploy.standin.faults import Fault
@@ -38,9 +38,7 @@ def write_checkpoint(path: Path, manifest: bool = True) -> Path:
     for index in (1, 2):
         (path / f"model-0000{index}-of-00002.safetensors").write_bytes(bytes(range(256)) * (64 * index))
     if manifest:
-        files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                 for p in sorted(path.iterdir()) if p.name != artifact.MANIFEST}
-        (path / artifact.MANIFEST).write_text(json.dumps({"files": files}))
+        manifests.write(path, manifests.create(path, {"model": "test"}))
     return path
 
 
@@ -410,15 +408,15 @@ def _remove_weights(path: Path) -> None:
                  id="config-not-json"),
     pytest.param(_remove_weights, "no *.safetensors weight files", id="no-weights"),
     pytest.param(lambda p: (p / "model-00002-of-00002.safetensors").unlink(),
-                 "model-00002-of-00002.safetensors: missing (listed in trtllm-deploy-manifest.json)",
+                 "model-00002-of-00002.safetensors: missing: listed in the manifest, not on disk",
                  id="listed-file-missing"),
     pytest.param(lambda p: os.truncate(p / "model-00001-of-00002.safetensors", 100),
-                 "model-00001-of-00002.safetensors: incomplete or wrong size: 100 bytes", id="incomplete"),
-    pytest.param(lambda p: (p / "model-00001-of-00002.safetensors").write_bytes(bytes(16384)),
-                 "model-00001-of-00002.safetensors: tampered: sha256", id="tampered"),
-    pytest.param(lambda p: (p / artifact.MANIFEST).write_text(
-        json.dumps({"files": {"../outside": {"size": 1, "sha256": "0" * 64}}})),
-        "entry '../outside' is not a path inside the model directory", id="entry-outside"),
+                 "model-00001-of-00002.safetensors: size: 100 bytes", id="incomplete"),
+    pytest.param(lambda p: (p / "model-00001-of-00002.safetensors").write_bytes(
+        bytes((p / "model-00001-of-00002.safetensors").stat().st_size)),
+        "model-00001-of-00002.safetensors: hash: content differs from the manifest", id="tampered"),
+    pytest.param(lambda p: (p / artifact.MANIFEST).write_text("{not json"),
+                 "trtllm-deploy-manifest.json", id="manifest-not-json"),
 ])
 def test_artifact_check_names_the_file_at_fault(checkpoint, damage, expected):
     damage(checkpoint)
@@ -441,7 +439,7 @@ def test_served_artifact_that_is_tampered_is_refused_before_loading(checkpoint, 
     server = start_server("trtllm-serve", str(checkpoint))
     assert server.wait_exit() == 1
     assert "[ERROR] artifact check failed:" in server.output
-    assert "model-00002-of-00002.safetensors: tampered" in server.output
+    assert "model-00002-of-00002.safetensors: hash: content differs from the manifest" in server.output
     assert "Loading weights" not in server.output and health(server.port) is None
 
 
@@ -702,9 +700,9 @@ def test_multi_rank_world_without_mpi4py_is_explained(checkpoint):
     assert result.returncode == 1 and "mpi4py is not installed" in result.stderr
 
 
-def test_standin_imports_only_itself_the_standard_library_mpi4py_and_yaml():
-    """The image holds this subpackage alone; any other import would break it there."""
-    allowed = set(sys.stdlib_module_names) | {"mpi4py", "yaml"}
+def test_standin_imports_only_itself_the_standard_library_mpi4py_yaml_and_the_manifest():
+    """The image holds this subpackage and manifest.py; any other import would break it there."""
+    allowed = set(sys.stdlib_module_names) | {"mpi4py", "yaml", "trtllm_deploy.manifest"}
     for path in sorted((ROOT / "trtllm_deploy" / "standin").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
@@ -714,5 +712,7 @@ def test_standin_imports_only_itself_the_standard_library_mpi4py_and_yaml():
                 names = [alias.name for alias in node.names]
             else:
                 continue
+            if isinstance(node, ast.ImportFrom) and node.module == "trtllm_deploy":
+                names = [f"trtllm_deploy.{alias.name}" for alias in node.names]
             for name in names:
-                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+                assert name in allowed or name.split(".")[0] in allowed, f"{path.name} imports {name}"

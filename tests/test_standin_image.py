@@ -273,7 +273,7 @@ def test_start_up_failures(box, launch, spec, line):
     pytest.param(f"{MPIRUN.format(ranks=2)} trtllm-serve /model --tp_size 3",
                  "MPI world size 2 does not match tp_size 3 x pp_size 1 = 3", id="world-size-mismatch"),
     pytest.param(f"{MPIRUN.format(ranks=2)} trtllm-serve /tampered --tp_size 2",
-                 "/tampered/model-00001-of-00002.safetensors: tampered", id="tampered-artifact"),
+                 "/tampered/model-00001-of-00002.safetensors: hash:", id="tampered-artifact"),
 ])
 def test_refused_launches(box, launch, command, message):
     box.sh("[ -d /tampered ] || { cp -r /model /tampered && printf x | "

@@ -2,8 +2,9 @@
 
 It is a test double, never inference. It says so in ``--version``, in every log line
 (``[TensorRT-LLM stand-in][rank N][LEVEL] ...``), in ``/v1/models`` (``"standin": true``) and in the
-``model`` field of every response. It imports nothing from the rest of ``trtllm_deploy``: the
-container image holds only this subpackage (standard library, ``mpi4py`` and PyYAML).
+``model`` field of every response. It imports nothing else from ``trtllm_deploy`` but the
+manifest verifier (``trtllm_deploy/manifest.py``, standard library only): the container image holds
+this subpackage and that file (standard library, ``mpi4py`` and PyYAML).
 
 Executables (one program, chosen by the basename of ``argv[0]``, or by the first argument of
 ``python -m trtllm_deploy.standin``):
@@ -28,9 +29,9 @@ ranks itself, so the same prompt gives the same text either way.
 
 Before "loading", every rank checks its own copy of MODEL: a directory with a parseable
 ``config.json`` and at least one ``*.safetensors`` file (``rank*.engine`` for
-``--backend tensorrt``); where ``trtllm-deploy-manifest.json`` exists
-(``{"files": {"relative/path": {"size": N, "sha256": "hex"}}}``) every listed file must exist with
-that size and hash. The HTTP port is bound only once loading has finished.
+``--backend tensorrt``); where ``trtllm-deploy-manifest.json`` exists, the tree must match it as
+``trtllm_deploy.manifest.check`` sees it (no file missing, extra, resized or changed). The HTTP
+port is bound only once loading has finished.
 
 Output is deterministic for a prompt and ``max_tokens``: words of a fixed vocabulary. Sampling
 fields (``temperature``, ``top_p``, ``seed``, ``stop``, ...) are accepted and ignored.

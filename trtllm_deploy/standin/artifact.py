@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 MANIFEST = "trtllm-deploy-manifest.json"
-SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactError(Exception):
@@ -73,39 +70,12 @@ def _read_config(path: Path, problems: list[str]) -> dict:
 
 
 def _check_manifest(root: Path, problems: list[str]) -> int:
-    manifest = root / MANIFEST
-    try:
-        files = json.loads(manifest.read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError("'files' is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        problems.append(f"{manifest}: cannot be parsed ({error!s})")
-        return 0
-    before = len(problems)
-    for name, expected in sorted(files.items()):
-        relative = PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts or not relative.parts:
-            problems.append(f"{manifest}: entry {name!r} is not a path inside the model directory")
-            continue
-        if not (isinstance(expected, dict) and isinstance(expected.get("size"), int)
-                and isinstance(expected.get("sha256"), str) and SHA256.fullmatch(expected["sha256"])):
-            problems.append(f"{manifest}: entry {name!r} needs an integer 'size' and a hex 'sha256'")
-            continue
-        _check_file(root / relative, expected["size"], expected["sha256"], problems)
-    return len(files) if len(problems) == before else 0
+    """Every file against trtllm-deploy's manifest, with its own verifier (the image carries
+    ``trtllm_deploy/manifest.py``, standard library only), so there is one format and one check."""
+    from trtllm_deploy import manifest as manifests
 
-
-def _check_file(path: Path, size: int, sha256: str, problems: list[str]) -> None:
-    if not path.is_file():
-        problems.append(f"{path}: missing (listed in {MANIFEST})")
-        return
-    actual = path.stat().st_size
-    if actual != size:
-        problems.append(f"{path}: incomplete or wrong size: {actual} bytes, {MANIFEST} says {size}")
-        return
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != sha256:
-        problems.append(f"{path}: tampered: sha256 {digest.hexdigest()} differs from {MANIFEST}'s {sha256}")
+    report = manifests.check(root, cache=False)
+    for problem in report.problems:
+        where = root / problem["path"] if problem["path"] else root
+        problems.append(f"{where}: {problem['kind']}: {problem['detail']}")
+    return report.files if report.ok else 0

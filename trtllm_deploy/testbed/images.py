@@ -63,7 +63,8 @@ class ImageSpec:
 NODE = ImageSpec("trtllm-deploy/testbed-node", "docker/testbed-node", ("docker/testbed-node",),
                  "testbed node image")
 STANDIN = ImageSpec("trtllm-deploy/standin", "docker/standin",
-                    ("docker/standin", "requirements/container.txt", "trtllm_deploy/standin"),
+                    ("docker/standin", "requirements/container.txt", "trtllm_deploy/standin",
+                     "trtllm_deploy/manifest.py"),
                     "stand-in runtime image")
 
 
