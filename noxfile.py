@@ -14,7 +14,7 @@ import nox
 
 # `session.run_install` (skipped by `nox -R`) and `default=` on sessions arrived in 2024.3.2.
 nox.needs_version = ">=2024.3.2"
-nox.options.sessions = ["lint", "tests", "lock_check"]
+nox.options.sessions = ["lint", "tests", "lock_check", "smoke"]
 nox.options.reuse_venv = "yes"
 
 ROOT = Path(__file__).parent
@@ -126,6 +126,25 @@ def build(session: nox.Session) -> None:
                 f"for CUDA_ARCHS {pinned.cuda_archs}")
     session.run("invoke", "source", *session.posargs)
     session.run("invoke", "image", *session.posargs)
+
+
+SMOKE_SUBNET = "10.213.6.0/24"
+
+
+@nox.session(tags=["ci", "smoke"])
+def smoke(session: nox.Session) -> None:
+    """Phase 3 without a GPU: the stand-in serves a tiny artifact on a 1-node testbed (says so)."""
+    install(session, "host")
+    state = Path(tempfile.mkdtemp(prefix="trtllm-deploy-smoke-"))
+    testbed = ["--name", "smoke", "--state-dir", str(state)]
+    session.run("invoke", "testbed.up", "--nodes", "1", "--subnet", SMOKE_SUBNET, *testbed)
+    try:
+        folder = state / "artifact" / "testbed-tiny-bf16-tp1"
+        session.run("python", "-m", "trtllm_deploy.testbed.artifact", str(folder))
+        session.run("invoke", "smoke", "--hosts", str(state / "hosts.toml"), "--artifact-dir",
+                    str(folder), *session.posargs)
+    finally:
+        session.run("invoke", "testbed.down", "--purge", *testbed)
 
 
 BENCHMARKS = {

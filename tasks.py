@@ -5,7 +5,7 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import checks, engine, hosts, source, testbed
+from trtllm_deploy.cli import checks, engine, hosts, smoke, source, testbed
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
@@ -15,3 +15,4 @@ ns.add_task(checks.dirs)             # phase 1: the directories every node needs
 ns.add_collection(source.source_ns)  # phase 2: pin TensorRT-LLM and fetch exactly that commit
 ns.add_collection(source.image_ns)   # phase 2: build the image from it, labelled; verify it
 ns.add_collection(engine.ns)         # phases 3-4: the artifact: fit check, build, verify on nodes
+ns.add_task(smoke.smoke)             # phase 3: one node serves the small preset and answers

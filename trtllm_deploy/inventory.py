@@ -77,6 +77,12 @@ def _rdma_device(value: str) -> str:
     return value
 
 
+def _ulimit_name(value: str) -> str:
+    if value not in ("memlock", "stack", "nofile", "core", "nproc"):
+        raise ValueError("expected a docker --ulimit name: memlock, stack, nofile, core or nproc")
+    return value
+
+
 def _path(value: str) -> str:
     if not (value.startswith("/") or value == "~" or value.startswith("~/")):
         raise ValueError("expected an absolute path, or one starting with ~/ (the node user's home)")
@@ -138,6 +144,10 @@ class Container(_Table):
     name: NodeName = "trtllm-deploy"
     image: StrictStr | None = None
     env: dict[EnvName, StrictStr] = {}
+    # docker run --ulimit NAME=VALUE: what serving needs (FACTS.md); a machine that may not raise
+    # a limit (a nested test node) lists only the ones it can.
+    ulimits: dict[Annotated[StrictStr, AfterValidator(_ulimit_name)], StrictStr] = {
+        "memlock": "-1", "stack": "67108864"}
 
 
 class NodeSettings(_Table):

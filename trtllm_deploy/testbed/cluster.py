@@ -429,7 +429,9 @@ def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
         "[defaults.fabric]",
         'interfaces = ["eth0"]',
         "",
-        *(["[defaults.container]", f"image = {q(runtime_image)}  # the stand-in runtime", ""]
+        *(["[defaults.container]", f"image = {q(runtime_image)}  # the stand-in runtime",
+           "# A nested test node may not raise memlock (this machine's hard limit stands); a Spark can.",
+           'ulimits = { stack = "67108864" }', ""]
           if runtime_image else []),
         "[preflight]",
         f"arch = {q(platform.machine())}  # the nodes run on this machine's architecture",

@@ -1,0 +1,86 @@
+"""`invoke smoke` on the testbed's head with the stand-in runtime: served, answered, stopped; and
+the ways a start goes wrong (a known failure line, a stall) are reported with nothing left running.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import docker_unusable
+from test_standin import write_checkpoint
+from trtllm_deploy import manifest as manifests
+from trtllm_deploy import targets
+from trtllm_deploy.smoke import CONTAINER
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("artifacts") / "tiny-bf16-tp1-test"
+    write_checkpoint(folder, manifest=False)  # config and weights, as engine.build leaves them
+    (folder / "llm-api.yaml").write_text("kv_cache_config:\n  free_gpu_memory_fraction: 0.9\n"
+                                         "print_iter_log: false\n")
+    manifests.write(folder, manifests.create(folder, {"model": "tiny"}))
+    return folder
+
+
+def hosts_with(testbed, tmp_path, env: str = "") -> Path:
+    bed, _ = testbed
+    text = bed.layout.hosts_file.read_text()
+    if env:
+        text = text.replace("[defaults.container]\n", f"[defaults.container]\nenv = {{ {env} }}\n")
+    path = tmp_path / "hosts.toml"
+    path.write_text(text)
+    return path
+
+
+def smoke(hosts: Path, artifact: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "smoke",
+                           "--hosts", str(hosts), "--artifact-dir", str(artifact), *extra],
+                          capture_output=True, text=True, timeout=300)
+
+
+def left_running(testbed) -> str:
+    bed, _ = testbed
+    head = targets.SSH(bed.inventory().head)
+    try:
+        return head.run(["docker", "ps", "--all", "--quiet", "--filter", f"name={CONTAINER}"]).stdout
+    finally:
+        head.close()
+
+
+def test_smoke_serves_answers_and_stops_on_the_stand_in(testbed, artifact, tmp_path):
+    done = smoke(hosts_with(testbed, tmp_path, 'STANDIN_LOAD_SECONDS = "1"'), artifact, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["standin"] is True and report["answer"]
+    steps = {step["name"]: step for step in report["steps"]}
+    assert steps["artifact"]["ok"] and "verified on spark-1" in steps["artifact"]["detail"]
+    assert steps["image"]["ok"] is None and "stand-in" in steps["image"]["detail"]
+    assert steps["ready"]["ok"] and steps["token rate"]["ok"]
+    assert left_running(testbed) == ""
+    human = smoke(hosts_with(testbed, tmp_path), artifact)
+    assert human.returncode == 0 and human.stdout.startswith("STAND-IN RUN")
+
+
+@pytest.mark.parametrize("env, extra, words", [
+    ('STANDIN_FAULT = "oom"', (), ["CUDA out of memory while loading", "what to do:", "drop_caches"]),
+    ('STANDIN_FAULT = "hang", STANDIN_LOAD_SECONDS = "2"', ("--stall-s", "4"),
+     ["no progress for 4 s"]),
+], ids=["known-failure-line", "stall"])
+def test_a_start_that_goes_wrong_is_explained_and_leaves_nothing(testbed, artifact, tmp_path, env,
+                                                                extra, words):
+    done = smoke(hosts_with(testbed, tmp_path, env), artifact, *extra)
+    assert done.returncode == 1, done.stdout
+    for word in words:
+        assert word in done.stderr
+    assert "Traceback" not in done.stderr
+    assert left_running(testbed) == ""
