@@ -84,3 +84,39 @@ def test_a_start_that_goes_wrong_is_explained_and_leaves_nothing(testbed, artifa
         assert word in done.stderr
     assert "Traceback" not in done.stderr
     assert left_running(testbed) == ""
+
+
+@pytest.fixture(scope="module")
+def release_like(testbed):
+    """An image that reports a TensorRT-LLM commit and version the way release images do (over the
+    stand-in, which still does the serving)."""
+    bed, report = testbed
+    name = "trtllm-deploy-test/release-like:1"
+    head = targets.SSH(bed.inventory().head)
+    try:
+        head.run(["sh", "-c", 'printf "FROM %s\\nLABEL io.trtllm-deploy.standin=false\\n'
+                  'ENV TRT_LLM_GIT_COMMIT=%s TRT_LLM_VERSION=1.3.0rc2\\n" "$1" "$2" | '
+                  'docker build --quiet --tag "$3" -', "sh", report.runtime.tag, "c" * 40, name],
+                 timeout=300)
+        yield name
+        head.run(["docker", "rmi", "--force", name], check=False)
+    finally:
+        head.close()
+
+
+@pytest.mark.parametrize("commit, ok", [("c" * 40, True), ("d" * 40, False)], ids=["same", "other"])
+def test_smoke_checks_the_image_against_the_lock(testbed, artifact, tmp_path, release_like, commit, ok):
+    hosts = hosts_with(testbed, tmp_path)
+    text = hosts.read_text()
+    image_line = next(line for line in text.splitlines() if line.startswith("image = "))
+    hosts.write_text(text.replace(image_line, f'image = "{release_like}"'))
+    lock = tmp_path / "lock.toml"
+    lock.write_text(f'[source]\nrepository = "https://example.invalid/TensorRT-LLM.git"\n'
+                    f'commit = "{commit}"\nversion = "1.3.0rc2"\n\n[build]\n')
+    done = smoke(hosts, artifact, "--lock", str(lock), "--json")
+    report = json.loads(done.stdout)
+    steps = {step["name"]: step for step in report["steps"]}
+    assert report["standin"] is False
+    assert steps["image commit"]["ok"] is ok and steps["image version"]["ok"] is True
+    assert done.returncode == (0 if ok else 1)
+    assert left_running(testbed) == ""

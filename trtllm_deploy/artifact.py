@@ -22,6 +22,7 @@ from trtllm_deploy import __version__, fit, hub, manifest, models
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.group import fan_out
 from trtllm_deploy.inventory import Cluster
+from trtllm_deploy.source.image import image_ref
 from trtllm_deploy.source.lock import LockFile
 
 LLM_API_FILE = "llm-api.yaml"
@@ -103,6 +104,7 @@ def provenance(planned: Planned, lockfile: LockFile, revision: str, backend: str
             "precision": planned.variant.precision, "tp": planned.tp, "backend": backend,
             "trtllm_commit": lock.source.commit, "trtllm_version": lock.source.version,
             "lock_hash": lockfile.hash, "cuda_archs": lock.build.cuda_archs,
+            "image": image_ref(lockfile),  # the image `invoke image` makes from this lock
             "llm_api": planned.variant.llm_api(planned.nodes),
             "builder": f"trtllm-deploy {__version__}"}
 

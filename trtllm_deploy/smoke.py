@@ -123,6 +123,11 @@ def _check_image(report: SmokeReport, target: Target, labels: dict, lockfile: Lo
                        f"{commit[:12]}" + ("" if commit == wanted else f", the lock says {wanted[:12]}"))
         else:
             report.add("image commit", None, "the image or the lock names no commit")
+        version = labels.get("org.opencontainers.image.version") or labels.get("env:TRT_LLM_VERSION")
+        wanted_version = lockfile.lock.source.version
+        if version and wanted_version:
+            report.add("image version", version == wanted_version, f"TensorRT-LLM {version}" + (
+                "" if version == wanted_version else f", the lock says {wanted_version}"))
     archs = labels.get(LABEL_ARCHS, "")
     gpu = target.run(["sh", "-c", "nvidia-smi --query-gpu=compute_cap --format=csv,noheader "
                       "2>/dev/null || true"], timeout=60).stdout.split()
