@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.tomlsource import Problem, TomlFileError, problems_from, read
+from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, merge, problems_from, read
 
 DEFAULT_PATH = "hosts.toml"
 
@@ -71,12 +71,6 @@ def _interface(value: str) -> str:
     return value
 
 
-def _rdma_device(value: str) -> str:
-    if not _RDMA.match(value):
-        raise ValueError("expected an RDMA device name as `ibdev2netdev` shows it (e.g. rocep1s0f1)")
-    return value
-
-
 def _ulimit_name(value: str) -> str:
     if value not in ("memlock", "stack", "nofile", "core", "nproc"):
         raise ValueError("expected a docker --ulimit name: memlock, stack, nofile, core or nproc")
@@ -86,12 +80,6 @@ def _ulimit_name(value: str) -> str:
 def _path(value: str) -> str:
     if not (value.startswith("/") or value == "~" or value.startswith("~/")):
         raise ValueError("expected an absolute path, or one starting with ~/ (the node user's home)")
-    return value
-
-
-def _version(value: str) -> str:
-    if not _VERSION.match(value):
-        raise ValueError("expected a version of dotted numbers, e.g. \"13.0\"")
     return value
 
 
@@ -109,9 +97,11 @@ def _env_name(value: str) -> str:
 NodeName = Annotated[StrictStr, AfterValidator(_node_name)]
 Address = Annotated[StrictStr, AfterValidator(_address)]
 Interface = Annotated[StrictStr, AfterValidator(_interface)]
-RdmaDevice = Annotated[StrictStr, AfterValidator(_rdma_device)]
+RdmaDevice = Annotated[StrictStr, matching(
+    _RDMA.pattern, "expected an RDMA device name as `ibdev2netdev` shows it (e.g. rocep1s0f1)")]
 NodePath = Annotated[StrictStr, AfterValidator(_path)]
-VersionText = Annotated[StrictStr, AfterValidator(_version)]
+VersionText = Annotated[StrictStr, matching(
+    _VERSION.pattern, "expected a version of dotted numbers, e.g. \"13.0\"")]
 EnvName = Annotated[StrictStr, AfterValidator(_env_name)]
 Seconds = Annotated[StrictInt | StrictFloat, Field(gt=0, le=3600)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
@@ -288,16 +278,6 @@ def _problems(error: ValidationError, model: type[BaseModel], prefix: tuple) -> 
                          secret_fix="remove {key!r} from hosts.toml and export it in your shell instead")
 
 
-def _merge(defaults: dict, own: dict) -> dict:
-    merged = dict(defaults)
-    for key, value in own.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 _SSH_ONLY = ("user", "port", "identity_file", "known_hosts")
 
 
@@ -345,7 +325,7 @@ def _validate(source: Path, text: str, data: dict) -> Cluster:
     nodes: list[Node] = []
     for index, raw in enumerate(top.nodes):
         try:
-            node = Node.model_validate(_merge(defaults_raw, raw))
+            node = Node.model_validate(merge(defaults_raw, raw))
         except ValidationError as exc:
             # A key the node does not set itself came from [defaults]; those were valid already.
             problems += _problems(exc, Node, ("nodes", index))

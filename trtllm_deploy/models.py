@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.tomlsource import Problem, TomlFileError, problems_from, read
+from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, merge, problems_from, read
 
 PRESETS = Path(__file__).with_name("models.toml")
 USER_FILE = "~/.config/trtllm-deploy/models.toml"
@@ -41,35 +41,19 @@ _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
-def _model_name(value: str) -> str:
-    if not _NAME.match(value):
-        raise ValueError(
-            "expected a model name: lower-case letters, digits, '.', '_' or '-' (e.g. llama-70b)")
-    return value
-
-
-def _repo(value: str) -> str:
-    if not _REPO.match(value):
-        raise ValueError("expected a Hugging Face repository as owner/name (e.g. nvidia/Qwen3-32B-FP4)")
-    return value
-
-
-def _commit(value: str) -> str:
-    if not _COMMIT.match(value):
-        # A branch or tag moves; only a commit makes two nodes (or two builds) fetch the same files.
-        raise ValueError("expected a full 40-hex commit of the repository, not a branch, tag or short hash")
-    return value
-
-
 def _node_count(value: str) -> str:
     if not value.isdigit() or not 1 <= int(value) <= 64:
         raise ValueError("expected a node count from 1 to 64 as the key (e.g. { 1 = 1, 2 = 2 })")
     return value
 
 
-ModelName = Annotated[StrictStr, AfterValidator(_model_name)]
-Repo = Annotated[StrictStr, AfterValidator(_repo)]
-Commit = Annotated[StrictStr, AfterValidator(_commit)]
+ModelName = Annotated[StrictStr, matching(
+    _NAME.pattern, "expected a model name: lower-case letters, digits, '.', '_' or '-' (e.g. llama-70b)")]
+Repo = Annotated[StrictStr, matching(
+    _REPO.pattern, "expected a Hugging Face repository as owner/name (e.g. nvidia/Qwen3-32B-FP4)")]
+# A branch or tag moves; only a commit makes two nodes (or two builds) fetch the same files.
+Commit = Annotated[StrictStr, matching(
+    _COMMIT.pattern, "expected a full 40-hex commit of the repository, not a branch, tag or short hash")]
 NodeCount = Annotated[StrictStr, AfterValidator(_node_count)]
 Fraction = Annotated[StrictFloat | StrictInt, Field(gt=0, le=1)]
 
@@ -184,7 +168,7 @@ class Variant:
 
     def llm_api(self, nodes: int) -> dict[str, Any]:
         """The LLM-API settings for a deployment on ``nodes`` nodes, ready to write as YAML."""
-        return _merge(self.settings, self.settings_one_node) if nodes == 1 else dict(self.settings)
+        return merge(self.settings, self.settings_one_node) if nodes == 1 else dict(self.settings)
 
 
 @dataclass(frozen=True)
@@ -226,16 +210,6 @@ class Catalog:
             f"  what to do: pick one of those, or add [models.{name}] to {USER_FILE}"
             " (see trtllm_deploy/models.toml for the format)"
         )
-
-
-def _merge(base: dict, over: dict) -> dict:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _dump(settings: LlmApi) -> dict[str, Any]:
@@ -310,13 +284,13 @@ def _catalog(top: _File, sources: tuple[Path, ...]) -> Catalog:
     base, one_node = _dump(top.defaults.llm_api), _dump(top.defaults.llm_api_one_node)
     models = {}
     for name, entry in top.models.items():
-        model_settings = _merge(base, _dump(entry.llm_api))
+        model_settings = merge(base, _dump(entry.llm_api))
         variants = {
             precision: Variant(
                 model=name, precision=precision, repo=v.repo, revision=v.revision, gated=v.gated,
                 params_billion=float(entry.params_billion), bytes_per_param=float(v.bytes_per_param),
                 tp_by_nodes={int(nodes): tp for nodes, tp in v.tp_by_nodes.items()},
-                settings=_merge(model_settings, _dump(v.llm_api)), settings_one_node=one_node, note=v.note)
+                settings=merge(model_settings, _dump(v.llm_api)), settings_one_node=one_node, note=v.note)
             for precision, v in entry.variants.items()
         }
         models[name] = Model(name=name, description=entry.description,
@@ -341,5 +315,5 @@ def load(user_path: Path | str | None = None, *, presets: Path = PRESETS) -> Cat
     user_text, user_data = read(source, ModelsFileError,
                                 "create it (the format is that of trtllm_deploy/models.toml) or fix --models")
     # The presets are valid on their own, so whatever is wrong with the merge is the user's file.
-    merged = _validate(source, user_text, _merge(data, user_data))
+    merged = _validate(source, user_text, merge(data, user_data))
     return _catalog(merged, (presets, source))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from trtllm_deploy.errors import InputError
 
@@ -216,3 +216,26 @@ def problems_from(error: ValidationError, model: type[BaseModel], prefix: tuple,
         else:
             problems.append(Problem(path, f"{item['msg']}; got {value!r}", fix))
     return problems
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base`` key by key, tables merged all the way down (neither is changed)."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def matching(pattern: str, expected: str) -> AfterValidator:
+    """A pydantic validator: the string must match ``pattern``, else the error says ``expected``."""
+    regex = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not regex.match(value):
+            raise ValueError(expected)
+        return value
+
+    return AfterValidator(check)

@@ -26,7 +26,7 @@ from pydantic import (
     ValidationError,
 )
 
-from trtllm_deploy.tomlsource import Problem, TomlFileError, problems_from, read
+from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, problems_from, read
 
 DEFAULT_PATH = Path("requirements/tensorrt-llm.lock.toml")
 KINDS = ("source", "release", "wheel")
@@ -36,12 +36,6 @@ RESERVED_OPTIONS = ("CUDA_ARCHS", "IMAGE_NAME", "IMAGE_TAG", "IMAGE_WITH_TAG", "
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _MAKE_VAR = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _ARCH = re.compile(r"^(native|\d{2,3}[af]?(-real)?)$")
-
-
-def _sha(value: str) -> str:
-    if not _SHA.match(value):
-        raise ValueError("expected a full 40-character lowercase commit SHA (git rev-parse gives it)")
-    return value
 
 
 def _cuda_archs(value: str) -> str:
@@ -65,13 +59,10 @@ def _options(value: dict) -> dict:
     return value
 
 
-def _short_sha(value: str) -> str:
-    if not re.fullmatch(r"[0-9a-f]{7,40}", value):
-        raise ValueError("expected a commit SHA: 7 to 40 lowercase hex characters")
-    return value
-
-
-Sha = Annotated[StrictStr, AfterValidator(_sha)]
+Sha = Annotated[StrictStr, matching(
+    _SHA.pattern, "expected a full 40-character lowercase commit SHA (git rev-parse gives it)")]
+ShortSha = Annotated[StrictStr, matching(
+    r"^[0-9a-f]{7,40}$", "expected a commit SHA: 7 to 40 lowercase hex characters")]
 
 
 class _Table(BaseModel):
@@ -118,7 +109,7 @@ class Fix(_Table):
     """A commit the pinned tree must contain. Given by PR number only, ``source.update`` finds
     its commit in the repository's own history and records SHA and subject."""
 
-    commit: Annotated[StrictStr, AfterValidator(_short_sha)] | None = None
+    commit: ShortSha | None = None
     pr: Annotated[StrictInt, Field(ge=1)] | None = None
     title: StrictStr | None = None
 
