@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from trtllm_deploy.dockercli import require_engine  # noqa: E402
 from trtllm_deploy.testbed import cluster, images  # noqa: E402
 
 TARGET_S = 60.0
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--base", default="auto")
     args, _ = parser.parse_known_args()
 
-    images.require_engine()
+    require_engine()
     base = images.resolve_base(args.base)
     with tempfile.TemporaryDirectory(prefix="trtllm-bench-testbed-") as scratch:
         layout = cluster.Layout(name="bench", nodes=args.nodes, subnet=args.subnet,

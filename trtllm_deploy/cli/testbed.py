@@ -9,6 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from trtllm_deploy import console
 from trtllm_deploy.cli import JSON_HELP, user_errors
+from trtllm_deploy.dockercli import require_engine
 from trtllm_deploy.testbed import cluster, images
 
 NAME_HELP = f"the testbed's name; several can run side by side (default: {cluster.DEFAULT_NAME})"
@@ -74,7 +75,7 @@ def status(c: Context, name: str = cluster.DEFAULT_NAME, state_dir: str = "",
            json: bool = False) -> None:
     """Show the testbed's containers, network and volumes, and where its hosts.toml is."""
     bed = cluster.Testbed(_layout(name, state_dir=state_dir))
-    images.require_engine()
+    require_engine()
     containers = bed.containers()
     if json:
         console.print_json({"name": name, "containers": containers, "networks": bed.networks(),

@@ -18,7 +18,6 @@ from trtllm_deploy.targets import Target
 VERSION_FILE = "tensorrt_llm/version.py"
 TRTLLM_BUILD_FILE = "tensorrt_llm/commands/build.py"  # the `trtllm-build` entry point
 _VERSION = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.M)
-_SHA = re.compile(r"^[0-9a-f]{40}$")
 _ARG = re.compile(r"^ARG\s+(BASE_IMAGE|BASE_TAG)=\"?([^\"\s]+)\"?", re.M)
 
 
@@ -237,6 +236,3 @@ def require_fixes(missing: list[tuple[Fix, str]], commit: str) -> None:
                      "the fix from [[fixes]] if you know you do not need it")
         raise CheckFailed("\n".join(lines))
 
-
-def is_sha(text: str) -> bool:
-    return bool(_SHA.match(text))

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy import inventory, sshkeys, targets
+from trtllm_deploy.dockercli import docker, require_engine, text
 from trtllm_deploy.images import deliver
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.testbed import images
-from trtllm_deploy.testbed.images import docker, text
 
 LABEL = "io.trtllm-deploy.testbed"
 LABEL_NODE = "io.trtllm-deploy.testbed.node"
@@ -214,7 +214,7 @@ class Testbed:
         and (``runtime``) the stand-in runtime image in every node's engine."""
         started = time.monotonic()
         layout = self.layout
-        images.require_engine()
+        require_engine()
         self._check_other_nodes()
         base = images.resolve_base(self.base, self.mirror, self.report)
         node_image = images.ensure(images.NODE, base, layout.log_dir, self.report,
@@ -392,7 +392,7 @@ class Testbed:
 
     def down(self, purge: bool = False) -> dict[str, list[str]]:
         """Remove every container, network and volume with this testbed's label; say what went."""
-        images.require_engine()
+        require_engine()
         removed = self.leftovers()
         if removed["containers"]:
             docker("rm", "--force", "--volumes", *removed["containers"], timeout=300)

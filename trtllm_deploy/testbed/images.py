@@ -16,11 +16,11 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtllm_deploy.dockercli import docker, image_id, require_engine, text  # noqa: F401 - re-exported
+from trtllm_deploy.dockercli import docker, image_id
 from trtllm_deploy.errors import DeployError, InputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,11 +216,3 @@ def _run_logged(argv: list[str], log: Path, progress) -> int:
             proc.kill()
             proc.wait()
             raise
-
-
-def tags(spec_or_repository: ImageSpec | str) -> Iterable[str]:
-    """The tags of this repository present here (old content hashes included)."""
-    repository = getattr(spec_or_repository, "repository", spec_or_repository)
-    done = docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}", repository, check=False)
-    return [line for line in text(done).splitlines() if line and not line.endswith(":<none>")]
-
