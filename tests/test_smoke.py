@@ -63,12 +63,15 @@ def test_smoke_serves_answers_and_stops_on_the_stand_in(testbed, artifact, tmp_p
     report = json.loads(done.stdout)
     assert report["ok"] and report["standin"] is True and report["answer"]
     steps = {step["name"]: step for step in report["steps"]}
-    assert steps["artifact"]["ok"] and "verified on spark-1" in steps["artifact"]["detail"]
+    assert steps["artifact"]["ok"]
+    assert steps["artifact"]["detail"] in ("tiny-bf16-tp1-test copied to spark-1, verified there",
+                                           "tiny-bf16-tp1-test already on spark-1, verified there")
     assert steps["image"]["ok"] is None and "stand-in" in steps["image"]["detail"]
     assert steps["ready"]["ok"] and steps["token rate"]["ok"]
     assert left_running(testbed) == ""
     human = smoke(hosts_with(testbed, tmp_path), artifact)
     assert human.returncode == 0 and human.stdout.startswith("STAND-IN RUN")
+    assert "already on spark-1" in human.stdout  # a verified copy is not sent again
 
 
 @pytest.mark.parametrize("env, extra, words", [

@@ -143,14 +143,16 @@ def _check_image(report: SmokeReport, target: Target, labels: dict, lockfile: Lo
 def _place(report: SmokeReport, node: Node, target: Target, artifact: Path) -> str:
     """The artifact in the node's artifact store, verified there against its manifest."""
     remote = posixpath.join(expand(node.paths.artifacts, target.home()), artifact.name)
-    if not engines.verify_on(node, target, artifact.name).ok:
-        target.run(["rm", "-rf", remote], timeout=600)
-        target.put(artifact, remote)
+    if engines.verify_on(node, target, artifact.name).ok:
+        report.add("artifact", True, f"{artifact.name} already on {node.name}, verified there")
+        return remote
+    target.run(["rm", "-rf", remote], timeout=600)
+    target.put(artifact, remote)
     checked = engines.verify_on(node, target, artifact.name)
     if not checked.ok:
         raise CheckFailed(f"{node.name}: {artifact.name} does not verify after copying: "
                           f"{checked.problems[:3]}")
-    report.add("artifact", True, f"{artifact.name} verified on {node.name}")
+    report.add("artifact", True, f"{artifact.name} copied to {node.name}, verified there")
     return remote
 
 

@@ -373,11 +373,10 @@ def build(cluster: Cluster, build_plan: BuildPlan, log_dir: str, progress: Progr
         if code != 0:
             text = target.run(["cat", log], check=False, timeout=300).stdout
             raise CheckFailed(explain(text, code, log, cluster.build_node.name))
-        image_id = target.run(["docker", "image", "inspect", "--format", "{{.Id}}",
-                               build_plan.image], timeout=60).stdout.strip()
-        got = json.loads(target.run(["docker", "image", "inspect", "--format",
-                                     "{{json .Config.Labels}}", build_plan.image],
-                                    timeout=60).stdout or "{}") or {}
+        image_id, _, labels_json = target.run(
+            ["docker", "image", "inspect", "--format", "{{.Id}} {{json .Config.Labels}}",
+             build_plan.image], timeout=60).stdout.strip().partition(" ")
+        got = json.loads(labels_json or "null") or {}
         wrong = {k: v for k, v in build_plan.labels.items() if got.get(k) != v}
         if wrong:
             raise DeployError(f"the build finished but {build_plan.image} lacks the labels "

@@ -242,16 +242,17 @@ class Testbed:
                                                     existing.get(layout.container(index)))
         self._write_files(runtime_image.tag if runtime_image else None)
         stop = threading.Event()
+        nodes = self.inventory()  # read once, not once per waiting thread
         pool = ThreadPoolExecutor(max_workers=layout.nodes, thread_name_prefix="testbed-node")
         try:
-            states = list(pool.map(lambda i: self._wait_ready(i, actions[i], ready_timeout, stop),
-                                   layout.indexes))
+            states = list(pool.map(lambda i: self._wait_ready(
+                i, nodes.node(layout.node_name(i)), actions[i], ready_timeout, stop), layout.indexes))
         finally:
             stop.set()  # on Ctrl-C or a failed node, the other waits end at once
             pool.shutdown(wait=True, cancel_futures=True)
         if runtime_image:
             self.report(f"delivering {runtime_image.tag} to {layout.nodes} node(s) over SSH")
-            delivered = deliver(runtime_image.tag, self.inventory().nodes)
+            delivered = deliver(runtime_image.tag, nodes.nodes)
             delivered.raise_for_failures()
             for state in states:
                 outcome = delivered[state.name]
@@ -348,12 +349,11 @@ class Testbed:
         _write_atomically(layout.hosts_file, hosts_toml(layout, runtime_image))
         inventory.load(layout.hosts_file)  # what we hand out must be a valid inventory
 
-    def _wait_ready(self, index: int, action: str, timeout: float,
+    def _wait_ready(self, index: int, node: inventory.Node, action: str, timeout: float,
                     stop: threading.Event) -> NodeState:
         """Until the node answers over SSH (host key checked) and its own Docker engine runs."""
         layout = self.layout
         started = time.monotonic()
-        node = self.inventory().node(layout.node_name(index))
         last = "no answer yet"
         while time.monotonic() - started < timeout and not stop.is_set():
             state = text(docker("inspect", "--format", "{{.State.Status}}", layout.container(index)))
