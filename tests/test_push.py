@@ -1,0 +1,362 @@
+"""``invoke push`` for real: testbed nodes (sshd and their own Docker engine) receiving artifacts and
+images, with bytes counted, interrupted transfers, a full disk, corruption and layer-wise images.
+
+Traffic goes only to loopback and to the testbed's own addresses (TESTING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import docker_unusable
+from trtllm_deploy import engines, inventory, manifest
+from trtllm_deploy import push as pushing
+from trtllm_deploy.errors import CheckFailed, InputError
+from trtllm_deploy.push import channel, files, layers
+from trtllm_deploy.targets import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+# The task as a command line, through invoke's own parser (tasks.py adds the same task).
+PROGRAM = ("import sys; from invoke import Collection, Program; from trtllm_deploy.cli.push import push;"
+           " Program(namespace=Collection(push)).run(['invoke', *sys.argv[1:]])")
+MiB = 1 << 20
+
+needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
+
+
+def run_push(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", PROGRAM, "push", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def make_artifact(store: Path, name: str, sizes: dict[str, int], seed: int = 0) -> Path:
+    root = store / name
+    for path, size in sizes.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(os.urandom(size))
+    manifest.write(root, manifest.create(root, {"model": name, "seed": seed}))
+    return root
+
+
+def rewrite(root: Path, path: str, size: int) -> None:
+    (root / path).write_bytes(os.urandom(size))
+    manifest.write(root, manifest.create(root, {"model": root.name}))
+
+
+# --- planning and parsing, pure ---------------------------------------------------------------
+
+WANTED = {"files": {"a": {"size": 100, "hash": "x"}, "b": {"size": 50, "hash": "y"},
+                    "c/d": {"size": 10, "hash": "z"}}}
+
+
+@pytest.mark.parametrize("seen, actions, to_send", [
+    ({}, {"a": "send", "b": "send", "c/d": "send"}, 160),
+    ({"a": {"current": True}, "b": {"current": True}, "c/d": {"current": True}},
+     {"a": "link", "b": "link", "c/d": "link"}, 0),
+    ({"a": {"partial": 40}, "b": {"current": True}}, {"a": "resume", "b": "link", "c/d": "send"}, 70),
+    ({"a": {"staged": True, "current": True}, "b": {"partial": 50}},
+     {"a": "staged", "b": "send", "c/d": "send"}, 60),
+    ({"a": {"partial": 0}}, {"a": "send", "b": "send", "c/d": "send"}, 160),
+], ids=["cold", "all-in-current", "resume-a-partial-file", "staged-wins-full-size-partial-resent",
+        "empty-partial"])
+def test_a_survey_becomes_a_plan(seen, actions, to_send):
+    planned = files.plan("n", "art", WANTED, {"files": seen, "free": 1 << 20, "exists": True})
+    assert {step.path: step.action for step in planned.steps} == actions
+    assert planned.send_bytes == to_send and planned.total_bytes == 160
+    assert planned.fits
+
+
+def test_a_plan_that_does_not_fit_says_so():
+    planned = files.plan("n", "art", WANTED, {"files": {}, "free": 100})
+    assert not planned.fits and planned.needed >= 160
+    assert "100 B free" in str(files.no_room(inventory.Node(name="n"), planned))
+
+
+def test_layer_chains_and_node_facts():
+    chains = layers.chain_ids(["sha256:a", "sha256:b"])
+    assert chains[0] == "sha256:a" and chains[1].startswith("sha256:") and len(chains[1]) == 71
+    out = 'sha256:1 {"x":"1"}\n---\n["sha256:a"]\n["sha256:a","sha256:b"]\n'
+    got, labels, held = layers.parse_facts(out)
+    assert (got, labels) == ("sha256:1", {"x": "1"}) and held == set(chains)
+    assert layers.parse_facts("none\n---\n") == (None, {}, set())
+
+
+# --- bad input: exit 2, nothing run anywhere --------------------------------------------------
+
+def test_bad_input_exits_2(tmp_path):
+    store = tmp_path / "engines"
+    make_artifact(store, "good", {"w": 10})
+    (store / "no-manifest").mkdir()
+    damaged = make_artifact(store, "damaged", {"w": 10})
+    (damaged / "w").write_bytes(b"short")
+    hosts = tmp_path / "missing-hosts.toml"
+    for args, words in [((), "nothing to push"), (("--name", "../etc"), "not valid"),
+                        (("--name", "absent"), "no artifact absent"),
+                        (("--name", "no-manifest"), "no manifest"),
+                        (("--name", "damaged"), "does not match its manifest"),
+                        (("--image", "trtllm-deploy-test/never-built:0"), "not on this machine")]:
+        done = run_push("--store", str(store), "--hosts", str(hosts), *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert words in done.stderr and "Traceback" not in done.stderr
+
+
+# --- on the testbed ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bed(testbed):
+    testbed_, _ = testbed
+    return testbed_
+
+
+def node_sh(bed, index: int, script: str, user: str = "spark") -> str:
+    done = subprocess.run(["docker", "exec", "-u", user, bed.layout.container(index), "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def verified(bed, name: str, nodes: tuple) -> dict:
+    cluster = bed.inventory()
+    result = engines.verify(cluster, tuple(cluster.node(n) for n in nodes), name)
+    return {o.node.name: o.value for o in result}
+
+
+@needs_docker
+def test_cold_then_unchanged_then_one_changed_file(bed, tmp_path):
+    store = tmp_path / "engines"
+    root = make_artifact(store, "push-basic", {"config.json": 300, "model-1.safetensors": 3 * MiB,
+                                               "model-2.safetensors": 2 * MiB,
+                                               "tokenizer/tokenizer.json": 4000})
+    total = sum(e["size"] for e in manifest.load(root)["files"].values())
+    hosts = str(bed.layout.hosts_file)
+    args = ("--store", str(store), "--name", "push-basic", "--hosts", hosts, "--nodes", "spark-2,spark-3")
+
+    done = run_push(*args, "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)["nodes"]
+    assert plan["spark-2"]["artifact"]["send_bytes"] == total
+    assert node_sh(bed, 2, "ls ~/trtllm-deploy/engines 2>/dev/null || true").strip() == ""
+
+    done = run_push(*args, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    for node in ("spark-2", "spark-3"):
+        assert report["nodes"][node]["artifact"]["action"] == "sent"
+        # The stream's framing (a JSON line per file) is all that is sent beyond the files.
+        assert total <= report["nodes"][node]["bytes_sent"] < total + 8192
+    assert all(v.ok for v in verified(bed, "push-basic", ("spark-2", "spark-3")).values())
+    inode = node_sh(bed, 2, "stat -c %i ~/trtllm-deploy/engines/push-basic/model-1.safetensors")
+
+    done = run_push(*args, "--json")
+    report = json.loads(done.stdout)
+    for node in ("spark-2", "spark-3"):
+        assert report["nodes"][node]["artifact"]["action"] == "up to date"
+        assert report["nodes"][node]["bytes_sent"] == 0
+
+    rewrite(root, "model-2.safetensors", 2 * MiB)
+    done = run_push(*args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "spark-2" in done.stdout and "updated" in done.stdout
+    done = run_push(*args, "--json")  # and now it is up to date again
+    assert json.loads(done.stdout)["nodes"]["spark-3"]["bytes_sent"] == 0
+    # The unchanged shard was kept (the same inode), not sent again.
+    assert node_sh(bed, 2, "stat -c %i ~/trtllm-deploy/engines/push-basic/model-1.safetensors") == inode
+    assert node_sh(bed, 2, "ls -a ~/trtllm-deploy/engines").split() == [
+        ".", "..", ".push-basic.push.lock", "push-basic"]
+
+
+@needs_docker
+def test_one_changed_file_is_sent_alone_and_a_corrupted_one_is_resent(bed, tmp_path):
+    store = tmp_path / "engines"
+    root = make_artifact(store, "push-delta", {f"shard-{i}": MiB for i in range(4)})
+    cluster = bed.inventory()
+    node = cluster.node("spark-2")
+    src = pushing.source(store, "push-delta")
+    assert not pushing.push([node], src).failed
+
+    rewrite(root, "shard-1", MiB)
+    src = pushing.source(store, "push-delta")
+    counted = pushing.Counter()
+    result = pushing.push([node], src, progress=counted)["spark-2"].value
+    assert result.artifact.files_sent == 1
+    assert MiB <= counted.sent["spark-2"] == result.bytes_sent < 1.01 * MiB
+
+    # A byte flipped on the node, size and mtime kept: found by its hash and sent again, alone.
+    node_sh(bed, 2, "f=~/trtllm-deploy/engines/push-delta/shard-3; t=$(stat -c %y $f);"
+                    " printf Z | dd of=$f bs=1 seek=1000 conv=notrunc 2>/dev/null; touch -d \"$t\" $f")
+    assert not verified(bed, "push-delta", ("spark-2",))["spark-2"].ok
+    result = pushing.push([node], src)["spark-2"].value
+    assert result.artifact.files_sent == 1 and MiB <= result.bytes_sent < 1.01 * MiB
+    assert verified(bed, "push-delta", ("spark-2",))["spark-2"].ok
+
+
+def _kill_channels_after(limit: int):
+    """A progress callback that kills the running ssh transfer (a process this test started)
+    once ``limit`` bytes have gone into it, as a dropped link or a killed node would."""
+    seen = {"sent": 0, "killed": 0}
+
+    def progress(node: str, count: int) -> None:
+        seen["sent"] += count
+        if seen["sent"] >= limit and not seen["killed"]:
+            with channel._lock:
+                procs = list(channel._open)
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGKILL)
+            seen["killed"] = len(procs)
+
+    return progress, seen
+
+
+@needs_docker
+def test_an_interrupted_push_resumes_and_the_old_version_serves_meanwhile(bed, tmp_path):
+    store = tmp_path / "engines"
+    root = make_artifact(store, "push-resume", {"small": 1000, "big.safetensors": 12 * MiB})
+    cluster = bed.inventory()
+    node = cluster.node("spark-3")
+    assert not pushing.push([node], pushing.source(store, "push-resume")).failed
+    old = manifest.load(root)
+
+    rewrite(root, "big.safetensors", 12 * MiB)
+    src = pushing.source(store, "push-resume")
+    progress, seen = _kill_channels_after(5 * MiB)
+    broken = pushing.push([node], src, progress=progress)
+    assert seen["killed"] == 1
+    assert "push again to send only the rest" in broken["spark-3"].reason
+    # The name still holds the whole previous version, which verifies.
+    target = connect(node)
+    try:
+        home = target.home()
+        on_node = json.loads(target.run(["cat", f"{home}/trtllm-deploy/engines/push-resume/"
+                                                f"{manifest.MANIFEST}"]).stdout)
+    finally:
+        target.close()
+    assert on_node["files"] == old["files"]
+    assert verified(bed, "push-resume", ("spark-3",))["spark-3"].ok
+
+    counted = pushing.Counter()
+    result = pushing.push([node], src, progress=counted)["spark-3"].value
+    assert result.artifact.action == "resumed"
+    # Only the rest went: what was sent before the kill (less what was still in flight) is not resent.
+    assert counted.sent["spark-3"] < 12 * MiB - 3 * MiB, counted.sent
+    assert verified(bed, "push-resume", ("spark-3",))["spark-3"].ok
+    assert json.loads(node_sh(bed, 3, f"cat ~/trtllm-deploy/engines/push-resume/{manifest.MANIFEST}")
+                      )["files"] == manifest.load(root)["files"]
+
+
+def _small_disk(bed, index: int, path: str, size: str) -> None:
+    node_sh(bed, index, f"mkdir -p {path} && (umount {path} 2>/dev/null; true) && mount -t tmpfs"
+                        f" -o size={size} tmpfs {path} && chown spark {path}", user="root")
+
+
+@needs_docker
+def test_a_full_disk_is_a_clear_error_before_and_during_sending(bed, tmp_path):
+    store = tmp_path / "engines"
+    make_artifact(store, "push-full", {"a": 3 * MiB, "b": 3 * MiB})
+    _small_disk(bed, 2, "/srv/small", "4m")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(bed.layout.hosts_file.read_text().replace(
+        'name = "spark-2"', 'name = "spark-2"\npaths = { artifacts = "/srv/small/engines" }'))
+    try:
+        done = run_push("--store", str(store), "--name", "push-full", "--hosts", str(hosts),
+                        "--nodes", "spark-1,spark-2", timeout=60)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "spark-2: not enough free space" in done.stderr and "Traceback" not in done.stderr
+        assert "paths.artifacts" in done.stderr
+        # Nothing moved anywhere, not even to the node with room.
+        assert "push-full" not in node_sh(bed, 1, "ls ~/trtllm-deploy/engines 2>/dev/null || true")
+
+        # Room when asked, gone when sending: the node says so, the push does not hang.
+        _small_disk(bed, 2, "/srv/small", "8m")
+        cluster = inventory.load(hosts)
+        src = pushing.source(store, "push-full")
+        plans = pushing.look([cluster.node("spark-2")], src)
+        pushing.require_room(plans)
+        node_sh(bed, 2, "head -c 5242880 /dev/zero > /srv/small/filler")
+        finished = {}
+        worker = threading.Thread(target=lambda: finished.update(r=pushing.send(plans, src)))
+        worker.start()
+        worker.join(60)
+        assert "r" in finished, "the push hung on a full disk"
+        reason = finished["r"]["spark-2"].reason
+        assert "filled up" in reason and "No space left" in reason, reason
+    finally:
+        node_sh(bed, 2, "umount /srv/small", user="root")
+
+
+@needs_docker
+def test_not_enough_room_raises_from_the_api(bed, tmp_path):
+    store = tmp_path / "engines"
+    make_artifact(store, "push-room", {"a": 3 * MiB})
+    _small_disk(bed, 3, "/srv/tiny", "1m")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(bed.layout.hosts_file.read_text().replace(
+        'name = "spark-3"', 'name = "spark-3"\npaths = { artifacts = "/srv/tiny/e" }'))
+    try:
+        with pytest.raises(CheckFailed, match="not enough free space"):
+            pushing.push([inventory.load(hosts).node("spark-3")], pushing.source(store, "push-room"))
+    finally:
+        node_sh(bed, 3, "umount /srv/tiny", user="root")
+
+
+def _build(tag: str, context: Path, base: str, top: bytes) -> None:
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "lower.bin").write_bytes(b"L" * (2 * MiB))
+    (context / "top.bin").write_bytes(top)
+    (context / "Dockerfile").write_text(f"FROM {base}\nCOPY lower.bin /lower.bin\nCOPY top.bin /top.bin\n"
+                                        f"LABEL io.trtllm-deploy.test=push\n")
+    subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True,
+                   capture_output=True, timeout=300)
+
+
+@needs_docker
+def test_an_image_sends_only_the_layers_a_node_lacks(bed, base_image, tmp_path):
+    tag = f"trtllm-deploy-test/push:{os.getpid()}"
+    try:
+        _build(tag, tmp_path / "v1", base_image, os.urandom(MiB))
+        done = run_push("--image", tag, "--hosts", str(bed.layout.hosts_file), "--nodes",
+                        "spark-1,spark-2", "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        first = json.loads(done.stdout)["nodes"]
+        # The base layer is already on the nodes (the stand-in is built on it): two layers go.
+        for node in ("spark-1", "spark-2"):
+            assert first[node]["image"]["layers_sent"] == 2
+            assert first[node]["image"]["action"] == "loaded"
+            assert 3 * MiB < first[node]["bytes_sent"] < 4 * MiB
+
+        _build(tag, tmp_path / "v2", base_image, os.urandom(MiB))  # only the top layer differs
+        done = run_push("--image", tag, "--hosts", str(bed.layout.hosts_file), "--nodes",
+                        "spark-1,spark-2", "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        second = json.loads(done.stdout)["nodes"]
+        local = layers.inspect_local(tag)
+        for node in ("spark-1", "spark-2"):
+            assert second[node]["image"]["layers_sent"] == 1
+            assert MiB < second[node]["bytes_sent"] < 1.2 * MiB
+            assert second[node]["image"]["image_id"] == local.id
+        cluster = bed.inventory()
+        target = connect(cluster.node("spark-2"))
+        try:
+            plan = layers.look(cluster.node("spark-2"), target, local)
+        finally:
+            target.close()
+        assert plan.up_to_date and local.labels["io.trtllm-deploy.test"] == "push"
+
+        done = run_push("--image", tag, "--hosts", str(bed.layout.hosts_file), "--nodes", "spark-2",
+                        "--json")
+        assert json.loads(done.stdout)["nodes"]["spark-2"]["image"]["action"] == "up to date"
+    finally:
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+
+def test_source_refuses_without_anything(tmp_path):
+    with pytest.raises(InputError):
+        pushing.source(tmp_path, "", "")

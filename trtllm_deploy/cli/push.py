@@ -1,0 +1,97 @@
+"""``invoke push``: phase 4, the artifact and the image to every node, only what each one lacks."""
+
+from __future__ import annotations
+
+from invoke import Context, task
+from invoke.exceptions import Exit
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from trtllm_deploy import console, inventory
+from trtllm_deploy import push as pushing
+from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.push.files import human_size
+
+
+def _plan_rows(plans) -> list[list]:
+    rows = []
+    for o in plans:
+        if not o.ok:
+            rows.append([o.node.name, console.status_cell("fail", o.reason), ""])
+            continue
+        p = o.value
+        rows.append([o.node.name,
+                     _cell(p.artifact.up_to_date, p.artifact.describe()) if p.artifact else "",
+                     _cell(p.image.up_to_date, p.image.describe()) if p.image else ""])
+    return rows
+
+
+def _cell(up_to_date: bool, text: str):
+    return console.status_cell("pass" if up_to_date else "warn", text)
+
+
+def _summary_rows(results) -> list[list]:
+    rows = []
+    for o in results:
+        if not o.ok:
+            rows.append([o.node.name, console.status_cell("fail", "FAILED"), "", "", "", "",
+                         o.reason])
+            continue
+        r = o.value
+        actions = [part.action for part in (r.artifact, r.image) if part]
+        rate = f"{human_size(r.bytes_sent / r.seconds)}/s" if r.bytes_sent and r.seconds else "–"
+        rows.append([o.node.name, console.status_cell("pass", ", ".join(actions)),
+                     human_size(r.bytes_sent), human_size(r.bytes_skipped), f"{r.seconds:.2f} s", rate, ""])
+    return rows
+
+
+@task(help={"name": "the artifact's directory name in --store (sent to paths.artifacts/NAME)",
+            "store": "where artifacts are on this machine (default: engines/)",
+            "image": "an image of this machine's Docker engine to send too (only missing layers)",
+            "hosts": HOSTS_HELP, "nodes": NODES_HELP, "json": JSON_HELP, "dry_run": DRY_RUN_HELP})
+@user_errors
+def push(c: Context, name: str = "", store: str = "engines", image: str = "", hosts: str = "hosts.toml",
+         nodes: str = "", json: bool = False, dry_run: bool = False) -> None:
+    """Send every node what it lacks of an artifact and an image, verified there, all at once."""
+    src = pushing.source(store, name, image)
+    cluster = inventory.load(hosts)
+    selected = cluster.select(nodes)
+    what = " and ".join(x for x in (name, image) if x)
+    with console.err.status(f"asking {len(selected)} node(s) what they have of {what}…",
+                            spinner="dots"):
+        plans = pushing.look(selected, src)
+    if dry_run:
+        if json:
+            console.print_json({"dry_run": True, "artifact": name or None, "image": image or None,
+                                "nodes": {o.node.name: o.value.as_json() if o.ok else
+                                          {"ok": False, "error": o.reason} for o in plans}})
+        else:
+            console.out.print(console.table(f"push: plan for {what} (dry run: nothing will change)",
+                                            ["node", "artifact", "image"], _plan_rows(plans)))
+        if plans.failed:
+            raise Exit(plans.summary(), code=1)
+        return
+    pushing.require_room(plans)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console.err, transient=True,
+                  disable=json) as bar:
+        tasks = {}
+        for o in plans:
+            if o.ok and not o.value.up_to_date:
+                total = o.value.artifact.send_bytes if o.value.artifact else 0
+                tasks[o.node.name] = bar.add_task(o.node.name, total=total or None)
+
+        def advance(node: str, count: int) -> None:
+            bar.advance(tasks[node], count)
+
+        results = pushing.send(plans, src, progress=advance)
+    if json:
+        console.print_json({"artifact": name or None, "image": image or None,
+                            "ok": not results.failed,
+                            "nodes": {o.node.name: o.value.as_json() if o.ok else
+                                      {"ok": False, "error": o.reason} for o in results}})
+    else:
+        console.out.print(console.table(f"push: {what}", ["node", "result", "sent", "skipped",
+                                                          "time", "rate", "problem"],
+                                        _summary_rows(results)))
+    if results.failed:
+        raise Exit(f"push: {results.summary()}", code=1)

@@ -1,0 +1,167 @@
+"""``invoke push``: every node gets what it lacks of an artifact and an image, all nodes at once.
+
+Look, then act: each node is asked what it has (one command per node for the artifact, one for
+the image), the differences become a :class:`NodePlan` per node, and only then is anything sent.
+A node that lacks the room for its difference stops the push before any byte moves anywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from trtllm_deploy import engines, manifest
+from trtllm_deploy.errors import CheckFailed, InputError
+from trtllm_deploy.group import GroupResult, Outcome, fan_out
+from trtllm_deploy.inventory import Node
+from trtllm_deploy.push import channel, files, layers
+from trtllm_deploy.targets import Target, connect
+
+Progress = Callable[[str, int], None]  # (node name, bytes just sent)
+
+
+@dataclass(frozen=True)
+class Source:
+    """What is pushed: an artifact directory with its manifest, an image of this machine, or both."""
+
+    artifact: Path | None = None
+    wanted: dict | None = None
+    image: layers.LocalImage | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.artifact.name if self.artifact else None
+
+
+def source(store: str | Path = "engines", name: str = "", image: str = "") -> Source:
+    """Check what the user asked to push, here, before any node is touched (InputError: exit 2)."""
+    if not name and not image:
+        raise InputError("nothing to push: give --name ARTIFACT, --image REF, or both")
+    artifact = wanted = None
+    if name:
+        engines.check_name(name)
+        artifact = Path(store) / name
+        if not artifact.is_dir():
+            raise InputError(f"no artifact {name} in {store}/: build it first (invoke engine.build)"
+                             f" or pass --store")
+        try:
+            wanted = manifest.load(artifact)
+        except manifest.ManifestError as exc:
+            raise InputError(f"{exc}; an artifact is pushed with its manifest (invoke engine.build "
+                             "writes it)") from None
+        for path, entry in wanted["files"].items():
+            local = artifact / path
+            if not local.is_file() or local.stat().st_size != entry["size"]:
+                raise InputError(f"{local} does not match its manifest (missing or another size); "
+                                 "rebuild the artifact (invoke engine.build)")
+    return Source(artifact, wanted, layers.inspect_local(image) if image else None)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    node: str
+    artifact: files.ArtifactPlan | None
+    image: layers.ImagePlan | None
+
+    @property
+    def up_to_date(self) -> bool:
+        return all(part is None or part.up_to_date for part in (self.artifact, self.image))
+
+    def as_json(self) -> dict:
+        return {"up_to_date": self.up_to_date,
+                "artifact": self.artifact.as_json() if self.artifact else None,
+                "image": self.image.as_json() if self.image else None}
+
+
+@dataclass(frozen=True)
+class NodePushed:
+    node: str
+    artifact: files.ArtifactSent | None
+    image: layers.ImageSent | None
+    seconds: float
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(part.bytes_sent for part in (self.artifact, self.image) if part)
+
+    @property
+    def bytes_skipped(self) -> int:
+        return sum(part.bytes_skipped for part in (self.artifact, self.image) if part)
+
+    def as_json(self) -> dict:
+        return {"ok": True, "bytes_sent": self.bytes_sent, "bytes_skipped": self.bytes_skipped,
+                "seconds": round(self.seconds, 3),
+                "rate_bytes_per_s": round(self.bytes_sent / self.seconds) if self.seconds else 0,
+                "artifact": self.artifact.as_json() if self.artifact else None,
+                "image": self.image.as_json() if self.image else None}
+
+
+def look(nodes: Sequence[Node], src: Source, *, reach: Callable[[Node], Target] = connect,
+         ) -> GroupResult[NodePlan]:
+    """Every node's difference from what is pushed (nothing sent, nothing changed)."""
+
+    def one(node: Node, target: Target) -> NodePlan:
+        planned = files.look(node, target, src.name, src.wanted)[1] if src.artifact else None
+        image = layers.look(node, target, src.image) if src.image else None
+        return NodePlan(node.name, planned, image)
+
+    return fan_out(tuple(nodes), one, reach=reach)
+
+
+def require_room(plans: GroupResult[NodePlan]) -> None:
+    """Refuse the whole push, before any byte moves, if a node lacks the space for its part."""
+    short = [files.no_room(o.node, o.value.artifact) for o in plans
+             if o.ok and o.value.artifact and not o.value.artifact.fits]
+    if short:
+        raise CheckFailed("\n".join(str(error) for error in short))
+
+
+def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None = None,
+         reach: Callable[[Node], Target] = connect) -> GroupResult[NodePushed]:
+    """Apply every node's plan at once; nodes whose look failed keep that failure."""
+    by_name = {o.node.name: o for o in plans}
+    reachable = [o.node for o in plans if o.ok]
+    with layers.scratch() as folder:
+        saved = layers.SavedImage(src.image, Path(folder)) if src.image else None
+
+        def one(node: Node, target: Target) -> NodePushed:
+            started = time.monotonic()
+            planned: NodePlan = by_name[node.name].value
+            count = (lambda n: progress(node.name, n)) if progress else None
+            artifact = image = None
+            if src.artifact:
+                first = (files.Scripts(target), planned.artifact)
+                artifact = files.push(node, target, src.name, src.artifact, src.wanted, first, count)
+            if saved:
+                image = layers.push(node, target, saved, planned.image, count)
+            return NodePushed(node.name, artifact, image, time.monotonic() - started)
+
+        try:
+            done = fan_out(reachable, one, reach=reach)
+        except BaseException:
+            channel.stop_all()  # Ctrl-C: the nodes keep what they received, for resuming
+            raise
+    return GroupResult([done[o.node.name] if o.ok else Outcome(o.node, error=o.error) for o in plans])
+
+
+def push(nodes: Sequence[Node], src: Source, *, progress: Progress | None = None,
+         reach: Callable[[Node], Target] = connect) -> GroupResult[NodePushed]:
+    """Look, check room everywhere, then send: the whole phase, as smoke and launch call it."""
+    plans = look(nodes, src, reach=reach)
+    require_room(plans)
+    return send(plans, src, progress=progress, reach=reach)
+
+
+class Counter:
+    """Bytes sent per node, safe to add to from every node's thread (for tests and benchmarks)."""
+
+    def __init__(self):
+        self.sent: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, node: str, count: int) -> None:
+        with self._lock:
+            self.sent[node] = self.sent.get(node, 0) + count

@@ -1,0 +1,104 @@
+"""A command on a node whose standard input this process writes: the bulk-data path of a push.
+
+Over SSH it is OpenSSH's client (a process of its own, host key checked against the node's pinned
+known_hosts, as ``Target.stream`` does); bytes come from files through ``sendfile``, so this process
+copies nothing itself. Every byte written is counted, which is what the summary reports as sent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+
+from trtllm_deploy import shell
+from trtllm_deploy.targets import SSH, Local, Target, TargetError, Unreachable
+
+BLOCK = 4 << 20
+
+_open: set[subprocess.Popen] = set()  # every channel still running, so Ctrl-C can stop them all
+_lock = threading.Lock()
+
+
+class Channel:
+    """``argv`` running on ``target`` with a pipe to its standard input."""
+
+    def __init__(self, target: Target, argv: Sequence[str], progress: Callable[[int], None] | None):
+        self.target = target
+        self.argv = tuple(argv)
+        if isinstance(target, SSH):
+            command = [*target.openssh_argv(), "--", shell.join(self.argv)]
+        elif isinstance(target, Local):
+            command = list(self.argv)
+        else:
+            raise TargetError(target.name, "push reaches a node over SSH or on this machine only")
+        self.progress = progress or (lambda _: None)
+        self.sent = 0
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        with _lock:
+            _open.add(self.proc)
+        self._fd = self.proc.stdin.fileno()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.write(self._fd, view[:BLOCK])
+            view = view[done:]
+            self._count(done)
+
+    def send_file(self, path: str | os.PathLike, offset: int, length: int) -> None:
+        with open(path, "rb") as source:
+            end = offset + length
+            while offset < end:
+                done = os.sendfile(self._fd, source.fileno(), offset, min(BLOCK, end - offset))
+                if done == 0:
+                    raise TargetError(self.target.name, f"{path} is shorter than its manifest says")
+                offset += done
+                self._count(done)
+
+    def _count(self, count: int) -> None:
+        self.sent += count
+        self.progress(count)
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        """Close the pipe and wait for the command; (exit code, stdout, stderr)."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)  # closes standard input first
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise TargetError(self.target.name, f"`{shell.join(self.argv)}` did not finish within "
+                              f"{timeout:g} s after its input ended; stopped") from None
+        finally:
+            with _lock:
+                _open.discard(self.proc)
+        code = self.proc.returncode
+        if code == 255 and isinstance(self.target, SSH):
+            raise Unreachable(self.target.name, f"ssh to {self.target.node.login} failed: "
+                              f"{err.decode(errors='replace').strip()[-500:]}")
+        return code, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def kill(self) -> None:
+        _stop(self.proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.communicate(timeout=10)
+    except (subprocess.TimeoutExpired, ValueError, OSError):
+        pass
+    with _lock:
+        _open.discard(proc)
+
+
+def stop_all() -> None:
+    """Stop every channel still open (Ctrl-C): the nodes keep what they received, for resuming."""
+    with _lock:
+        running = list(_open)
+    for proc in running:
+        _stop(proc)
