@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trtllm_deploy import engines, secrets
+from trtllm_deploy import engines, failures, manifest
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.inventory import Cluster, Node
 from trtllm_deploy.source import cuda
@@ -29,19 +28,6 @@ from trtllm_deploy.targets import Target, connect, expand
 CONTAINER = "trtllm-deploy-smoke"
 PROMPT = "The capital of France is"
 SERVE_FLAGS = ("--ipc", "host", "--network", "host")  # plus the node's ulimits (hosts.toml)
-# Known ways a start fails, from the log: (pattern, what it is, what to do).
-KNOWN_FAILURES = (
-    (re.compile(r"CUDA out of memory"), "CUDA out of memory while loading",
-     "drop the page cache on the node (sudo sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches'), "
-     "lower kv_cache_config.free_gpu_memory_fraction, or set TRT_LLM_DISABLE_LOAD_WEIGHTS_IN_PARALLEL=1"),
-    (re.compile(r"NCCL error"), "an NCCL error", "check the fabric interfaces (invoke preflight)"),
-    (re.compile(r"double free|free\(\): invalid"), "a memory corruption crash (double free)",
-     "a known multi-node crash; check the TensorRT-LLM version in the lock"),
-    (re.compile(r"address already in use"), "the port is taken",
-     "stop what listens there, or pass --port"),
-)
-
-
 @dataclass
 class Step:
     name: str
@@ -85,8 +71,9 @@ def run(cluster: Cluster, lockfile: LockFile, artifact: Path, port: int = 8355,
         _check_image(report, target, labels, lockfile)
         remote = _place(report, node, target, artifact)
         config = (artifact / "llm-api.yaml").exists()
+        backend = serve_backend(artifact)
         try:
-            _start(report, node, target, image, remote, port, config)
+            _start(report, node, target, image, remote, port, config, backend)
             _wait_ready(report, target, node, port, stall_s)
             _ask(report, node, port, min_tokens_per_s, max_tokens)
         finally:
@@ -156,8 +143,20 @@ def _place(report: SmokeReport, node: Node, target: Target, artifact: Path) -> s
     return remote
 
 
+def serve_backend(artifact: Path) -> list[str]:
+    """trtllm-serve's backend options for the artifact its manifest describes: TensorRT engines
+    take the tokenizer kept beside them; anything else is a checkpoint for the PyTorch backend."""
+    try:
+        backend = manifest.load(artifact).get("provenance", {}).get("backend", "pytorch")
+    except (manifest.ManifestError, OSError):
+        backend = "pytorch"
+    if backend == "tensorrt":
+        return ["--backend", "tensorrt", "--tokenizer", "/model/tokenizer"]
+    return ["--backend", "pytorch"]
+
+
 def _start(report: SmokeReport, node: Node, target: Target, image: str, remote: str, port: int,
-           config: bool) -> None:
+           config: bool, backend: list[str]) -> None:
     target.run(["docker", "rm", "--force", CONTAINER], check=False, timeout=120)
     gpus = target.run(["sh", "-c", "docker info --format '{{json .Runtimes}}' | grep -q nvidia"],
                       check=False, timeout=60).ok
@@ -166,7 +165,7 @@ def _start(report: SmokeReport, node: Node, target: Target, image: str, remote: 
                             for arg in ("--ulimit", f"{key}={value}")),
             *(arg for key, value in node.container.env.items() for arg in ("--env", f"{key}={value}")),
             "--volume", f"{remote}:/model:ro", image,
-            "trtllm-serve", "/model", "--backend", "pytorch", "--host", "0.0.0.0", "--port", str(port),
+            "trtllm-serve", "/model", *backend, "--host", "0.0.0.0", "--port", str(port),
             "--tp_size", "1", *(["--config", "/model/llm-api.yaml"] if config else [])]
     target.run(argv, timeout=300)
     report.add("start", True, f"{CONTAINER} on {node.name}" + ("" if gpus else " (no GPU runtime)"))
@@ -198,24 +197,16 @@ def _wait_ready(report: SmokeReport, target: Target, node: Node, port: int, stal
         state = target.run(["docker", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
                             CONTAINER], check=False, timeout=60).stdout.split()
         if state and state[0] != "running":
-            raise CheckFailed(_explain(f"the runtime stopped (exit {state[1]}) before it was ready",
+            raise CheckFailed(failures.explain(f"the runtime stopped (exit {state[1]}) before it was ready",
                                        seen))
         if time.monotonic() - last_change > stall_s:
-            raise CheckFailed(_explain(f"no progress for {stall_s:.0f} s and not ready", seen))
+            raise CheckFailed(failures.explain(f"no progress for {stall_s:.0f} s and not ready", seen))
         time.sleep(1)
 
 
 def _progress(log: str) -> str:
     lines = [line for line in log.splitlines() if "Loading" in line or "startup complete" in line]
     return lines[-1].strip() if lines else ""
-
-
-def _explain(what: str, log: str) -> str:
-    tail = "\n".join(f"    {line}" for line in secrets.redact(log).strip().splitlines()[-8:])
-    for pattern, name, remedy in KNOWN_FAILURES:
-        if pattern.search(log):
-            return f"{what}: {name}\n{tail}\n  what to do: {remedy}"
-    return f"{what}; the last lines of its log:\n{tail}"
 
 
 def _ask(report: SmokeReport, node: Node, port: int, min_rate: float, max_tokens: int) -> None:

@@ -1,0 +1,40 @@
+"""The known failures (``failures.toml``): which one a log shows, and what to do about it."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from trtllm_deploy import secrets
+
+TABLE = Path(__file__).with_name("failures.toml")
+
+
+@dataclass(frozen=True)
+class Known:
+    name: str
+    pattern: re.Pattern
+    remedy: str
+
+
+@cache
+def table(path: Path = TABLE) -> tuple[Known, ...]:
+    entries = tomllib.loads(path.read_text())["failure"]
+    return tuple(Known(entry["name"], re.compile(entry["pattern"]), entry["remedy"]) for entry in entries)
+
+
+def match(log: str) -> Known | None:
+    """The first known failure the log shows, or None."""
+    return next((known for known in table() if known.pattern.search(log)), None)
+
+
+def explain(what: str, log: str, lines: int = 8) -> str:
+    """``what`` happened, the log's last lines (secrets masked), and the known cause and remedy."""
+    tail = "\n".join(f"    {line}" for line in secrets.redact(log).strip().splitlines()[-lines:])
+    known = match(log)
+    if known is not None:
+        return f"{what}: {known.name}\n{tail}\n  what to do: {known.remedy}"
+    return f"{what}; the last lines of its log:\n{tail}"
