@@ -17,6 +17,8 @@ Executables (one program, chosen by the basename of ``argv[0]``, or by the first
     ``TLLM_SPAWN_PROXY_PROCESS=1``, as the real wrapper does); every other rank joins as a worker
     and takes its whole configuration from rank 0. A multi-rank ``trtllm-serve`` refuses to start
     without it.
+``trtllm-build``, ``convert_checkpoint.py``, ``quantize.py``, ``hf_ptq.py``
+    The artifact-making tools (see ``build.py``): real options, real output layout, no computing.
 ``vllm serve MODEL [--tensor-parallel-size N --distributed-executor-backend {ray,mp} ...]``
     The same runtime behind vLLM's command line. It is an MPI program only when started by
     ``mpirun`` with more than one rank; otherwise one process stands in for all ranks.

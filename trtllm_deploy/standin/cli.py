@@ -349,7 +349,16 @@ def llmapi_launch(args: list[str]) -> int:
         return 127
 
 
-PROGRAMS = {"trtllm-serve": trtllm_serve, "trtllm-llmapi-launch": llmapi_launch, "vllm": vllm}
+def _build_tools() -> dict:
+    from . import build  # the artifact-making stand-ins (trtllm-build, convert, hf_ptq)
+
+    return {"trtllm-build": build.trtllm_build, "convert_checkpoint.py": build.convert_checkpoint,
+            "quantize.py": lambda argv: build.convert_checkpoint(argv, quantize=True),
+            "hf_ptq.py": build.hf_ptq}
+
+
+PROGRAMS = {"trtllm-serve": trtllm_serve, "trtllm-llmapi-launch": llmapi_launch, "vllm": vllm,
+            **_build_tools()}
 
 
 def main(argv: list[str] | None = None) -> int:
