@@ -145,8 +145,19 @@ def test_recommended_tp_takes_the_largest_listed_node_count_not_above() -> None:
                  "name one of its variants", id="default-precision-without-variant"),
     pytest.param('[models.x]\nparams_billion = 1\ndefault_precision = "bf16"\n'
                  '[models.x.variants.bf16]\nbytes_per_param = 2\ntp_by_nodes = { 1 = 1 }\n', 4,
-                 "models.x.variants.bf16.repo", "required key is missing", 'repo = "nvidia/',
+                 "models.x.variants.bf16", "exactly one of repo", 'repo = "owner/name"',
                  id="variant-without-repo"),
+    pytest.param('[models.x]\nparams_billion = 1\ndefault_precision = "bf16"\n'
+                 '[models.x.variants.bf16]\nrepo = "o/x"\nbytes_per_param = 2\ntp_by_nodes = { 1 = 1 }\n'
+                 '[models.x.variants.nvfp4]\nquantize_from = "fp16"\nbytes_per_param = 0.6\n'
+                 'tp_by_nodes = { 1 = 1 }\n', 9, "models.x.variants.nvfp4.quantize_from",
+                 "not a published 16-bit variant", "name its bf16 or fp16 variant (one with a repo): bf16",
+                 id="quantize-from-a-missing-variant"),
+    pytest.param('[models.x]\nparams_billion = 1\ndefault_precision = "bf16"\n'
+                 '[models.x.variants.bf16]\nrepo = "o/x"\nbytes_per_param = 2\ntp_by_nodes = { 1 = 1 }\n'
+                 '[models.x.variants.mxfp4]\nquantize_from = "bf16"\nbytes_per_param = 0.6\n'
+                 'tp_by_nodes = { 1 = 1 }\n', 9, "models.x.variants.mxfp4.quantize_from",
+                 "mxfp4 is not made by quantizing here", "only fp8, nvfp4", id="quantize-to-mxfp4"),
     pytest.param('[models.llama-70b.variants.fp8]\ntp_by_nodes = { 1 = 2 }\n', 2,
                  "models.llama-70b.variants.fp8.tp_by_nodes", "tp cannot exceed the node count",
                  "use at most tp 1", id="tp-above-node-count"),
@@ -193,3 +204,31 @@ def test_broken_presets_are_reported_against_the_presets_file(tmp_path: Path) ->
     presets.write_text('[models.a]\nparams_billion = 1\ndefault_precision = "bf16"\n')
     with pytest.raises(models.ModelsFileError, match=rf"{re.escape(str(presets))}:1: models.a.variants"):
         models.load(presets=presets)
+
+
+def test_a_quantize_from_variant_downloads_its_source_checkpoint(tmp_path: Path) -> None:
+    path = user_file(tmp_path, '[models.llama-8b.variants.nvfp4]\nquantize_from = "bf16"\n'
+                               'repo = "nvidia/Llama-3.1-8B-Instruct-FP4"\n')
+    with pytest.raises(models.ModelsFileError, match="exactly one of repo"):
+        models.load(path)
+    path.write_text('[models.mine]\nparams_billion = 8\ndefault_precision = "nvfp4"\n'
+                    '[models.mine.variants.bf16]\nrepo = "o/mine"\nrevision = "' + "a" * 40 + '"\n'
+                    'bytes_per_param = 2\ntp_by_nodes = { 1 = 1 }\n'
+                    '[models.mine.variants.nvfp4]\nquantize_from = "bf16"\nbytes_per_param = 0.7\n'
+                    'tp_by_nodes = { 1 = 1 }\n')
+    variant = models.load(path).get("mine").variant()
+    assert (variant.precision, variant.quantize_from, variant.repo, variant.revision) == \
+        ("nvfp4", "bf16", "o/mine", "a" * 40)
+    assert variant.weights_gb == pytest.approx(8 * 0.7)
+
+
+def test_quantize_makes_a_published_precision_from_the_16_bit_checkpoint() -> None:
+    model = models.load(None, presets=models.PRESETS).get("llama-8b")
+    published = model.variant("nvfp4")
+    made = model.variant("nvfp4", quantize=True)
+    bf16 = model.variant("bf16")
+    assert published.quantize_from is None and published.repo != bf16.repo
+    assert (made.quantize_from, made.repo, made.revision) == ("bf16", bf16.repo, bf16.revision)
+    assert made.bytes_per_param == published.bytes_per_param  # the published size is the estimate
+    with pytest.raises(InputError, match="makes fp8 or nvfp4"):
+        model.variant("bf16", quantize=True)

@@ -216,3 +216,20 @@ def test_wheel_requirements_pin_every_package_pip_would_install_by_hash():
 def test_a_package_without_a_hash_to_pin_is_refused():
     with pytest.raises(DeployError, match="aiohttp-3.9.0.whl without a sha256"):
         wheel.requirements(REPORT, "x")
+
+
+def test_the_quantize_table_survives_a_rewrite_and_leaves_the_image_hash_alone(tmp_path):
+    shipped = locks.load(Path(__file__).resolve().parents[1] / "requirements" / "tensorrt-llm.lock.toml")
+    assert shipped.lock.quantize == locks.Quantize() and "[quantize]" not in locks.dumps(shipped.lock)
+    changed = shipped.lock.model_copy(update={"quantize": locks.Quantize(ref="0.45.0", calib_size=64,
+                                                                          dataset="cnn_dailymail")})
+    path = tmp_path / "lock.toml"
+    locks.write(path, changed)
+    again = locks.load(path)
+    assert again.lock.quantize == changed.quantize
+    assert locks.dumps(again.lock) == path.read_text()
+    # Quantizing changes artifacts, not images: the image's lock hash stays.
+    assert again.hash == shipped.hash
+    path.write_text(path.read_text().replace("calib_size = 64", "calib_size = 0"))
+    with pytest.raises(locks.LockError, match="quantize.calib_size"):
+        locks.load(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -33,6 +33,11 @@ USER_FILE = "~/.config/trtllm-deploy/models.toml"
 
 Precision = Literal["bf16", "fp16", "fp8", "nvfp4", "mxfp4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+QUANTIZABLE = ("fp8", "nvfp4")          # what Model Optimizer's hf_ptq.py makes for serving here
+UNQUANTIZED = ("bf16", "fp16")
+# Effective bytes per parameter of a quantized checkpoint, per byte of its 16-bit source, when the
+# models file gives none: the format's width plus scales, with a margin for layers left in 16 bits.
+QUANTIZED_RATIO = {"fp8": 0.55, "nvfp4": 0.32}
 
 UNPINNED = "unpinned: engine.build resolves and records it"
 
@@ -77,8 +82,11 @@ class LlmApi(BaseModel):
 
 
 class VariantEntry(_Table):
-    repo: Repo
+    repo: Repo | None = None
     revision: Commit | None = None
+    # Instead of a repo: made by quantizing this model's variant of that precision with NVIDIA
+    # Model Optimizer (engine.build, inside the runtime image). Only fp8 and nvfp4 are made so.
+    quantize_from: Precision | None = None
     gated: StrictBool = False
     bytes_per_param: Annotated[StrictFloat | StrictInt, Field(gt=0, le=4)]
     tp_by_nodes: dict[NodeCount, Annotated[StrictInt, Field(ge=1, le=64)]]
@@ -120,6 +128,7 @@ _EXAMPLES = {
     "free_gpu_memory_fraction": "kv_cache_config = { free_gpu_memory_fraction = 0.9 }",
     "variants": "[models.<name>.variants.<precision>] tables, one per precision",
     "gated": "gated = true",
+    "quantize_from": 'quantize_from = "bf16"',
     "moe": "moe = true",
 }
 
@@ -139,6 +148,9 @@ class Variant:
     settings: dict[str, Any]
     settings_one_node: dict[str, Any]
     note: str = ""
+    # Set when this variant is made by quantizing: the precision of the variant it is made from
+    # (``repo`` and ``revision`` are then that variant's, the checkpoint that is downloaded).
+    quantize_from: str | None = None
 
     @property
     def name(self) -> str:
@@ -179,9 +191,14 @@ class Model:
     moe: bool
     variants: dict[str, Variant]
 
-    def variant(self, precision: str | None = None) -> Variant:
-        """The variant at ``precision`` (case does not matter), or the model's default one."""
+    def variant(self, precision: str | None = None, quantize: bool = False) -> Variant:
+        """The variant at ``precision`` (case does not matter), or the model's default one.
+
+        ``quantize``: make that precision from the model's 16-bit variant with Model Optimizer,
+        even when a quantized checkpoint is published (or none is listed)."""
         wanted = (precision or self.default_precision).strip().lower()
+        if quantize:
+            return self._quantized(wanted)
         if wanted in self.variants:
             return self.variants[wanted]
         known = list(self.variants)
@@ -193,6 +210,26 @@ class Model:
             f"{self.name} has no {wanted!r} variant{hint}; its precisions are: {', '.join(known)}\n"
             f"  what to do: pick one of those{add}"
         )
+
+
+    def _quantized(self, precision: str) -> Variant:
+        if precision not in QUANTIZABLE:
+            raise InputError(f"--quantize makes {' or '.join(QUANTIZABLE)} checkpoints; "
+                             f"{precision!r} is not one of them\n  what to do: pass --precision "
+                             f"{QUANTIZABLE[-1]} (or {QUANTIZABLE[0]}), or drop --quantize")
+        listed = self.variants.get(precision)
+        if listed is not None and listed.quantize_from:
+            return listed
+        source = next((self.variants[p] for p in UNQUANTIZED if p in self.variants), None)
+        if source is None:
+            raise InputError(f"{self.name} has no bf16 or fp16 variant to quantize from\n  what to "
+                             f"do: add [models.{self.name}.variants.bf16] (the 16-bit checkpoint) to "
+                             f"{USER_FILE}")
+        bytes_per_param = (listed.bytes_per_param if listed is not None
+                           else source.bytes_per_param * QUANTIZED_RATIO[precision])
+        return replace(source, precision=precision, bytes_per_param=bytes_per_param,
+                       tp_by_nodes=(listed or source).tp_by_nodes, quantize_from=source.precision,
+                       settings=(listed or source).settings, note="")
 
 
 @dataclass(frozen=True)
@@ -227,6 +264,24 @@ def _check(top: _File) -> list[Problem]:
                 f" ({', '.join(entry.variants)})",
                 "name one of its variants, or add that variant"))
         for precision, variant in entry.variants.items():
+            where = ("models", name, "variants", precision)
+            if (variant.repo is None) == (variant.quantize_from is None):
+                problems.append(Problem(
+                    where, "a variant needs exactly one of repo (a published checkpoint) or "
+                    "quantize_from (made by quantizing another variant)",
+                    'write: repo = "owner/name", or: quantize_from = "bf16"'))
+            elif variant.quantize_from is not None:
+                source = entry.variants.get(variant.quantize_from)
+                if precision not in QUANTIZABLE:
+                    problems.append(Problem(where + ("quantize_from",),
+                                            f"{precision} is not made by quantizing here",
+                                            f"only {', '.join(QUANTIZABLE)} variants may have quantize_from"))
+                elif source is None or source.repo is None or variant.quantize_from not in UNQUANTIZED:
+                    sources = [p for p, v in entry.variants.items() if v.repo and p in UNQUANTIZED]
+                    problems.append(Problem(
+                        where + ("quantize_from",),
+                        f"{variant.quantize_from!r} is not a published 16-bit variant of {name}",
+                        f"name its bf16 or fp16 variant (one with a repo): {', '.join(sources) or 'none'}"))
             for nodes, tp in variant.tp_by_nodes.items():
                 if tp > int(nodes):
                     problems.append(Problem(
@@ -285,14 +340,16 @@ def _catalog(top: _File, sources: tuple[Path, ...]) -> Catalog:
     models = {}
     for name, entry in top.models.items():
         model_settings = merge(base, _dump(entry.llm_api))
-        variants = {
-            precision: Variant(
-                model=name, precision=precision, repo=v.repo, revision=v.revision, gated=v.gated,
-                params_billion=float(entry.params_billion), bytes_per_param=float(v.bytes_per_param),
+        variants = {}
+        for precision, v in entry.variants.items():
+            origin = entry.variants[v.quantize_from] if v.quantize_from else v
+            variants[precision] = Variant(
+                model=name, precision=precision, repo=origin.repo, revision=origin.revision,
+                gated=origin.gated, params_billion=float(entry.params_billion),
+                bytes_per_param=float(v.bytes_per_param),
                 tp_by_nodes={int(nodes): tp for nodes, tp in v.tp_by_nodes.items()},
-                settings=merge(model_settings, _dump(v.llm_api)), settings_one_node=one_node, note=v.note)
-            for precision, v in entry.variants.items()
-        }
+                settings=merge(model_settings, _dump(v.llm_api)), settings_one_node=one_node, note=v.note,
+                quantize_from=v.quantize_from)
         models[name] = Model(name=name, description=entry.description,
                              default_precision=entry.default_precision, moe=entry.moe, variants=variants)
     return Catalog(models=models, sources=sources)

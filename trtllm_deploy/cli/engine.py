@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from trtllm_deploy import artifact, console, engines, inventory, models
+from trtllm_deploy import artifact, console, convert, engines, inventory, models
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
 from trtllm_deploy.source import lock as locks
 
@@ -67,34 +68,62 @@ MODELS_HELP = "your models file, merged over the presets (default: ~/.config/trt
 LOCK_HELP = "the TensorRT-LLM lock (default: requirements/tensorrt-llm.lock.toml)"
 
 
+BUILD_HELP = {
+    "model": MODEL_HELP, "precision": PRECISION_HELP, "tp": TP_HELP,
+    "backend": "pytorch (default) or tensorrt (TensorRT engines; only at a pin with trtllm-build)",
+    "kv_gb": "KV-cache budget per node in GB",
+    "quantize": "make --precision (fp8, nvfp4) from the 16-bit checkpoint with NVIDIA Model Optimizer "
+                "inside the runtime image, instead of downloading a published quantized one",
+    "image": "the runtime image to quantize or build engines in (default: hosts.toml, then the lock's)",
+    "max_batch_size": "trtllm-build --max_batch_size (--backend tensorrt; default 16)",
+    "max_input_len": "trtllm-build --max_input_len (--backend tensorrt; default 4096)",
+    "max_seq_len": "trtllm-build --max_seq_len (--backend tensorrt; default 8192)",
+    "models_file": MODELS_HELP, "hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP,
+}
+
+
 def _planned(hosts: str, lock: str, models_file: str, model: str, precision: str, tp: int,
-             backend: str, kv_gb: float):
+             backend: str, kv_gb: float, quantize: bool = False, image: str = "",
+             engine: tuple[int, int, int] = (0, 0, 0)):
+    if not model:
+        raise Exit("--model is required (e.g. --model llama-70b)", code=2)
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
     catalog = models.load(models_file or None)
-    request = artifact.Request(model, precision or None, tp or None, backend, kv_gb or None)
+    settings = None
+    if any(engine):
+        defaults = convert.EngineSettings()
+        settings = convert.EngineSettings(engine[0] or defaults.max_batch_size,
+                                          engine[1] or defaults.max_input_len,
+                                          engine[2] or defaults.max_seq_len)
+    request = artifact.Request(model, precision or None, tp or None, backend, kv_gb or None, quantize,
+                               settings, image or None)
     return cluster, lockfile, artifact.plan(cluster, lockfile, catalog, request)
 
 
 def _show_fit(planned) -> None:
     variant = planned.variant
-    console.out.print(console.table(f"engine: {planned.name}", ["", "value"], [
-        ["checkpoint", f"{variant.repo} @ {variant.revision_text}"],
-        ["precision", variant.precision], ["tensor parallel", str(planned.tp)],
-        ["fit", console.status_cell("pass" if planned.fit.fits else "fail", planned.fit.sentence)]]))
+    rows = [["checkpoint", f"{variant.repo} @ {variant.revision_text}"],
+            ["precision", variant.precision + (f" (quantized from {variant.quantize_from} with Model "
+                                               "Optimizer)" if variant.quantize_from else "")],
+            ["tensor parallel", str(planned.tp)], ["backend", planned.backend]]
+    if planned.in_image:
+        rows.append(["made in", planned.image])
+    if planned.engine is not None:
+        rows.append(["trtllm-build", ", ".join(f"{k} {v}" for k, v in planned.engine.as_dict().items())])
+    rows.append(["fit", console.status_cell("pass" if planned.fit.fits else "fail", planned.fit.sentence)])
+    console.out.print(console.table(f"engine: {planned.name}", ["", "value"], rows))
 
 
-@task(help={"model": MODEL_HELP, "precision": PRECISION_HELP, "tp": TP_HELP,
-            "backend": "pytorch (default) or tensorrt", "kv_gb": "KV-cache budget per node in GB",
-            "models_file": MODELS_HELP, "hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
+@task(help=BUILD_HELP)
 @user_errors
 def plan(c: Context, model: str = "", precision: str = "", tp: int = 0, backend: str = "pytorch",
-         kv_gb: float = 0.0, models_file: str = "", hosts: str = "hosts.toml",
+         kv_gb: float = 0.0, quantize: bool = False, image: str = "", max_batch_size: int = 0,
+         max_input_len: int = 0, max_seq_len: int = 0, models_file: str = "", hosts: str = "hosts.toml",
          lock: str = "requirements/tensorrt-llm.lock.toml", json: bool = False) -> None:
     """Will the model fit? Weights and KV cache per node against each node's memory, nothing fetched."""
-    if not model:
-        raise Exit("--model is required (e.g. --model llama-70b)", code=2)
-    _, _, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb)
+    _, _, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb, quantize,
+                             image, (max_batch_size, max_input_len, max_seq_len))
     if json:
         console.print_json(planned.as_json())
     else:
@@ -102,18 +131,17 @@ def plan(c: Context, model: str = "", precision: str = "", tp: int = 0, backend:
     planned.fit.require()
 
 
-@task(help={"model": MODEL_HELP, "precision": PRECISION_HELP, "tp": TP_HELP,
-            "backend": "pytorch (default) or tensorrt", "kv_gb": "KV-cache budget per node in GB",
-            "models_file": MODELS_HELP, "store": "where artifacts are made (default: engines/)",
-            "hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
+@task(help=BUILD_HELP | {"store": "where artifacts are made (default: engines/)"})
 @user_errors
 def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend: str = "pytorch",
-          kv_gb: float = 0.0, models_file: str = "", store: str = "engines", hosts: str = "hosts.toml",
-          lock: str = "requirements/tensorrt-llm.lock.toml", json: bool = False) -> None:
-    """Make the deployable artifact: checkpoint at its pinned revision, LLM-API YAML, manifest."""
-    if not model:
-        raise Exit("--model is required (e.g. --model llama-70b)", code=2)
-    _, lockfile, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb)
+          kv_gb: float = 0.0, quantize: bool = False, image: str = "", max_batch_size: int = 0,
+          max_input_len: int = 0, max_seq_len: int = 0, models_file: str = "", store: str = "engines",
+          hosts: str = "hosts.toml", lock: str = "requirements/tensorrt-llm.lock.toml",
+          json: bool = False) -> None:
+    """Make the deployable artifact: checkpoint at its pinned revision (quantized, or TensorRT
+    engines, when asked), LLM-API YAML, manifest."""
+    _, lockfile, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb,
+                                    quantize, image, (max_batch_size, max_input_len, max_seq_len))
     if not json:
         _show_fit(planned)
     planned.fit.require()
@@ -126,7 +154,9 @@ def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend
                 tasks[path] = bar.add_task(path, total=total)
             bar.update(tasks[path], completed=done)
 
-        built = artifact.build(planned, lockfile, Path(store), backend, progress=follow)
+        with console.err.status(f"making {planned.name} in {planned.image}…") if planned.in_image \
+                else contextlib.nullcontext():
+            built = artifact.build(planned, lockfile, Path(store), progress=follow)
     if json:
         console.print_json(planned.as_json() | built.as_json())
         return

@@ -119,12 +119,29 @@ class Fix(_Table):
                                       f"(#{self.pr})" if self.pr else None, self.title]))
 
 
+class Quantize(_Table):
+    """NVIDIA Model Optimizer, for a variant made by quantizing another: engine.build runs the
+    ``examples/llm_ptq/hf_ptq.py`` of this checkout inside the runtime image (whose own
+    ``nvidia-modelopt`` package it uses). Not part of the image's lock hash: it changes artifacts,
+    not images."""
+
+    repository: StrictStr = "https://github.com/NVIDIA/Model-Optimizer.git"
+    # A tag, or "auto": the version of the image's own nvidia-modelopt (hf_ptq.py of one version
+    # does not run on another). The DGX Spark playbook used 0.45.0 (FACTS.md).
+    ref: StrictStr = "auto"
+    commit: Sha | None = None          # when set, the checkout must be exactly this commit
+    calib_size: Annotated[StrictInt, Field(ge=1, le=100000)] = 512
+    dataset: StrictStr | None = None   # None: hf_ptq.py's default calibration set
+    kv_cache_qformat: StrictStr | None = None  # None: hf_ptq.py's default
+
+
 class Lock(_Table):
     source: Source
     build: Build
     release: Release = Release()
     wheel: Wheel = Wheel()
     fixes: list[Fix] = []
+    quantize: Quantize = Quantize()
 
 
 _EXAMPLES = {
@@ -259,6 +276,9 @@ def dumps(lock: Lock) -> str:
         out += ["", "[wheel]"] + [f"{key} = {_value(getattr(lock.wheel, key))}"
                                   for key in ("version", "requirements", "find_links")
                                   if getattr(lock.wheel, key)]
+    if lock.quantize != Quantize():
+        out += ["", "[quantize]"] + [f"{key} = {_value(value)}" for key, value in
+                                     lock.quantize.model_dump(exclude_none=True).items()]
     for fix in lock.fixes:
         out += ["", "[[fixes]]"]
         for key in ("commit", "pr", "title"):
