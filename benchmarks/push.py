@@ -1,0 +1,295 @@
+"""`invoke push` against the usual ways of copying a checkpoint and an image, in one run.
+
+A 3-node testbed (node 1 is the head; this machine drives, as the head does in the field) and a
+checkpoint of 20 files, 4 GiB in all, sent to the 2 workers:
+
+- cold: sequential `scp -r` (the plan's way), parallel `rsync -a` (what other tools do), a raw TCP
+  stream of the same bytes to both workers at once (no encryption: the link's limit here), and
+  `push` (SSH transport);
+- `push` again with nothing changed (target < 1 s);
+- one file replaced by a new 200 MiB one (target: under 1.1x its size sent);
+- an image rebuilt with only its top layer changed: bytes `push` sends against that layer (target
+  at most 1.2x), beside a full `docker save | ssh docker load`.
+
+Every side writes to the workers' disks and nothing is fsynced except by `push` (which syncs each
+file before it makes the version current). Run it with `nox -s bench -- push`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trtllm_deploy import manifest, shell  # noqa: E402
+from trtllm_deploy import push as pushing  # noqa: E402
+from trtllm_deploy.dockercli import require_engine  # noqa: E402
+from trtllm_deploy.push import layers  # noqa: E402
+from trtllm_deploy.targets import SSH  # noqa: E402
+from trtllm_deploy.testbed import cluster, images  # noqa: E402
+
+MiB = 1 << 20
+RAW_PORT = 18555
+RECEIVER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", int(sys.argv[1])))
+server.listen(1)
+print("ready", flush=True)
+conn, _ = server.accept()
+buffer = memoryview(bytearray(4 << 20))
+total = 0
+with open(sys.argv[2], "wb") as out:
+    while True:
+        got = conn.recv_into(buffer)
+        if not got:
+            break
+        out.write(buffer[:got])
+        total += got
+print(total, flush=True)
+"""
+
+
+def ssh_options(node) -> list[str]:
+    """The node's ssh options (pinned known_hosts, its key, batch mode) without the host."""
+    return SSH(node).openssh_argv()[1:-1]
+
+
+def make_checkpoint(root: Path, total: int, count: int) -> Path:
+    root.mkdir(parents=True)
+    each = total // count
+    for index in range(count):
+        with open(root / f"model-{index + 1:05d}-of-{count:05d}.safetensors", "wb") as out:
+            for _ in range(each // (16 * MiB)):
+                out.write(os.urandom(16 * MiB))
+            out.write(os.urandom(each % (16 * MiB)))
+    manifest.write(root, manifest.create(root, {"model": "bench"}))
+    return root
+
+
+def on_node(bed, index: int, script: str) -> None:
+    subprocess.run(["docker", "exec", "-u", "spark", bed.layout.container(index), "sh", "-c", script],
+                   check=True, capture_output=True, timeout=600)
+
+
+def clean(bed, workers) -> None:
+    for index in workers:
+        on_node(bed, index, "rm -rf ~/bench-scp ~/bench-rsync ~/bench-raw ~/trtllm-deploy/engines")
+
+
+def parallel(jobs) -> float:
+    """Run the jobs at once; the wall time, or the first job's failure."""
+    failures = []
+
+    def guarded(job):
+        try:
+            job()
+        except BaseException as exc:  # noqa: B036 - handed to the main thread
+            failures.append(exc)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=guarded, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return time.perf_counter() - started
+
+
+def scp_sequential(nodes, source: Path) -> float:
+    started = time.perf_counter()
+    for node in nodes:
+        opts = [o.replace("-p", "-P") if o == "-p" else o for o in ssh_options(node)]
+        opts = [o for o in opts if o != "-T"]
+        user = opts.index("-l")
+        login = opts[user + 1]
+        del opts[user:user + 2]
+        subprocess.run(["scp", "-q", "-r", *opts, str(source), f"{login}@{node.host}:bench-scp"],
+                       check=True, timeout=3600)
+    return time.perf_counter() - started
+
+
+def rsync_parallel(nodes, source: Path) -> float:
+    def one(node):
+        return lambda: subprocess.run(
+            ["rsync", "-a", "-e", shell.join(["ssh", *ssh_options(node)]), f"{source}/",
+             f"{node.host}:bench-rsync/"], check=True, timeout=3600)
+    return parallel([one(node) for node in nodes])
+
+
+def raw_tcp(nodes, source: Path) -> float:
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    receivers = []
+    for node in nodes:
+        proc = subprocess.Popen([*SSH(node).openssh_argv(), "--", shell.join(
+            ["python3", "-c", RECEIVER, str(RAW_PORT), "bench-raw"])], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        receivers.append(proc)
+
+    def one(node):
+        def send():
+            import socket
+            with socket.create_connection((node.host, RAW_PORT)) as conn:
+                for path in files:
+                    with open(path, "rb") as handle:
+                        conn.sendfile(handle)
+        return send
+
+    seconds = parallel([one(node) for node in nodes])
+    for proc in receivers:
+        proc.wait(timeout=600)
+    return seconds
+
+
+def build_image(tag: str, context: Path, base: str, lower_mib: int, top_mib: int) -> None:
+    context.mkdir(parents=True, exist_ok=True)
+    (context / "lower.bin").write_bytes(b"L" * (lower_mib * MiB))
+    (context / "top.bin").write_bytes(os.urandom(top_mib * MiB))
+    (context / "Dockerfile").write_text(f"FROM {base}\nCOPY lower.bin /lower.bin\n"
+                                        "COPY top.bin /top.bin\nLABEL io.trtllm-deploy.bench=push\n")
+    subprocess.run(["docker", "build", "-q", "-t", tag, str(context)], check=True,
+                   capture_output=True, timeout=600)
+
+
+def full_load(nodes, tag: str, folder: Path) -> tuple[float, int]:
+    archive = folder / "full.tar"
+    started = time.perf_counter()
+    subprocess.run(["docker", "save", "-o", str(archive), tag], check=True)
+
+    def one(node):
+        def load():
+            with open(archive, "rb") as handle:
+                subprocess.run([*SSH(node).openssh_argv(), "--", "docker load -q"], stdin=handle,
+                               check=True, capture_output=True, timeout=1800)
+        return load
+
+    parallel([one(node) for node in nodes])
+    return time.perf_counter() - started, archive.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=4.0)
+    parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--changed-mib", type=int, default=200)
+    parser.add_argument("--subnet", default="10.213.241.0/24")
+    parser.add_argument("--base", default="auto")
+    parser.add_argument("--scratch", default=None, help="where the checkpoint is made (default: tmp)")
+    args, _ = parser.parse_known_args()
+
+    require_engine()
+    base = images.resolve_base(args.base)
+    with tempfile.TemporaryDirectory(prefix="trtllm-bench-push-", dir=args.scratch) as scratch:
+        scratch = Path(scratch)
+        layout = cluster.Layout(name="benchpush", nodes=3, subnet=args.subnet, state_dir=scratch / "bed")
+        bed = cluster.Testbed(layout, base=base)
+        rows = []
+        try:
+            bed.up(runtime=True)  # the stand-in (built on the base image) is on every node
+            workers = bed.inventory().nodes[1:3]
+            indexes = (2, 3)
+            total = int(args.gib * (1 << 30))
+            store = scratch / "engines"
+            checkpoint = make_checkpoint(store / "bench-ckpt", total, args.files)
+            size = sum(e["size"] for e in manifest.load(checkpoint)["files"].values())
+
+            clean(bed, indexes)
+            t_scp = scp_sequential(workers, checkpoint)
+            clean(bed, indexes)
+            t_rsync = rsync_parallel(workers, checkpoint)
+            clean(bed, indexes)
+            t_raw = raw_tcp(workers, checkpoint)
+            clean(bed, indexes)
+
+            src = pushing.source(store, "bench-ckpt")
+            counted = pushing.Counter()
+            started = time.perf_counter()
+            result = pushing.push(workers, src, progress=counted)
+            t_push = time.perf_counter() - started
+            result.raise_for_failures()
+            sent = statistics_per_node(counted)
+
+            started = time.perf_counter()
+            again = pushing.push(workers, src)
+            t_again = time.perf_counter() - started
+            again.raise_for_failures()
+            assert all(o.value.bytes_sent == 0 for o in again)
+
+            changed = checkpoint / "model-00007-of-00020.safetensors"
+            if not changed.exists():
+                changed = sorted(checkpoint.glob("*.safetensors"))[0]
+            with open(changed, "wb") as out:
+                for _ in range(args.changed_mib // 16):
+                    out.write(os.urandom(16 * MiB))
+            manifest.write(checkpoint, manifest.create(checkpoint, {"model": "bench", "changed": 1}))
+            src = pushing.source(store, "bench-ckpt")
+            delta = pushing.Counter()
+            started = time.perf_counter()
+            pushing.push(workers, src, progress=delta).raise_for_failures()
+            t_delta = time.perf_counter() - started
+            changed_sent = statistics_per_node(delta)
+
+            tag = "trtllm-deploy-bench/push:1"
+            build_image(tag, scratch / "v1", base, 256, 64)
+            pushing.push(workers, pushing.source(image=tag)).raise_for_failures()
+            build_image(tag, scratch / "v2", base, 256, 64)  # same lower layer, new top layer
+            local = layers.inspect_local(tag)
+            saved = layers.SavedImage(local, scratch).ready()
+            top = next(end - start for name, start, end in saved.members if name == saved.layer_names[-1])
+            image_counted = pushing.Counter()
+            started = time.perf_counter()
+            pushing.push(workers, pushing.source(image=tag), progress=image_counted).raise_for_failures()
+            t_image = time.perf_counter() - started
+            image_sent = statistics_per_node(image_counted)
+            t_full, full_bytes = full_load(workers, tag, scratch)
+            subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+
+            mb = size / 1e6
+            rows = [
+                ("cold: sequential scp -r", t_scp, size, mb * 2 / t_scp,
+                 f"push {t_scp / t_push:.2f}x faster"),
+                ("cold: parallel rsync -a", t_rsync, size, mb * 2 / t_rsync,
+                 f"push {t_rsync / t_push:.2f}x faster"),
+                ("cold: raw TCP, both at once", t_raw, size, mb * 2 / t_raw,
+                 f"push {t_push / t_raw:.2f}x raw time (SSH transport)"),
+                ("cold: invoke push", t_push, sent, mb * 2 / t_push,
+                 f">= 2x scp: {'met' if t_scp / t_push >= 2 else 'MISSED'}"),
+                ("unchanged: invoke push", t_again, 0, 0.0, f"< 1 s: {'met' if t_again < 1 else 'MISSED'}"),
+                (f"one new {args.changed_mib} MiB file: push", t_delta, changed_sent, 0.0,
+                 f"{changed_sent / (args.changed_mib * MiB):.3f}x the file; < 1.1x: "
+                 f"{'met' if changed_sent < 1.1 * args.changed_mib * MiB else 'MISSED'}"),
+                ("image, top layer changed: push", t_image, image_sent, 0.0,
+                 f"{image_sent / top:.3f}x the layer ({top / MiB:.1f} MiB); <= 1.2x: "
+                 f"{'met' if image_sent <= 1.2 * top else 'MISSED'}"),
+                ("image: docker save | ssh docker load", t_full, full_bytes, 0.0,
+                 f"push sends {image_sent / full_bytes:.3f}x of it"),
+            ]
+        finally:
+            bed.down(purge=True)
+            shutil.rmtree(scratch / "engines", ignore_errors=True)
+    print(f"\npush to 2 testbed workers: {args.files} files, {size / (1 << 30):.2f} GiB "
+          f"({os.cpu_count()} cores; nodes, client and sshd share them)")
+    print(f"{'what':40} {'wall s':>8} {'MiB/node':>10} {'MB/s total':>11}  note / target")
+    for what, seconds, per_node, rate, note in rows:
+        print(f"{what:40} {seconds:8.2f} {per_node / MiB:10.1f} {rate:11.0f}  {note}")
+
+
+def statistics_per_node(counter: pushing.Counter) -> int:
+    """Bytes sent to one node (the largest, where they differ)."""
+    return max(counter.sent.values(), default=0)
+
+
+if __name__ == "__main__":
+    main()
