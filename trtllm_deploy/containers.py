@@ -82,8 +82,9 @@ def container_name(cluster: Cluster, job: str) -> str:
     """The job's container, named the same on every node (mpirun's rsh agent enters it by name)."""
     names = {node.container.name for node in cluster.nodes}
     if len(names) != 1:
-        raise InputError(f"{cluster.source}: container.name differs between nodes ({', '.join(sorted(names))});"
-                         " mpirun enters every node's container by one name: set it in [defaults]")
+        raise InputError(f"{cluster.source}: container.name differs between nodes "
+                         f"({', '.join(sorted(names))}); mpirun enters every node's container by one name:"
+                         " set it in [defaults]")
     return f"{names.pop()}-{job}"
 
 
@@ -196,10 +197,11 @@ def spec_of(argv: list[str]) -> str:
 
 _FACTS_SCRIPT = shell.ENSURE_HOME + """
 printf '%s\\n' "$HOME"
-out=$(docker image inspect --format '{{.Id}} {{json .Config.Labels}}' "$1" 2>/dev/null) && test -n "$out" && echo "$out" || echo none
+one() { out=$("$@" 2>/dev/null) && test -n "$out" && echo "$out" || echo none; }
+one docker image inspect --format '{{.Id}} {{json .Config.Labels}}' "$1"
 docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"nvidia"' && echo nvidia || echo no-nvidia
 test -e /dev/infiniband && echo infiniband || echo no-infiniband
-out=$(docker container inspect --format '{{.State.Status}} {{json .Config.Labels}}' "$2" 2>/dev/null) && test -n "$out" && echo "$out" || echo none
+one docker container inspect --format '{{.State.Status}} {{json .Config.Labels}}' "$2"
 """
 
 

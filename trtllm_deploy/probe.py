@@ -181,8 +181,8 @@ def configured_interfaces(env: dict[str, str]) -> list[str]:
                 "OMPI_MCA_oob_tcp_if_include", "UCX_NET_DEVICES"):
         for word in (env.get(key) or "").split(","):
             word = word.strip().lstrip("=")
-            if key == "UCX_NET_DEVICES":
-                word = word.split(":", 1)[0]
+            if key == "UCX_NET_DEVICES" and ":" in word:
+                continue  # an RDMA device and port (roceP2p1s0f1:1), not a network interface
             if word and not word.startswith("^") and "/" not in word and word != "all" \
                     and word not in names:
                 names.append(word)
@@ -249,6 +249,7 @@ def report(rank: int, size: int, manifest: str | None) -> dict:
     devices = found["devices"]
     return {
         "rank": rank, "size": size, "host": socket.gethostname(), "pid": os.getpid(),
+        "node": os.environ.get("TRTLLM_DEPLOY_NODE"),  # the inventory's name, set by the launcher
         "gpu": {"source": found["source"], "count": len(devices),
                 "names": sorted({d["name"] for d in devices}),
                 "compute_capability": sorted({d["compute_capability"] for d in devices}),
