@@ -1,0 +1,174 @@
+"""launch, the supervisor and stop on the testbed: three nodes, their own Docker engines, real mpirun
+across the runtime containers, the stand-in runtime (every token an allreduce over all ranks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import docker_unusable
+from trtllm_deploy import launch, supervise, targets
+from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.testbed import artifact as tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACT = "tiny-bf16-tp3-test"
+
+pytestmark = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
+
+
+@pytest.fixture(scope="module")
+def bed(testbed, tmp_path_factory):
+    """The testbed with the head's own key trusted by every node (what ssh.setup does) and the
+    artifact in every node's store."""
+    testbed_, _ = testbed
+    cluster = testbed_.inventory()
+    folder = tiny.make(tmp_path_factory.mktemp("artifact") / ARTIFACT)
+    head = targets.SSH(cluster.head)
+    head.run(["sh", "-c", "test -f ~/.ssh/id_ed25519 || ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519"])
+    public = head.run(["cat", ".ssh/id_ed25519.pub"], cwd="~").stdout.strip()
+    head.close()
+    for node in cluster.nodes:
+        target = targets.SSH(node)
+        target.run(["sh", "-c", 'grep -qxF "$1" ~/.ssh/authorized_keys || '
+                    'echo "$1" >> ~/.ssh/authorized_keys', "sh", public])
+        store = targets.expand(node.paths.artifacts, target.home())
+        target.run(["mkdir", "-p", store])
+        target.put(folder, f"{store}/{ARTIFACT}")
+        target.close()
+    return cluster
+
+
+def deployment(cluster, job: str = "tb", port: int = 8361, **env) -> launch.Deployment:
+    settings = {"STANDIN_LOAD_SECONDS": "1", **env}
+    return launch.Deployment(job=job, runtime="trtllm", image=cluster.head.container.image,
+                             artifact=ARTIFACT, tp=3, port=port, env=tuple(sorted(settings.items())))
+
+
+def running_anywhere(cluster, job: str) -> list[str]:
+    found = []
+    for node in cluster.nodes:
+        target = targets.SSH(node)
+        listed = target.run(["docker", "ps", "--all", "--format", "{{.Names}}", "--filter",
+                             f"label=io.trtllm-deploy.job={job}"]).stdout.split()
+        found += [f"{node.name}:{line}" for line in listed]
+        target.close()
+    return found
+
+
+def answers(cluster, port: int) -> str:
+    body = json.dumps({"model": f"/artifacts/{ARTIFACT}", "prompt": "hello", "max_tokens": 4,
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"http://{cluster.head.address}:{port}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)["choices"][0]["text"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A private state file for the deployments recorded by this test."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def test_launch_serves_across_three_nodes_gated_and_stop_leaves_nothing(bed, home):
+    wanted = deployment(bed)
+    done = launch.launch(bed, wanted, home / "tmp")
+    try:
+        assert done.answer and done.tokens_per_s > 1
+        assert set(done.containers.values()) == {"started"} and len(done.containers) == 3
+        assert launch.last_good().job == "tb" and launch.current().nodes == ("spark-1", "spark-2", "spark-3")
+        assert answers(bed, wanted.port)
+        logs = launch.tails(bed, "tb")
+        # One log per rank, each on its own node.
+        assert {"spark-1/rank-0.log", "spark-2/rank-1.log", "spark-3/rank-2.log"} <= set(logs)
+        looks = launch.look(bed, launch.current())
+        assert launch.trouble(looks, wanted, "spark-1") is None
+    finally:
+        stopped = launch.stop(bed, "tb")
+    assert all(outcome.ok and outcome.value.clean for outcome in stopped)
+    assert running_anywhere(bed, "tb") == [] and launch.current() is None
+
+
+def test_a_killed_rank_is_detected_within_10_s_torn_down_and_restarted(bed, home):
+    wanted = deployment(bed, job="tbkill", port=8362)
+    launch.launch(bed, wanted, home / "tmp")
+    try:
+        worker = targets.SSH(bed.node("spark-3"))
+        name = "trtllm-deploy-tbkill"
+        pid = worker.run(["docker", "exec", name, "cat", "/var/log/trtllm-deploy/rank-2.pid"]).stdout.strip()
+        killed_at = time.monotonic()
+        worker.run(["docker", "exec", name, "kill", "-9", pid])
+        worker.close()
+        failure = supervise.watch(bed, launch.current(), interval=1.0, duration=30)
+        detected = time.monotonic() - killed_at
+        assert failure is not None and failure.kind in ("dead",), failure
+        assert detected <= 10, f"detected after {detected:.1f} s"
+        assert "rank-2 on spark-3 died" in failure.what or "mpirun exited" in failure.what
+        handled = supervise.handle(bed, launch.current(), failure, "restart", home / "tmp2")
+        assert handled.relaunched is not None and handled.relaunched.answer
+        assert answers(bed, wanted.port)  # serving again after the restart
+    finally:
+        launch.stop(bed, "tbkill")
+    assert running_anywhere(bed, "tbkill") == []
+
+
+def test_a_hung_rank_is_detected_by_a_request_that_gets_no_answer(bed, home):
+    wanted = deployment(bed, job="tbhang", port=8363, STANDIN_FAULT="hang:20@1")
+    launch.launch(bed, wanted, home / "tmp")
+    try:
+        started = time.monotonic()
+        failure = supervise.watch(bed, launch.current(), interval=1.0, hang_s=4.0, duration=60)
+        assert failure is not None and failure.kind == "hang", failure
+        assert time.monotonic() - started < 30
+        handled = supervise.handle(bed, launch.current(), failure, "stop", home / "tmp2")
+        assert handled.stopped and handled.relaunched is None
+    finally:
+        launch.stop(bed, "tbhang")
+    assert running_anywhere(bed, "tbhang") == []
+
+
+def test_a_start_that_fails_is_explained_and_removed_from_every_node(bed, home):
+    wanted = deployment(bed, job="tboom", port=8364, STANDIN_FAULT="oom@2")
+    with pytest.raises(CheckFailed) as caught:
+        launch.launch(bed, wanted, home / "tmp", stall_s=30)
+    message = str(caught.value)
+    assert "CUDA out of memory" in message and "what to do:" in message and "spark-3/rank-2.log" in message
+    assert running_anywhere(bed, "tboom") == [] and launch.current() is None
+
+
+def test_the_cli_status_and_stop(bed, home, tmp_path):
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(Path(bed.source).read_text())
+    env = {"HOME": str(home / "home"), "PATH": "/usr/bin:/bin"}
+
+    def invoke(*args):
+        return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args,
+                               "--hosts", str(hosts)], capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, **env})
+
+    started = invoke("launch", "--artifact", ARTIFACT, "--tp", "3", "--job", "tbcli", "--port", "8365",
+                     "--env", "STANDIN_LOAD_SECONDS=1", "--json")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert json.loads(started.stdout)["answer"]
+        status = invoke("status", "--json")
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["job"] == "tbcli" and report["healthy"] is True
+        assert {node: info["ranks"] for node, info in report["nodes"].items()} == {
+            "spark-1": {"rank-0": "alive"}, "spark-2": {"rank-1": "alive"}, "spark-3": {"rank-2": "alive"}}
+        logs = invoke("logs", "--rank", "1")
+        assert logs.returncode == 0 and "spark-2/rank-1.log" in logs.stdout
+    finally:
+        stopped = invoke("stop", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert all(node["clean"] for node in json.loads(stopped.stdout)["nodes"].values())
+    assert running_anywhere(bed, "tbcli") == []

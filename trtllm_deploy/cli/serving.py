@@ -1,0 +1,194 @@
+"""``invoke launch``, ``supervise``, ``status``, ``logs``, ``stop``: the serving job across the nodes."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from invoke import Context, task
+from invoke.exceptions import Exit
+
+from trtllm_deploy import console, engines, inventory, launch, manifest, supervise
+from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
+from trtllm_deploy.errors import InputError
+
+STORE_HELP = "where engine.build made the artifact, to read its backend (default: engines/)"
+
+
+def _env(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    env = []
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise InputError(f"--env {pair!r}: expected NAME=value")
+        env.append((key, value))
+    return tuple(env)
+
+
+def _backend(store: str, artifact: str) -> tuple[str, ...]:
+    folder = Path(store) / artifact
+    try:
+        backend = manifest.load(folder).get("provenance", {}).get("backend", "pytorch")
+    except (manifest.ManifestError, OSError):
+        backend = "pytorch"
+    if backend == "tensorrt":
+        return ("--backend", "tensorrt", "--tokenizer", f"/artifacts/{artifact}/tokenizer")
+    return ("--backend", "pytorch")
+
+
+@task(name="launch", iterable=["env"], help={
+    "artifact": "the artifact to serve (its name in every node's artifact store; invoke push puts it there)",
+    "tp": "tensor-parallel size (one GPU per node; default: every node)", "pp": "pipeline-parallel size",
+    "job": "the job's name (default: serve)",
+    "image": "the runtime image (default: hosts.toml container.image)",
+    "port": "the HTTP port on the head (default: 8355)", "runtime": "trtllm (default) or vllm",
+    "env": "NAME=value for every rank (repeatable; never a per-node fabric variable)",
+    "stall_s": "give up when no rank's log has moved for this long (default: 120)",
+    "min_rate": "the least tokens/s the gate prompt must come at (default: 1)",
+    "store": STORE_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
+@user_errors
+def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str = "serve", image: str = "",
+            port: int = 8355, runtime: str = "trtllm", env: list[str] | None = None, stall_s: float = 120.0,
+            min_rate: float = 1.0, store: str = "engines", hosts: str = "hosts.toml",
+            json: bool = False) -> None:
+    """Serve an artifact across the nodes: containers, mpirun, ready by progress, a gate prompt."""
+    engines.check_name(artifact)
+    if runtime not in launch.RUNTIMES:
+        raise Exit(f"--runtime {runtime!r}: expected one of {', '.join(launch.RUNTIMES)}", code=2)
+    cluster = inventory.load(hosts)
+    wanted = launch.Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
+                               artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
+                               backend=_backend(store, artifact), env=_env(env or []))
+    with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
+            console.err.status(f"launching {job}…") as spinner:
+        done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
+                             report=lambda line: spinner.update(line))
+    if json:
+        console.print_json(done.as_json())
+        return
+    console.out.print(console.table(f"launch: {job}", ["", "value"], [
+        ["serving", f"{done.deployment.artifact} ({done.deployment.runtime}, tp {done.deployment.tp}"
+                    f" x pp {done.deployment.pp}) on {', '.join(done.deployment.nodes)}"],
+        ["endpoint", f"http://{cluster.head.host}:{port}/v1"],
+        ["containers", ", ".join(f"{n}: {a}" for n, a in done.containers.items())],
+        ["ready", f"after {done.ready_s:.0f} s"],
+        ["gate", f"{done.tokens_per_s:.1f} tokens/s: {done.answer[:60]!r}"]]))
+
+
+@task(name="supervise", help={
+            "on_failure": "stop (default), restart, or rollback (to the last known good deployment)",
+            "interval": "seconds between looks (default: 1)",
+            "hang_s": "a request unanswered this long while every rank lives is a hang (default: 8)",
+            "hosts": HOSTS_HELP, "json": JSON_HELP})
+@user_errors
+def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang_s: float = 8.0,
+               hosts: str = "hosts.toml", json: bool = False) -> None:
+    """Watch the current deployment; on a dead rank, dead mpirun or hang: explain, tear down, apply
+    the policy, and watch again. Ctrl-C stops watching (the deployment keeps serving)."""
+    if on_failure not in supervise.POLICIES:
+        raise Exit(f"--on-failure {on_failure!r}: expected one of {', '.join(supervise.POLICIES)}", code=2)
+    cluster = inventory.load(hosts)
+    while True:
+        deployment = launch.current()
+        if deployment is None:
+            raise Exit("supervise: nothing is deployed (invoke launch)", code=1)
+        console.err.print(f"supervising {deployment.job} on {', '.join(deployment.nodes)}")
+        try:
+            failure = supervise.watch(cluster, deployment, interval=interval, hang_s=hang_s)
+        except KeyboardInterrupt:
+            console.err.print("stopped watching; the deployment keeps serving")
+            return
+        console.err.print(failure.explanation)
+        with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp:
+            handled = supervise.handle(cluster, deployment, failure, on_failure, Path(tmp),
+                                       report=console.err.print)
+        if json:
+            console.print_json(handled.as_json())
+        if handled.relaunched is None:
+            raise Exit(f"supervise: {deployment.job} failed ({failure.what}) and was stopped", code=1)
+
+
+@task(help={"job": "the job (default: the current deployment)", "hosts": HOSTS_HELP, "json": JSON_HELP})
+@user_errors
+def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
+    """Per node: the job's container, its ranks, the artifact and image; and the endpoint's health."""
+    cluster = inventory.load(hosts)
+    deployment = launch.current()
+    if job and deployment is not None and deployment.job != job:
+        deployment = None
+    if deployment is None:
+        if json:
+            console.print_json({"job": job or None, "deployed": False, "last_good": (
+                launch.last_good().as_json() if launch.last_good() else None)})
+        else:
+            console.out.print("nothing is deployed")
+        return
+    nodes = launch.job_cluster(cluster, deployment)
+    looks = launch.look(nodes, deployment)
+    healthy = launch._health(nodes.head, deployment.port)
+    wrong = launch.trouble(looks, deployment, nodes.head.name)
+    report = {"job": deployment.job, "deployed": True, "healthy": healthy and wrong is None,
+              "trouble": wrong, "endpoint": f"http://{nodes.head.host}:{deployment.port}/v1",
+              "deployment": deployment.as_json(),
+              "nodes": {name: {"container": seen.container,
+                               "ranks": {rank: "alive" if alive else "dead"
+                                         for rank, (alive, _) in sorted(seen.ranks.items())},
+                               "mpirun_exit": seen.mpirun_exit} for name, seen in looks.items()}}
+    if json:
+        console.print_json(report)
+        return
+    rows = [[name, console.status_cell("pass" if info["container"] else "fail",
+                                       "running" if info["container"] else "gone"),
+             ", ".join(f"{rank} {state}" for rank, state in info["ranks"].items()),
+             deployment.artifact, deployment.image] for name, info in report["nodes"].items()]
+    console.out.print(console.table(f"status: {deployment.job} ({deployment.runtime})",
+                                    ["node", "container", "ranks", "artifact", "image"], rows))
+    console.out.print(f"endpoint {report['endpoint']}: "
+                      + ("healthy" if report["healthy"] else f"NOT healthy ({wrong or 'no answer'})"))
+
+
+@task(help={"rank": "only this rank's log", "lines": "lines per log (default: 40)",
+            "follow": "keep printing new lines until Ctrl-C", "job": "the job (default: the current one)",
+            "hosts": HOSTS_HELP})
+@user_errors
+def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job: str = "",
+         hosts: str = "hosts.toml") -> None:
+    """The last lines of every rank's log (kept on each node after the job ends)."""
+    cluster = inventory.load(hosts)
+    name = job or (launch.current().job if launch.current() else "")
+    if not name:
+        raise Exit("logs: nothing is deployed; pass --job NAME", code=2)
+    seen: dict[str, str] = {}
+    while True:
+        found = launch.tails(cluster, name, lines, None if rank < 0 else rank)
+        for log, text in sorted(found.items()):
+            old = seen.get(log, "")
+            new = text[len(old):] if text.startswith(old) else text
+            if new.strip():
+                console.out.print(f"==> {log} <==\n{new.rstrip()}", highlight=False, markup=False)
+        seen = found
+        if not follow:
+            return
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            return
+
+
+@task(help={"job": "the job (default: the current deployment)", "hosts": HOSTS_HELP, "json": JSON_HELP})
+@user_errors
+def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
+    """Stop the job on every node; succeeds only after checking that nothing of it runs anywhere."""
+    cluster = inventory.load(hosts)
+    name = job or (launch.current().job if launch.current() else "")
+    if not name:
+        raise Exit("stop: nothing is deployed; pass --job NAME to stop one by name", code=2)
+    stopped = launch.stop(cluster, name)
+    report = {"job": name, "nodes": {o.node.name: o.value.as_json() for o in stopped}}
+    if json:
+        console.print_json(report)
+        return
+    console.out.print(console.table(f"stop: {name}", ["node", "removed", "still running"], [
+        [n, ", ".join(info["removed"]) or "-", ", ".join(info["leftovers"]) or "nothing"]
+        for n, info in report["nodes"].items()]))
