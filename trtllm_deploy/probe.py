@@ -179,11 +179,14 @@ def configured_interfaces(env: dict[str, str]) -> list[str]:
     names: list[str] = []
     for key in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "OMPI_MCA_btl_tcp_if_include",
                 "OMPI_MCA_oob_tcp_if_include", "UCX_NET_DEVICES"):
-        for word in (env.get(key) or "").split(","):
+        value = env.get(key) or ""
+        if value.startswith("^"):
+            continue  # NCCL's "all but these": the prefix applies to the whole list
+        for word in value.split(","):
             word = word.strip().lstrip("=")
             if key == "UCX_NET_DEVICES" and ":" in word:
                 continue  # an RDMA device and port (roceP2p1s0f1:1), not a network interface
-            if word and not word.startswith("^") and "/" not in word and word != "all" \
+            if word and "/" not in word and word != "all" \
                     and word not in names:
                 names.append(word)
     return names
