@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable, start_testbed
-from trtllm_deploy import inventory, mpi, sshkeys, targets
+from test_containers import authorize_head_key
+from trtllm_deploy import containers, inventory, sshkeys, targets
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.shell import join
 from trtllm_deploy.testbed import cluster
@@ -158,13 +159,14 @@ def test_up_again_reports_the_running_testbed_and_changes_nothing(testbed):
 
 # --- the stand-in served by mpirun across three nodes -----------------------------------------
 
-CONTAINER = "trtllm-serve-test"
+JOB = "serve-test"
+MODEL = "serve-test-model"  # in each node's artifact store
 PORT = 8000
 
 
 class Serving:
-    """The stand-in across the testbed: one container per node (host network), mpirun in the
-    head's, reaching the others through the rsh agent (ssh to the node, docker exec)."""
+    """The stand-in across the testbed: one container per node (host network, started by
+    trtllm_deploy.containers), mpirun in the head's, reaching the others through the rsh agent."""
 
     def __init__(self, bed, image: str, workdir: Path):
         self.cluster = bed.inventory()
@@ -173,63 +175,34 @@ class Serving:
         self.image = image
         self.workdir = workdir
         self.targets = {node.name: targets.SSH(node) for node in self.nodes}
-        self.known_hosts = bed.layout.known_hosts
+        self.container = containers.container_name(self.cluster, JOB)
 
     def run(self, node, argv, **kwargs):
         return self.targets[node.name].run(argv, **kwargs)
 
     def start(self, env: dict[str, str] | None = None) -> None:
-        head = self.head
-        # The head's own key for mpirun, made on the head (never copied), trusted by the others.
-        self.run(head, ["sh", "-c", "test -f ~/.ssh/id_ed25519 || "
-                        "ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519"])
-        public = self.run(head, ["cat", ".ssh/id_ed25519.pub"], cwd="~").stdout.strip()
-        files = self.workdir / "mpi"
-        files.mkdir(exist_ok=True)
-        (files / "known_hosts").write_text(self.known_hosts.read_text())
-        (files / "ssh_config").write_text(mpi.ssh_config(self.nodes))
-        (files / "rsh-agent").write_text(mpi.rsh_agent(CONTAINER))
-        (files / "rsh-agent").chmod(0o755)
+        authorize_head_key(self.cluster)
         model = self.workdir / "model"
         model.mkdir(exist_ok=True)
         (model / "config.json").write_text(json.dumps({"model_type": "llama",
                                                        "architectures": ["LlamaForCausalLM"]}))
         (model / "model.safetensors").write_bytes(b"\0" * 1024)
         for node in self.nodes:
-            self.run(node, ["sh", "-c", 'grep -qxF "$1" ~/.ssh/authorized_keys || '
-                            'echo "$1" >> ~/.ssh/authorized_keys', "sh", public])
-            self.run(node, ["rm", "-rf", "serve-test"], cwd="~")
-            self.targets[node.name].put(files, "~/serve-test/mpi")
-            self.targets[node.name].put(model, "~/serve-test/model")
-            self.run(node, ["docker", "rm", "--force", CONTAINER], check=False)
-        home = self.targets[head.name].home()
-        socket = f"{home}/serve-test/mpi/agent.sock"
-        self.run(head, ["sh", "-c", f'ssh-agent -a {socket} >/dev/null && '
-                        f'SSH_AUTH_SOCK={socket} ssh-add -q ~/.ssh/id_ed25519'])
-        for node in self.nodes:
-            home = self.targets[node.name].home()
-            self.run(node, ["docker", "run", "--detach", "--init", "--name", CONTAINER,
-                            "--network", "host",
-                            "--volume", f"{home}/serve-test/mpi:{mpi.MOUNT}:ro",
-                            "--volume", f"{home}/serve-test/model:/model:ro",
-                            self.image, "sleep", "infinity"], timeout=120)
-        argv = mpi.mpirun_argv([node.name for node in self.nodes],
-                               ["trtllm-llmapi-launch", "trtllm-serve", "/model", "--tp_size", "3",
-                                "--host", "0.0.0.0", "--port", str(PORT)],
-                               interfaces=[self.cluster_subnet()])
+            self.targets[node.name].put(model, f"{node.paths.artifacts}/{MODEL}")
+        containers.up(self.cluster, containers.Job(JOB, image=self.image, artifact=MODEL),
+                      self.workdir / "job")
+        argv = containers.mpirun_argv(
+            self.cluster, ["trtllm-llmapi-launch", "trtllm-serve", f"{containers.ARTIFACTS}/{MODEL}",
+                           "--tp_size", "3", "--host", "0.0.0.0", "--port", str(PORT)])
         exec_env = [f"--env={key}={value}" for key, value in (env or {}).items()]
-        self.run(head, ["docker", "exec", "--detach", *exec_env, CONTAINER, "sh", "-c",
-                        join(argv) + " >/tmp/serve.log 2>&1"])
-
-    def cluster_subnet(self) -> str:
-        address = self.head.address
-        return address.rsplit(".", 1)[0] + ".0/24"
+        self.run(self.head, ["docker", "exec", "--detach", *exec_env, self.container, "sh", "-c",
+                             join(argv) + " >/tmp/serve.log 2>&1"])
 
     def url(self, path: str) -> str:
         return f"http://{self.head.address}:{PORT}{path}"
 
     def log(self) -> str:
-        return self.run(self.head, ["docker", "exec", CONTAINER, "cat", "/tmp/serve.log"],
+        return self.run(self.head, ["docker", "exec", self.container, "cat", "/tmp/serve.log"],
                         check=False).stdout
 
     def wait_healthy(self, deadline_s: float = 90) -> None:
@@ -244,12 +217,13 @@ class Serving:
         raise AssertionError(f"the stand-in did not become healthy; its log:\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
+        stopped = containers.down(self.cluster, JOB)
         for node in self.nodes:
-            self.run(node, ["docker", "rm", "--force", CONTAINER], check=False)
-            self.run(node, ["rm", "-rf", "serve-test"], cwd="~", check=False)
-        self.run(self.head, ["pkill", "-u", "spark", "ssh-agent"], check=False)
+            place = targets.expand(f"{node.paths.artifacts}/{MODEL}", self.targets[node.name].home())
+            self.run(node, ["rm", "-rf", place], check=False)
         for target in self.targets.values():
             target.close()
+        assert all(o.ok and o.value.clean for o in stopped), stopped.summary()
 
 
 def stream_completion(url: str, prompt: str, max_tokens: int, timeout: float) -> list[dict]:
@@ -301,7 +275,7 @@ def test_mpirun_across_three_nodes_serves_a_streamed_completion(serving):
 @needs_docker
 def test_killing_one_ranks_process_fails_or_stalls_serving(serving):
     third = serving.nodes[2]
-    killed = serving.run(third, ["docker", "exec", CONTAINER, "pkill", "-KILL", "-f", "trtllm-serve"],
+    killed = serving.run(third, ["docker", "exec", serving.container, "pkill", "-KILL", "-f", "trtllm-serve"],
                          check=False)
     assert killed.exit_code == 0, killed.stderr
     started = time.monotonic()
@@ -315,7 +289,7 @@ def test_killing_one_ranks_process_fails_or_stalls_serving(serving):
     # mpirun notices the lost rank and the job ends: the head's serving process is gone too.
     end = time.monotonic() + 30
     while time.monotonic() < end:
-        alive = serving.run(serving.head, ["docker", "exec", CONTAINER, "pgrep", "-f", "mpirun"],
+        alive = serving.run(serving.head, ["docker", "exec", serving.container, "pgrep", "-f", "mpirun"],
                             check=False)
         if alive.exit_code != 0:
             break
