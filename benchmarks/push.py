@@ -231,8 +231,8 @@ def main() -> None:
             if not changed.exists():
                 changed = sorted(checkpoint.glob("*.safetensors"))[0]
             with open(changed, "wb") as out:
-                for _ in range(args.changed_mib // 16):
-                    out.write(os.urandom(16 * MiB))
+                for start in range(0, args.changed_mib, 16):
+                    out.write(os.urandom(min(16, args.changed_mib - start) * MiB))
             manifest.write(checkpoint, manifest.create(checkpoint, {"model": "bench", "changed": 1}))
             src = pushing.source(store, "bench-ckpt")
             delta = pushing.Counter()

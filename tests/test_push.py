@@ -252,6 +252,36 @@ def test_an_interrupted_push_resumes_and_the_old_version_serves_meanwhile(bed, t
                       )["files"] == manifest.load(root)["files"]
 
 
+@needs_docker
+def test_ctrl_c_stops_every_transfer_and_the_next_push_continues(bed, tmp_path):
+    store = tmp_path / "engines"
+    make_artifact(store, "push-ctrl-c", {"big.safetensors": 12 * MiB, "config.json": 100})
+    node = bed.inventory().node("spark-2")
+    src = pushing.source(store, "push-ctrl-c")
+    seen = {"sent": 0, "pids": set()}
+
+    def interrupt(name: str, count: int) -> None:
+        seen["sent"] += count
+        with channel._lock:
+            seen["pids"] |= {proc.pid for proc in channel._open}
+        if seen["sent"] >= 5 * MiB and not seen.get("signalled"):
+            seen["signalled"] = True
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal does
+
+    with pytest.raises(KeyboardInterrupt):
+        pushing.push([node], src, progress=interrupt)
+    assert seen["pids"] and not channel._open
+    for pid in seen["pids"]:  # nothing of the push is left running here
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert "push-ctrl-c" not in node_sh(bed, 2, "ls ~/trtllm-deploy/engines")  # never half there
+
+    counted = pushing.Counter()
+    result = pushing.push([node], src, progress=counted)["spark-2"].value
+    assert result.artifact.action == "resumed"
+    assert counted.sent["spark-2"] < 12 * MiB - 3 * MiB, counted.sent
+    assert verified(bed, "push-ctrl-c", ("spark-2",))["spark-2"].ok
+
+
 def _small_disk(bed, index: int, path: str, size: str) -> None:
     node_sh(bed, index, f"mkdir -p {path} && (umount {path} 2>/dev/null; true) && mount -t tmpfs"
                         f" -o size={size} tmpfs {path} && chown spark {path}", user="root")
