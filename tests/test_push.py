@@ -282,6 +282,44 @@ def test_ctrl_c_stops_every_transfer_and_the_next_push_continues(bed, tmp_path):
     assert verified(bed, "push-ctrl-c", ("spark-2",))["spark-2"].ok
 
 
+@needs_docker
+def test_the_fabric_transport_sends_plain_tcp_checked_on_the_node(bed, tmp_path):
+    store = tmp_path / "engines"
+    root = make_artifact(store, "push-fabric", {"a.safetensors": 3 * MiB, "b.json": 500})
+    hosts = str(bed.layout.hosts_file)
+    args = ("--store", str(store), "--name", "push-fabric", "--hosts", hosts, "--nodes", "spark-3")
+    done = run_push(*args, "--transport", "fabric", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sent = json.loads(done.stdout)["nodes"]["spark-3"]
+    assert sent["artifact"]["action"] == "sent" and 3 * MiB < sent["bytes_sent"] < 3 * MiB + 4096
+    assert verified(bed, "push-fabric", ("spark-3",))["spark-3"].ok
+
+    # A connection without the token is never read: the node waits for the right one.
+    node = bed.inventory().node("spark-3")
+    target = connect(node)
+    try:
+        scripts = files.Scripts(target)
+        rewrite(root, "a.safetensors", 3 * MiB)
+        src = pushing.source(store, "push-fabric")
+        planned = files.look(node, target, "push-fabric", src.wanted)[1]
+        argv = scripts.command("receive", node.paths.artifacts, "push-fabric", node.host)
+        ch = channel.Channel(target, argv, None)
+        ch.write(b"a" * 64 + b"\n")
+        port = json.loads(ch.proc.stdout.readline())["port"]
+        import socket
+        with socket.create_connection((node.host, port), timeout=10) as intruder:
+            intruder.sendall(b"b" * 64 + b"\n" + b"{}\n")
+        code, out, _ = ch.finish(timeout=60)
+        assert code == 1 and "no connection with the token" in out
+        assert not planned.up_to_date
+    finally:
+        target.close()
+    assert run_push(*args, "--transport", "fabric").returncode == 0
+    assert verified(bed, "push-fabric", ("spark-3",))["spark-3"].ok
+    done = run_push(*args, "--transport", "carrier-pigeon")
+    assert done.returncode == 2 and "--transport" in done.stderr
+
+
 def _small_disk(bed, index: int, path: str, size: str) -> None:
     node_sh(bed, index, f"mkdir -p {path} && (umount {path} 2>/dev/null; true) && mount -t tmpfs"
                         f" -o size={size} tmpfs {path} && chown spark {path}", user="root")

@@ -119,9 +119,23 @@ def require_room(plans: GroupResult[NodePlan]) -> None:
         raise CheckFailed("\n".join(str(error) for error in short))
 
 
+TRANSPORTS = ("ssh", "fabric")
+
+
+def check_transport(transport: str) -> str:
+    if transport not in TRANSPORTS:
+        raise InputError(f"--transport {transport!r}: use ssh (the default, encrypted) or fabric "
+                         "(plain TCP over a private fabric link, checked against the manifest)")
+    return transport
+
+
 def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None = None,
-         reach: Callable[[Node], Target] = connect) -> GroupResult[NodePushed]:
-    """Apply every node's plan at once; nodes whose look failed keep that failure."""
+         reach: Callable[[Node], Target] = connect, transport: str = "ssh") -> GroupResult[NodePushed]:
+    """Apply every node's plan at once; nodes whose look failed keep that failure.
+
+    ``transport="fabric"`` moves the artifact's bytes over plain TCP to each node's fabric address
+    (control, token and verdict stay on SSH); images always go over SSH."""
+    fabric = check_transport(transport) == "fabric"
     by_name = {o.node.name: o for o in plans}
     reachable = [o.node for o in plans if o.ok]
     with layers.scratch() as folder:
@@ -134,7 +148,8 @@ def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None
             artifact = image = None
             if src.artifact:
                 first = (files.Scripts(target), planned.artifact)
-                artifact = files.push(node, target, src.name, src.artifact, src.wanted, first, count)
+                artifact = files.push(node, target, src.name, src.artifact, src.wanted, first, count,
+                                      fabric=fabric)
             if saved:
                 image = layers.push(node, target, saved, planned.image, count)
             return NodePushed(node.name, artifact, image, time.monotonic() - started)
@@ -148,11 +163,12 @@ def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None
 
 
 def push(nodes: Sequence[Node], src: Source, *, progress: Progress | None = None,
-         reach: Callable[[Node], Target] = connect) -> GroupResult[NodePushed]:
+         reach: Callable[[Node], Target] = connect, transport: str = "ssh") -> GroupResult[NodePushed]:
     """Look, check room everywhere, then send: the whole phase, as smoke and launch call it."""
+    check_transport(transport)
     plans = look(nodes, src, reach=reach)
     require_room(plans)
-    return send(plans, src, progress=progress, reach=reach)
+    return send(plans, src, progress=progress, reach=reach, transport=transport)
 
 
 class Counter:

@@ -8,6 +8,11 @@ version), then records (a JSON line ``{"path", "offset", "length"}`` and that ma
 ``{"end": true}``; it verifies the staging directory against the manifest here, on the node, and
 only then exchanges it with the current version. Partly received files stay in staging, so an
 interrupted push resumes where it stopped.
+
+With ``--listen ADDRESS`` (the fast transport over a private fabric link) the records come over a
+plain TCP connection to ADDRESS instead: the port is told and a one-time token is taken over the
+SSH channel, and only a connection that presents that token is read. Nothing is trusted for being
+on that connection: every byte is checked against the manifest hashes before it becomes current.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hmac
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 
@@ -26,6 +33,8 @@ BLOCK = 4 << 20
 RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
 LOCK_WAIT = 30.0
+ACCEPT_TIMEOUT = 30.0  # for the pusher to connect to the fabric port
+IDLE_TIMEOUT = 300.0  # a fabric connection that stalls this long ends the push, never hangs it
 
 
 class Refused(Exception):
@@ -238,9 +247,46 @@ def receive(mf, artifacts: str, name: str, stream) -> dict:
     return {"ok": True, "received": received, "atomic": atomic, "verify": report.as_json()}
 
 
+def fabric_stream(address: str):
+    """The fast transport's data connection: the first one to ``address`` that presents the token
+    this process was given over SSH (its standard input)."""
+    token = sys.stdin.buffer.readline().strip()
+    if len(token) < 32:
+        raise Refused("protocol", "no token on the SSH channel")
+    server = socket.create_server((address, 0))
+    port = server.getsockname()[1]
+    print(json.dumps({"port": port}), flush=True)
+    deadline = time.monotonic() + ACCEPT_TIMEOUT
+    with server:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Refused("transport", f"no connection with the token reached {address}:{port} "
+                                           f"within {ACCEPT_TIMEOUT:g} s; is a firewall in the way?")
+            server.settimeout(left)
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(ACCEPT_TIMEOUT)
+            stream = conn.makefile("rb", buffering=BLOCK)
+            try:
+                offered = stream.readline(256).strip()
+            except OSError:
+                offered = b""
+            if hmac.compare_digest(offered, token):
+                conn.settimeout(IDLE_TIMEOUT)
+                return conn, stream
+            conn.close()
+
+
 def main(argv: list) -> int:
+    listen = None
+    if len(argv) == 6 and argv[4] == "--listen":
+        listen, argv = argv[5], argv[:4]
     if len(argv) != 4 or argv[0] not in ("survey", "receive"):
-        print("usage: agent.py survey|receive MANIFEST_PY ARTIFACTS NAME", file=sys.stderr)
+        print("usage: agent.py survey|receive MANIFEST_PY ARTIFACTS NAME [--listen ADDRESS]",
+              file=sys.stderr)
         return 2
     command, manifest_py, artifacts, name = argv
     artifacts = os.path.expanduser(artifacts)
@@ -248,13 +294,18 @@ def main(argv: list) -> int:
     try:
         if command == "survey":
             result = survey(mf, artifacts, name, json.load(sys.stdin))
+        elif listen:
+            conn, stream = fabric_stream(listen)
+            with conn:
+                result = receive(mf, artifacts, name, stream)
         else:
             result = receive(mf, artifacts, name, sys.stdin.buffer)
     except Refused as exc:
         result = {"ok": False, "kind": exc.kind, "error": str(exc)}
     except OSError as exc:
         kind = "full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "os"
-        result = {"ok": False, "kind": kind, "error": f"{exc.filename or artifacts}: {exc.strerror}"}
+        where = exc.filename or artifacts
+        result = {"ok": False, "kind": kind, "error": f"{where}: {exc.strerror or exc}"}
     print(json.dumps(result, sort_keys=True))
     return 0 if result["ok"] else 1
 

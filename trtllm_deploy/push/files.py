@@ -150,11 +150,12 @@ class Scripts:
         self.remote = {key: posixpath.join(self.directory, _shipped(path, f"push-{key}"))
                        for key, path in self.local.items()}
 
-    def command(self, verb: str, artifacts: str, name: str) -> list[str]:
+    def command(self, verb: str, artifacts: str, name: str, listen: str | None = None) -> list[str]:
         """The agent's command line; exits MISSING_SCRIPTS when a script is not there yet."""
         return ["sh", "-c", f'test -f "$1" && test -f "$2" || exit {MISSING_SCRIPTS}; '
-                'exec python3 "$2" "$3" "$1" "$4" "$5"', "sh", self.remote["manifest"],
-                self.remote["agent"], verb, artifacts, name]
+                'm=$1; a=$2; v=$3; shift 3; exec python3 "$a" "$v" "$m" "$@"', "sh",
+                self.remote["manifest"], self.remote["agent"], verb, artifacts, name,
+                *(["--listen", listen] if listen else [])]
 
     def send(self) -> None:
         self.target.run(["mkdir", "-p", "-m", "700", self.directory], timeout=60)
@@ -198,12 +199,18 @@ def no_room(node: Node, planned: ArtifactPlan) -> CheckFailed:
         "point paths.artifacts in hosts.toml at a larger disk; nothing was sent")
 
 
+def fabric_address(node: Node) -> str:
+    """Where the fast transport reaches the node: its fabric address, else its SSH address."""
+    return node.fabric.address or node.host
+
+
 def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan, local: Path,
-             wanted: dict, progress: Callable[[int], None] | None) -> dict:
+             wanted: dict, progress: Callable[[int], None] | None, fabric: bool = False) -> dict:
     """Stream what the plan says into the node's receiver; the receiver's report."""
-    argv = scripts.command("receive", node.paths.artifacts, planned.name)
+    listen = fabric_address(node) if fabric else None
+    argv = scripts.command("receive", node.paths.artifacts, planned.name, listen)
     header = {"manifest": wanted, "link": [s.path for s in planned.steps if s.action == "link"]}
-    channel = Channel(target, argv, progress)
+    channel = Channel(target, argv, progress, fabric=listen)
     try:
         channel.write(json.dumps(header, sort_keys=True).encode() + b"\n")
         for step in planned.steps:
@@ -213,7 +220,7 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
             channel.write(json.dumps(record).encode() + b"\n")
             channel.send_file(local / step.path, step.offset, step.bytes_to_send)
         channel.write(b'{"end": true}\n')
-    except BrokenPipeError:
+    except (BrokenPipeError, ConnectionResetError):
         pass  # the receiver stopped reading: its report says why
     except BaseException:
         channel.kill()
@@ -234,7 +241,8 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
 
 def push(node: Node, target: Target, name: str, local: Path, wanted: dict,
          first: tuple[Scripts, ArtifactPlan] | None = None,
-         progress: Callable[[int], None] | None = None, attempts: int = 2) -> ArtifactSent:
+         progress: Callable[[int], None] | None = None, attempts: int = 2,
+         fabric: bool = False) -> ArtifactSent:
     """Make the node's ``paths.artifacts/name`` the artifact under ``local``, sending only what it
     lacks. A file that fails verification on the node is sent again, once."""
     started = time.monotonic()
@@ -247,7 +255,7 @@ def push(node: Node, target: Target, name: str, local: Path, wanted: dict,
         if not planned.fits:
             raise no_room(node, planned)
         files += sum(1 for step in planned.steps if step.bytes_to_send)
-        answer = transfer(node, target, scripts, planned, local, wanted, progress)
+        answer = transfer(node, target, scripts, planned, local, wanted, progress, fabric)
         sent += answer["sent"]
         if answer.get("ok"):
             action = "resumed" if resumed else "updated" if planned.exists else "sent"

@@ -173,7 +173,7 @@ def _load(target: Target, saved: SavedImage, have: tuple[bool, ...],
         for start, end in ranges:
             channel.send_file(saved.path, start, end - start)
         channel.write(END_OF_ARCHIVE)
-    except BrokenPipeError:
+    except (BrokenPipeError, ConnectionResetError):
         pass
     except BaseException:
         channel.kill()
