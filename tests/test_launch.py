@@ -42,7 +42,11 @@ def bed(testbed, tmp_path_factory):
         target.run(["mkdir", "-p", store])
         target.put(folder, f"{store}/{ARTIFACT}")
         target.close()
-    return cluster
+    yield cluster
+    for node in cluster.nodes:  # the session's testbed is shared: leave its stores as found
+        target = targets.SSH(node)
+        target.run(["rm", "-rf", f"{targets.expand(node.paths.artifacts, target.home())}/{ARTIFACT}"])
+        target.close()
 
 
 def deployment(cluster, job: str = "tb", port: int = 8361, **env) -> launch.Deployment:

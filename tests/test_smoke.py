@@ -75,7 +75,7 @@ def test_smoke_serves_answers_and_stops_on_the_stand_in(testbed, artifact, tmp_p
 
 
 @pytest.mark.parametrize("env, extra, words", [
-    ('STANDIN_FAULT = "oom"', (), ["CUDA out of memory while loading", "what to do:", "drop_caches"]),
+    ('STANDIN_FAULT = "oom"', (), ["CUDA out of memory", "what to do:", "drop_caches"]),
     ('STANDIN_FAULT = "hang", STANDIN_LOAD_SECONDS = "2"', ("--stall-s", "4"),
      ["no progress for 4 s"]),
 ], ids=["known-failure-line", "stall"])

@@ -197,6 +197,9 @@ def _wait_ready(report: SmokeReport, target: Target, node: Node, port: int, stal
         state = target.run(["docker", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}",
                             CONTAINER], check=False, timeout=60).stdout.split()
         if state and state[0] != "running":
+            # Its last words may have come after the read above: read the log once more.
+            final = target.run(["docker", "logs", "--tail", "200", CONTAINER], check=False, timeout=60)
+            seen = final.stdout + final.stderr or seen
             raise CheckFailed(failures.explain(f"the runtime stopped (exit {state[1]}) before it was ready",
                                        seen))
         if time.monotonic() - last_change > stall_s:
