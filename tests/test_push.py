@@ -320,6 +320,38 @@ def test_the_fabric_transport_sends_plain_tcp_checked_on_the_node(bed, tmp_path)
     assert done.returncode == 2 and "--transport" in done.stderr
 
 
+@needs_docker
+def test_bytes_that_do_not_match_the_manifest_never_become_current(bed, tmp_path):
+    store = tmp_path / "engines"
+    root = make_artifact(store, "push-garbled", {"w.safetensors": MiB})
+    node = bed.inventory().node("spark-1")
+    assert not pushing.push([node], pushing.source(store, "push-garbled")).failed
+    before = manifest.load(root)
+    rewrite(root, "w.safetensors", MiB)
+    wanted = manifest.load(root)
+    target = connect(node)
+    try:
+        scripts = files.Scripts(target)
+        ch = channel.Channel(target, scripts.command("receive", node.paths.artifacts, "push-garbled"),
+                             None)
+        ch.write(json.dumps({"manifest": wanted, "link": []}).encode() + b"\n")
+        ch.write(json.dumps({"path": "w.safetensors", "offset": 0, "length": MiB}).encode() + b"\n")
+        ch.write(os.urandom(MiB) + b'{"end": true}\n')  # the right size, the wrong bytes
+        code, out, _ = ch.finish(timeout=60)
+    finally:
+        target.close()
+    answer = json.loads(out.splitlines()[-1])
+    assert code == 1 and answer["kind"] == "verify"
+    assert [p["path"] for p in answer["verify"]["problems"]] == ["w.safetensors"]
+    on_node = node_sh(bed, 1, f"cat ~/trtllm-deploy/engines/push-garbled/{manifest.MANIFEST}")
+    assert json.loads(on_node)["files"] == before["files"]
+    assert sorted(node_sh(bed, 1, "ls -A ~/trtllm-deploy/engines/.push-garbled.push").split()) == [
+        manifest.CACHE, manifest.MANIFEST]  # the bad file is gone: the next push sends it whole
+    result = pushing.push([node], pushing.source(store, "push-garbled"))["spark-1"].value
+    assert result.artifact.action == "updated" and MiB <= result.bytes_sent < MiB + 4096
+    assert verified(bed, "push-garbled", ("spark-1",))["spark-1"].ok
+
+
 def _small_disk(bed, index: int, path: str, size: str) -> None:
     node_sh(bed, index, f"mkdir -p {path} && (umount {path} 2>/dev/null; true) && mount -t tmpfs"
                         f" -o size={size} tmpfs {path} && chown spark {path}", user="root")

@@ -282,6 +282,17 @@ def check(root: str | os.PathLike, manifest: dict | None = None, cache: bool = T
     return report
 
 
+def remember(root: str | os.PathLike, hashes: dict[str, str]) -> None:
+    """Add hashes computed while the files were being written (a push's receiver hashes the bytes
+    as they arrive) to the stat cache, keyed by each file's state now: a later change misses it."""
+    root = os.fspath(root)
+    entries = _load_cache(root)
+    for name, digest in hashes.items():
+        entries[name] = [_stamp(os.stat(os.path.join(root, name))), digest]
+    _write_atomically(os.path.join(root, CACHE),
+                      json.dumps({"algorithm": ALGORITHM, "files": entries}, sort_keys=True))
+
+
 def verify(root: str | os.PathLike, manifest: dict | None = None, cache: bool = True) -> list[dict]:
     """Every problem with the artifact under ``root``; an empty list means it matches."""
     return check(root, manifest, cache).problems

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import hmac
 import importlib.util
 import json
@@ -150,7 +151,34 @@ def _link(source: str, dest: str) -> None:
         shutil.copy2(source, dest)
 
 
-def _receive_file(stream, staging: str, record: dict, files: dict) -> None:
+class _ChunkHash:
+    """The manifest's chunked SHA-256 of bytes as they arrive, so a file received whole is hashed
+    here on the node without being read back."""
+
+    def __init__(self, chunk_bytes: int):
+        self.chunk_bytes = chunk_bytes
+        self.digests: list = []
+        self.current = hashlib.sha256()
+        self.filled = 0
+
+    def update(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self.chunk_bytes - self.filled)
+            self.current.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == self.chunk_bytes:
+                self.digests.append(self.current.digest())
+                self.current, self.filled = hashlib.sha256(), 0
+
+    def hexdigest(self) -> str:
+        digests = self.digests + ([self.current.digest()] if self.filled or not self.digests else [])
+        return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def _receive_file(stream, staging: str, record: dict, files: dict, chunk_bytes: int) -> str | None:
+    """Write one record's bytes into staging; the file's hash when it was received whole."""
     path, offset, length = record["path"], int(record["offset"]), int(record["length"])
     if path not in files or offset < 0 or offset + length != files[path]["size"]:
         raise Refused("protocol", f"unexpected record for {path!r}")
@@ -162,6 +190,7 @@ def _receive_file(stream, staging: str, record: dict, files: dict) -> None:
             raise Refused("protocol", f"{path}: cannot continue at {offset} in staging")
     elif os.path.lexists(full):
         os.unlink(full)  # it may be a link to the current version's bytes: write a new file
+    hasher = None if offset else _ChunkHash(chunk_bytes)  # a continued file is hashed from disk
     with open(full, "r+b" if offset else "wb") as out:
         out.truncate(offset)
         out.seek(offset)
@@ -173,9 +202,21 @@ def _receive_file(stream, staging: str, record: dict, files: dict) -> None:
                 raise Refused("truncated", f"the stream ended inside {path}, "
                                            f"{length - left} of {length} bytes received")
             out.write(block)
+            if hasher:
+                hasher.update(block)
             left -= len(block)
-        out.flush()
-        os.fsync(out.fileno())
+    return hasher.hexdigest() if hasher else None
+
+
+def _sync(staging: str, paths) -> None:
+    """On disk before the rename that makes them current (after the stream, so that flushing one
+    file never holds up receiving the next)."""
+    for path in paths:
+        handle = os.open(os.path.join(staging, path), os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 def exchange(staging: str, current: str) -> bool:
@@ -228,12 +269,19 @@ def receive(mf, artifacts: str, name: str, stream) -> dict:
             raise Refused("protocol", f"unexpected link for {path!r}")
         _link(os.path.join(current, path), os.path.join(staging, path))
     received = 0
+    written: list = []
+    hashed: dict = {}
     while True:
         record = _read_line(stream)
         if record.get("end"):
             break
-        _receive_file(stream, staging, record, files)
+        digest = _receive_file(stream, staging, record, files, mf.CHUNK_BYTES)
+        written.append(record["path"])
+        if digest:
+            hashed[record["path"]] = digest
         received += int(record["length"])
+    _sync(staging, written)
+    mf.remember(staging, hashed)  # hashed on arrival: check() below need not read them again
     mf.write(staging, wanted)
     report = mf.check(staging, wanted)
     if not report.ok:

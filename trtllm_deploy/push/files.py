@@ -102,11 +102,13 @@ class ArtifactSent:
     seconds: float
     atomic: bool = True
     attempts: int = 1
+    verify_seconds: float = 0.0  # the node checking staging against the manifest, before the swap
 
     def as_json(self) -> dict:
         return {"name": self.name, "action": self.action, "bytes_sent": self.bytes_sent,
                 "bytes_skipped": self.bytes_skipped, "files_sent": self.files_sent,
-                "seconds": round(self.seconds, 3), "atomic": self.atomic, "attempts": self.attempts}
+                "seconds": round(self.seconds, 3), "atomic": self.atomic, "attempts": self.attempts,
+                "verify_seconds": round(self.verify_seconds, 3)}
 
 
 def human_size(count: float) -> str:
@@ -260,7 +262,8 @@ def push(node: Node, target: Target, name: str, local: Path, wanted: dict,
         if answer.get("ok"):
             action = "resumed" if resumed else "updated" if planned.exists else "sent"
             return ArtifactSent(name, action, sent, max(0, planned.total_bytes - sent), files,
-                                time.monotonic() - started, bool(answer.get("atomic")), attempt)
+                                time.monotonic() - started, bool(answer.get("atomic")), attempt,
+                                float(answer.get("verify", {}).get("seconds", 0.0)))
         if answer.get("kind") == "full":
             raise CheckFailed(f"{node.name}: the disk under {node.paths.artifacts} filled up while "
                               f"receiving {name}: {answer.get('error')}. What was received is kept "
