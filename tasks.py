@@ -22,3 +22,4 @@ ns.add_task(serving.supervise_)      # phase 5: watch every rank; explain, tear 
 ns.add_task(serving.status)          # per node: container, ranks; the endpoint's health
 ns.add_task(serving.logs)            # every rank's log
 ns.add_task(serving.stop)            # stop, verified on every node
+ns.add_task(serving.rollback)        # phase 5: the same model with vLLM, health gated

@@ -176,3 +176,27 @@ def test_the_cli_status_and_stop(bed, home, tmp_path):
     assert stopped.returncode == 0, stopped.stderr
     assert all(node["clean"] for node in json.loads(stopped.stdout)["nodes"].values())
     assert running_anywhere(bed, "tbcli") == []
+
+
+def test_rollback_serves_the_same_artifact_with_vllm_across_the_nodes(bed, home):
+    wanted = deployment(bed, job="tbrb", port=8366)
+    launch.launch(bed, wanted, home / "tmp")
+    try:
+        done = launch.rollback(bed, bed.head.container.image, home / "tmp2")
+        assert done.deployment.runtime == "vllm" and done.deployment.job == "tbrb-vllm" and done.answer
+        assert running_anywhere(bed, "tbrb") == []  # TensorRT-LLM's job is gone from every node
+        with urllib.request.urlopen(f"http://{bed.head.address}:8366/v1/models", timeout=10) as answer:
+            assert "vllm" in json.dumps(json.load(answer)).lower()
+        # One vLLM process per node; the stand-in refuses a node rank that is not its MPI rank and a
+        # --headless anywhere but nodes 1..N-1, as vLLM's own multi-node mode needs.
+        logs = launch.tails(bed, "tbrb-vllm")
+        assert "worker rank 1 of 3" in logs["spark-2/rank-1.log"], logs
+        assert "worker rank 2 of 3" in logs["spark-3/rank-2.log"], logs
+        # The last known good is now the vLLM deployment; the previous one stays recorded in its log.
+        assert launch.current().runtime == "vllm"
+        with pytest.raises(Exception, match="already serves with vLLM"):
+            launch.rollback(bed, bed.head.container.image, home / "tmp3")
+    finally:
+        launch.stop(bed, "tbrb-vllm")
+        launch.stop(bed, "tbrb")
+    assert running_anywhere(bed, "tbrb-vllm") == []

@@ -716,3 +716,24 @@ def test_standin_imports_only_itself_the_standard_library_mpi4py_yaml_and_the_ma
                 names = [f"trtllm_deploy.{alias.name}" for alias in node.names]
             for name in names:
                 assert name in allowed or name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("rank, extra, error", [
+    ("0", [], None),
+    ("1", ["--headless"], None),
+    ("1", [], "--headless is for every node but node 0"),
+    ("0", ["--headless"], "--headless is for every node but node 0"),
+    ("2", ["--headless", "--node-rank", "1"], "--node-rank 1 on the process the launcher made rank 2"),
+])
+def test_vllm_multi_node_mode_checks_node_rank_and_headless(monkeypatch, capsys, rank, extra, error):
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", rank)
+    args = ["serve", "/m", "--tensor-parallel-size", "3", "--distributed-executor-backend", "mp",
+            "--nnodes", "3", "--master-addr", "10.0.0.1", *extra]
+    if "--node-rank" not in extra:
+        args += ["--node-rank", rank]
+    if error is None:
+        assert cli.vllm_config(args).tp_size == 3
+        return
+    with pytest.raises(SystemExit) as stopped:
+        cli.vllm_config(args)
+    assert stopped.value.code == 2 and error in capsys.readouterr().err

@@ -52,7 +52,8 @@ RUNTIME_ENV = {"CPATH": "/usr/local/cuda/include", "TRITON_PTXAS_PATH": "/usr/lo
 # The variables that differ per node: never passed with mpirun -x, never in mpirun's own
 # environment either (OpenMPI hands the OMPI_MCA_ ones it sees to every daemon).
 FABRIC_VARS = ("NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_include",
-               "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA")
+               "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA",
+               "TP_SOCKET_IFNAME", "VLLM_HOST_IP")
 JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
 DEFAULT_KEY = "~/.ssh/id_ed25519"
 START_TIMEOUT = 300.0
@@ -99,8 +100,11 @@ def fabric_env(node: Node) -> dict[str, str]:
     env: dict[str, str] = {}
     if interfaces:
         env.update({"NCCL_SOCKET_IFNAME": interfaces, "GLOO_SOCKET_IFNAME": interfaces,
-                    "OMPI_MCA_btl_tcp_if_include": interfaces,
+                    "TP_SOCKET_IFNAME": interfaces, "OMPI_MCA_btl_tcp_if_include": interfaces,
                     "OMPI_MCA_oob_tcp_if_include": interfaces})
+    # vLLM: the address this node's processes announce (the fabric's, else the node's own).
+    if node.fabric.address or node.address:
+        env["VLLM_HOST_IP"] = str(node.fabric.address or node.address)
     if rdma:
         env["NCCL_IB_HCA"] = ",".join(rdma)
         env["UCX_NET_DEVICES"] = ",".join(f"{device}:1" for device in rdma)

@@ -37,6 +37,10 @@ STATE_FILE = "~/.local/state/trtllm-deploy/deployments.json"
 # Each rank records its pid, then becomes the program with its output in its own log file.
 RANK_WRAPPER = ('log=$TRTLLM_DEPLOY_LOG_DIR/rank-${OMPI_COMM_WORLD_RANK:-0}; echo $$ > "$log.pid"; '
                 'exec "$@" >>"$log.log" 2>&1')
+# vLLM: the node rank is the MPI rank; every node but the first runs headless (no API server).
+VLLM_NODE_RANK = ('rank=${OMPI_COMM_WORLD_RANK:-0}; if [ "$rank" -gt 0 ]; then set -- "$@" --headless; fi; '
+                  'exec "$@" --node-rank "$rank"')
+VLLM_MASTER_PORT = 29501
 # mpirun, detached in the head's container; its exit status is left beside its log.
 MPIRUN_WRAPPER = ('cd "$TRTLLM_DEPLOY_LOG_DIR" && echo $$ > mpirun.pid && '
                   '"$@" >mpirun.log 2>&1; echo $? > mpirun.exit')
@@ -60,6 +64,7 @@ class Deployment:
     backend: tuple[str, ...] = ("--backend", "pytorch")
     env: tuple[tuple[str, str], ...] = ()
     nodes: tuple[str, ...] = ()
+    master_addr: str | None = None   # vLLM: where the nodes meet (the head's fabric address)
     image_id: str | None = None
     manifest_sha256: str | None = None
     started: str | None = None
@@ -83,9 +88,13 @@ def program(deployment: Deployment) -> list[str]:
     model = f"{containers.ARTIFACTS}/{deployment.artifact}"
     port = str(deployment.port)
     if deployment.runtime == "vllm":
-        return ["vllm", "serve", model, "--tensor-parallel-size", str(deployment.tp),
-                "--pipeline-parallel-size", str(deployment.pp), "--distributed-executor-backend",
-                "ray", "--host", "0.0.0.0", "--port", port]
+        # vLLM's own multi-node mode: one process per node (node 0 serves HTTP, the others run
+        # --headless), meeting at the head's address; mpirun only starts them and hands out ranks.
+        return ["sh", "-c", VLLM_NODE_RANK, "vllm-node", "vllm", "serve", model,
+                "--tensor-parallel-size", str(deployment.tp),
+                "--pipeline-parallel-size", str(deployment.pp), "--distributed-executor-backend", "mp",
+                "--nnodes", str(deployment.ranks), "--master-addr", deployment.master_addr or "127.0.0.1",
+                "--master-port", str(VLLM_MASTER_PORT), "--host", "0.0.0.0", "--port", port]
     return ["trtllm-llmapi-launch", "trtllm-serve", model, *deployment.backend,
             "--tp_size", str(deployment.tp), "--pp_size", str(deployment.pp),
             "--host", "0.0.0.0", "--port", port, "--config", f"{model}/llm-api.yaml"]
@@ -168,7 +177,9 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
     report(f"starting the runtime containers of {deployment.job} on {len(nodes.nodes)} node(s)")
     started = containers.up(nodes, job, tmp)
     image_ids = {outcome.value.image_id for outcome in started}
+    head = nodes.head
     deployment = replace(deployment, nodes=tuple(node.name for node in nodes.nodes),
+                         master_addr=str(head.fabric.address or head.address or head.host),
                          image_id=image_ids.pop() if len(image_ids) == 1 else None,
                          started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     result = Launched(deployment, containers={o.node.name: o.value.action for o in started})
@@ -366,3 +377,19 @@ def stop(cluster: Cluster, job: str):
     if found is not None and found.job == job:
         _record(current=None)
     return stopped
+
+
+def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None, **gate) -> Launched:
+    """Stop TensorRT-LLM and serve the same checkpoint with vLLM from ``image``, gated the same way."""
+    source = current() or last_good()
+    if source is None:
+        raise InputError("rollback: nothing is deployed or recorded, so there is no model to serve with vLLM")
+    if source.runtime == "vllm":
+        raise InputError(f"rollback: {source.job} already serves with vLLM")
+    if "tensorrt" in source.backend:
+        raise InputError(f"rollback: {source.artifact} holds TensorRT engines, which vLLM cannot serve; "
+                         "build the checkpoint artifact (engine.build without --backend tensorrt) first")
+    target = replace(source, job=f"{source.job[:35]}-vllm", runtime="vllm", image=image, backend=(),
+                     image_id=None, manifest_sha256=None, started=None)
+    report(f"rollback: serving {source.artifact} with vLLM ({image}) instead of {source.job}")
+    return launch(cluster, target, tmp, report=report, **gate)

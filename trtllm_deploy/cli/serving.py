@@ -12,6 +12,7 @@ from invoke.exceptions import Exit
 from trtllm_deploy import console, engines, inventory, launch, manifest, supervise
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.source import lock as locks
 
 STORE_HELP = "where engine.build made the artifact, to read its backend (default: engines/)"
 
@@ -192,3 +193,27 @@ def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fals
     console.out.print(console.table(f"stop: {name}", ["node", "removed", "still running"], [
         [n, ", ".join(info["removed"]) or "-", ", ".join(info["leftovers"]) or "nothing"]
         for n, info in report["nodes"].items()]))
+
+
+@task(help={"image": "the vLLM image (default: the lock's [vllm] image)",
+            "lock": "the lock that pins the vLLM image (default: requirements/tensorrt-llm.lock.toml)",
+            "stall_s": "give up when no rank's log has moved for this long (default: 120)",
+            "min_rate": "the least tokens/s the gate prompt must come at (default: 1)",
+            "hosts": HOSTS_HELP, "json": JSON_HELP})
+@user_errors
+def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm.lock.toml",
+             stall_s: float = 120.0, min_rate: float = 1.0, hosts: str = "hosts.toml",
+             json: bool = False) -> None:
+    """Stop TensorRT-LLM and serve the same model with vLLM (its pinned image), health gated."""
+    cluster = inventory.load(hosts)
+    vllm_image = image or locks.load(lock).lock.vllm.image
+    with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
+            console.err.status("rolling back to vLLM…") as spinner:
+        done = launch.rollback(cluster, vllm_image, Path(tmp), report=lambda line: spinner.update(line),
+                               stall_s=stall_s, min_tokens_per_s=min_rate)
+    if json:
+        console.print_json(done.as_json())
+        return
+    console.out.print(f"vLLM serves {done.deployment.artifact} on {', '.join(done.deployment.nodes)} "
+                      f"at http://{cluster.head.host}:{done.deployment.port}/v1 (gate: "
+                      f"{done.tokens_per_s:.1f} tokens/s)")

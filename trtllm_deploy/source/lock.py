@@ -135,6 +135,13 @@ class Quantize(_Table):
     kv_cache_qformat: StrictStr | None = None  # None: hf_ptq.py's default
 
 
+class Vllm(_Table):
+    """The rollback runtime: ``invoke rollback`` serves the same checkpoint with vLLM from this
+    image (pin it by digest: ``...@sha256:...``). Not part of the image's lock hash."""
+
+    image: StrictStr = "nvcr.io/nvidia/vllm:26.05-py3"   # NVIDIA's DGX Spark playbooks (FACTS.md)
+
+
 class Lock(_Table):
     source: Source
     build: Build
@@ -142,6 +149,7 @@ class Lock(_Table):
     wheel: Wheel = Wheel()
     fixes: list[Fix] = []
     quantize: Quantize = Quantize()
+    vllm: Vllm = Vllm()
 
 
 _EXAMPLES = {
@@ -279,6 +287,8 @@ def dumps(lock: Lock) -> str:
     if lock.quantize != Quantize():
         out += ["", "[quantize]"] + [f"{key} = {_value(value)}" for key, value in
                                      lock.quantize.model_dump(exclude_none=True).items()]
+    if lock.vllm != Vllm():
+        out += ["", "[vllm]", f"image = {_value(lock.vllm.image)}"]
     for fix in lock.fixes:
         out += ["", "[[fixes]]"]
         for key in ("commit", "pr", "title"):

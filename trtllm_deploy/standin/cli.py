@@ -242,6 +242,12 @@ def vllm_config(args: list[str]) -> ServeConfig:
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     serve.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     serve.add_argument("--distributed-executor-backend", choices=("ray", "mp", "uni", "external_launcher"))
+    # vLLM's own multi-node mode (mp backend, no Ray): one process per node, node 0 serves HTTP.
+    serve.add_argument("--nnodes", type=int, default=1)
+    serve.add_argument("--node-rank", type=int, default=0)
+    serve.add_argument("--master-addr", default="127.0.0.1")
+    serve.add_argument("--master-port", type=int, default=29501)
+    serve.add_argument("--headless", action="store_true")
     serve.add_argument("--served-model-name", nargs="+")
     serve.add_argument("--max-model-len", type=int)
     serve.add_argument("--max-num-seqs", type=int, default=256)
@@ -252,6 +258,14 @@ def vllm_config(args: list[str]) -> ServeConfig:
                        choices=("critical", "error", "warning", "info", "debug", "trace"))
     # vLLM accepts --tensor_parallel_size as well as --tensor-parallel-size.
     ns = parser.parse_args([_dashes(arg) for arg in args])
+    if ns.nnodes > 1:
+        rank = launched_rank()
+        if ns.node_rank != rank:
+            parser.error(f"--node-rank {ns.node_rank} on the process the launcher made rank {rank}")
+        if (ns.node_rank > 0) != ns.headless:
+            parser.error("--headless is for every node but node 0 (which serves the API), and only them")
+        if ns.distributed_executor_backend != "mp":
+            parser.error("--nnodes needs --distributed-executor-backend mp")
     level = {"critical": "error", "trace": "debug"}.get(ns.uvicorn_log_level, ns.uvicorn_log_level)
     return ServeConfig(
         runtime="vllm", model=ns.model, served_name=(ns.served_model_name or [ns.model])[0], host=ns.host,
