@@ -265,6 +265,18 @@ def fingerprint(key) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+def changed_key_message(name: str, known_hosts, pinned: str, offered: str,
+                        refused: str = "The connection was refused") -> str:
+    """What a user reads when a host key differs from the pinned one (``pinned``/``offered``:
+    ``type SHA256:...``); every place that finds a changed key says it the same way."""
+    return (
+        f"HOST KEY CHANGED for {name}: {known_hosts} pins {pinned} but the node offered {offered}."
+        f" {refused}: this is what a man-in-the-middle looks like. If the"
+        f" node was reinstalled, remove the old key (ssh-keygen -R '{name}' -f"
+        f" {known_hosts}) and trust the new one after checking its fingerprint."
+    )
+
+
 def _known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
@@ -411,14 +423,9 @@ class SSH(_HomeFromShell):
 
     def _changed_key_message(self, got, expected) -> str:
         node = self.node
-        name = _known_hosts_name(node.host, node.port)
-        return (
-            f"HOST KEY CHANGED for {name}: {self.known_hosts} pins {expected.get_name()}"
-            f" {fingerprint(expected)} but the node offered {got.get_name()} {fingerprint(got)}."
-            " The connection was refused: this is what a man-in-the-middle looks like. If the"
-            f" node was reinstalled, remove the old key (ssh-keygen -R '{name}' -f"
-            f" {self.known_hosts}) and trust the new one after checking its fingerprint."
-        )
+        return changed_key_message(_known_hosts_name(node.host, node.port), self.known_hosts,
+                                   f"{expected.get_name()} {fingerprint(expected)}",
+                                   f"{got.get_name()} {fingerprint(got)}")
 
     def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
             check=True) -> Result:
