@@ -199,6 +199,8 @@ class Preflight(_Table):
     min_memory_available_gb: Annotated[StrictInt | StrictFloat, Field(ge=0)] = 8
     max_clock_skew_ms: Annotated[StrictInt | StrictFloat, Field(gt=0)] = 500
     require_nvidia_runtime: StrictBool = True
+    # false only where no GPU can be (the testbed): a node without one is then a warning
+    require_gpu: StrictBool = True
 
 
 class _File(_Table):

@@ -435,6 +435,10 @@ def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
           if runtime_image else []),
         "[preflight]",
         f"arch = {q(platform.machine())}  # the nodes run on this machine's architecture",
+        "require_gpu = false             # simulated nodes have none: the stand-in runtime needs none",
+        "require_nvidia_runtime = false",
+        "min_disk_build_gb = 1           # they share this machine's disk",
+        "min_disk_artifacts_gb = 1",
     ]
     for index in layout.indexes:
         lines += ["", "[[nodes]]", f"name = {q(layout.node_name(index))}",
