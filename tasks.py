@@ -5,7 +5,7 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import checks, cluster, engine, hosts, serving, smoke, source, ssh, testbed
+from trtllm_deploy.cli import checks, cluster, deploy, engine, hosts, serving, smoke, source, ssh, testbed
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
@@ -24,3 +24,5 @@ ns.add_task(serving.status)          # per node: container, ranks; the endpoint'
 ns.add_task(serving.logs)            # every rank's log
 ns.add_task(serving.stop)            # stop, verified on every node
 ns.add_task(serving.rollback)        # phase 5: the same model with vLLM, health gated
+ns.add_task(deploy.deploy)           # every phase in order, each skipped when the facts say it is done
+ns.add_task(deploy.demo)             # all of it on a simulated 3-node cluster (the stand-in runtime)

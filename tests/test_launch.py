@@ -88,17 +88,18 @@ def test_launch_serves_across_three_nodes_gated_and_stop_leaves_nothing(bed, hom
     try:
         assert done.answer and done.tokens_per_s > 1
         assert set(done.containers.values()) == {"started"} and len(done.containers) == 3
-        assert launch.last_good().job == "tb" and launch.current().nodes == ("spark-1", "spark-2", "spark-3")
+        assert launch.last_good(bed).job == "tb"
+        assert launch.current(bed).nodes == ("spark-1", "spark-2", "spark-3")
         assert answers(bed, wanted.port)
         logs = launch.tails(bed, "tb")
         # One log per rank, each on its own node.
         assert {"spark-1/rank-0.log", "spark-2/rank-1.log", "spark-3/rank-2.log"} <= set(logs)
-        looks = launch.look(bed, launch.current())
+        looks = launch.look(bed, launch.current(bed))
         assert launch.trouble(looks, wanted, "spark-1") is None
     finally:
         stopped = launch.stop(bed, "tb")
     assert all(outcome.ok and outcome.value.clean for outcome in stopped)
-    assert running_anywhere(bed, "tb") == [] and launch.current() is None
+    assert running_anywhere(bed, "tb") == [] and launch.current(bed) is None
 
 
 def test_a_killed_rank_is_detected_within_10_s_torn_down_and_restarted(bed, home):
@@ -111,12 +112,12 @@ def test_a_killed_rank_is_detected_within_10_s_torn_down_and_restarted(bed, home
         killed_at = time.monotonic()
         worker.run(["docker", "exec", name, "kill", "-9", pid])
         worker.close()
-        failure = supervise.watch(bed, launch.current(), interval=1.0, duration=30)
+        failure = supervise.watch(bed, launch.current(bed), interval=1.0, duration=30)
         detected = time.monotonic() - killed_at
         assert failure is not None and failure.kind in ("dead",), failure
         assert detected <= 10, f"detected after {detected:.1f} s"
         assert "rank-2 on spark-3 died" in failure.what or "mpirun exited" in failure.what
-        handled = supervise.handle(bed, launch.current(), failure, "restart", home / "tmp2")
+        handled = supervise.handle(bed, launch.current(bed), failure, "restart", home / "tmp2")
         assert handled.relaunched is not None and handled.relaunched.answer
         assert answers(bed, wanted.port)  # serving again after the restart
     finally:
@@ -129,10 +130,10 @@ def test_a_hung_rank_is_detected_by_a_request_that_gets_no_answer(bed, home):
     launch.launch(bed, wanted, home / "tmp")
     try:
         started = time.monotonic()
-        failure = supervise.watch(bed, launch.current(), interval=1.0, hang_s=4.0, duration=60)
+        failure = supervise.watch(bed, launch.current(bed), interval=1.0, hang_s=4.0, duration=60)
         assert failure is not None and failure.kind == "hang", failure
         assert time.monotonic() - started < 30
-        handled = supervise.handle(bed, launch.current(), failure, "stop", home / "tmp2")
+        handled = supervise.handle(bed, launch.current(bed), failure, "stop", home / "tmp2")
         assert handled.stopped and handled.relaunched is None
     finally:
         launch.stop(bed, "tbhang")
@@ -145,7 +146,7 @@ def test_a_start_that_fails_is_explained_and_removed_from_every_node(bed, home):
         launch.launch(bed, wanted, home / "tmp", stall_s=30)
     message = str(caught.value)
     assert "CUDA out of memory" in message and "what to do:" in message and "spark-3/rank-2.log" in message
-    assert running_anywhere(bed, "tboom") == [] and launch.current() is None
+    assert running_anywhere(bed, "tboom") == [] and launch.current(bed) is None
 
 
 def test_the_cli_status_and_stop(bed, home, tmp_path):
@@ -193,7 +194,7 @@ def test_rollback_serves_the_same_artifact_with_vllm_across_the_nodes(bed, home)
         assert "worker rank 1 of 3" in logs["spark-2/rank-1.log"], logs
         assert "worker rank 2 of 3" in logs["spark-3/rank-2.log"], logs
         # The last known good is now the vLLM deployment; the previous one stays recorded in its log.
-        assert launch.current().runtime == "vllm"
+        assert launch.current(bed).runtime == "vllm"
         with pytest.raises(Exception, match="already serves with vLLM"):
             launch.rollback(bed, bed.head.container.image, home / "tmp3")
     finally:

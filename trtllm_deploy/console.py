@@ -35,3 +35,12 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> 
 def status_cell(status: str, detail: str = "") -> Text:
     text = f"{MARK.get(status, '')} {detail}".strip()
     return Text(redact(text), style=STYLE.get(status, ""))
+
+
+def size(count: float) -> str:
+    """Bytes for people: 512 B, 3.2 KiB, 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"

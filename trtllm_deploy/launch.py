@@ -33,7 +33,7 @@ from trtllm_deploy.targets import connect
 
 PROMPT = "The capital of France is"
 RUNTIMES = ("trtllm", "vllm")
-STATE_FILE = "~/.local/state/trtllm-deploy/deployments.json"
+STATE_DIR = "~/.local/state/trtllm-deploy/clusters"   # <cluster name>/deployments.json
 # Each rank records its pid, then becomes the program with its output in its own log file.
 RANK_WRAPPER = ('log=$TRTLLM_DEPLOY_LOG_DIR/rank-${OMPI_COMM_WORLD_RANK:-0}; echo $$ > "$log.pid"; '
                 'exec "$@" >>"$log.log" 2>&1')
@@ -117,34 +117,35 @@ def job_cluster(cluster: Cluster, deployment: Deployment) -> Cluster:
 
 # --- state on this machine ---------------------------------------------------------------------
 
-def _state_path() -> Path:
-    return Path(os.path.expanduser(STATE_FILE))
+def _state_path(cluster: Cluster) -> Path:
+    return Path(os.path.expanduser(STATE_DIR)) / cluster.name / "deployments.json"
 
 
-def state() -> dict:
+def state(cluster: Cluster) -> dict:
+    """What this machine recorded about the cluster's deployments (one file per cluster name)."""
     try:
-        return json.loads(_state_path().read_text())
+        return json.loads(_state_path(cluster).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _record(**changes) -> None:
-    path = _state_path()
+def _record(cluster: Cluster, **changes) -> None:
+    path = _state_path(cluster)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = state() | {key: value.as_json() if isinstance(value, Deployment) else value
+    data = state(cluster) | {key: value.as_json() if isinstance(value, Deployment) else value
                       for key, value in changes.items()}
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(temporary, path)
 
 
-def current() -> Deployment | None:
-    found = state().get("current")
+def current(cluster: Cluster) -> Deployment | None:
+    found = state(cluster).get("current")
     return Deployment.from_json(found) if found else None
 
 
-def last_good() -> Deployment | None:
-    found = state().get("last_good")
+def last_good(cluster: Cluster) -> Deployment | None:
+    found = state(cluster).get("last_good")
     return Deployment.from_json(found) if found else None
 
 
@@ -170,7 +171,7 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
     failure raised, explained from the ranks' logs)."""
     nodes = job_cluster(cluster, deployment)
     job = containers.Job(deployment.job, deployment.image, deployment.artifact, env=deployment.env)
-    previous = current()
+    previous = current(cluster)
     if previous is not None and previous.job != deployment.job:
         report(f"stopping the previous deployment {previous.job}")
         stop(cluster, previous.job)
@@ -183,7 +184,7 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
                          image_id=image_ids.pop() if len(image_ids) == 1 else None,
                          started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     result = Launched(deployment, containers={o.node.name: o.value.action for o in started})
-    _record(current=deployment)
+    _record(cluster, current=deployment)
     try:
         report(f"mpirun: {deployment.ranks} rank(s) of {deployment.runtime}")
         start_mpirun(nodes, deployment)
@@ -197,9 +198,9 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
                               f"minimum {min_tokens_per_s:g}")
     except BaseException:
         stop(cluster, deployment.job)
-        _record(current=None)
+        _record(cluster, current=None)
         raise
-    _record(current=deployment, last_good=deployment)
+    _record(cluster, current=deployment, last_good=deployment)
     return result
 
 
@@ -373,15 +374,15 @@ def stop(cluster: Cluster, job: str):
     if bad:
         where = [f"{o.node.name} ({o.reason if not o.ok else '; '.join(o.value.leftovers)})" for o in bad]
         raise CheckFailed("stop: the job still runs (or could not be checked) on " + ", ".join(where))
-    found = current()
+    found = current(cluster)
     if found is not None and found.job == job:
-        _record(current=None)
+        _record(cluster, current=None)
     return stopped
 
 
 def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None, **gate) -> Launched:
     """Stop TensorRT-LLM and serve the same checkpoint with vLLM from ``image``, gated the same way."""
-    source = current() or last_good()
+    source = current(cluster) or last_good(cluster)
     if source is None:
         raise InputError("rollback: nothing is deployed or recorded, so there is no model to serve with vLLM")
     if source.runtime == "vllm":

@@ -23,8 +23,8 @@ import sys
 MARKER = "TRTLLM-DEPLOY-PROBE "
 # The variables that pin NCCL, UCX, OpenMPI and Gloo to a node's fabric, and FACTS.md's others.
 COMM_ENV = ("NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_include",
-            "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "CPATH",
-            "TRITON_PTXAS_PATH", "NCCL_CUMEM_ENABLE", "CUDA_VISIBLE_DEVICES")
+            "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "TP_SOCKET_IFNAME",
+            "VLLM_HOST_IP", "CPATH", "TRITON_PTXAS_PATH", "NCCL_CUMEM_ENABLE", "CUDA_VISIBLE_DEVICES")
 # What the launcher tells the probe about the image it runs in (docker inspect on the node).
 IMAGE_ENV = "TRTLLM_DEPLOY_IMAGE_ID"
 IMAGE_REF_ENV = "TRTLLM_DEPLOY_IMAGE"

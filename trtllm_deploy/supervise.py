@@ -127,7 +127,7 @@ def handle(cluster: Cluster, deployment: launch.Deployment, failure: Failure, po
     if policy == "restart":
         target = deployment
     elif policy == "rollback":
-        target = launch.last_good()
+        target = launch.last_good(cluster)
         if target is None:
             report("no last known good deployment is recorded: nothing to roll back to")
     if target is not None:

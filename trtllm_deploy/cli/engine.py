@@ -17,14 +17,6 @@ NAME_HELP = "the artifact's directory name in each node's artifact store (paths.
 SHOWN_PROBLEMS = 5  # per node in the table; --json has them all
 
 
-def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
-
-
 @task(help={"name": NAME_HELP, "hosts": HOSTS_HELP, "nodes": NODES_HELP, "json": JSON_HELP})
 @user_errors
 def verify(c: Context, name: str = "", hosts: str = "hosts.toml", nodes: str = "",
@@ -53,7 +45,7 @@ def verify(c: Context, name: str = "", hosts: str = "hosts.toml", nodes: str = "
                 problems = problems[:SHOWN_PROBLEMS] + [f"… {len(v.problems) - SHOWN_PROBLEMS} more"]
             rows.append([o.node.name, console.status_cell("pass" if v.ok else "fail",
                                                           "ok" if v.ok else "FAILED"),
-                         f"{v.files} ({v.cached} cached)", _size(v.bytes), f"{v.seconds:.2f} s",
+                         f"{v.files} ({v.cached} cached)", console.size(v.bytes), f"{v.seconds:.2f} s",
                          "\n".join(problems)])
         console.out.print(console.table(f"engine.verify: {name}",
                                         ["node", "result", "files", "size", "time", "problems"], rows))
@@ -160,7 +152,7 @@ def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend
     if json:
         console.print_json(planned.as_json() | built.as_json())
         return
-    console.out.print(f"{built.action}: {built.path} ({built.files} files, {_size(built.bytes)}, "
+    console.out.print(f"{built.action}: {built.path} ({built.files} files, {console.size(built.bytes)}, "
                       f"{planned.variant.repo}@{built.revision[:12]}) in {built.seconds:.1f} s",
                       soft_wrap=True)
 

@@ -91,7 +91,7 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
         raise Exit(f"--on-failure {on_failure!r}: expected one of {', '.join(supervise.POLICIES)}", code=2)
     cluster = inventory.load(hosts)
     while True:
-        deployment = launch.current()
+        deployment = launch.current(cluster)
         if deployment is None:
             raise Exit("supervise: nothing is deployed (invoke launch)", code=1)
         console.err.print(f"supervising {deployment.job} on {', '.join(deployment.nodes)}")
@@ -115,13 +115,13 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
 def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
     """Per node: the job's container, its ranks, the artifact and image; and the endpoint's health."""
     cluster = inventory.load(hosts)
-    deployment = launch.current()
+    deployment = launch.current(cluster)
     if job and deployment is not None and deployment.job != job:
         deployment = None
     if deployment is None:
         if json:
             console.print_json({"job": job or None, "deployed": False, "last_good": (
-                launch.last_good().as_json() if launch.last_good() else None)})
+                launch.last_good(cluster).as_json() if launch.last_good(cluster) else None)})
         else:
             console.out.print("nothing is deployed")
         return
@@ -157,7 +157,7 @@ def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job:
          hosts: str = "hosts.toml") -> None:
     """The last lines of every rank's log (kept on each node after the job ends)."""
     cluster = inventory.load(hosts)
-    name = job or (launch.current().job if launch.current() else "")
+    name = job or (launch.current(cluster).job if launch.current(cluster) else "")
     if not name:
         raise Exit("logs: nothing is deployed; pass --job NAME", code=2)
     seen: dict[str, str] = {}
@@ -182,7 +182,7 @@ def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job:
 def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
     """Stop the job on every node; succeeds only after checking that nothing of it runs anywhere."""
     cluster = inventory.load(hosts)
-    name = job or (launch.current().job if launch.current() else "")
+    name = job or (launch.current(cluster).job if launch.current(cluster) else "")
     if not name:
         raise Exit("stop: nothing is deployed; pass --job NAME to stop one by name", code=2)
     stopped = launch.stop(cluster, name)
