@@ -147,10 +147,11 @@ def raw_tcp(nodes, source: Path) -> float:
                         conn.sendfile(handle)
         return send
 
-    seconds = parallel([one(node) for node in nodes])
-    for proc in receivers:
+    started = time.perf_counter()
+    parallel([one(node) for node in nodes])
+    for proc in receivers:  # done when every byte is in the node's file, as for the others
         proc.wait(timeout=600)
-    return seconds
+    return time.perf_counter() - started
 
 
 def build_image(tag: str, context: Path, base: str, lower_mib: int, top_mib: int) -> None:
@@ -290,7 +291,8 @@ def main() -> None:
             bed.down(purge=True)
             shutil.rmtree(scratch / "engines", ignore_errors=True)
     print(f"\npush to 2 testbed workers: {args.files} files, {size / (1 << 30):.2f} GiB "
-          f"({os.cpu_count()} cores; nodes, client and sshd share them)")
+          f"({os.cpu_count()} cores; nodes, client and sshd share them; load average at the end "
+          f"{os.getloadavg()[0]:.1f})")
     print(f"{'what':40} {'wall s':>8} {'MiB/node':>10} {'MB/s total':>11}  note / target")
     for what, seconds, per_node, rate, note in rows:
         print(f"{what:40} {seconds:8.2f} {per_node / MiB:10.1f} {rate:11.0f}  {note}")

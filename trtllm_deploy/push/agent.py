@@ -191,20 +191,22 @@ def _receive_file(stream, staging: str, record: dict, files: dict, chunk_bytes: 
     elif os.path.lexists(full):
         os.unlink(full)  # it may be a link to the current version's bytes: write a new file
     hasher = None if offset else _ChunkHash(chunk_bytes)  # a continued file is hashed from disk
-    with open(full, "r+b" if offset else "wb") as out:
+    buffer = memoryview(bytearray(BLOCK))
+    with open(full, "r+b" if offset else "wb", buffering=0) as out:
         out.truncate(offset)
         out.seek(offset)
         left = length
         while left:
-            block = stream.read(min(BLOCK, left))
-            if not block:
-                out.flush()
+            got = stream.readinto(buffer[:min(BLOCK, left)])
+            if not got:
                 raise Refused("truncated", f"the stream ended inside {path}, "
                                            f"{length - left} of {length} bytes received")
-            out.write(block)
+            view = buffer[:got]
+            while view:  # unbuffered: a full disk raises here, not later at close
+                view = view[out.write(view):]
             if hasher:
-                hasher.update(block)
-            left -= len(block)
+                hasher.update(buffer[:got])
+            left -= got
     return hasher.hexdigest() if hasher else None
 
 
@@ -264,10 +266,16 @@ def receive(mf, artifacts: str, name: str, stream) -> dict:
             time.sleep(0.2)
     os.makedirs(staging, exist_ok=True)
     _clear_extras(staging, files, mf)
-    for path in header.get("link", []):
-        if path not in files:
-            raise Refused("protocol", f"unexpected link for {path!r}")
+    links = header.get("link", [])
+    if any(path not in files for path in links):
+        raise Refused("protocol", "a link to a file the manifest does not list")
+    # The current version's files as checked now (its stat cache makes this milliseconds when
+    # nothing changed since the survey): those are linked with their hash known, the rest are
+    # linked and hashed again below like any received file.
+    good = good_files(mf, current, wanted) if links else set()
+    for path in links:
         _link(os.path.join(current, path), os.path.join(staging, path))
+    mf.remember(staging, {path: files[path]["hash"] for path in links if path in good})
     received = 0
     written: list = []
     hashed: dict = {}
