@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import os
 import posixpath
 import secrets as _random
@@ -27,6 +28,11 @@ from trtllm_deploy import shell
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.inventory import Node
 from trtllm_deploy.secrets import redact, register_all
+
+# Paramiko logs a failed handshake from its own thread, traceback and all, which Python prints to
+# stderr when nothing else handles it. The failure reaches the user as one clear message from the
+# connect call instead; set up logging yourself to see Paramiko's detail.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)
