@@ -214,3 +214,15 @@ def test_bad_input_exits_2_before_touching_a_node(tmp_path):
     done = _check(hosts, tmp_path, "--name", "../etc")
     assert done.returncode == 2, done.stderr
     assert "artifact name '../etc' is not valid" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_long_report_survives_mpiruns_tags_inside_its_lines():
+    """mpirun forwards a long line in pieces, tagging each; the probe prints short numbered lines."""
+    report = {"size": 6, "ranks": [{"rank": i, "host": f"spark-{i}", "pad": "x" * 900} for i in range(6)]}
+    text = json.dumps(report, sort_keys=True)
+    pieces = [text[at:at + probe.CHUNK] for at in range(0, len(text), probe.CHUNK)]
+    printed = "".join(f"[1,0]<stdout>:{probe.MARKER}{i}/{len(pieces)} {piece}\n"
+                      for i, piece in enumerate(pieces))
+    assert probe.parse_output("noise\n" + printed) == report
+    with pytest.raises(ValueError):
+        probe.parse_output(printed.split("\n", 1)[1])  # a piece missing: no half report

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 MARKER = "TRTLLM-DEPLOY-PROBE "
+CHUNK = 200  # characters of the report per output line
 # The variables that pin NCCL, UCX, OpenMPI and Gloo to a node's fabric, and FACTS.md's others.
 COMM_ENV = ("NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_include",
             "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "TP_SOCKET_IFNAME",
@@ -288,18 +289,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             with open(args.out, "w") as handle:
                 json.dump(gathered, handle, indent=2)
-        sys.stdout.write(MARKER + json.dumps(gathered, sort_keys=True) + "\n")
+        # In short numbered lines: mpirun forwards a long line in pieces and tags every piece
+        # ("[1,0]<stdout>:"), which would land inside the JSON.
+        text = json.dumps(gathered, sort_keys=True)
+        pieces = [text[at:at + CHUNK] for at in range(0, len(text), CHUNK)] or [""]
+        for index, piece in enumerate(pieces):
+            sys.stdout.write(f"{MARKER}{index}/{len(pieces)} {piece}\n")
         sys.stdout.flush()
     return 0
 
 
 def parse_output(text: str) -> dict:
     """The gathered report from the probe's standard output (with or without mpirun's tags)."""
+    pieces: dict[int, str] = {}
+    total = None
     for line in text.splitlines():
         at = line.find(MARKER)
-        if at >= 0:
-            return json.loads(line[at + len(MARKER):])
-    raise ValueError("the probe printed no report")
+        if at < 0:
+            continue
+        head, _, piece = line[at + len(MARKER):].partition(" ")
+        index, _, count = head.partition("/")
+        if index.isdigit() and count.isdigit():
+            pieces[int(index)], total = piece, int(count)
+    if total is None or sorted(pieces) != list(range(total)):
+        raise ValueError("the probe printed no (whole) report")
+    return json.loads("".join(pieces[index] for index in range(total)))
 
 
 if __name__ == "__main__":
