@@ -9,6 +9,8 @@ removed afterwards, whatever happened.
 
 from __future__ import annotations
 
+import json
+
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -146,13 +148,19 @@ def run(cluster: Cluster, image: str | None = None, artifact: str | None = None,
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-check-") as tmp:
         try:
             containers.up(cluster, job, Path(tmp))
-            argv = containers.mpirun_argv(cluster, [*FIND_PYTHON, containers.PROBE,
+            # Rank 0 also writes the report into the head's log folder: mpirun's output forwarding
+            # may cut a long report apart, a file does not.
+            report_file = f"{containers.LOGS}/probe.json"
+            argv = containers.mpirun_argv(cluster, [*FIND_PYTHON, containers.PROBE, "--out", report_file,
                                                     *(["--manifest", manifest] if manifest else [])])
-            done = containers.enter(cluster, JOB).run(argv, timeout=timeout, check=False)
+            head = containers.enter(cluster, JOB)
+            head.run(["rm", "-f", report_file], timeout=60, check=False)
+            done = head.run(argv, timeout=timeout, check=False)
+            written = head.run(["cat", report_file], timeout=60, check=False)
         finally:
             stopped = containers.down(cluster, JOB)
     try:
-        gathered = probe.parse_output(done.stdout)
+        gathered = json.loads(written.stdout) if written.ok else probe.parse_output(done.stdout)
     except ValueError:
         tail = "\n    ".join((done.stderr or done.stdout).strip().splitlines()[-12:])
         raise CheckFailed(f"the probe did not report (mpirun exited with {done.exit_code}):\n    {tail}"
