@@ -151,6 +151,8 @@ BENCHMARKS = {
     "preflight": "benchmarks/preflight_fanout.py",  # preflight across 1, 2, 4 and 8 SSH nodes
     "testbed": "benchmarks/testbed_up.py",          # 3-node testbed bring-up, images cached
     "manifest": "benchmarks/manifest_hashing.py",   # manifest create/verify on 4 GiB vs sha256sum
+    "push": "benchmarks/push.py",                   # 4 GiB and an image to 2 workers vs scp/rsync/raw TCP
+    "deploy": "benchmarks/deploy_noop.py",          # deploy with nothing to do on 2, 4 and 6 nodes
 }
 
 

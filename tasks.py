@@ -5,7 +5,7 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import checks, cluster, deploy, engine, hosts, serving, smoke, source, ssh, testbed
+from trtllm_deploy.cli import checks, cluster, deploy, engine, hosts, push, serving, smoke, source, ssh, testbed
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
@@ -16,6 +16,7 @@ ns.add_collection(source.source_ns)  # phase 2: pin TensorRT-LLM and fetch exact
 ns.add_collection(source.image_ns)   # phase 2: build the image from it, labelled; verify it
 ns.add_collection(engine.ns)         # phases 3-4: the artifact: fit check, build, verify on nodes
 ns.add_task(smoke.smoke)             # phase 3: one node serves the small preset and answers
+ns.add_task(push.push)               # phase 4: the artifact and image to every node, only what each lacks
 ns.add_collection(ssh.ns)            # phase 5: every node reaches every node over SSH; host keys pinned
 ns.add_collection(cluster.ns)        # phase 5: mpirun across every node's runtime container; drift stops here
 ns.add_task(serving.launch_)         # phase 5: serve across the nodes, gated

@@ -84,7 +84,8 @@ def _rank(rank: int, node: str, image: str = "sha256:aa", iface: dict | None = N
             "runtime": {"version": "1.2.1", "commit": "abc"}, "image": {"id": image},
             "manifest": {"sha256": "sha256:m"}, "env": env if env is not None else {
                 "NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "UCX_NET_DEVICES": "eth0",
-                "OMPI_MCA_btl_tcp_if_include": "eth0", "OMPI_MCA_oob_tcp_if_include": "eth0"},
+                "OMPI_MCA_btl_tcp_if_include": "eth0", "OMPI_MCA_oob_tcp_if_include": "eth0",
+                "TP_SOCKET_IFNAME": "eth0", "VLLM_HOST_IP": f"192.0.2.{node[1:]}"},
             "interfaces": [iface or {"name": "eth0", "exists": True, "operstate": "up", "mtu": 9000,
                                      "speed_mbps": 200000, "ipv4": ["10.0.0.1/24"]}]}
 
