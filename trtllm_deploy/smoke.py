@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trtllm_deploy import engines, failures, manifest
+from trtllm_deploy import failures, manifest
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.inventory import Cluster, Node
 from trtllm_deploy.source import cuda
@@ -128,18 +128,16 @@ def _check_image(report: SmokeReport, target: Target, labels: dict, lockfile: Lo
 
 
 def _place(report: SmokeReport, node: Node, target: Target, artifact: Path) -> str:
-    """The artifact in the node's artifact store, verified there against its manifest."""
+    """The artifact in the node's artifact store, verified there against its manifest (push sends
+    only what the node lacks; an artifact already there and whole costs one command)."""
+    from trtllm_deploy import push
+
     remote = posixpath.join(expand(node.paths.artifacts, target.home()), artifact.name)
-    if engines.verify_on(node, target, artifact.name).ok:
-        report.add("artifact", True, f"{artifact.name} already on {node.name}, verified there")
-        return remote
-    target.run(["rm", "-rf", remote], timeout=600)
-    target.put(artifact, remote)
-    checked = engines.verify_on(node, target, artifact.name)
-    if not checked.ok:
-        raise CheckFailed(f"{node.name}: {artifact.name} does not verify after copying: "
-                          f"{checked.problems[:3]}")
-    report.add("artifact", True, f"{artifact.name} copied to {node.name}, verified there")
+    sent = push.push([node], push.source(artifact.parent, artifact.name))
+    sent.raise_for_failures()
+    moved = sent[node.name].value.bytes_sent
+    report.add("artifact", True, f"{artifact.name} " + (f"copied to {node.name}" if moved else
+                                                          f"already on {node.name}") + ", verified there")
     return remote
 
 

@@ -9,7 +9,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from trtllm_deploy import console, inventory
 from trtllm_deploy import push as pushing
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
-from trtllm_deploy.push.files import human_size
 
 
 def _plan_rows(plans) -> list[list]:
@@ -38,9 +37,10 @@ def _summary_rows(results) -> list[list]:
             continue
         r = o.value
         actions = [part.action for part in (r.artifact, r.image) if part]
-        rate = f"{human_size(r.bytes_sent / r.seconds)}/s" if r.bytes_sent and r.seconds else "–"
+        rate = f"{console.size(r.bytes_sent / r.seconds)}/s" if r.bytes_sent and r.seconds else "–"
         rows.append([o.node.name, console.status_cell("pass", ", ".join(actions)),
-                     human_size(r.bytes_sent), human_size(r.bytes_skipped), f"{r.seconds:.2f} s", rate, ""])
+                     console.size(r.bytes_sent), console.size(r.bytes_skipped), f"{r.seconds:.2f} s",
+                     rate, ""])
     return rows
 
 

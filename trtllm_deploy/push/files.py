@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtllm_deploy import manifest
+from trtllm_deploy import console, manifest
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.inventory import Node
 from trtllm_deploy.push import agent
@@ -81,7 +81,7 @@ class ArtifactPlan:
         parts = [f"{verb} {self.count(action)}" for action, verb in (
             ("send", "send"), ("resume", "resume"), ("link", "keep"), ("staged", "already staged"))
             if self.count(action)]
-        return f"{', '.join(parts)} file(s): {human_size(self.send_bytes)} to send"
+        return f"{', '.join(parts)} file(s): {console.size(self.send_bytes)} to send"
 
     def as_json(self) -> dict:
         return {"up_to_date": self.up_to_date, "exists": self.exists, "free": self.free,
@@ -109,14 +109,6 @@ class ArtifactSent:
                 "bytes_skipped": self.bytes_skipped, "files_sent": self.files_sent,
                 "seconds": round(self.seconds, 3), "atomic": self.atomic, "attempts": self.attempts,
                 "verify_seconds": round(self.verify_seconds, 3)}
-
-
-def human_size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 def plan(node: str, name: str, wanted: dict, survey: dict) -> ArtifactPlan:
@@ -197,8 +189,8 @@ def look(node: Node, target: Target, name: str, wanted: dict) -> tuple[Scripts, 
 def no_room(node: Node, planned: ArtifactPlan) -> CheckFailed:
     return CheckFailed(
         f"{node.name}: not enough free space for {planned.name} in {node.paths.artifacts}: "
-        f"{human_size(planned.needed)} needed, {human_size(planned.free)} free. Free some space there, or "
-        "point paths.artifacts in hosts.toml at a larger disk; nothing was sent")
+        f"{console.size(planned.needed)} needed, {console.size(planned.free)} free. Free some space "
+        "there, or point paths.artifacts in hosts.toml at a larger disk; nothing was sent")
 
 
 def fabric_address(node: Node) -> str:
@@ -234,8 +226,8 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
     if not out.strip():
         detail = " ".join(err.strip().splitlines()[-2:]) or f"exit status {code}"
         raise TargetError(node.name, f"the transfer of {planned.name} stopped after "
-                          f"{human_size(channel.sent)} of {human_size(planned.send_bytes)} ({detail}); what "
-                          "arrived is kept on the node: push again to send only the rest")
+                          f"{console.size(channel.sent)} of {console.size(planned.send_bytes)} ({detail}); "
+                          "what arrived is kept on the node: push again to send only the rest")
     answer = _agent_answer(target, code, out, err)
     answer["sent"] = channel.sent
     return answer
