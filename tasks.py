@@ -5,7 +5,8 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import checks, cluster, deploy, engine, hosts, push, serving, smoke, source, ssh, testbed
+from trtllm_deploy.cli import (checks, cluster, deploy, engine, expect, hosts, push, serving, smoke, source,
+                               ssh, testbed, upstream)
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
@@ -14,6 +15,7 @@ ns.add_task(checks.preflight)        # phase 1: is every node ready?
 ns.add_task(checks.dirs)             # phase 1: the directories every node needs
 ns.add_collection(source.source_ns)  # phase 2: pin TensorRT-LLM and fetch exactly that commit
 ns.add_collection(source.image_ns)   # phase 2: build the image from it, labelled; verify it
+ns.add_task(upstream.upstream)       # phase 2: newer releases and main against the lock; the fixes in each
 ns.add_collection(engine.ns)         # phases 3-4: the artifact: fit check, build, verify on nodes
 ns.add_task(smoke.smoke)             # phase 3: one node serves the small preset and answers
 ns.add_task(push.push)               # phase 4: the artifact and image to every node, only what each lacks
@@ -27,3 +29,4 @@ ns.add_task(serving.stop)            # stop, verified on every node
 ns.add_task(serving.rollback)        # phase 5: the same model with vLLM, health gated
 ns.add_task(deploy.deploy)           # every phase in order, each skipped when the facts say it is done
 ns.add_task(deploy.demo)             # all of it on a simulated 3-node cluster (the stand-in runtime)
+ns.add_task(expect.expect)           # what the hardware allows: ceilings beside claims and published speeds
