@@ -33,7 +33,7 @@ from sshd import (
     write_hosts,
 )
 
-from trtllm_deploy import inventory
+from trtllm_deploy import inventory, targets
 from trtllm_deploy import secrets as secrets_module
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.group import fan_out
@@ -777,3 +777,19 @@ def test_fan_out_all_good(sshd, sshd_factory, hosts_file):
     assert result.failed == []
     assert [outcome.value for outcome in result] == [str(server.home) for server in servers]
     assert result.summary() == "all 3 node(s) succeeded"
+
+
+def test_reuse_shares_one_connection_per_node_until_it_ends(sshd_node):
+    with targets.reuse():
+        first = targets.connect(sshd_node)
+        assert first.run(["true"]).ok
+        first.close()  # a phase is done with it: it stays open for the next
+        again = targets.connect(sshd_node)
+        assert again is first and first._conn is not None
+        with targets.reuse():  # nested: the same pool
+            assert targets.connect(sshd_node) is first
+        assert first._conn is not None
+    assert first._conn is None  # closed when the outermost reuse ends
+    fresh = targets.connect(sshd_node)
+    assert fresh is not first
+    fresh.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from trtllm_deploy import artifact, clustercheck, console, convert, launch, models, preflight, push
+from trtllm_deploy import artifact, clustercheck, console, convert, launch, models, preflight, push, targets
 from trtllm_deploy import source as sources
 from trtllm_deploy.errors import CheckFailed, DeployError, InputError
 from trtllm_deploy.inventory import Cluster
@@ -85,6 +85,12 @@ def run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request: 
         raise InputError("deploy needs exactly one of --model (engine.build makes the artifact) or "
                          "--artifact-dir (an artifact made already)")
     push.check_transport(request.transport)
+    with targets.reuse():  # one SSH connection per node for every phase
+        return _run(cluster, lockfile, catalog, request, progress)
+
+
+def _run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request: Request,
+         progress: Progress) -> Report:
     report = Report()
     state: dict = {}
     steps = {"preflight": _preflight, "source": _source, "image": _image, "engine": _engine,

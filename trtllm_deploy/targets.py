@@ -8,6 +8,7 @@ Phases take a :class:`Target` and never care which one it is.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import logging
@@ -328,6 +329,7 @@ class SSH(_HomeFromShell):
         self._conn = None
         self._staging: str | None = None  # the private directory staged stdin goes to
         self._lock = threading.Lock()
+        self._kept = False  # shared by reuse(): close() leaves it open until reuse() ends
 
     @property
     def known_hosts(self) -> Path:
@@ -584,6 +586,10 @@ class SSH(_HomeFromShell):
                 temporary.unlink()
 
     def close(self) -> None:
+        if not self._kept:
+            self._close()
+
+    def _close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
@@ -656,8 +662,41 @@ class InContainer(_HomeFromShell):
         self.parent.close()
 
 
+_shared: dict[tuple, SSH] | None = None
+_shared_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reuse():
+    """Within it, ``connect`` hands every caller the same SSH connection per node (one handshake
+    per node for a whole pipeline of phases instead of one per phase); all close when it ends,
+    Ctrl-C included. Nested uses share the outermost one."""
+    global _shared
+    with _shared_lock:
+        outer = _shared is not None
+        if not outer:
+            _shared = {}
+    try:
+        yield
+    finally:
+        if not outer:
+            with _shared_lock:
+                kept, _shared = list((_shared or {}).values()), None
+            for target in kept:
+                target._kept = False
+                target._close()
+
+
 def connect(node: Node) -> Target:
     """The target that reaches ``node`` as its inventory entry says (no connection made yet)."""
     if node.connection == "local":
         return Local(node.name, default_timeout=node.command_timeout)
-    return SSH(node)
+    with _shared_lock:
+        if _shared is None:
+            return SSH(node)
+        key = (node.name, node.host, node.port, node.user, node.identity_file, node.known_hosts)
+        target = _shared.get(key)
+        if target is None:
+            target = _shared[key] = SSH(node)
+            target._kept = True
+        return target
