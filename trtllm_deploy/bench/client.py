@@ -1,0 +1,292 @@
+"""One streamed completion over raw HTTP/1.1 on asyncio, timed where the bytes arrive.
+
+A token is stamped with the time the event loop's poll found its bytes waiting (``new_loop``'s
+selector reads the clock once as each poll returns), not when Python got round to decoding them: 64
+streams whose tokens land together all get the time they landed, not a queue's worth of parsing
+later. No HTTP library sits between the socket and the clock; that keeps the client both accurate
+and cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import selectors
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from trtllm_deploy.errors import InputError
+
+
+class _PollClock(selectors.DefaultSelector):
+    """The loop's selector, remembering when its last poll returned."""
+
+    polled = 0.0
+
+    def select(self, timeout=None):
+        ready = super().select(timeout)
+        self.polled = time.perf_counter()
+        return ready
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose protocols can read when their data was found waiting."""
+    selector = _PollClock()
+    loop = asyncio.SelectorEventLoop(selector)
+    loop.poll_clock = selector
+    return loop
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go: ``http://host:port`` and the base path before ``/v1``."""
+
+    host: str
+    port: int
+    base: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise InputError(f"--url {url!r}: give an http://HOST:PORT address of an OpenAI-compatible "
+                             "server (https is not supported: benchmark on the serving network)")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise InputError(f"--url {url!r}: the port is not a number") from None
+        base = parts.path.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[:-3]
+        return cls(parts.hostname, port, base)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.base}"
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it; times are ``perf_counter`` seconds."""
+
+    sent: float = 0.0
+    first: float | None = None          # first chunk that carried text
+    arrivals: list[float] = field(default_factory=list)  # every chunk that carried text
+    ended: float | None = None
+    output_tokens: int | None = None     # the server's usage count, where it gave one
+    error: str | None = None             # the kind of failure, None when it succeeded
+    detail: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return self.output_tokens if self.output_tokens is not None else len(self.arrivals)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.sent
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.ended is None else self.ended - self.sent
+
+    @property
+    def itl(self) -> list[float]:
+        times = self.arrivals
+        return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (end - first) / (tokens - 1)."""
+        if self.first is None or self.ended is None or self.tokens < 2:
+            return None
+        return (self.arrivals[-1] - self.first) / (self.tokens - 1)
+
+
+def request_bytes(endpoint: Endpoint, path: str, body: dict) -> bytes:
+    payload = json.dumps(body, separators=(",", ":")).encode()
+    head = (f"POST {endpoint.base}{path} HTTP/1.1\r\nHost: {endpoint.host}:{endpoint.port}\r\n"
+            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n")
+    return head.encode() + payload
+
+
+def _text_of(event: dict) -> str:
+    choices = event.get("choices") or ()
+    if not choices:
+        return ""
+    choice = choices[0]
+    if "text" in choice:
+        return choice["text"] or ""
+    delta = choice.get("delta") or {}
+    return delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
+
+
+class _Stream(asyncio.Protocol):
+    """Parses the response as it arrives: status, headers, chunked or plain body, SSE events."""
+
+    def __init__(self, sample: Sample, done: asyncio.Future, request: bytes) -> None:
+        self.sample = sample
+        self.request = request
+        # Outside new_loop() (a plain asyncio.run) the time of the callback is the best there is.
+        self.clock = getattr(asyncio.get_running_loop(), "poll_clock", None)
+        self.done = done
+        self.head = b""
+        self.status = 0
+        self.chunked = False
+        self.streaming = False
+        self.body = bytearray()       # transfer-decoded bytes not yet split into events
+        self.raw = bytearray()        # chunked bytes not yet decoded
+        self.chunk_left = 0           # bytes left in the current chunk (+2 for its CRLF)
+        self.finished = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        # TTFT starts when the request leaves, not when a connection was asked for: setting up a
+        # connection is this client's work (a pooled client has none), not the server's.
+        self.sample.sent = time.perf_counter()
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = self.clock.polled if self.clock is not None else time.perf_counter()
+        if not self.status:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self._headers(self.head[:end].decode("latin-1"))
+            data, self.head = self.head[end + 4:], b""
+        if self.chunked:
+            self._dechunk(data)
+        else:
+            self.body += data
+        if self.streaming:
+            self._events(now)
+
+    def _headers(self, text: str) -> None:
+        lines = text.split("\r\n")
+        try:
+            self.status = int(lines[0].split()[1])
+        except (IndexError, ValueError):
+            self._fail("protocol", f"not an HTTP response: {lines[0][:80]!r}")
+            self.status = -1
+            return
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self.streaming = self.status == 200 and "event-stream" in headers.get("content-type", "")
+
+    def _dechunk(self, data: bytes) -> None:
+        raw = self.raw
+        raw += data
+        position = 0
+        while True:
+            if self.chunk_left:
+                take = min(self.chunk_left, len(raw) - position)
+                payload_left = self.chunk_left - 2
+                if payload_left > 0:
+                    self.body += raw[position:position + min(take, payload_left)]
+                self.chunk_left -= take
+                position += take
+                if self.chunk_left:
+                    break
+            line_end = raw.find(b"\r\n", position)
+            if line_end < 0:
+                break
+            size = int(raw[position:line_end].split(b";")[0] or b"0", 16)
+            position = line_end + 2
+            if size == 0:
+                self.finished = True
+                break
+            self.chunk_left = size + 2
+        del raw[:position]
+
+    def _events(self, now: float) -> None:
+        body = self.body
+        if b"\r" in body:
+            body[:] = body.replace(b"\r\n", b"\n")
+        start = 0
+        sample = self.sample
+        while True:
+            end = body.find(b"\n\n", start)
+            if end < 0:
+                break
+            for line in bytes(body[start:end]).split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.finished = True
+                    continue
+                try:
+                    event = json.loads(payload)
+                except ValueError:
+                    self._fail("protocol", f"an event that is not JSON: {payload[:80]!r}")
+                    continue
+                if "error" in event:
+                    self._fail("stream error", str(event["error"])[:200])
+                    continue
+                if _text_of(event):
+                    if sample.first is None:
+                        sample.first = now
+                    sample.arrivals.append(now)
+                usage = event.get("usage")
+                if usage and usage.get("completion_tokens") is not None:
+                    sample.output_tokens = usage["completion_tokens"]
+            start = end + 2
+        del body[:start]
+        if self.finished and not self.done.done():
+            sample.ended = sample.arrivals[-1] if sample.arrivals else now
+            self.done.set_result(None)
+            self.transport.close()
+
+    def _fail(self, kind: str, detail: str) -> None:
+        if self.sample.error is None:
+            self.sample.error, self.sample.detail = kind, detail
+
+    def connection_lost(self, exc) -> None:
+        if self.done.done():
+            return
+        sample = self.sample
+        if self.status and not self.streaming and sample.error is None:
+            text = bytes(self.body).decode("utf-8", "replace")
+            try:
+                text = json.loads(text)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            kind = f"http {self.status}" if self.status != 200 else "not streamed"
+            self._fail(kind, str(text)[:300])
+        elif sample.error is None:
+            self._fail("connection closed", "the server closed the stream before [DONE]"
+                       + (f" ({exc})" if exc else ""))
+        sample.ended = time.perf_counter()
+        self.done.set_result(None)
+
+
+async def stream(endpoint: Endpoint, path: str, body: dict, timeout: float = 600.0) -> Sample:
+    """Send one streaming request and time every chunk of text; never raises for a failed request."""
+    loop = asyncio.get_running_loop()
+    sample = Sample()
+    done = loop.create_future()
+    request = request_bytes(endpoint, path, body)
+    sample.sent = time.perf_counter()
+    transport = None
+    try:
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: _Stream(sample, done, request), endpoint.host, endpoint.port),
+            timeout)
+        await asyncio.wait_for(done, timeout - (time.perf_counter() - sample.sent))
+    except asyncio.TimeoutError:
+        sample.error, sample.detail = "timeout", f"no complete answer within {timeout:g} s"
+    except OSError as exc:
+        sample.error, sample.detail = "connect", f"{type(exc).__name__}: {exc}"
+    finally:
+        if transport is not None:
+            transport.close()
+    if sample.ended is None:
+        sample.ended = time.perf_counter()
+    if sample.error is None and sample.first is None:
+        sample.error, sample.detail = "no tokens", "the stream ended without any text"
+    return sample

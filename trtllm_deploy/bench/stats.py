@@ -1,0 +1,75 @@
+"""Percentiles and summaries of the samples of one run, and the spread of figures across runs."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+
+from .client import Sample
+
+PERCENTILES = (50, 90, 99)
+# The latency figures a run reports, each in milliseconds, with how they come from a sample.
+LATENCIES = ("ttft", "tpot", "itl", "e2e")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), for q in 0..100."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def describe(values: list[float]) -> dict:
+    """p50/p90/p99 and mean, in milliseconds, of values in seconds."""
+    if not values:
+        return {"count": 0}
+    figures = {f"p{q}": round(percentile(values, q) * 1000, 4) for q in PERCENTILES}
+    return {"count": len(values), "mean": round(statistics.fmean(values) * 1000, 4), **figures}
+
+
+def latencies(samples: list[Sample]) -> dict[str, list[float]]:
+    good = [s for s in samples if s.error is None]
+    return {"ttft": [s.ttft for s in good if s.ttft is not None],
+            "tpot": [s.tpot for s in good if s.tpot is not None],
+            "itl": [gap for s in good for gap in s.itl],
+            "e2e": [s.e2e for s in good if s.e2e is not None]}
+
+
+def summarize(samples: list[Sample], wall_s: float) -> dict:
+    """One run: latency percentiles, token and request rates, errors by kind."""
+    good = [s for s in samples if s.error is None]
+    tokens = sum(s.tokens for s in good)
+    per_stream = [(s.tokens - 1) / (s.arrivals[-1] - s.first) for s in good
+                  if s.tokens > 1 and s.first is not None and s.arrivals[-1] > s.first]
+    errors = Counter(s.error for s in samples if s.error is not None)
+    first_errors = {}
+    for s in samples:
+        if s.error is not None and s.error not in first_errors:
+            first_errors[s.error] = s.detail
+    return {
+        "requests": len(samples), "succeeded": len(good), "wall_s": round(wall_s, 4),
+        "requests_per_s": round(len(good) / wall_s, 4) if wall_s > 0 else 0.0,
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / wall_s, 3) if wall_s > 0 else 0.0,
+        "stream_tokens_per_s": {"p50": round(percentile(per_stream, 50), 3) if per_stream else None,
+                                "mean": round(statistics.fmean(per_stream), 3) if per_stream else None},
+        "tokens_per_chunk": round(tokens / max(1, sum(len(s.arrivals) for s in good)), 3),
+        **{f"{name}_ms": describe(values) for name, values in latencies(good).items()},
+        "errors": dict(errors), "error_examples": first_errors,
+    }
+
+
+def spread(values: list[float]) -> dict:
+    """How much a figure moved across repeated runs."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {}
+    mean = statistics.fmean(values)
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"min": round(min(values), 4), "max": round(max(values), 4), "mean": round(mean, 4),
+            "stdev": round(deviation, 4), "cv": round(deviation / mean, 4) if mean else None}

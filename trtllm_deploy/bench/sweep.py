@@ -1,0 +1,122 @@
+"""A concurrency sweep: at each level, warm-up requests (not counted), then repeated runs, each
+closed-loop (every one of C streams sends its next request when its last one ends) until a budget
+of requests or seconds is spent."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from trtllm_deploy.errors import InputError
+
+from . import stats
+from .client import Endpoint, Sample, new_loop, stream
+from .workload import Prompts, Workload
+
+
+@dataclass(frozen=True)
+class Budget:
+    requests: int = 0       # per run; 0: use seconds
+    seconds: float = 0.0    # per run: no new request after this long (those in flight finish)
+    warmup: int = 2         # requests per stream before the first run of a level
+    repeats: int = 1
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.requests < 0 or self.seconds < 0 or self.warmup < 0 or self.repeats < 1:
+            raise InputError("--requests, --duration and --warmup must be 0 or more, --repeats at least 1")
+        if self.requests and self.seconds:
+            raise InputError("give --requests or --duration, not both")
+
+    def requests_for(self, concurrency: int) -> int:
+        """With neither budget given: enough requests that every stream sends four."""
+        return self.requests or (0 if self.seconds else 4 * concurrency)
+
+
+def concurrencies(text: str) -> list[int]:
+    """``1,2,4,8`` as given, or ``..64`` for 1, 2, 4, … 64."""
+    text = str(text).strip()
+    try:
+        if text.startswith(".."):
+            limit = int(text[2:])
+            levels = [2 ** k for k in range(int(math.log2(limit)) + 1)] if limit >= 1 else []
+            if levels and levels[-1] != limit:
+                levels.append(limit)
+        else:
+            levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--concurrency {text!r}: give numbers like 1,2,4,8 or ..64") from None
+    if not levels or min(levels) < 1:
+        raise InputError(f"--concurrency {text!r}: every level must be at least 1")
+    return levels
+
+
+async def run_level(endpoint: Endpoint, workload: Workload, prompts: Prompts, concurrency: int,
+                    requests: int, seconds: float, timeout_s: float, first_index: int = 0
+                    ) -> tuple[list[Sample], float]:
+    """One closed-loop run; returns every request's sample and the run's wall time."""
+    samples: list[Sample] = []
+    issued = 0
+    started = time.perf_counter()
+    stop_at = started + seconds if seconds else math.inf
+
+    async def one_stream() -> None:
+        nonlocal issued
+        while (issued < requests if requests else time.perf_counter() < stop_at):
+            index = first_index + issued
+            issued += 1
+            samples.append(await stream(endpoint, workload.path, workload.body(prompts(index)), timeout_s))
+
+    await asyncio.gather(*(one_stream() for _ in range(concurrency)))
+    return samples, time.perf_counter() - started
+
+
+async def _sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int],
+                 budget: Budget, progress: Callable[[str], None]) -> list[dict]:
+    results = []
+    index = 0
+    for concurrency in levels:
+        if budget.warmup:
+            progress(f"concurrency {concurrency}: {budget.warmup * concurrency} warm-up requests")
+            warm, _ = await run_level(endpoint, workload, prompts, concurrency, budget.warmup * concurrency,
+                                      0, budget.timeout_s, index)
+            index += len(warm)
+        runs, pooled = [], []
+        for repeat in range(budget.repeats):
+            progress(f"concurrency {concurrency}: run {repeat + 1} of {budget.repeats}")
+            samples, wall = await run_level(endpoint, workload, prompts, concurrency,
+                                            budget.requests_for(concurrency), budget.seconds,
+                                            budget.timeout_s, index)
+            index += len(samples)
+            runs.append(stats.summarize(samples, wall))
+            pooled.append((samples, wall))
+        every = [s for samples, _ in pooled for s in samples]
+        summary = stats.summarize(every, sum(wall for _, wall in pooled))
+        results.append({
+            "concurrency": concurrency, "summary": summary, "runs": runs,
+            "spread": {"output_tokens_per_s": stats.spread([r["output_tokens_per_s"] for r in runs]),
+                       "requests_per_s": stats.spread([r["requests_per_s"] for r in runs]),
+                       "ttft_p50_ms": stats.spread([r["ttft_ms"].get("p50") for r in runs]),
+                       "itl_p50_ms": stats.spread([r["itl_ms"].get("p50") for r in runs])}})
+    return results
+
+
+def sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int], budget: Budget,
+          progress: Callable[[str], None] = lambda line: None) -> list[dict]:
+    # A collection pass in the middle of a stream would delay the clock reads behind it; samples
+    # hold no reference cycles, so nothing piles up while the collector rests.
+    gc.collect()
+    gc.disable()
+    try:
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            return runner.run(_sweep(endpoint, workload, prompts, levels, budget, progress))
+    finally:
+        gc.enable()
+
+
+def budget_json(budget: Budget) -> dict:
+    return asdict(budget)

@@ -1,0 +1,83 @@
+"""What each request asks for: a prompt of a fixed length and a fixed number of output tokens.
+
+Lengths are counted in the model's own tokens when its ``tokenizer.json`` is at hand and the
+``tokenizers`` package is installed; otherwise in words, and the result says "approximate".
+Every prompt starts differently so that no server can answer from a prefix cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trtllm_deploy.errors import InputError
+
+# Plain English words that most tokenizers keep as one token each.
+WORDS = ("the time of day we can see a light over the water and then go home to find some bread "
+         "for all our friends who were here last year when it was cold").split()
+
+
+@dataclass(frozen=True)
+class Workload:
+    input_tokens: int = 128
+    output_tokens: int = 128
+    chat: bool = False
+    ignore_eos: bool = True       # ask for exactly output_tokens: the server must not stop early
+    model: str = ""
+    counted_by: str = "words (approximate)"
+
+    @property
+    def path(self) -> str:
+        return "/v1/chat/completions" if self.chat else "/v1/completions"
+
+    def as_json(self) -> dict:
+        return asdict(self) | {"path": self.path}
+
+    def body(self, prompt: str) -> dict:
+        body = {"model": self.model, "max_tokens": self.output_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, "temperature": 0}
+        if self.ignore_eos:
+            # vLLM and trtllm-serve both take these; min_tokens keeps vLLM from stopping early.
+            body |= {"ignore_eos": True, "min_tokens": self.output_tokens}
+        if self.chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        return body
+
+
+class Prompts:
+    """Prompt *i* of the run: a number first (so each one differs), then filler words."""
+
+    def __init__(self, input_tokens: int, tokenizer_dir: Path | None = None) -> None:
+        if input_tokens < 1:
+            raise InputError("--input-tokens must be at least 1")
+        self.input_tokens = input_tokens
+        self.tokenizer = _tokenizer(tokenizer_dir)
+        self.counted_by = ("the model's tokenizer.json" if self.tokenizer else
+                           "words (approximate: the model's tokenizer was not available)")
+
+    def __call__(self, index: int) -> str:
+        words = [str(index)] + [WORDS[(index + k) % len(WORDS)] for k in range(self.input_tokens - 1)]
+        text = " ".join(words)
+        if self.tokenizer is None:
+            return text
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        while len(ids) < self.input_tokens:  # a word may split into several tokens, or merge
+            text += " " + WORDS[len(ids) % len(WORDS)]
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.decode(ids[:self.input_tokens])
+
+
+def _tokenizer(folder: Path | None):
+    if folder is None:
+        return None
+    path = Path(folder).expanduser()
+    path = path if path.name == "tokenizer.json" else path / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    return Tokenizer.from_file(str(path))

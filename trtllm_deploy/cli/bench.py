@@ -1,0 +1,136 @@
+"""``invoke bench`` and ``invoke bench.compare``: measure an OpenAI-compatible endpoint; compare results
+and gate a candidate against a stored baseline."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from invoke import Collection, Context, task
+from invoke.exceptions import Exit
+
+from trtllm_deploy import console
+from trtllm_deploy.bench import report
+from trtllm_deploy.bench.measure import measure
+from trtllm_deploy.cli import JSON_HELP, user_errors
+from trtllm_deploy.errors import InputError
+
+
+def _default_out() -> str:
+    return f"bench-results/{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@task(default=True, help={
+    "url": "the endpoint, http://HOST:PORT (any OpenAI-compatible server: trtllm-serve, vLLM, ...)",
+    "hosts": "measure the cluster's current deployment instead (its hosts.toml); records image, "
+             "artifact, tp and nodes",
+    "concurrency": "streams at once, a sweep: 1,2,4,8 (default) or ..64 for 1,2,4,...,64",
+    "input_tokens": "prompt length in the model's tokens (in words, approximate, without its tokenizer)",
+    "output_tokens": "tokens to generate per request (ignore_eos is sent so none stops early)",
+    "requests": "requests per run and level (default: 4 per stream)",
+    "duration": "seconds per run and level instead of a request count",
+    "warmup": "warm-up requests per stream before each level, not counted (default 2)",
+    "repeats": "runs per level; the table shows their spread (default 1)",
+    "out": "folder for result.json, result.csv and the charts (default bench-results/<time>)",
+    "model": "the model name to send (default: the first of /v1/models)",
+    "chat": "use /v1/chat/completions instead of /v1/completions",
+    "tokenizer": "folder with the model's tokenizer.json, to count prompt tokens exactly",
+    "ignore_eos": "send ignore_eos/min_tokens (default); --no-ignore-eos lets the server stop early",
+    "json": JSON_HELP})
+@user_errors
+def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_tokens: int = 128,
+        output_tokens: int = 128, requests: int = 0, duration: str = "0", warmup: int = 2, repeats: int = 1,
+        out: str = "", model: str = "", chat: bool = False, tokenizer: str = "", ignore_eos: bool = True,
+        json: bool = False) -> None:
+    """Measure an endpoint: TTFT, TPOT, ITL, latency and tokens/s over a concurrency sweep."""
+    with console.err.status("measuring…") as status:
+        result = measure(url, hosts, concurrency, input_tokens, output_tokens, requests,
+                         _number(duration, "--duration"), warmup, repeats, model, chat, tokenizer, ignore_eos,
+                         progress=lambda line: status.update(line))
+    files = report.write(result, Path(out or _default_out()))
+    if json:
+        console.print_json(result | {"files": {k: str(v) for k, v in files.items()}})
+        return
+    console.out.print(console.table(report.title(result), report.COLUMNS,
+                                    [report.level_row(level) for level in result["levels"]]))
+    console.out.print(f"wrote {', '.join(str(p) for p in files.values())}", soft_wrap=True)
+    failed = sum(sum(level["summary"]["errors"].values()) for level in result["levels"])
+    if failed:
+        raise Exit(f"{failed} request(s) failed (kinds in the table; examples in {files['json']})", code=1)
+
+
+@task(positional=["results"], help={
+    "results": "result files (or their folders) of `invoke bench`, comma-separated: A.json,B.json",
+    "baseline": "a stored result to gate against: exit 1 if any result is worse than it by --threshold",
+    "threshold": "how much worse counts as a regression, as a fraction (default 0.1 = 10 %)",
+    "out": "folder for the comparison charts (default: bench-results/compare-<time>)",
+    "json": JSON_HELP})
+@user_errors
+def compare(c: Context, results: str | None = None, baseline: str = "", threshold: str = "0.1", out: str = "",
+            json: bool = False) -> None:
+    """Side by side: several results by concurrency, charts; with --baseline a pass/fail gate."""
+    paths = [path for path in (results or "").split(",") if path.strip()]
+    if not paths:
+        raise Exit("give result files to compare: invoke bench.compare A.json,B.json [--baseline X.json]",
+                   code=2)
+    loaded = _named(paths)
+    reference = report.load(baseline) if baseline else None
+    shown = ({f"baseline {_name(baseline)}": reference} if reference else {}) | loaded
+    columns, rows = report.side_by_side(shown)
+    folder = Path(out or _default_out().replace("bench-results/", "bench-results/compare-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    files = report.charts(shown, folder)
+    limit = _number(threshold, "--threshold")
+    verdicts = report.gate(reference, loaded, limit) if reference else []
+    regressions = [v for v in verdicts if v.regressed]
+    if json:
+        console.print_json({"columns": columns, "rows": rows, "files": {k: str(v) for k, v in files.items()},
+                            "gate": None if reference is None else {
+                                "threshold": limit, "passed": not regressions,
+                                "verdicts": [v.as_json() for v in verdicts]}})
+    else:
+        console.out.print(console.table("results by concurrency", columns, rows))
+        if reference is not None:
+            console.out.print(console.table(
+                f"gate against {baseline} (worse by more than {limit:.0%} fails)",
+                ["result", "concurrency", "figure", "baseline", "measured", "worse by", ""],
+                [[v.candidate, str(v.concurrency), v.figure, f"{v.baseline:.2f}", f"{v.measured:.2f}",
+                  f"{v.change:+.1%}", _verdict_cell(v, limit)]
+                 for v in verdicts]))
+        console.out.print(f"wrote {', '.join(str(p) for p in files.values())}", soft_wrap=True)
+    if regressions:
+        raise Exit(f"regression: {len(regressions)} figure(s) worse than the baseline by more than "
+                   f"{limit:.0%}", code=1)
+
+
+def _verdict_cell(verdict: report.Verdict, limit: float):
+    if verdict.regressed:
+        return console.status_cell("fail")
+    if verdict.change > limit:  # worse, but the baseline's own repeats differ more than that
+        return console.status_cell("warn", f"baseline repeats differ by {verdict.noise:.0%}: not gated")
+    return console.status_cell("pass")
+
+
+def _number(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: give a number") from None
+
+
+def _name(path: str) -> str:
+    path = Path(path)
+    return path.parent.name if path.name == "result.json" else path.stem
+
+
+def _named(paths: list[str]) -> dict[str, dict]:
+    named: dict[str, dict] = {}
+    for path in paths:
+        name = _name(path)
+        while name in named:
+            name += "'"
+        named[name] = report.load(path)
+    return named
+
+
+ns = Collection("bench", run, compare)
