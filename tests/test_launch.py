@@ -202,3 +202,18 @@ def test_rollback_serves_the_same_artifact_with_vllm_across_the_nodes(bed, home)
         launch.stop(bed, "tbrb-vllm")
         launch.stop(bed, "tbrb")
     assert running_anywhere(bed, "tbrb-vllm") == []
+
+
+def test_a_new_job_that_cannot_start_leaves_the_previous_one_serving(bed, home):
+    wanted = deployment(bed, job="tbold", port=8367)
+    launch.launch(bed, wanted, home / "tmp")
+    try:
+        broken = deployment(bed, job="tbnew", port=8367)
+        broken = launch.Deployment(**{**broken.as_json(), "image": "trtllm-deploy/no-such-image:1",
+                                      "env": broken.env})
+        with pytest.raises(CheckFailed, match="no image trtllm-deploy/no-such-image"):
+            launch.launch(bed, broken, home / "tmp2")
+        assert answers(bed, 8367) and launch.current(bed).job == "tbold"
+        assert running_anywhere(bed, "tbnew") == []
+    finally:
+        launch.stop(bed, "tbold")

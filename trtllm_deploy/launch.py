@@ -171,12 +171,18 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
     failure raised, explained from the ranks' logs)."""
     nodes = job_cluster(cluster, deployment)
     job = containers.Job(deployment.job, deployment.image, deployment.artifact, env=deployment.env)
+    report(f"starting the runtime containers of {deployment.job} on {len(nodes.nodes)} node(s)")
+    # The new job's containers start (idle) while the previous deployment still serves; a start
+    # that fails anywhere is removed everywhere and leaves the previous one serving.
+    started = containers.up(nodes, job, tmp)
     previous = current(cluster)
     if previous is not None and previous.job != deployment.job:
         report(f"stopping the previous deployment {previous.job}")
-        stop(cluster, previous.job)
-    report(f"starting the runtime containers of {deployment.job} on {len(nodes.nodes)} node(s)")
-    started = containers.up(nodes, job, tmp)
+        try:
+            stop(cluster, previous.job)
+        except BaseException:
+            containers.down(nodes, deployment.job)
+            raise
     image_ids = {outcome.value.image_id for outcome in started}
     head = nodes.head
     deployment = replace(deployment, nodes=tuple(node.name for node in nodes.nodes),
