@@ -13,6 +13,13 @@ checkpoint of 20 files, 4 GiB in all, sent to the 2 workers:
 
 Every side writes to the workers' disks and nothing is fsynced except by `push` (which syncs each
 file before it makes the version current). Run it with `nox -s bench -- push`.
+
+`--nodes sshd` runs the artifact part without Docker: the 2 workers are real OpenSSH sshd servers
+(tests/sshd.py) on this machine, on 127.0.0.2 and 127.0.0.3 (127.0.0.1 with other ports where
+those cannot be bound), each with its own home directory and so its own artifact store. It is for
+machines with more cores than the testbed's 2, where sender, sshd and receivers do not queue for
+the same CPU. The image part needs Docker and is skipped. Where sshd is not installed, point
+TRTLLM_DEPLOY_TEST_SSHD at one (and put ssh-keygen on PATH), as for the preflight benchmark.
 """
 
 from __future__ import annotations
@@ -30,12 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trtllm_deploy import manifest, shell  # noqa: E402
+from trtllm_deploy import inventory, manifest, shell  # noqa: E402
 from trtllm_deploy import push as pushing  # noqa: E402
-from trtllm_deploy.dockercli import require_engine  # noqa: E402
 from trtllm_deploy.push import layers  # noqa: E402
 from trtllm_deploy.targets import SSH  # noqa: E402
-from trtllm_deploy.testbed import cluster, images  # noqa: E402
 
 MiB = 1 << 20
 RAW_PORT = 18555
@@ -43,7 +48,7 @@ RECEIVER = """
 import socket, sys
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("0.0.0.0", int(sys.argv[1])))
+server.bind((sys.argv[3], int(sys.argv[1])))
 server.listen(1)
 print("ready", flush=True)
 conn, _ = server.accept()
@@ -77,14 +82,86 @@ def make_checkpoint(root: Path, total: int, count: int) -> Path:
     return root
 
 
-def on_node(bed, index: int, script: str) -> None:
-    subprocess.run(["docker", "exec", "-u", "spark", bed.layout.container(index), "sh", "-c", script],
-                   check=True, capture_output=True, timeout=600)
+BENCH_DIRS = ("bench-scp", "bench-rsync", "bench-raw", "trtllm-deploy/engines")
 
 
-def clean(bed, workers) -> None:
-    for index in workers:
-        on_node(bed, index, "rm -rf ~/bench-scp ~/bench-rsync ~/bench-raw ~/trtllm-deploy/engines")
+class TestbedNodes:
+    """Workers 2 and 3 of a 3-node Docker testbed (the default)."""
+
+    label = "testbed workers"
+
+    def __init__(self, bed):
+        self.bed = bed
+        self.workers = bed.inventory().nodes[1:3]
+        self.indexes = (2, 3)
+
+    def clean(self) -> None:
+        for index in self.indexes:
+            subprocess.run(["docker", "exec", "-u", "spark", self.bed.layout.container(index), "sh", "-c",
+                            "rm -rf " + " ".join(f"~/{name}" for name in BENCH_DIRS)],
+                           check=True, capture_output=True, timeout=600)
+
+    def path(self, index: int, name: str) -> str:
+        """Where a baseline writes ``name`` on worker ``index``: its home (the session's cwd)."""
+        return name
+
+    def raw_listen(self, index: int) -> tuple[str, int]:
+        return "0.0.0.0", RAW_PORT
+
+
+class SshdNodes:
+    """Workers that are sshd servers on this machine, on distinct loopback addresses.
+
+    sshd starts every session in the account's own home directory, which both servers share, so
+    every path here is absolute, inside the server's own ``home`` (its ``$HOME``, which push uses).
+    """
+
+    def __init__(self, root: Path, count: int = 2):
+        sys.path.insert(0, str(ROOT / "tests"))
+        from sshd import start_sshd, write_hosts
+
+        addresses = [f"127.0.0.{2 + index}" for index in range(count)]
+        if not all(bindable(address) for address in addresses):
+            addresses = ["127.0.0.1"] * count
+        self.servers = []
+        try:
+            for index, address in enumerate(addresses):
+                self.servers.append(start_sshd(root / f"worker{index + 1}", address=address))
+            hosts = write_hosts(root / "hosts.toml", self.servers)
+        except BaseException:
+            self.stop()
+            raise
+        self.workers = inventory.load(hosts).nodes
+        self.label = f"sshd workers on {', '.join(addresses)}"
+
+    def clean(self) -> None:
+        for server in self.servers:
+            for name in BENCH_DIRS:
+                target = server.home / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+
+    def path(self, index: int, name: str) -> str:
+        return str(self.servers[index].home / name)
+
+    def raw_listen(self, index: int) -> tuple[str, int]:
+        return self.servers[index].address, RAW_PORT + index
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def bindable(address: str) -> bool:
+    import socket
+    try:
+        with socket.socket() as sock:
+            sock.bind((address, 0))
+        return True
+    except OSError:
+        return False
 
 
 def parallel(jobs) -> float:
@@ -110,45 +187,48 @@ def parallel(jobs) -> float:
 
 def scp_sequential(nodes, source: Path) -> float:
     started = time.perf_counter()
-    for node in nodes:
+    for index, node in enumerate(nodes.workers):
         opts = [o.replace("-p", "-P") if o == "-p" else o for o in ssh_options(node)]
         opts = [o for o in opts if o != "-T"]
         user = opts.index("-l")
         login = opts[user + 1]
         del opts[user:user + 2]
-        subprocess.run(["scp", "-q", "-r", *opts, str(source), f"{login}@{node.host}:bench-scp"],
+        subprocess.run(["scp", "-q", "-r", *opts, str(source),
+                        f"{login}@{node.host}:{nodes.path(index, 'bench-scp')}"],
                        check=True, timeout=3600)
     return time.perf_counter() - started
 
 
 def rsync_parallel(nodes, source: Path) -> float:
-    def one(node):
+    def one(index, node):
         return lambda: subprocess.run(
             ["rsync", "-a", "-e", shell.join(["ssh", *ssh_options(node)]), f"{source}/",
-             f"{node.host}:bench-rsync/"], check=True, timeout=3600)
-    return parallel([one(node) for node in nodes])
+             f"{node.host}:{nodes.path(index, 'bench-rsync')}/"], check=True, timeout=3600)
+    return parallel([one(index, node) for index, node in enumerate(nodes.workers)])
 
 
 def raw_tcp(nodes, source: Path) -> float:
     files = sorted(p for p in source.iterdir() if p.is_file())
     receivers = []
-    for node in nodes:
+    for index, node in enumerate(nodes.workers):
+        address, port = nodes.raw_listen(index)
         proc = subprocess.Popen([*SSH(node).openssh_argv(), "--", shell.join(
-            ["python3", "-c", RECEIVER, str(RAW_PORT), "bench-raw"])], stdout=subprocess.PIPE, text=True)
+            ["python3", "-c", RECEIVER, str(port), nodes.path(index, "bench-raw"), address])],
+            stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         receivers.append(proc)
 
-    def one(node):
+    def one(index, node):
         def send():
             import socket
-            with socket.create_connection((node.host, RAW_PORT)) as conn:
+            with socket.create_connection((node.host, nodes.raw_listen(index)[1])) as conn:
                 for path in files:
                     with open(path, "rb") as handle:
                         conn.sendfile(handle)
         return send
 
     started = time.perf_counter()
-    parallel([one(node) for node in nodes])
+    parallel([one(index, node) for index, node in enumerate(nodes.workers)])
     for proc in receivers:  # done when every byte is in the node's file, as for the others
         proc.wait(timeout=600)
     return time.perf_counter() - started
@@ -185,53 +265,68 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=4.0)
     parser.add_argument("--files", type=int, default=20)
     parser.add_argument("--changed-mib", type=int, default=200)
+    parser.add_argument("--nodes", choices=("testbed", "sshd"), default="testbed",
+                        help="the workers: a Docker testbed (default; image part included) or sshd "
+                        "servers on loopback addresses of this machine (artifact part only)")
     parser.add_argument("--subnet", default="10.213.241.0/24")
     parser.add_argument("--base", default="auto")
     parser.add_argument("--scratch", default=None, help="where the checkpoint is made (default: tmp)")
     args, _ = parser.parse_known_args()
 
-    require_engine()
-    base = images.resolve_base(args.base)
+    testbed = args.nodes == "testbed"
+    if testbed:
+        from trtllm_deploy.dockercli import require_engine
+        from trtllm_deploy.testbed import cluster, images
+
+        require_engine()
+        base = images.resolve_base(args.base)
     with tempfile.TemporaryDirectory(prefix="trtllm-bench-push-", dir=args.scratch) as scratch:
         scratch = Path(scratch)
-        layout = cluster.Layout(name="benchpush", nodes=3, subnet=args.subnet, state_dir=scratch / "bed")
-        bed = cluster.Testbed(layout, base=base)
+        bed = nodes = None
+        if testbed:
+            layout = cluster.Layout(name="benchpush", nodes=3, subnet=args.subnet, state_dir=scratch / "bed")
+            bed = cluster.Testbed(layout, base=base)
         rows = []
         try:
-            bed.up(runtime=True)  # the stand-in (built on the base image) is on every node
-            workers = bed.inventory().nodes[1:3]
-            indexes = (2, 3)
+            if testbed:
+                bed.up(runtime=True)  # the stand-in (built on the base image) is on every node
+                nodes = TestbedNodes(bed)
+            else:
+                nodes = SshdNodes(scratch / "nodes")
+            workers = nodes.workers
             total = int(args.gib * (1 << 30))
             store = scratch / "engines"
             checkpoint = make_checkpoint(store / "bench-ckpt", total, args.files)
             size = sum(e["size"] for e in manifest.load(checkpoint)["files"].values())
 
-            clean(bed, indexes)
-            t_scp = scp_sequential(workers, checkpoint)
-            clean(bed, indexes)
-            t_rsync = rsync_parallel(workers, checkpoint)
-            clean(bed, indexes)
-            t_raw = raw_tcp(workers, checkpoint)
-            clean(bed, indexes)
+            nodes.clean()
+            t_scp = step("sequential scp -r", scp_sequential(nodes, checkpoint))
+            nodes.clean()
+            t_rsync = None
+            if shutil.which("rsync"):
+                t_rsync = step("parallel rsync -a", rsync_parallel(nodes, checkpoint))
+                nodes.clean()
+            t_raw = step("raw TCP", raw_tcp(nodes, checkpoint))
+            nodes.clean()
 
             src = pushing.source(store, "bench-ckpt")
             counted = pushing.Counter()
             started = time.perf_counter()
             result = pushing.push(workers, src, progress=counted)
-            t_push = time.perf_counter() - started
+            t_push = step("push (SSH)", time.perf_counter() - started)
             result.raise_for_failures()
             sent = statistics_per_node(counted)
 
-            clean(bed, indexes)
+            nodes.clean()
             fabric_counted = pushing.Counter()
             started = time.perf_counter()
             pushing.push(workers, src, progress=fabric_counted, transport="fabric").raise_for_failures()
-            t_fabric = time.perf_counter() - started
+            t_fabric = step("push --transport fabric", time.perf_counter() - started)
             fabric_sent = statistics_per_node(fabric_counted)
 
             started = time.perf_counter()
             again = pushing.push(workers, src)
-            t_again = time.perf_counter() - started
+            t_again = step("push, unchanged", time.perf_counter() - started)
             again.raise_for_failures()
             assert all(o.value.bytes_sent == 0 for o in again)
 
@@ -246,30 +341,16 @@ def main() -> None:
             delta = pushing.Counter()
             started = time.perf_counter()
             pushing.push(workers, src, progress=delta).raise_for_failures()
-            t_delta = time.perf_counter() - started
+            t_delta = step("push, one file changed", time.perf_counter() - started)
             changed_sent = statistics_per_node(delta)
-
-            tag = "trtllm-deploy-bench/push:1"
-            build_image(tag, scratch / "v1", base, 256, 64)
-            pushing.push(workers, pushing.source(image=tag)).raise_for_failures()
-            build_image(tag, scratch / "v2", base, 256, 64)  # same lower layer, new top layer
-            local = layers.inspect_local(tag)
-            saved = layers.SavedImage(local, scratch).ready()
-            top = next(end - start for name, start, end in saved.members if name == saved.layer_names[-1])
-            image_counted = pushing.Counter()
-            started = time.perf_counter()
-            pushing.push(workers, pushing.source(image=tag), progress=image_counted).raise_for_failures()
-            t_image = time.perf_counter() - started
-            image_sent = statistics_per_node(image_counted)
-            t_full, full_bytes = full_load(workers, tag, scratch)
-            subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
 
             mb = size / 1e6
             rows = [
                 ("cold: sequential scp -r", t_scp, size, mb * 2 / t_scp,
                  f"push {t_scp / t_push:.2f}x faster"),
                 ("cold: parallel rsync -a", t_rsync, size, mb * 2 / t_rsync,
-                 f"push {t_rsync / t_push:.2f}x faster"),
+                 f"push {t_rsync / t_push:.2f}x faster") if t_rsync else
+                ("cold: parallel rsync -a", None, 0, 0.0, "not run: rsync is not installed here"),
                 ("cold: raw TCP, both at once", t_raw, size, mb * 2 / t_raw,
                  f"push {t_push / t_raw:.2f}x raw time (SSH transport)"),
                 ("cold: invoke push (SSH)", t_push, sent, mb * 2 / t_push,
@@ -281,21 +362,56 @@ def main() -> None:
                 (f"one new {args.changed_mib} MiB file: push", t_delta, changed_sent, 0.0,
                  f"{changed_sent / (args.changed_mib * MiB):.3f}x the file; < 1.1x: "
                  f"{'met' if changed_sent < 1.1 * args.changed_mib * MiB else 'MISSED'}"),
-                ("image, top layer changed: push", t_image, image_sent, 0.0,
-                 f"{image_sent / top:.3f}x the layer ({top / MiB:.1f} MiB); <= 1.2x: "
-                 f"{'met' if image_sent <= 1.2 * top else 'MISSED'}"),
-                ("image: docker save | ssh docker load", t_full, full_bytes, 0.0,
-                 f"push sends {image_sent / full_bytes:.3f}x of it"),
             ]
+            if testbed:
+                rows += push_image(workers, base, scratch)
         finally:
-            bed.down(purge=True)
+            if bed is not None:
+                bed.down(purge=True)
+            elif nodes is not None:
+                nodes.stop()
             shutil.rmtree(scratch / "engines", ignore_errors=True)
-    print(f"\npush to 2 testbed workers: {args.files} files, {size / (1 << 30):.2f} GiB "
-          f"({os.cpu_count()} cores; nodes, client and sshd share them; load average at the end "
-          f"{os.getloadavg()[0]:.1f})")
+    where = ("nodes, client and sshd share them" if testbed
+             else "client, both sshd and both receivers share them")
+    print(f"\npush to 2 {nodes.label}: {args.files} files, {size / (1 << 30):.2f} GiB "
+          f"({os.cpu_count()} cores; {where}; load average at the end {os.getloadavg()[0]:.1f})")
     print(f"{'what':40} {'wall s':>8} {'MiB/node':>10} {'MB/s total':>11}  note / target")
     for what, seconds, per_node, rate, note in rows:
-        print(f"{what:40} {seconds:8.2f} {per_node / MiB:10.1f} {rate:11.0f}  {note}")
+        wall = f"{seconds:8.2f}" if seconds is not None else f"{'-':>8}"
+        print(f"{what:40} {wall} {per_node / MiB:10.1f} {rate:11.0f}  {note}")
+    if not testbed:
+        print("image rows: not run (--nodes sshd; the image part needs Docker on the nodes)")
+
+
+def push_image(workers, base: str, scratch: Path) -> list[tuple]:
+    """An image rebuilt with only its top layer changed: what push sends, beside a full load."""
+    tag = "trtllm-deploy-bench/push:1"
+    build_image(tag, scratch / "v1", base, 256, 64)
+    pushing.push(workers, pushing.source(image=tag)).raise_for_failures()
+    build_image(tag, scratch / "v2", base, 256, 64)  # same lower layer, new top layer
+    local = layers.inspect_local(tag)
+    saved = layers.SavedImage(local, scratch).ready()
+    top = next(end - start for name, start, end in saved.members if name == saved.layer_names[-1])
+    image_counted = pushing.Counter()
+    started = time.perf_counter()
+    pushing.push(workers, pushing.source(image=tag), progress=image_counted).raise_for_failures()
+    t_image = time.perf_counter() - started
+    image_sent = statistics_per_node(image_counted)
+    t_full, full_bytes = full_load(workers, tag, scratch)
+    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True)
+    return [
+        ("image, top layer changed: push", t_image, image_sent, 0.0,
+         f"{image_sent / top:.3f}x the layer ({top / MiB:.1f} MiB); <= 1.2x: "
+         f"{'met' if image_sent <= 1.2 * top else 'MISSED'}"),
+        ("image: docker save | ssh docker load", t_full, full_bytes, 0.0,
+         f"push sends {image_sent / full_bytes:.3f}x of it"),
+    ]
+
+
+def step(what: str, seconds: float) -> float:
+    """Say a measurement as soon as it is made (a run cut short still leaves its rows)."""
+    print(f"  {what}: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return seconds
 
 
 def statistics_per_node(counter: pushing.Counter) -> int:
