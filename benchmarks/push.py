@@ -44,8 +44,12 @@ from trtllm_deploy.targets import SSH  # noqa: E402
 
 MiB = 1 << 20
 RAW_PORT = 18555
+# argv: port, file, address to listen on, and "sync" (fsync the file at the end) or "hash" (also
+# SHA-256 every block in the receiving thread, as push's receiver does) for the reference rows.
 RECEIVER = """
-import socket, sys
+import hashlib, os, socket, sys
+mode = sys.argv[4] if len(sys.argv) > 4 else ""
+hasher = hashlib.sha256() if mode == "hash" else None
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 server.bind((sys.argv[3], int(sys.argv[1])))
@@ -60,7 +64,12 @@ with open(sys.argv[2], "wb") as out:
         if not got:
             break
         out.write(buffer[:got])
+        if hasher:
+            hasher.update(buffer[:got])
         total += got
+    if mode:
+        out.flush()
+        os.fsync(out.fileno())
 print(total, flush=True)
 """
 
@@ -207,13 +216,13 @@ def rsync_parallel(nodes, source: Path) -> float:
     return parallel([one(index, node) for index, node in enumerate(nodes.workers)])
 
 
-def raw_tcp(nodes, source: Path) -> float:
+def raw_tcp(nodes, source: Path, mode: str = "") -> float:
     files = sorted(p for p in source.iterdir() if p.is_file())
     receivers = []
     for index, node in enumerate(nodes.workers):
         address, port = nodes.raw_listen(index)
         proc = subprocess.Popen([*SSH(node).openssh_argv(), "--", shell.join(
-            ["python3", "-c", RECEIVER, str(port), nodes.path(index, "bench-raw"), address])],
+            ["python3", "-c", RECEIVER, str(port), nodes.path(index, "bench-raw"), address, mode])],
             stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         receivers.append(proc)
@@ -308,6 +317,11 @@ def main() -> None:
                 nodes.clean()
             t_raw = step("raw TCP", raw_tcp(nodes, checkpoint))
             nodes.clean()
+            # References, not targets: what a receiver that also does push's work costs on this rig.
+            t_raw_sync = step("raw TCP + fsync", raw_tcp(nodes, checkpoint, "sync"))
+            nodes.clean()
+            t_raw_hash = step("raw TCP + SHA-256 + fsync", raw_tcp(nodes, checkpoint, "hash"))
+            nodes.clean()
 
             src = pushing.source(store, "bench-ckpt")
             counted = pushing.Counter()
@@ -316,12 +330,15 @@ def main() -> None:
             t_push = step("push (SSH)", time.perf_counter() - started)
             result.raise_for_failures()
             sent = statistics_per_node(counted)
+            node_times(result)
 
             nodes.clean()
             fabric_counted = pushing.Counter()
             started = time.perf_counter()
-            pushing.push(workers, src, progress=fabric_counted, transport="fabric").raise_for_failures()
+            result = pushing.push(workers, src, progress=fabric_counted, transport="fabric")
             t_fabric = step("push --transport fabric", time.perf_counter() - started)
+            result.raise_for_failures()
+            node_times(result)
             fabric_sent = statistics_per_node(fabric_counted)
 
             started = time.perf_counter()
@@ -353,6 +370,11 @@ def main() -> None:
                 ("cold: parallel rsync -a", None, 0, 0.0, "not run: rsync is not installed here"),
                 ("cold: raw TCP, both at once", t_raw, size, mb * 2 / t_raw,
                  f"push {t_push / t_raw:.2f}x raw time (SSH transport)"),
+                ("  reference: raw TCP + fsync", t_raw_sync, size, mb * 2 / t_raw_sync,
+                 f"fabric push {t_fabric / t_raw_sync:.2f}x this"),
+                ("  reference: raw TCP + SHA-256 + fsync", t_raw_hash, size, mb * 2 / t_raw_hash,
+                 f"fabric push {t_fabric / t_raw_hash:.2f}x this (one thread per node reads, "
+                 "writes, hashes)"),
                 ("cold: invoke push (SSH)", t_push, sent, mb * 2 / t_push,
                  f">= 2x scp: {'met' if t_scp / t_push >= 2 else 'MISSED'}"),
                 ("cold: invoke push --transport fabric", t_fabric, fabric_sent, mb * 2 / t_fabric,
@@ -374,7 +396,8 @@ def main() -> None:
     where = ("nodes, client and sshd share them" if testbed
              else "client, both sshd and both receivers share them")
     print(f"\npush to 2 {nodes.label}: {args.files} files, {size / (1 << 30):.2f} GiB "
-          f"({os.cpu_count()} cores; {where}; load average at the end {os.getloadavg()[0]:.1f})")
+          f"({os.cpu_count()} cores; {where}; load average at the end {os.getloadavg()[0]:.1f}; "
+          f"one core hashes SHA-256 at {sha256_rate():.0f} MB/s)")
     print(f"{'what':40} {'wall s':>8} {'MiB/node':>10} {'MB/s total':>11}  note / target")
     for what, seconds, per_node, rate, note in rows:
         wall = f"{seconds:8.2f}" if seconds is not None else f"{'-':>8}"
@@ -406,6 +429,24 @@ def push_image(workers, base: str, scratch: Path) -> list[tuple]:
         ("image: docker save | ssh docker load", t_full, full_bytes, 0.0,
          f"push sends {image_sent / full_bytes:.3f}x of it"),
     ]
+
+
+def node_times(result) -> None:
+    """Each node's own time and the part its check of staging took (stderr, beside the steps)."""
+    for outcome in result:
+        if outcome.ok and outcome.value.artifact:
+            sent = outcome.value.artifact
+            print(f"    {outcome.node.name}: {sent.seconds:.2f} s, verify {sent.verify_seconds:.2f} s",
+                  file=sys.stderr, flush=True)
+
+
+def sha256_rate() -> float:
+    """MB/s of hashlib's SHA-256 on one core over 256 MiB in memory: a push receiver's ceiling."""
+    import hashlib
+    data = os.urandom(256 * MiB)
+    started = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return len(data) / 1e6 / (time.perf_counter() - started)
 
 
 def step(what: str, seconds: float) -> float:
