@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import docker_unusable
+from test_launch import ARTIFACT, bed, home  # noqa: F401  (fixtures: the testbed, the artifact on it)
 from trtllm_deploy.bench import report, stats, sweep
 from trtllm_deploy.bench.client import Sample
 from trtllm_deploy.errors import InputError
@@ -278,3 +280,31 @@ def test_gate_threshold_must_not_be_negative(invoke):
     done = invoke("bench.compare", str(DATA / "standin-50tps.json"),
                   "--baseline", str(DATA / "standin-100tps.json"), "--threshold", "ten")
     assert done.returncode == 2 and "--threshold" in done.stderr
+
+
+# --- on the testbed: a deployment launched as `invoke launch` does, measured through --hosts --------
+
+
+@pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
+def test_bench_through_hosts_measures_the_current_deployment_and_records_it(bed, home, testbed):  # noqa: F811
+    from trtllm_deploy import launch
+    from trtllm_deploy.bench.measure import measure
+
+    wanted = launch.Deployment(job="tbbench", runtime="trtllm", image=bed.head.container.image,
+                               artifact=ARTIFACT, tp=1, port=8371, nodes=(bed.head.name,),
+                               env=(("STANDIN_LOAD_SECONDS", "1"),))
+    launch.launch(bed, wanted, home / "tmp")
+    try:
+        result = measure(hosts=str(testbed[0].layout.hosts_file), concurrency="1,2", input_tokens=8,
+                         output_tokens=8, requests=4, warmup=1)
+    finally:
+        launch.stop(bed, "tbbench")
+    deployment, endpoint = result["environment"]["deployment"], result["environment"]["endpoint"]
+    assert deployment["job"] == "tbbench" and deployment["tp"] == 1 and deployment["nodes"] == [bed.head.name]
+    assert deployment["artifact"] == ARTIFACT and deployment["image"] == wanted.image
+    assert deployment["image_id"]
+    assert "tensorrt_llm_commit" in deployment
+    assert endpoint["url"] == f"http://{bed.head.address}:8371" and endpoint["standin"] is True
+    assert endpoint["runtime"] == "trtllm"
+    for level in result["levels"]:
+        assert level["summary"]["errors"] == {} and level["summary"]["output_tokens"] == 4 * 8

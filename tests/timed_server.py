@@ -42,6 +42,7 @@ class Scheduler(threading.Thread):
         self.ready = threading.Condition()
         # How late each timed piece left: tells a slow server from a bad client.
         self.late: list[float] = []
+        self.sent: list[float] = []   # when each timed piece left: a capacity run's rate
 
     def add(self, items: list[tuple[float, socket.socket, bytes, bool]]) -> None:
         with self.ready:
@@ -62,7 +63,9 @@ class Scheduler(threading.Thread):
                 try:
                     conn.sendall(data)
                     if deadline:
-                        self.late.append(time.perf_counter() - deadline)
+                        now = time.perf_counter()
+                        self.late.append(now - deadline)
+                        self.sent.append(now)
                     if close:
                         conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -99,12 +102,18 @@ def _prompt_tokens(body: dict) -> int:
 
 
 def answer(method: str, path: str, body: dict, received: float, ttft: float, itl: float, close: bool,
-           late: list[float]) -> list[tuple[float, bytes]]:
+           late: list[float], sent: list[float] | None = None) -> list[tuple[float, bytes]]:
     """What to send for one request, each piece with its deadline."""
     path = path.split("?", 1)[0]
     if method == "GET" and path == "/stats":
         ordered = sorted(late)
         figures = {"pieces": len(ordered)}
+        if sent and len(sent) > 100:
+            # With ITL 0 the socket buffers fill at the server's pace first and drain at the client's
+            # after the last send; between 40 % and 90 % of the pieces, the server sends only as
+            # fast as the client reads: that is the client's rate.
+            low, high = int(len(sent) * 0.4), int(len(sent) * 0.9)
+            figures["steady_tokens_per_s"] = (high - low) / (sent[high] - sent[low])
         if ordered:
             figures |= {"late_p50_ms": 1000 * ordered[len(ordered) // 2],
                         "late_p99_ms": 1000 * ordered[int(len(ordered) * 0.99)]}
@@ -113,6 +122,11 @@ def answer(method: str, path: str, body: dict, received: float, ttft: float, itl
         if path == "/v1/models":
             return [(0, _response(200, {"object": "list", "data": [
                 {"id": MODEL, "object": "model", "created": 0, "owned_by": "timed-test-server"}]}, close))]
+        if path == "/book.txt":  # a corpus for load generators that build prompts from a book
+            text = ("It was a cold day and the light over the water went out when we came home. "
+                    * 4000).encode()
+            return [(0, b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n%s"
+                     % (len(text), b"Connection: close\r\n" if close else b"", text))]
         if path in ("/health", "/version"):
             return [(0, _response(200, {"version": "timed-test-server/1"}, close))]
         return [(0, _response(404, {"error": {"message": f"no route {path}", "code": 404}}, close))]
@@ -217,7 +231,7 @@ def serve(listener: socket.socket, ttft: float, itl: float) -> None:
                 body = json.loads(body_bytes or b"{}")
             except ValueError:
                 body = {}
-            pieces = answer(method, path, body, arrived, ttft, itl, close, scheduler.late)
+            pieces = answer(method, path, body, arrived, ttft, itl, close, scheduler.late, scheduler.sent)
             scheduler.add([(deadline, conn, data, close and i == len(pieces) - 1)
                            for i, (deadline, data) in enumerate(pieces)])
 
@@ -238,6 +252,8 @@ def serve(listener: socket.socket, ttft: float, itl: float) -> None:
                 except BlockingIOError:
                     break
                 conn.setblocking(True)
+                # Little room between server and client, so that a fast server waits on the client.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
                 _stamp_arrivals(conn)
                 # Nagle's algorithm would hold a small token back until the last one is acknowledged.
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -139,6 +139,9 @@ class _Stream(asyncio.Protocol):
         self.raw = bytearray()        # chunked bytes not yet decoded
         self.chunk_left = 0           # bytes left in the current chunk (+2 for its CRLF)
         self.finished = False
+        self.pieces: list[tuple[float, bytes]] = []   # (when it arrived, bytes) not parsed yet
+        self.tail = b""
+        self.eager = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -149,6 +152,24 @@ class _Stream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = self.clock.polled if self.clock is not None else time.perf_counter()
+        if self.eager:
+            self._consume(now, data)
+            return
+        # Only keep the bytes and their time while the stream runs: when 64 streams' tokens land
+        # together, a loop that parsed each one first would read the later ones late.
+        self.pieces.append((now, data))
+        if b"[DONE]" in data or b"[DONE]" in self.tail + data[:16] or data.endswith(b"0\r\n\r\n"):
+            self._parse_kept()
+        else:
+            self.tail = data[-16:]
+
+    def _parse_kept(self) -> None:
+        pieces, self.pieces = self.pieces, []
+        self.eager = True   # from here on (a rare false alarm: "[DONE]" in the text) parse as it comes
+        for when, data in pieces:
+            self._consume(when, data)
+
+    def _consume(self, now: float, data: bytes) -> None:
         if not self.status:
             self.head += data
             end = self.head.find(b"\r\n\r\n")
@@ -247,6 +268,8 @@ class _Stream(asyncio.Protocol):
             self.sample.error, self.sample.detail = kind, detail
 
     def connection_lost(self, exc) -> None:
+        if self.pieces and not self.done.done():
+            self._parse_kept()
         if self.done.done():
             return
         sample = self.sample
