@@ -32,11 +32,13 @@ def _node(**fabric) -> inventory.Node:
      {"NCCL_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1", "GLOO_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1",
       "OMPI_MCA_btl_tcp_if_include": "enp1s0f1np1,enP2p1s0f1np1",
       "OMPI_MCA_oob_tcp_if_include": "enp1s0f1np1,enP2p1s0f1np1",
-      "NCCL_IB_HCA": "rocep1s0f1,roceP2p1s0f1", "UCX_NET_DEVICES": "rocep1s0f1:1,roceP2p1s0f1:1"}),
+      "NCCL_IB_HCA": "rocep1s0f1,roceP2p1s0f1", "UCX_NET_DEVICES": "rocep1s0f1:1,roceP2p1s0f1:1",
+      "TP_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1", "VLLM_HOST_IP": "192.0.2.1"}),
     ({"interfaces": ["eth0"]},
      {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "OMPI_MCA_btl_tcp_if_include": "eth0",
-      "OMPI_MCA_oob_tcp_if_include": "eth0", "UCX_NET_DEVICES": "eth0"}),
-    ({}, {}),
+      "OMPI_MCA_oob_tcp_if_include": "eth0", "UCX_NET_DEVICES": "eth0", "TP_SOCKET_IFNAME": "eth0",
+      "VLLM_HOST_IP": "192.0.2.1"}),
+    ({}, {"VLLM_HOST_IP": "192.0.2.1"}),  # vLLM announces the node's own address even without a fabric
 ], ids=["spark-two-ports", "tcp-only", "nothing-configured"])
 def test_fabric_env_is_the_nodes_own_entry(fabric, expected):
     assert containers.fabric_env(_node(**fabric)) == expected
@@ -107,8 +109,9 @@ def test_mpirun_runs_without_the_per_node_variables_and_every_rank_rereads_its_o
     with pytest.raises(InputError, match="NCCL_SOCKET_IFNAME"):
         containers.mpirun_argv(cluster, ["prog"], forward_env=("NCCL_SOCKET_IFNAME",))
     assert containers.node_env_file(cluster.nodes[1]) == (
-        "NCCL_SOCKET_IFNAME=ifb\nGLOO_SOCKET_IFNAME=ifb\nOMPI_MCA_btl_tcp_if_include=ifb\n"
-        "OMPI_MCA_oob_tcp_if_include=ifb\nUCX_NET_DEVICES=ifb\n")
+        "NCCL_SOCKET_IFNAME=ifb\nGLOO_SOCKET_IFNAME=ifb\nTP_SOCKET_IFNAME=ifb\n"
+        "OMPI_MCA_btl_tcp_if_include=ifb\nOMPI_MCA_oob_tcp_if_include=ifb\nVLLM_HOST_IP=192.0.2.2\n"
+        "UCX_NET_DEVICES=ifb\n")
 
 
 @pytest.mark.parametrize("kwargs, message", [

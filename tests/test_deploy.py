@@ -38,7 +38,9 @@ def bed(testbed, tmp_path_factory):
     yield cluster, folder, hosts, work
     for node in cluster.nodes:
         target = targets.SSH(node)
-        target.run(["rm", "-rf", f"{targets.expand(node.paths.artifacts, target.home())}/{folder.name}"])
+        store = targets.expand(node.paths.artifacts, target.home())
+        # The artifact and what push keeps beside it (its lock): the session's stores as found.
+        target.run(["sh", "-c", 'rm -rf "$1/$2" "$1/.$2".*', "sh", store, folder.name])
         target.close()
 
 
