@@ -134,8 +134,11 @@ def _stop(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     try:
-        proc.communicate(timeout=10)
-    except (subprocess.TimeoutExpired, ValueError, OSError):
+        # wait, not communicate: the thread that runs the transfer may be in communicate() on the
+        # same process (Ctrl-C stops every channel from the main thread), and two communicate()
+        # calls race inside Popen. Killed, it writes nothing more; its reader sees the pipes end.
+        proc.wait(timeout=10)
+    except (subprocess.TimeoutExpired, OSError):
         pass
     with _lock:
         _open.discard(proc)
