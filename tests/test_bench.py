@@ -308,3 +308,38 @@ def test_bench_through_hosts_measures_the_current_deployment_and_records_it(bed,
     assert endpoint["runtime"] == "trtllm"
     for level in result["levels"]:
         assert level["summary"]["errors"] == {} and level["summary"]["output_tokens"] == 4 * 8
+
+
+def test_failed_requests_are_counted_by_kind(timed_server):
+    import asyncio
+    import threading
+
+    from trtllm_deploy.bench.client import Endpoint, new_loop, stream
+
+    garbage = socket.create_server(("127.0.0.1", 0))
+
+    def answer_garbage() -> None:
+        conn, _ = garbage.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\nzz\r\nnot a chunk\r\n")
+        conn.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    timed = Endpoint.parse(timed_server(1, 1))
+    closed = Endpoint("127.0.0.1", free_port())
+
+    async def all_of_them():
+        return await asyncio.gather(
+            stream(timed, "/v1/no-such-route", {"stream": True}),
+            stream(Endpoint("127.0.0.1", garbage.getsockname()[1]), "/v1/completions", {"stream": True}),
+            stream(closed, "/v1/completions", {"stream": True}),
+            stream(timed, "/v1/completions", {"stream": True, "max_tokens": 3}))
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        samples = runner.run(all_of_them())
+    garbage.close()
+    assert [s.error for s in samples] == ["http 404", "protocol", "connect", None]
+    summary = stats.summarize(samples, 1.0)
+    assert summary["errors"] == {"http 404": 1, "protocol": 1, "connect": 1} and summary["succeeded"] == 1
+    assert "no route" in summary["error_examples"]["http 404"]
