@@ -19,7 +19,8 @@ file before it makes the version current). Run it with `nox -s bench -- push`.
 those cannot be bound), each with its own home directory and so its own artifact store. It is for
 machines with more cores than the testbed's 2, where sender, sshd and receivers do not queue for
 the same CPU. The image part needs Docker and is skipped. Where sshd is not installed, point
-TRTLLM_DEPLOY_TEST_SSHD at one (and put ssh-keygen on PATH), as for the preflight benchmark.
+TRTLLM_DEPLOY_TEST_SSHD at one (and put ssh-keygen on PATH), as for the preflight benchmark;
+benchmarks/carry_ssh_tools.sh carries sshd, ssh, scp and rsync to a machine that lacks them.
 """
 
 from __future__ import annotations
