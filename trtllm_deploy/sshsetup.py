@@ -305,11 +305,13 @@ def _missing(text: str, name: str, keys: list[PublicKey], file: str, owner: str,
     for key in keys:
         if key in revoked:
             refusals.append(f"{owner}: {file} marks {key.shown} of {name} @revoked; nothing was written")
-        elif key in pinned:
-            continue
-        elif other := [p for p in pinned if p.type == key.type]:
+        elif other := [p for p in pinned if p.type == key.type and p != key]:
+            # Also when the right key is pinned beside it: a second key of the same type for the
+            # same host is what a planted man-in-the-middle entry looks like.
             refusals.append(f"{owner}: " + changed_key_message(
                 name, file, other[0].shown, key.shown, refused="Nothing was written anywhere"))
+        elif key in pinned:
+            continue
         else:
             wanted.append(key)
     return wanted
