@@ -153,14 +153,18 @@ BENCHMARKS = {
     "manifest": "benchmarks/manifest_hashing.py",   # manifest create/verify on 4 GiB vs sha256sum
     "push": "benchmarks/push.py",                   # 4 GiB and an image to 2 workers vs scp/rsync/raw TCP
     "deploy": "benchmarks/deploy_noop.py",          # deploy with nothing to do on 2, 4 and 6 nodes
+    "clients": "benchmarks/bench_clients.py",       # our bench client vs aiperf, guidellm, llama-benchy
 }
+# Run only when named: installs the other load generators (about 7.5 GB of virtual environments).
+ON_REQUEST = ("clients",)
 
 
 @nox.session(default=False, tags=["bench"])
 def bench(session: nox.Session) -> None:
     """Run the benchmarks and print their tables (`-- testbed` picks one; other args pass on)."""
     install(session, "test")
-    chosen = [arg for arg in session.posargs if arg in BENCHMARKS] or list(BENCHMARKS)
+    chosen = ([arg for arg in session.posargs if arg in BENCHMARKS]
+              or [name for name in BENCHMARKS if name not in ON_REQUEST])
     rest = [arg for arg in session.posargs if arg not in BENCHMARKS]
     for name in chosen:
         session.run("python", BENCHMARKS[name], *rest)

@@ -5,8 +5,8 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import (checks, cluster, deploy, diagnose, engine, expect, hosts, push, serving, smoke,
-                               source, ssh, testbed, upstream)
+from trtllm_deploy.cli import (bench, checks, cluster, deploy, diagnose, engine, expect, hosts, push, serving,
+                               smoke, source, ssh, testbed, upstream)
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
@@ -29,5 +29,6 @@ ns.add_task(serving.stop)            # stop, verified on every node
 ns.add_task(serving.rollback)        # phase 5: the same model with vLLM, health gated
 ns.add_task(deploy.deploy)           # every phase in order, each skipped when the facts say it is done
 ns.add_task(deploy.demo)             # all of it on a simulated 3-node cluster (the stand-in runtime)
+ns.add_collection(bench.ns)          # measure an endpoint (TTFT, ITL, tokens/s); compare, gate regressions
 ns.add_task(expect.expect)           # what the hardware allows: ceilings beside claims and published speeds
 ns.add_collection(diagnose.ns)       # explain: GPUs, NCCL bandwidth, links, nsys, a bug-report bundle
