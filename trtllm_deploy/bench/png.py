@@ -66,15 +66,8 @@ class Canvas:
         return x
 
     def png(self) -> bytes:
-        rows = b"".join(b"\x00" + bytes(self.pixels[3 * self.width * y:3 * self.width * (y + 1)])
-                        for y in range(self.height))
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
-                + chunk(b"IEND", b""))
+        return encode(self.width, self.height, [self.pixels[3 * self.width * y:3 * self.width * (y + 1)]
+                                                for y in range(self.height)])
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -142,3 +135,14 @@ def line_chart(path: Path, title: str, x_label: str, y_label: str,
         canvas.text(left + plot_w + 30, key_y, name[:27])
     path.write_bytes(canvas.png())
     return path
+
+
+def encode(width: int, height: int, rows) -> bytes:
+    """An 8-bit RGB PNG of ``height`` rows, each ``width`` x 3 bytes (the one encoder charts use)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + bytes(row) for row in rows)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
+            + chunk(b"IEND", b""))

@@ -5,8 +5,7 @@ No text is drawn: the caller prints the legend (series → colour) beside the fi
 
 from __future__ import annotations
 
-import struct
-import zlib
+from trtllm_deploy.bench.png import encode
 
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
@@ -17,12 +16,7 @@ _GRID = (225, 225, 225)
 
 def png(width: int, height: int, pixels: list[bytearray]) -> bytes:
     """An RGB PNG of ``height`` rows of ``width`` × 3 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"".join(b"\x00" + bytes(row) for row in pixels)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    return encode(width, height, pixels)
 
 
 class Canvas:
