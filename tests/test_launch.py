@@ -3,6 +3,7 @@ across the runtime containers, the stand-in runtime (every token an allreduce ov
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -19,6 +20,11 @@ from trtllm_deploy.testbed import artifact as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT = "tiny-bf16-tp3-test"
+MADE: dict[str, Path] = {}
+
+
+def tiny_folder(_bed) -> Path:
+    return MADE["folder"]
 
 pytestmark = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 
@@ -30,6 +36,7 @@ def bed(testbed, tmp_path_factory):
     testbed_, _ = testbed
     cluster = testbed_.inventory()
     folder = tiny.make(tmp_path_factory.mktemp("artifact") / ARTIFACT)
+    MADE["folder"] = folder
     head = targets.SSH(cluster.head)
     head.run(["sh", "-c", "test -f ~/.ssh/id_ed25519 || ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519"])
     public = head.run(["cat", ".ssh/id_ed25519.pub"], cwd="~").stdout.strip()
@@ -90,6 +97,9 @@ def test_launch_serves_across_three_nodes_gated_and_stop_leaves_nothing(bed, hom
         assert set(done.containers.values()) == {"started"} and len(done.containers) == 3
         assert launch.last_good(bed).job == "tb"
         assert launch.current(bed).nodes == ("spark-1", "spark-2", "spark-3")
+        # The served manifest's hash, read on the head (what bench results and status record).
+        assert launch.current(bed).manifest_sha256 == hashlib.sha256(
+            (tiny_folder(bed) / "trtllm-deploy-manifest.json").read_bytes()).hexdigest()
         assert answers(bed, wanted.port)
         logs = launch.tails(bed, "tb")
         # One log per rank, each on its own node.

@@ -29,7 +29,8 @@ from trtllm_deploy import containers, failures, secrets
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.group import fan_out
 from trtllm_deploy.inventory import Cluster, Node
-from trtllm_deploy.targets import connect
+from trtllm_deploy.manifest import MANIFEST
+from trtllm_deploy.targets import connect, expand
 
 PROMPT = "The capital of France is"
 RUNTIMES = ("trtllm", "vllm")
@@ -188,6 +189,7 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
     deployment = replace(deployment, nodes=tuple(node.name for node in nodes.nodes),
                          master_addr=str(head.fabric.address or head.address or head.host),
                          image_id=image_ids.pop() if len(image_ids) == 1 else None,
+                         manifest_sha256=deployment.manifest_sha256 or _manifest_hash(head, deployment),
                          started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     result = Launched(deployment, containers={o.node.name: o.value.action for o in started})
     _record(cluster, current=deployment)
@@ -208,6 +210,17 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
         raise
     _record(cluster, current=deployment, last_good=deployment)
     return result
+
+
+def _manifest_hash(node: Node, deployment: Deployment) -> str | None:
+    """The SHA-256 of the served artifact's manifest on ``node`` (what results and status record)."""
+    target = connect(node)
+    try:
+        store = expand(node.paths.artifacts, target.home())
+        done = target.run(["sha256sum", f"{store}/{deployment.artifact}/{MANIFEST}"], check=False, timeout=60)
+        return done.stdout.split()[0] if done.ok and done.stdout.split() else None
+    finally:
+        target.close()
 
 
 def start_mpirun(cluster: Cluster, deployment: Deployment) -> None:
