@@ -343,3 +343,26 @@ def test_failed_requests_are_counted_by_kind(timed_server):
     summary = stats.summarize(samples, 1.0)
     assert summary["errors"] == {"http 404": 1, "protocol": 1, "connect": 1} and summary["succeeded"] == 1
     assert "no route" in summary["error_examples"]["http 404"]
+
+
+def test_a_result_is_put_against_the_ceiling_of_what_it_serves(invoke, standin, tmp_path):
+    from trtllm_deploy import expect
+
+    result = bench_json(invoke, "--url", standin, "--concurrency", "1,2", "--input-tokens", "12",
+                        "--output-tokens", "10", "--requests", "2", "--warmup", "0",
+                        "--expect-model", "llama-8b", "--expect-precision", "nvfp4",
+                        "--out", str(tmp_path / "o"))
+    shown = result["efficiency"]
+    assert (shown["model"], shown["precision"], shown["tp"], shown["hardware"]) == \
+        ("llama-8b", "nvfp4", 1, "gb10")
+    for row, level in zip(shown["levels"], result["levels"], strict=True):
+        bound = expect.ceiling("llama-8b", "nvfp4", 1, "gb10", batch=level["concurrency"])
+        assert row["ceiling_tokens_per_s"] == round(bound.decode_tokens_per_s_bound, 2)
+        assert row["efficiency"] == round(level["summary"]["output_tokens_per_s"]
+                                          / bound.decode_tokens_per_s_bound, 4)
+    saved = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert saved["efficiency"] == shown
+    unknown = bench_json(invoke, "--url", standin, "--concurrency", "1", "--requests", "1", "--warmup", "0",
+                         "--output-tokens", "4", "--expect-model", "no-such-model",
+                         "--out", str(tmp_path / "u"))
+    assert "unavailable" in unknown["efficiency"]

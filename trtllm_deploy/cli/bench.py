@@ -10,7 +10,7 @@ from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
 from trtllm_deploy import console
-from trtllm_deploy.bench import report
+from trtllm_deploy.bench import efficiency, report
 from trtllm_deploy.bench.measure import measure
 from trtllm_deploy.cli import JSON_HELP, user_errors
 from trtllm_deploy.errors import InputError
@@ -36,23 +36,43 @@ def _default_out() -> str:
     "chat": "use /v1/chat/completions instead of /v1/completions",
     "tokenizer": "folder with the model's tokenizer.json, to count prompt tokens exactly",
     "ignore_eos": "send ignore_eos/min_tokens (default); --no-ignore-eos lets the server stop early",
+    "expect_model": "report measured/ceiling for this model (default with --hosts: the served artifact's)",
+    "expect_precision": "its precision (default: the artifact's, else the model's default)",
+    "hardware": "the hardware the ceiling is computed for (default gb10; see invoke expect)",
+    "store": "where engine.build keeps artifacts, to read the served one's model (default engines/)",
     "json": JSON_HELP})
 @user_errors
 def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_tokens: int = 128,
         output_tokens: int = 128, requests: int = 0, duration: str = "0", warmup: int = 2, repeats: int = 1,
         out: str = "", model: str = "", chat: bool = False, tokenizer: str = "", ignore_eos: bool = True,
+        expect_model: str = "", expect_precision: str = "", hardware: str = "gb10", store: str = "engines",
         json: bool = False) -> None:
     """Measure an endpoint: TTFT, TPOT, ITL, latency and tokens/s over a concurrency sweep."""
     with console.err.status("measuring…") as status:
         result = measure(url, hosts, concurrency, input_tokens, output_tokens, requests,
                          _number(duration, "--duration"), warmup, repeats, model, chat, tokenizer, ignore_eos,
                          progress=lambda line: status.update(line))
+    deployment = result["environment"].get("deployment") or {}
+    served, served_precision = efficiency.served_model(store, deployment.get("artifact"))
+    if expect_model or served:
+        result["efficiency"] = efficiency.against_ceiling(
+            result, expect_model or served, expect_precision or served_precision,
+            int(deployment.get("tp") or 1), hardware)
     files = report.write(result, Path(out or _default_out()))
     if json:
         console.print_json(result | {"files": {k: str(v) for k, v in files.items()}})
         return
     console.out.print(console.table(report.title(result), report.COLUMNS,
                                     [report.level_row(level) for level in result["levels"]]))
+    shown = result.get("efficiency") or {}
+    if shown.get("levels"):
+        console.out.print(console.table(
+            f"against the ceiling: {shown['model']} {shown['precision'] or ''} tp {shown['tp']} on "
+            f"{shown['hardware']} (invoke expect)", ["streams", "measured tokens/s", "ceiling", "efficiency"],
+            [[str(r["concurrency"]), f"{r['measured_tokens_per_s']:.1f}", f"{r['ceiling_tokens_per_s']:.1f}",
+              f"{100 * r['efficiency']:.0f}%"] for r in shown["levels"]]))
+    elif shown.get("unavailable"):
+        console.out.print(f"no ceiling: {shown['unavailable']}")
     console.out.print(f"wrote {', '.join(str(p) for p in files.values())}", soft_wrap=True)
     failed = sum(sum(level["summary"]["errors"].values()) for level in result["levels"])
     if failed:
