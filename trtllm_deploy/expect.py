@@ -95,8 +95,9 @@ class _ArchitecturesFile(_Table):
     architectures: dict[StrictStr, Architecture] = {}
 
 
-class PlanClaim(_Table):
-    section: StrictStr
+class _Configuration(_Table):
+    """What a speed figure was claimed or measured on."""
+
     configuration: StrictStr
     model: StrictStr
     precision: models.Precision
@@ -104,19 +105,16 @@ class PlanClaim(_Table):
     nodes: Annotated[StrictInt, Field(ge=1)]
     hardware: StrictStr = "gb10"
     batch: Annotated[StrictInt, Field(ge=1)] = 1
+
+
+class PlanClaim(_Configuration):
+    section: StrictStr
     tokens_per_s: list[Number] | Number
     versus_vllm: StrictStr = ""
 
 
-class Published(_Table):
-    configuration: StrictStr
-    model: StrictStr
+class Published(_Configuration):
     engine: StrictStr
-    precision: models.Precision
-    tp: Annotated[StrictInt, Field(ge=1)]
-    nodes: Annotated[StrictInt, Field(ge=1)]
-    hardware: StrictStr = "gb10"
-    batch: Annotated[StrictInt, Field(ge=1)] = 1
     tokens_per_s: Number
     source: StrictStr
 
