@@ -189,7 +189,7 @@ def build(planned: Planned, lockfile: LockFile, store: Path, cache_dir: Path | N
     image = convert.local_image(planned.image, needed_for=what if planned.in_image else None)
     if planned.backend == "tensorrt" and lockfile.lock.source.trtllm_build is None \
             and not convert.has_trtllm_build(image):
-        raise InputError(f"--backend tensorrt: the image {image.ref} has no trtllm-build (the "
+        raise InputError(f"--backend tensorrt: the image {image.reference} has no trtllm-build (the "
                          "TensorRT-engine backend is gone from its TensorRT-LLM); use the PyTorch backend")
     revision = variant.revision or hub.resolve(variant.repo, "main")
     wanted = provenance(planned, lockfile, revision, image)

@@ -44,35 +44,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SERVE_FLAGS = ("--ipc", "host", "--network", "host")  # plus the ulimits of hosts.toml's container
 
 
-@dataclass(frozen=True)
-class Image:
-    """The runtime image on this machine's engine."""
-
-    ref: str
-    id: str
-    labels: dict
-    digests: tuple[str, ...]
-
-    @property
-    def standin(self) -> bool:
-        return self.labels.get("io.trtllm-deploy.standin") == "true"
-
-    def provenance(self) -> dict:
-        return {"ref": self.ref, "id": self.id, "repo_digests": list(self.digests)}
+Image = dockercli.LocalImage
 
 
 def local_image(ref: str, needed_for: str | None = None) -> Image | None:
     """The image as this machine's Docker engine has it; None when it has none (or no engine), unless
     ``needed_for`` says what needs it, which makes that an error with what to do."""
-    found = None
-    if shutil.which("docker"):
-        done = dockercli.docker("image", "inspect", "--format",
-                                "{{json .Id}}|{{json .Config.Labels}}|{{json .RepoDigests}}", ref,
-                                check=False, timeout=60)
-        if done.returncode == 0:
-            image_id, labels, digests = dockercli.text(done).split("|", 2)
-            found = Image(ref, json.loads(image_id), json.loads(labels) or {},
-                          tuple(json.loads(digests) or ()))
+    found = dockercli.inspect_image(ref)
     if found is None and needed_for:
         raise DeployError(f"{needed_for} runs inside the runtime image {ref}, which this machine's Docker "
                           "engine does not have\n  what to do: run engine.build on the build node "
@@ -112,7 +90,7 @@ def run_in_image(image: Image, argv: list[str], mounts: list[tuple[Path, str, bo
         command += ["--volume", f"{host}:{inside}:{'ro' if read_only else 'rw'}"]
     for key in env or {}:
         command += ["--env", key]  # the value comes from docker's own environment
-    command += [image.ref, *argv]
+    command += [image.reference, *argv]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}\n".encode())
@@ -130,11 +108,12 @@ def run_in_image(image: Image, argv: list[str], mounts: list[tuple[Path, str, bo
             dockercli.docker("rm", "--force", name, check=False, timeout=120)
     if code != 0:
         text = log.read_text(errors="replace")
-        raise DeployError(failures.explain(f"{what} failed in {image.ref} (exit {code}; log {log})", text))
+        raise DeployError(failures.explain(f"{what} failed in {image.reference} (exit {code}; log {log})",
+                                           text))
 
 
 def _one_line(image: Image, script: str) -> str:
-    done = dockercli.docker("run", "--rm", "--entrypoint", "sh", image.ref, "-c", script,
+    done = dockercli.docker("run", "--rm", "--entrypoint", "sh", image.reference, "-c", script,
                             check=False, timeout=300)
     return dockercli.text(done) if done.returncode == 0 else ""
 
@@ -205,14 +184,15 @@ def quantize(snapshot: Path, out: Path, precision: str, lockfile: LockFile, runn
     settings, image = lockfile.lock.quantize, runner.image
     installed = modelopt_version(image)
     if installed is None and not image.standin:
-        raise DeployError(f"the runtime image {image.ref} has no nvidia-modelopt package (TensorRT-LLM "
+        raise DeployError(f"the runtime image {image.reference} has no nvidia-modelopt package (TensorRT-LLM "
                           "images carry it)\n  what to do: build the image from the lock (invoke image), "
                           "or use a published quantized variant (drop --quantize)")
     ref = settings.ref
     if ref == "auto":
         if installed is None:
             raise InputError(f"{lockfile.path}: [quantize] ref = \"auto\" takes Model Optimizer's version "
-                             f"from the image, and {image.ref} has none; set ref to a Model Optimizer tag")
+                             f"from the image, and {image.reference} has none; set ref to a Model Optimizer "
+                             "tag")
         ref = installed
     elif installed is not None and installed.split("+")[0] != ref:
         raise InputError(f"{lockfile.path}: [quantize] ref is {ref}, but the image's nvidia-modelopt is "
@@ -310,7 +290,8 @@ def convert_script(image: Image, model_type: str) -> str:
     found = _one_line(image, " ".join(["for f in", *candidates, '; do [ -f "$f" ] && echo "$f" && break;',
                                        "done"]))
     if not found:
-        raise DeployError(f"{image.ref} has no convert_checkpoint.py for model_type {model_type!r} under "
+        raise DeployError(f"{image.reference} has no convert_checkpoint.py for model_type {model_type!r} "
+                          "under "
                           f"{EXAMPLES}\n  what to do: serve it with the PyTorch backend (the default)")
     return found.splitlines()[0]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 from trtllm_deploy.errors import DeployError
 
@@ -41,3 +43,34 @@ def image_id(reference: str) -> str | None:
     """The local image's ID, or None when this engine does not have it."""
     done = docker("image", "inspect", "--format", "{{.Id}}", reference, check=False)
     return text(done) if done.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An image as this machine's engine has it."""
+
+    reference: str
+    id: str
+    labels: dict
+    diff_ids: tuple[str, ...]       # its layers, bottom first
+    digests: tuple[str, ...] = ()   # repository digests, where it came from a registry
+
+    @property
+    def standin(self) -> bool:
+        return self.labels.get("io.trtllm-deploy.standin") == "true"
+
+    def provenance(self) -> dict:
+        return {"ref": self.reference, "id": self.id, "repo_digests": list(self.digests)}
+
+
+def inspect_image(reference: str) -> LocalImage | None:
+    """The local image, or None when this machine has no such image (or no Docker at all)."""
+    if shutil.which("docker") is None:
+        return None
+    done = docker("image", "inspect", "--format", "{{json .}}", reference, check=False, timeout=60)
+    if done.returncode != 0:
+        return None
+    data = json.loads(text(done))
+    return LocalImage(reference, data["Id"], (data.get("Config") or {}).get("Labels") or {},
+                      tuple((data.get("RootFS") or {}).get("Layers") or ()),
+                      tuple(data.get("RepoDigests") or ()))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtllm_deploy.dockercli import docker, text
+from trtllm_deploy.dockercli import LocalImage, docker, inspect_image
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.inventory import Node
 from trtllm_deploy.push.channel import Channel
@@ -31,14 +31,6 @@ END_OF_ARCHIVE = b"\0" * 1024
 REMOTE_FACTS = ('docker image inspect --format "{{.Id}} {{json .Config.Labels}}" "$1" 2>/dev/null'
                 ' || echo none; echo ---; docker image ls -aq --no-trunc | sort -u'
                 ' | xargs -r docker image inspect --format "{{json .RootFS.Layers}}"')
-
-
-@dataclass(frozen=True)
-class LocalImage:
-    reference: str
-    id: str
-    labels: dict
-    diff_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -79,13 +71,11 @@ class ImageSent:
 
 
 def inspect_local(reference: str) -> LocalImage:
-    done = docker("image", "inspect", "--format", "{{json .}}", reference, check=False)
-    if done.returncode != 0:
+    found = inspect_image(reference)
+    if found is None:
         raise InputError(f"image {reference} is not on this machine: build it (invoke image) or "
                          "pull it first")
-    data = json.loads(text(done))
-    return LocalImage(reference, data["Id"], data["Config"].get("Labels") or {},
-                      tuple(data["RootFS"].get("Layers") or ()))
+    return found
 
 
 def chain_ids(diff_ids) -> list[str]:
