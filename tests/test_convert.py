@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from fakehub import FakeHub, Repo
-from trtllm_deploy import convert, manifest, smoke
+from trtllm_deploy import convert, launch, manifest
 from trtllm_deploy.errors import DeployError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def test_a_variant_made_by_quantizing_is_quantized_in_the_image_and_recorded(set
     assert provenance["quantized"]["run"]["modelopt"] == {
         "repository": f"file://{tmp_path / 'modelopt'}", "ref": "9.9.9", "commit": commit, "installed": None}
     assert provenance["quantized"]["run"]["calib_size"] == 16
-    assert smoke.serve_backend(folder) == ["--backend", "pytorch"]
+    assert launch.serve_backend(folder, "/model") == ("--backend", "pytorch")
     image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image],
                               capture_output=True, text=True).stdout.strip()
     assert provenance["image"]["id"] == image_id and provenance["made_in"]["id"] == image_id
@@ -215,7 +215,8 @@ def test_tensorrt_engines_are_built_with_the_plan_flags_and_served_by_the_image(
     log = (store / ".logs" / f"{folder.name}.log").read_text()
     assert "--gemm_plugin auto" in log and "--tp_size 1" in log
     # Serving it (smoke, launch) takes the TensorRT backend and the tokenizer kept beside the engines.
-    assert smoke.serve_backend(folder) == ["--backend", "tensorrt", "--tokenizer", "/model/tokenizer"]
+    assert launch.serve_backend(folder, "/model") == (
+        "--backend", "tensorrt", "--tokenizer", "/model/tokenizer")
     # What the image's own loader makes of it (the stand-in's checks, manifest included).
     check = subprocess.run(
         ["docker", "run", "--rm", "--volume", f"{folder}:/model:ro", image, "python3", "-c",

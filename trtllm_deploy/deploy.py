@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from trtllm_deploy import artifact, clustercheck, console, convert, launch, models, preflight, push, targets
+from trtllm_deploy import (artifact, clustercheck, console, containers, convert, launch, manifest, models,
+                           preflight, push, targets)
 from trtllm_deploy import source as sources
 from trtllm_deploy.errors import CheckFailed, DeployError, InputError
 from trtllm_deploy.inventory import Cluster
@@ -195,10 +196,7 @@ def _engine(cluster, lockfile, catalog, request, state, say) -> Phase:
 
 
 def _manifest_tp(folder: Path) -> int | None:
-    import json
-
-    data = json.loads((folder / "trtllm-deploy-manifest.json").read_text())
-    return (data.get("provenance") or {}).get("tp")
+    return (manifest.load(folder).get("provenance") or {}).get("tp")
 
 
 def _job_nodes(cluster: Cluster, tp: int) -> Cluster:
@@ -244,11 +242,7 @@ def _difference(plan) -> str:
 
 def _wanted(cluster: Cluster, request: Request, state: dict) -> launch.Deployment:
     folder: Path = state["artifact"]
-    from trtllm_deploy import smoke
-
-    backend = tuple(smoke.serve_backend(folder))
-    if "--tokenizer" in backend:
-        backend = ("--backend", "tensorrt", "--tokenizer", f"/artifacts/{folder.name}/tokenizer")
+    backend = launch.serve_backend(folder, f"{containers.ARTIFACTS}/{folder.name}")
     digest = hashlib.sha256((folder / "trtllm-deploy-manifest.json").read_bytes()).hexdigest()
     return launch.Deployment(job=request.job, runtime="trtllm", image=state["image"], artifact=folder.name,
                              tp=state["tp"], port=request.port, backend=backend, env=request.env,
@@ -264,7 +258,7 @@ def _serving_as_wanted(cluster: Cluster, wanted: launch.Deployment) -> launch.De
     nodes = launch.job_cluster(cluster, found)
     if launch.trouble(launch.look(nodes, found), found, nodes.head.name) is not None:
         return None
-    return found if launch._health(nodes.head, found.port) else None
+    return found if launch.healthy(nodes.head, found.port) else None
 
 
 def _check(cluster, lockfile, catalog, request, state, say) -> Phase:
@@ -324,7 +318,7 @@ def _verify(cluster, lockfile, catalog, request, state, say) -> Phase:
     wrong = launch.trouble(launch.look(nodes, deployment), deployment, nodes.head.name)
     if wrong:
         raise CheckFailed(f"after launch: {wrong}")
-    answer, rate = launch.ask(nodes.head, deployment.port)
+    answer, _, rate = launch.ask(nodes.head, deployment.port)
     if not answer or rate < request.min_tokens_per_s:
         raise CheckFailed(f"the endpoint answered {answer!r} at {rate:.1f} tokens/s")
     return Phase("verify", "done", f"http://{nodes.head.host}:{deployment.port}/v1 answers at "

@@ -23,9 +23,10 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 from pathlib import Path
 
-from trtllm_deploy import containers, failures, secrets
+from trtllm_deploy import containers, failures, manifest, secrets
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.group import fan_out
 from trtllm_deploy.inventory import Cluster, Node
@@ -99,6 +100,19 @@ def program(deployment: Deployment) -> list[str]:
     return ["trtllm-llmapi-launch", "trtllm-serve", model, *deployment.backend,
             "--tp_size", str(deployment.tp), "--pp_size", str(deployment.pp),
             "--host", "0.0.0.0", "--port", port, "--config", f"{model}/llm-api.yaml"]
+
+
+def serve_backend(artifact: Path, inside: str) -> tuple[str, ...]:
+    """trtllm-serve's backend options for the artifact (seen at ``inside`` in the container) as its
+    manifest describes it: TensorRT engines take the tokenizer kept beside them; anything else is a
+    checkpoint for the PyTorch backend."""
+    try:
+        backend = manifest.load(artifact).get("provenance", {}).get("backend", "pytorch")
+    except (manifest.ManifestError, OSError):
+        backend = "pytorch"
+    if backend == "tensorrt":
+        return ("--backend", "tensorrt", "--tokenizer", f"{inside}/tokenizer")
+    return ("--backend", "pytorch")
 
 
 def job_cluster(cluster: Cluster, deployment: Deployment) -> Cluster:
@@ -198,7 +212,7 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
         start_mpirun(nodes, deployment)
         result.ready_s = wait_ready(nodes, deployment, stall_s)
         report(f"ready after {result.ready_s:.0f} s; asking the gate prompt")
-        result.answer, result.tokens_per_s = ask(nodes.head, deployment.port)
+        result.answer, _, result.tokens_per_s = ask(nodes.head, deployment.port)
         if not result.answer:
             raise CheckFailed("the gate prompt got an empty answer")
         if result.tokens_per_s < min_tokens_per_s:
@@ -241,7 +255,8 @@ def start_mpirun(cluster: Cluster, deployment: Deployment) -> None:
         target.close()
 
 
-def _health(node: Node, port: int, timeout: float = 3.0) -> bool:
+def healthy(node: Node, port: int, timeout: float = 3.0) -> bool:
+    """Whether the endpoint on ``node`` answers /health with 200."""
     try:
         with urllib.request.urlopen(f"http://{node.host}:{port}/health", timeout=timeout) as answer:
             return answer.status == 200
@@ -313,7 +328,7 @@ def wait_ready(cluster: Cluster, deployment: Deployment, stall_s: float, poll_s:
     started = last_change = time.monotonic()
     sizes: dict = {}
     while True:
-        if _health(cluster.head, deployment.port):
+        if healthy(cluster.head, deployment.port):
             return time.monotonic() - started
         looks = look(cluster, deployment)
         wrong = trouble(looks, deployment, cluster.head.name)
@@ -329,8 +344,15 @@ def wait_ready(cluster: Cluster, deployment: Deployment, stall_s: float, poll_s:
         time.sleep(poll_s)
 
 
-def ask(node: Node, port: int, max_tokens: int = 16, timeout: float = 300.0) -> tuple[str, float]:
-    """The fixed prompt at temperature 0: the answer and its tokens per second."""
+class Answer(NamedTuple):
+    text: str
+    tokens: int
+    tokens_per_s: float
+
+
+def ask(node: Node, port: int, max_tokens: int = 16, timeout: float = 300.0) -> Answer:
+    """The fixed prompt at temperature 0: the answer, its tokens and their rate (the gate of launch,
+    deploy's verify and smoke)."""
     with urllib.request.urlopen(f"http://{node.host}:{port}/v1/models", timeout=10) as answer:
         model = json.load(answer)["data"][0]["id"]
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
@@ -342,7 +364,7 @@ def ask(node: Node, port: int, max_tokens: int = 16, timeout: float = 300.0) -> 
         reply = json.load(answer)
     seconds = time.monotonic() - started
     tokens = (reply.get("usage") or {}).get("completion_tokens") or 0
-    return reply["choices"][0]["text"].strip(), (tokens / seconds if seconds else 0.0)
+    return Answer(reply["choices"][0]["text"].strip(), tokens, tokens / seconds if seconds else 0.0)
 
 
 # --- logs, explanation, stop ---------------------------------------------------------------------

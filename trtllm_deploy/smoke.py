@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import posixpath
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trtllm_deploy import failures, manifest
+from trtllm_deploy import failures, launch
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.inventory import Cluster, Node
 from trtllm_deploy.source import cuda
@@ -71,7 +69,7 @@ def run(cluster: Cluster, lockfile: LockFile, artifact: Path, port: int = 8355,
         _check_image(report, target, labels, lockfile)
         remote = _place(report, node, target, artifact)
         config = (artifact / "llm-api.yaml").exists()
-        backend = serve_backend(artifact)
+        backend = list(launch.serve_backend(artifact, "/model"))
         try:
             _start(report, node, target, image, remote, port, config, backend)
             _wait_ready(report, target, node, port, stall_s)
@@ -141,18 +139,6 @@ def _place(report: SmokeReport, node: Node, target: Target, artifact: Path) -> s
     return remote
 
 
-def serve_backend(artifact: Path) -> list[str]:
-    """trtllm-serve's backend options for the artifact its manifest describes: TensorRT engines
-    take the tokenizer kept beside them; anything else is a checkpoint for the PyTorch backend."""
-    try:
-        backend = manifest.load(artifact).get("provenance", {}).get("backend", "pytorch")
-    except (manifest.ManifestError, OSError):
-        backend = "pytorch"
-    if backend == "tensorrt":
-        return ["--backend", "tensorrt", "--tokenizer", "/model/tokenizer"]
-    return ["--backend", "pytorch"]
-
-
 def _start(report: SmokeReport, node: Node, target: Target, image: str, remote: str, port: int,
            config: bool, backend: list[str]) -> None:
     target.run(["docker", "rm", "--force", CONTAINER], check=False, timeout=120)
@@ -169,20 +155,12 @@ def _start(report: SmokeReport, node: Node, target: Target, image: str, remote: 
     report.add("start", True, f"{CONTAINER} on {node.name}" + ("" if gpus else " (no GPU runtime)"))
 
 
-def _health(node: Node, port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{node.host}:{port}/health", timeout=3) as answer:
-            return answer.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def _wait_ready(report: SmokeReport, target: Target, node: Node, port: int, stall_s: float) -> None:
     """Ready when /health answers. The wait goes on as long as the log keeps moving; a log that
     stands still for ``stall_s`` (or a container that stopped) ends it."""
     seen, started, last_change = "", time.monotonic(), time.monotonic()
     while True:
-        if _health(node, port):
+        if launch.healthy(node, port):
             logs = target.run(["docker", "logs", "--tail", "50", CONTAINER], check=False, timeout=60)
             last = _progress(logs.stdout + logs.stderr)
             report.add("ready", True, f"after {time.monotonic() - started:.0f} s"
@@ -211,20 +189,8 @@ def _progress(log: str) -> str:
 
 
 def _ask(report: SmokeReport, node: Node, port: int, min_rate: float, max_tokens: int) -> None:
-    with urllib.request.urlopen(f"http://{node.host}:{port}/v1/models", timeout=10) as answer:
-        model = json.load(answer)["data"][0]["id"]
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
-                       "temperature": 0}).encode()
-    request = urllib.request.Request(f"http://{node.host}:{port}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    started = time.monotonic()
-    with urllib.request.urlopen(request, timeout=300) as answer:
-        reply = json.load(answer)
-    seconds = time.monotonic() - started
-    text = reply["choices"][0]["text"]
-    tokens = (reply.get("usage") or {}).get("completion_tokens") or 0
-    report.answer = text.strip()
-    report.tokens_per_s = tokens / seconds if seconds else 0.0
-    report.add("answer", bool(report.answer), f"{tokens} tokens: {report.answer[:60]!r}")
+    answer = launch.ask(node, port, max_tokens)
+    report.answer, report.tokens_per_s = answer.text, answer.tokens_per_s
+    report.add("answer", bool(report.answer), f"{answer.tokens} tokens: {report.answer[:60]!r}")
     report.add("token rate", report.tokens_per_s >= min_rate,
                f"{report.tokens_per_s:.1f} tokens/s (at least {min_rate:g})")

@@ -9,7 +9,7 @@ from pathlib import Path
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, engines, inventory, launch, manifest, supervise
+from trtllm_deploy import console, containers, engines, inventory, launch, supervise
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.source import lock as locks
@@ -25,17 +25,6 @@ def _env(pairs: list[str]) -> tuple[tuple[str, str], ...]:
             raise InputError(f"--env {pair!r}: expected NAME=value")
         env.append((key, value))
     return tuple(env)
-
-
-def _backend(store: str, artifact: str) -> tuple[str, ...]:
-    folder = Path(store) / artifact
-    try:
-        backend = manifest.load(folder).get("provenance", {}).get("backend", "pytorch")
-    except (manifest.ManifestError, OSError):
-        backend = "pytorch"
-    if backend == "tensorrt":
-        return ("--backend", "tensorrt", "--tokenizer", f"/artifacts/{artifact}/tokenizer")
-    return ("--backend", "pytorch")
 
 
 @task(name="launch", iterable=["env"], help={
@@ -60,7 +49,9 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
     cluster = inventory.load(hosts)
     wanted = launch.Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
                                artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
-                               backend=_backend(store, artifact), env=_env(env or []))
+                               backend=launch.serve_backend(Path(store) / artifact,
+                                                            f"{containers.ARTIFACTS}/{artifact}"),
+                               env=_env(env or []))
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
         done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
@@ -127,7 +118,7 @@ def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fa
         return
     nodes = launch.job_cluster(cluster, deployment)
     looks = launch.look(nodes, deployment)
-    healthy = launch._health(nodes.head, deployment.port)
+    healthy = launch.healthy(nodes.head, deployment.port)
     wrong = launch.trouble(looks, deployment, nodes.head.name)
     report = {"job": deployment.job, "deployed": True, "healthy": healthy and wrong is None,
               "trouble": wrong, "endpoint": f"http://{nodes.head.host}:{deployment.port}/v1",
