@@ -28,12 +28,11 @@ POLICIES = ("stop", "restart", "rollback")
 class Failure:
     kind: str            # "dead" (a rank, mpirun or a container) or "hang"
     what: str
-    detected_s: float    # from the failure's first sign to its detection (upper bound: one look)
+    looks: int           # the look that found it, from 1: it was found within looks x interval
     explanation: str = ""
 
     def as_json(self) -> dict:
-        return {"kind": self.kind, "what": self.what, "detected_s": round(self.detected_s, 2),
-                "explanation": self.explanation}
+        return {"kind": self.kind, "what": self.what, "looks": self.looks, "explanation": self.explanation}
 
 
 class HangProbe:
@@ -81,22 +80,19 @@ def watch(cluster: Cluster, deployment: launch.Deployment, *, interval: float = 
     nodes = launch.job_cluster(cluster, deployment)
     probe = HangProbe(nodes.head, deployment.port)
     started = time.monotonic()
-    last_look = started
+    count = 0
     try:
         while (duration is None or time.monotonic() - started < duration) and not (stop and stop.is_set()):
             looked_at = time.monotonic()
-            looks = launch.look(nodes, deployment)
-            wrong = launch.trouble(looks, deployment, nodes.head.name)
+            count += 1
+            wrong = launch.trouble(launch.look(nodes, deployment), deployment, nodes.head.name)
             if wrong:
-                return Failure("dead", wrong, time.monotonic() - last_look,
-                               launch.explain(nodes, deployment, wrong))
+                return Failure("dead", wrong, count, launch.explain(nodes, deployment, wrong))
             waited = probe.waited()
             if waited > hang_s:
                 what = (f"no answer to a 1-token request for {waited:.0f} s while every rank and mpirun "
                         "are alive: a hang")
-                return Failure("hang", what, waited - hang_s + (time.monotonic() - looked_at),
-                               launch.explain(nodes, deployment, what))
-            last_look = looked_at
+                return Failure("hang", what, count, launch.explain(nodes, deployment, what))
             time.sleep(max(0.0, interval - (time.monotonic() - looked_at)))
     finally:
         probe.close()
