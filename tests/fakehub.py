@@ -176,3 +176,30 @@ class FakeHub:
 
 def _git_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+# --- what tests that build artifacts against this server write around it --------------------------
+
+def model_entry(name: str, repo: str, revision: str, params_billion: float = 0.001,
+                description: str = "") -> str:
+    """A models-file entry: one bf16 variant of ``repo`` at ``revision``, on one node."""
+    about = f'description = "{description}"\n' if description else ""
+    return (f"[models.{name}]\n{about}params_billion = {params_billion}\ndefault_precision = \"bf16\"\n\n"
+            f"[models.{name}.variants.bf16]\nrepo = \"{repo}\"\nrevision = \"{revision}\"\n"
+            "bytes_per_param = 2.0\ntp_by_nodes = { 1 = 1 }\n\n")
+
+
+def local_hosts(path, store, extra: str = ""):
+    """A hosts.toml of this machine alone, its artifact store at ``store``."""
+    path.write_text(f'[[nodes]]\nname = "here"\nconnection = "local"\n\n[nodes.paths]\n'
+                    f'artifacts = "{store}"\n{extra}')
+    return path
+
+
+def hub_env(url: str, home, **extra: str) -> dict[str, str]:
+    """This process's environment without any Hub settings of the machine's, pointed at ``url``."""
+    import os
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
+    return env | {"HF_ENDPOINT": url, "HF_HOME": str(home / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+                  **extra}

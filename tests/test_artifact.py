@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fakehub import FakeHub, Repo
+from fakehub import FakeHub, Repo, hub_env, local_hosts, model_entry
 from trtllm_deploy import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,36 +30,12 @@ def setup(tmp_path):
     url = hub.start()
     store = tmp_path / "engines"
     models = tmp_path / "models.toml"
-    models.write_text(f"""\
-[models.tiny]
-description = "a tiny checkpoint for tests"
-params_billion = 0.001
-default_precision = "bf16"
-
-[models.tiny.variants.bf16]
-repo = "org/tiny"
-revision = "{SHA}"
-bytes_per_param = 2.0
-tp_by_nodes = {{ 1 = 1 }}
-
-[models.huge]
-description = "too big for any node"
-params_billion = 5000
-default_precision = "bf16"
-
-[models.huge.variants.bf16]
-repo = "org/tiny"
-revision = "{SHA}"
-bytes_per_param = 2.0
-tp_by_nodes = {{ 1 = 1 }}
-""")
-    hosts = tmp_path / "hosts.toml"
-    hosts.write_text(f'[[nodes]]\nname = "here"\nconnection = "local"\n\n[nodes.paths]\n'
-                     f'artifacts = "{store}"\n')
+    models.write_text(model_entry("tiny", "org/tiny", SHA, description="a tiny checkpoint for tests")
+                      + model_entry("huge", "org/tiny", SHA, 5000, "too big for any node"))
+    hosts = local_hosts(tmp_path / "hosts.toml", store)
     lock = tmp_path / "lock.toml"
     lock.write_text((ROOT / "requirements" / "tensorrt-llm.lock.toml").read_text())
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
-    env |= {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = hub_env(url, tmp_path)
 
     def invoke(*args: str) -> subprocess.CompletedProcess:
         with_lock = ["--lock", str(lock)] if args[0] != "engine.verify" else []

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fakehub import FakeHub, Repo
+from fakehub import FakeHub, Repo, hub_env, local_hosts, model_entry
 from trtllm_deploy import convert, launch, manifest
 from trtllm_deploy.errors import DeployError
 
@@ -41,42 +41,10 @@ def checkpoint(model_type: str = "llama", **extra) -> dict[str, bytes]:
             "model.safetensors": safetensors(256 * 1024)}
 
 
-MODELS = f"""\
-[models.tiny]
-params_billion = 0.001
-default_precision = "bf16"
-
-[models.tiny.variants.bf16]
-repo = "org/tiny"
-revision = "{SHA}"
-bytes_per_param = 2.0
-tp_by_nodes = {{ 1 = 1 }}
-
-[models.tiny.variants.nvfp4]
-quantize_from = "bf16"
-bytes_per_param = 0.6
-tp_by_nodes = {{ 1 = 1 }}
-
-[models.greedy]
-params_billion = 0.001
-default_precision = "bf16"
-
-[models.greedy.variants.bf16]
-repo = "org/greedy"
-revision = "{SHA}"
-bytes_per_param = 2.0
-tp_by_nodes = {{ 1 = 1 }}
-
-[models.odd]
-params_billion = 0.001
-default_precision = "bf16"
-
-[models.odd.variants.bf16]
-repo = "org/odd"
-revision = "{SHA}"
-bytes_per_param = 2.0
-tp_by_nodes = {{ 1 = 1 }}
-"""
+MODELS = (model_entry("tiny", "org/tiny", SHA)
+          + '[models.tiny.variants.nvfp4]\nquantize_from = "bf16"\nbytes_per_param = 0.6\n'
+            'tp_by_nodes = { 1 = 1 }\n\n'
+          + model_entry("greedy", "org/greedy", SHA) + model_entry("odd", "org/odd", SHA))
 
 
 def make_modelopt(where: Path, tag: str) -> str:
@@ -103,10 +71,9 @@ def setup(tmp_path, standin_image):
     store = tmp_path / "engines"
     models = tmp_path / "models.toml"
     models.write_text(MODELS)
-    hosts = tmp_path / "hosts.toml"
     # This machine's engine cannot raise memlock (the sandbox's hard limit): the stack only.
-    hosts.write_text(f'[[nodes]]\nname = "here"\nconnection = "local"\n\n[nodes.paths]\n'
-                     f'artifacts = "{store}"\n\n[nodes.container]\nulimits = {{ stack = "67108864" }}\n')
+    hosts = local_hosts(tmp_path / "hosts.toml", store,
+                        '\n[nodes.container]\nulimits = { stack = "67108864" }\n')
     lock_text = (ROOT / "requirements" / "tensorrt-llm.lock.toml").read_text()
     lock_text += (f'\n[quantize]\nrepository = "file://{tmp_path / "modelopt"}"\nref = "9.9.9"\n'
                   'calib_size = 16\n')
@@ -114,9 +81,7 @@ def setup(tmp_path, standin_image):
     lock.write_text(lock_text)
     trt_lock = tmp_path / "lock-trt.toml"
     trt_lock.write_text(lock_text.replace("trtllm_build = false", "trtllm_build = true"))
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING"))}
-    env |= {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_TOKEN": TOKEN, "HOME": str(tmp_path / "home")}
+    env = hub_env(url, tmp_path, HF_TOKEN=TOKEN, HOME=str(tmp_path / "home"))
 
     def invoke(*args: str, lock_path: Path = lock) -> subprocess.CompletedProcess:
         store_arg = ["--store", str(store)] if args[0] == "engine.build" else []
