@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,8 @@ def test_bad_input_exits_2(tmp_path):
                         (("--name", "absent"), "no artifact absent"),
                         (("--name", "no-manifest"), "no manifest"),
                         (("--name", "damaged"), "does not match its manifest"),
-                        (("--image", "trtllm-deploy-test/never-built:0"), "not on this machine")]:
+                        (("--image", "trtllm-deploy-test/never-built:0"), "not on this machine"),
+                        (("--name", "damaged", "--streams", "0"), "--streams 0")]:
         done = run_push("--store", str(store), "--hosts", str(hosts), *args)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert words in done.stderr and "Traceback" not in done.stderr
@@ -253,6 +255,77 @@ def test_an_interrupted_push_resumes_and_the_old_version_serves_meanwhile(bed, t
 
 
 @needs_docker
+def test_several_streams_per_node_stop_together_and_resume_each_file(bed, tmp_path):
+    store = tmp_path / "engines"
+    sizes = {f"model-{i}.safetensors": 6 * MiB for i in range(4)} | {"config.json": 200}
+    root = make_artifact(store, "push-streams", sizes)
+    node = bed.inventory().node("spark-2")
+    src = pushing.source(store, "push-streams")
+    kill, seen = _kill_channels_after(0)
+    by_thread: dict = {}
+    lock = threading.Lock()
+
+    def progress(name: str, count: int) -> None:
+        """Each stream waits after its first MiB until all four have one; then the link drops."""
+        with lock:
+            mine = by_thread[threading.get_ident()] = by_thread.get(threading.get_ident(), 0) + count
+        if mine < MiB:
+            return
+        deadline = time.monotonic() + 30
+        while sum(sent >= MiB for sent in by_thread.values()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with lock:
+            if not seen["killed"]:
+                time.sleep(1)  # what is in flight lands on the node; every stream is waiting here
+                kill(name, count)
+
+    broken = pushing.push([node], src, progress=progress, streams=4)
+    # The receive and three more streams, each its own SSH connection: all four were sending.
+    assert seen["killed"] == 4, seen
+    assert "push again to send only the rest" in broken["spark-2"].reason
+    assert "push-streams" not in node_sh(bed, 2, "ls ~/trtllm-deploy/engines")
+    partial = node_sh(bed, 2, "cd ~/trtllm-deploy/engines/.push-streams.push && stat -c '%n %s' *")
+    started = [line.split() for line in partial.splitlines() if line.startswith("model-")]
+    assert len(started) == 4 and all(MiB <= int(size) < 6 * MiB for _, size in started), partial
+
+    counted = pushing.Counter()
+    result = pushing.push([node], src, progress=counted, streams=4)["spark-2"].value
+    assert result.artifact.action == "resumed" and result.artifact.files_sent == 5
+    # Every stream continued its own file where it stopped.
+    assert counted.sent["spark-2"] < 24 * MiB - 4 * MiB, counted.sent
+    assert verified(bed, "push-streams", ("spark-2",))["spark-2"].ok
+    assert json.loads(node_sh(bed, 2, f"cat ~/trtllm-deploy/engines/push-streams/{manifest.MANIFEST}")
+                      )["files"] == manifest.load(root)["files"]
+
+
+@needs_docker
+def test_a_stream_without_a_receive_writes_nothing(bed, tmp_path):
+    store = tmp_path / "engines"
+    make_artifact(store, "push-orphan", {"w.safetensors": MiB})
+    node = bed.inventory().node("spark-3")
+    src = pushing.source(store, "push-orphan")
+    # A lock file left by an earlier push, held by nobody: no receive owns staging now.
+    node_sh(bed, 3, "mkdir -p ~/trtllm-deploy/engines && "
+                    "touch ~/trtllm-deploy/engines/.push-orphan.push.lock")
+    target = connect(node)
+    try:
+        scripts, _ = files.look(node, target, "push-orphan", src.wanted)
+        ch = channel.Channel(target, scripts.command("part", node.paths.artifacts, "push-orphan"))
+        ch.write(json.dumps({"manifest": src.wanted}).encode() + b"\n")
+        ch.write(json.dumps({"path": "w.safetensors", "offset": 0, "length": MiB}).encode() + b"\n")
+        try:
+            ch.write(os.urandom(MiB) + b'{"end": true}\n')
+        except BrokenPipeError:
+            pass  # it refused before reading the bytes
+        code, out, _ = ch.finish(timeout=60)
+    finally:
+        target.close()
+    answer = json.loads(out.splitlines()[-1])
+    assert code == 1 and answer["kind"] == "protocol" and "no push of push-orphan" in answer["error"]
+    assert "w.safetensors" not in node_sh(bed, 3, "ls -R ~/trtllm-deploy/engines 2>/dev/null || true")
+
+
+@needs_docker
 def test_ctrl_c_stops_every_transfer_and_the_next_push_continues(bed, tmp_path):
     store = tmp_path / "engines"
     make_artifact(store, "push-ctrl-c", {"big.safetensors": 12 * MiB, "config.json": 100})
@@ -305,7 +378,8 @@ def test_the_fabric_transport_sends_plain_tcp_checked_on_the_node(bed, tmp_path)
         argv = scripts.command("receive", node.paths.artifacts, "push-fabric", node.host)
         ch = channel.Channel(target, argv, None)
         ch.write(b"a" * 64 + b"\n")
-        port = json.loads(ch.proc.stdout.readline())["port"]
+        ch.write(json.dumps({"manifest": src.wanted, "link": [], "streams": 1}).encode() + b"\n")
+        port = ch.answer()["port"]
         import socket
         with socket.create_connection((node.host, port), timeout=10) as intruder:
             intruder.sendall(b"b" * 64 + b"\n" + b"{}\n")

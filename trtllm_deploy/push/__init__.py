@@ -120,6 +120,7 @@ def require_room(plans: GroupResult[NodePlan]) -> None:
 
 
 TRANSPORTS = ("ssh", "fabric")
+MAX_STREAMS = 16
 
 
 def check_transport(transport: str) -> str:
@@ -129,13 +130,23 @@ def check_transport(transport: str) -> str:
     return transport
 
 
+def check_streams(streams: int) -> int:
+    if not 1 <= streams <= MAX_STREAMS:
+        raise InputError(f"--streams {streams}: use 1 to {MAX_STREAMS} connections per node "
+                         f"(default {files.STREAMS})")
+    return streams
+
+
 def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None = None,
-         reach: Callable[[Node], Target] = connect, transport: str = "ssh") -> GroupResult[NodePushed]:
+         reach: Callable[[Node], Target] = connect, transport: str = "ssh",
+         streams: int = files.STREAMS) -> GroupResult[NodePushed]:
     """Apply every node's plan at once; nodes whose look failed keep that failure.
 
-    ``transport="fabric"`` moves the artifact's bytes over plain TCP to each node's fabric address
-    (control, token and verdict stay on SSH); images always go over SSH."""
+    Each node's files go over up to ``streams`` connections at once. ``transport="fabric"`` moves
+    the artifact's bytes over plain TCP to each node's fabric address (control, token and verdict
+    stay on SSH); images always go over SSH."""
     fabric = check_transport(transport) == "fabric"
+    check_streams(streams)
     by_name = {o.node.name: o for o in plans}
     reachable = [o.node for o in plans if o.ok]
     with layers.scratch() as folder:
@@ -149,7 +160,7 @@ def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None
             if src.artifact:
                 first = (files.Scripts(target), planned.artifact)
                 artifact = files.push(node, target, src.name, src.artifact, src.wanted, first, count,
-                                      fabric=fabric)
+                                      fabric=fabric, streams=streams)
             if saved:
                 image = layers.push(node, target, saved, planned.image, count)
             return NodePushed(node.name, artifact, image, time.monotonic() - started)
@@ -163,12 +174,14 @@ def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None
 
 
 def push(nodes: Sequence[Node], src: Source, *, progress: Progress | None = None,
-         reach: Callable[[Node], Target] = connect, transport: str = "ssh") -> GroupResult[NodePushed]:
+         reach: Callable[[Node], Target] = connect, transport: str = "ssh",
+         streams: int = files.STREAMS) -> GroupResult[NodePushed]:
     """Look, check room everywhere, then send: the whole phase, as smoke and launch call it."""
     check_transport(transport)
+    check_streams(streams)
     plans = look(nodes, src, reach=reach)
     require_room(plans)
-    return send(plans, src, progress=progress, reach=reach, transport=transport)
+    return send(plans, src, progress=progress, reach=reach, transport=transport, streams=streams)
 
 
 class Counter:

@@ -2,17 +2,25 @@
 artifact, and receiving the rest into a staging directory that becomes the artifact in one rename.
 
 ``python3 agent.py survey MANIFEST_PY ARTIFACTS NAME`` reads the wanted manifest on stdin and prints
-what the node has, changing nothing but the manifest stat caches. ``python3 agent.py receive
-MANIFEST_PY ARTIFACTS NAME`` reads a header line (the manifest, the files to take from the current
-version), then records (a JSON line ``{"path", "offset", "length"}`` and that many bytes) up to
-``{"end": true}``; it verifies the staging directory against the manifest here, on the node, and
-only then exchanges it with the current version. Partly received files stay in staging, so an
-interrupted push resumes where it stopped.
+what the node has, changing nothing but the manifest stat caches.
 
-With ``--listen ADDRESS`` (the fast transport over a private fabric link) the records come over a
-plain TCP connection to ADDRESS instead: the port is told and a one-time token is taken over the
-SSH channel, and only a connection that presents that token is read. Nothing is trusted for being
-on that connection: every byte is checked against the manifest hashes before it becomes current.
+``python3 agent.py receive MANIFEST_PY ARTIFACTS NAME`` holds the node's lock on pushes of NAME
+from start to end. It reads a header line (the manifest, the files to take from the current
+version), prepares staging and says ``{"ready": true}``; then come records (a JSON line ``{"path",
+"offset", "length"}`` and that many bytes) up to ``{"end": true, "parts": [...]}``. A push may use
+more streams than this one: each other stream is ``python3 agent.py part ...`` on an SSH connection
+of its own (a header line with the manifest, then records up to ``{"end": true}``), which writes
+into the same staging only while a receive holds the lock, and prints what it wrote and the hashes
+of what it received; the controller hands those reports over in the end record. The receive then
+verifies staging against the manifest here, on the node, and only then exchanges it with the
+current version. Each file is flushed to disk as soon as it is complete, while the next arrives.
+Partly received files stay in staging, so an interrupted push resumes where it stopped.
+
+With ``--listen ADDRESS`` (the fast transport over a private fabric link) a one-time token comes
+before the header on the SSH channel, and the records come over ``streams`` plain TCP connections
+to ADDRESS, one thread each: the port is told over SSH, and only a connection that presents the
+token is read. Nothing is trusted for being on that connection: every byte is checked against the
+manifest hashes before it becomes current.
 """
 
 from __future__ import annotations
@@ -25,9 +33,11 @@ import hmac
 import importlib.util
 import json
 import os
+import queue
 import shutil
 import socket
 import sys
+import threading
 import time
 
 BLOCK = 4 << 20
@@ -35,6 +45,7 @@ RENAME_EXCHANGE = 2  # linux/fs.h
 AT_FDCWD = -100
 LOCK_WAIT = 30.0
 ACCEPT_TIMEOUT = 30.0  # for the pusher to connect to the fabric port
+MAX_STREAMS = 64
 IDLE_TIMEOUT = 300.0  # a fabric connection that stalls this long ends the push, never hangs it
 
 
@@ -210,15 +221,58 @@ def _receive_file(stream, staging: str, record: dict, files: dict, chunk_bytes: 
     return hasher.hexdigest() if hasher else None
 
 
-def _sync(staging: str, paths) -> None:
-    """On disk before the rename that makes them current (after the stream, so that flushing one
-    file never holds up receiving the next)."""
-    for path in paths:
-        handle = os.open(os.path.join(staging, path), os.O_RDONLY)
+class Receiver:
+    """One stream's records written into staging. Each file is flushed to disk by a thread of its
+    own as soon as it is complete, while the next one arrives, so that at the end of the stream
+    little is left to wait for before the swap."""
+
+    def __init__(self, staging: str, files: dict, chunk_bytes: int):
+        self.staging, self.files, self.chunk_bytes = staging, files, chunk_bytes
+        self.written: list = []
+        self.hashed: dict = {}
+        self.received = 0
+        self._pending: queue.Queue = queue.Queue()
+        self._failed: list = []
+        self._syncer = threading.Thread(target=self._sync_each, daemon=True)
+        self._syncer.start()
+
+    def _sync_each(self) -> None:
+        while True:
+            path = self._pending.get()
+            if path is None:
+                return
+            if self._failed:
+                continue
+            try:
+                handle = os.open(os.path.join(self.staging, path), os.O_RDONLY)
+                try:
+                    os.fsync(handle)
+                finally:
+                    os.close(handle)
+            except OSError as exc:
+                self._failed.append(exc)
+
+    def take(self, stream) -> dict:
+        """Records up to the stream's end record, which is returned; the files are synced."""
         try:
-            os.fsync(handle)
+            while True:
+                record = _read_line(stream)
+                if record.get("end"):
+                    return record
+                digest = _receive_file(stream, self.staging, record, self.files, self.chunk_bytes)
+                self.written.append(record["path"])
+                self._pending.put(record["path"])
+                if digest:
+                    self.hashed[record["path"]] = digest
+                self.received += int(record["length"])
         finally:
-            os.close(handle)
+            self._pending.put(None)
+            self._syncer.join()
+            if self._failed:
+                raise self._failed[0]
+
+    def as_json(self) -> dict:
+        return {"ok": True, "written": self.written, "hashed": self.hashed, "received": self.received}
 
 
 def exchange(staging: str, current: str) -> bool:
@@ -246,24 +300,27 @@ def exchange(staging: str, current: str) -> bool:
     return False
 
 
-def receive(mf, artifacts: str, name: str, stream) -> dict:
-    header = _read_line(stream)
-    wanted = header["manifest"]
-    files = checked_paths(wanted, mf)
-    current = os.path.join(artifacts, name)
-    staging = staging_of(artifacts, name)
-    os.makedirs(artifacts, exist_ok=True)
+def _hold(artifacts: str, name: str):
+    """The node's lock on pushes of ``name``, held by the receive that owns staging until it ends."""
     lock = open(os.path.join(artifacts, f".{name}.push.lock"), "w")
     # An interrupted push's receiver may still be finishing its last block: wait for it a while.
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
+            return lock
         except OSError:
             if time.monotonic() > deadline:
                 raise Refused("busy", f"another push of {name} is writing to this node") from None
             time.sleep(0.2)
+
+
+def _prepare(mf, artifacts: str, name: str, header: dict) -> tuple[dict, str]:
+    """Staging holds the manifest's files only, with the current version's unchanged ones linked."""
+    wanted = header["manifest"]
+    files = checked_paths(wanted, mf)
+    current = os.path.join(artifacts, name)
+    staging = staging_of(artifacts, name)
     os.makedirs(staging, exist_ok=True)
     _clear_extras(staging, files, mf)
     links = header.get("link", [])
@@ -276,19 +333,20 @@ def receive(mf, artifacts: str, name: str, stream) -> dict:
     for path in links:
         _link(os.path.join(current, path), os.path.join(staging, path))
     mf.remember(staging, {path: files[path]["hash"] for path in links if path in good})
-    received = 0
-    written: list = []
+    return files, staging
+
+
+def _commit(mf, artifacts: str, name: str, wanted: dict, parts: list) -> dict:
+    """Every stream's report → staging checked against the manifest here, then made current."""
+    failed = [part for part in parts if part is not None and not part.get("ok")]
+    if failed:
+        return failed[0]  # what was received stays in staging, for the next push to continue
+    if any(part is None for part in parts):
+        return {"ok": False, "kind": "protocol", "error": "a stream ended without a report"}
+    staging = staging_of(artifacts, name)
     hashed: dict = {}
-    while True:
-        record = _read_line(stream)
-        if record.get("end"):
-            break
-        digest = _receive_file(stream, staging, record, files, mf.CHUNK_BYTES)
-        written.append(record["path"])
-        if digest:
-            hashed[record["path"]] = digest
-        received += int(record["length"])
-    _sync(staging, written)
+    for part in parts:
+        hashed.update(part["hashed"])
     mf.remember(staging, hashed)  # hashed on arrival: check() below need not read them again
     mf.write(staging, wanted)
     report = mf.check(staging, wanted)
@@ -298,25 +356,120 @@ def receive(mf, artifacts: str, name: str, stream) -> dict:
                 os.unlink(os.path.join(staging, problem["path"]))  # sent again from the start
         return {"ok": False, "error": "verification failed in staging", "kind": "verify",
                 "verify": report.as_json()}
-    atomic = exchange(staging, current)
+    atomic = exchange(staging, os.path.join(artifacts, name))
     shutil.rmtree(staging, ignore_errors=True)  # the previous version, no longer served
-    return {"ok": True, "received": received, "atomic": atomic, "verify": report.as_json()}
+    return {"ok": True, "received": sum(part["received"] for part in parts), "atomic": atomic,
+            "verify": report.as_json()}
 
 
-def fabric_stream(address: str):
-    """The fast transport's data connection: the first one to ``address`` that presents the token
-    this process was given over SSH (its standard input)."""
-    token = sys.stdin.buffer.readline().strip()
+def _failure(exc: BaseException, where: str) -> dict:
+    """What stopped a receive, as its report says it."""
+    if isinstance(exc, Refused):
+        return {"ok": False, "kind": exc.kind, "error": str(exc)}
+    if isinstance(exc, OSError):
+        kind = "full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "os"
+        return {"ok": False, "kind": kind, "error": f"{exc.filename or where}: {exc.strerror or exc}"}
+    if isinstance(exc, (ValueError, KeyError, TypeError)):  # a header or record that is not JSON
+        return {"ok": False, "kind": "protocol", "error": f"unreadable stream: {exc!r}"}
+    raise exc
+
+
+def receive(mf, artifacts: str, name: str, control, listen: str | None = None) -> dict:
+    """The push's receiving side on this node, holding its lock from the header to the swap.
+
+    Over SSH the records come on ``control`` (this process's standard input) after it says it is
+    ready, and the end record brings the reports of the other streams (``part`` processes, each
+    its own SSH connection). With ``listen`` they come on ``header["streams"]`` fabric connections,
+    one thread each."""
+    token = _token(control) if listen else None
+    header = _read_line(control)
+    os.makedirs(artifacts, exist_ok=True)
+    lock = _hold(artifacts, name)
+    try:
+        files, staging = _prepare(mf, artifacts, name, header)
+        if listen:
+            parts = _fabric_streams(listen, token, int(header.get("streams", 1)), staging, files,
+                                    mf.CHUNK_BYTES)
+        else:
+            print(json.dumps({"ready": True}), flush=True)
+            receiver = Receiver(staging, files, mf.CHUNK_BYTES)
+            end = receiver.take(control)
+            parts = [receiver.as_json(), *end.get("parts", [])]
+        return _commit(mf, artifacts, name, header["manifest"], parts)
+    finally:
+        lock.close()
+
+
+def part(mf, artifacts: str, name: str, stream) -> dict:
+    """One more SSH stream of a push whose ``receive`` holds the lock: files into staging only.
+    Its header comes once that receive has said it is ready (the connection is made meanwhile)."""
+    files = checked_paths(_read_line(stream)["manifest"], mf)
+    try:
+        lock = open(os.path.join(artifacts, f".{name}.push.lock"), "rb")
+    except FileNotFoundError:
+        raise Refused("protocol", f"no push of {name} is receiving on this node") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass  # held: the receive that owns staging is running, as it must be
+        else:
+            raise Refused("protocol", f"no push of {name} is receiving on this node")
+        receiver = Receiver(staging_of(artifacts, name), files, mf.CHUNK_BYTES)
+        receiver.take(stream)
+        return receiver.as_json()
+    finally:
+        lock.close()
+
+
+def _token(control) -> bytes:
+    token = control.readline(256).strip()
     if len(token) < 32:
         raise Refused("protocol", "no token on the SSH channel")
+    return token
+
+
+def _fabric_streams(address: str, token: bytes, count: int, staging: str, files: dict,
+                    chunk_bytes: int) -> list:
+    """The fast transport's data: ``count`` connections to ``address`` that present the token
+    this process was given over SSH, each read by its own thread into staging."""
+    if not 1 <= count <= MAX_STREAMS:
+        raise Refused("protocol", f"{count} streams asked for; 1 to {MAX_STREAMS} are taken")
+    connections = _accept(address, token, count)
+    reports: list = [None] * count
+
+    def run(index: int, conn, stream) -> None:
+        try:
+            receiver = Receiver(staging, files, chunk_bytes)
+            receiver.take(stream)
+            reports[index] = receiver.as_json()
+        except (Refused, OSError, ValueError, KeyError, TypeError) as exc:
+            reports[index] = _failure(exc, staging)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run, args=(index, *pair), daemon=True)
+               for index, pair in enumerate(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return reports
+
+
+def _accept(address: str, token: bytes, count: int) -> list:
+    """``count`` connections to ``address`` that each present ``token``; others are closed unread."""
     server = socket.create_server((address, 0))
     port = server.getsockname()[1]
     print(json.dumps({"port": port}), flush=True)
     deadline = time.monotonic() + ACCEPT_TIMEOUT
+    accepted: list = []
     with server:
-        while True:
+        while len(accepted) < count:
             left = deadline - time.monotonic()
             if left <= 0:
+                for conn, _ in accepted:
+                    conn.close()
                 raise Refused("transport", f"no connection with the token reached {address}:{port} "
                                            f"within {ACCEPT_TIMEOUT:g} s; is a firewall in the way?")
             server.settimeout(left)
@@ -332,16 +485,18 @@ def fabric_stream(address: str):
                 offered = b""
             if hmac.compare_digest(offered, token):
                 conn.settimeout(IDLE_TIMEOUT)
-                return conn, stream
-            conn.close()
+                accepted.append((conn, stream))
+            else:
+                conn.close()
+    return accepted
 
 
 def main(argv: list) -> int:
     listen = None
     if len(argv) == 6 and argv[4] == "--listen":
         listen, argv = argv[5], argv[:4]
-    if len(argv) != 4 or argv[0] not in ("survey", "receive"):
-        print("usage: agent.py survey|receive MANIFEST_PY ARTIFACTS NAME [--listen ADDRESS]",
+    if len(argv) != 4 or argv[0] not in ("survey", "receive", "part") or (listen and argv[0] != "receive"):
+        print("usage: agent.py survey|receive|part MANIFEST_PY ARTIFACTS NAME [--listen ADDRESS]",
               file=sys.stderr)
         return 2
     command, manifest_py, artifacts, name = argv
@@ -350,18 +505,12 @@ def main(argv: list) -> int:
     try:
         if command == "survey":
             result = survey(mf, artifacts, name, json.load(sys.stdin))
-        elif listen:
-            conn, stream = fabric_stream(listen)
-            with conn:
-                result = receive(mf, artifacts, name, stream)
+        elif command == "part":
+            result = part(mf, artifacts, name, sys.stdin.buffer)
         else:
-            result = receive(mf, artifacts, name, sys.stdin.buffer)
-    except Refused as exc:
-        result = {"ok": False, "kind": exc.kind, "error": str(exc)}
-    except OSError as exc:
-        kind = "full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "os"
-        where = exc.filename or artifacts
-        result = {"ok": False, "kind": kind, "error": f"{where}: {exc.strerror or exc}"}
+            result = receive(mf, artifacts, name, sys.stdin.buffer, listen)
+    except (Refused, OSError, ValueError, KeyError, TypeError) as exc:
+        result = _failure(exc, artifacts)
     print(json.dumps(result, sort_keys=True))
     return 0 if result["ok"] else 1
 

@@ -4,9 +4,9 @@ Over SSH it is OpenSSH's client (a process of its own, host key checked against 
 known_hosts, as ``Target.stream`` does); bytes come from files through ``sendfile``, so this process
 copies nothing itself. Every byte written is counted, which is what the summary reports as sent.
 
-The fast transport (``fabric=ADDRESS``) keeps the SSH command as the control channel and moves the
-bytes over a plain TCP connection to the node's fabric address: the node listens there, tells its
-port over SSH, and reads only a connection that presents the one-time token sent to it over SSH.
+The fast transport keeps the SSH command as the control channel and moves the bytes over plain TCP
+connections to the node's fabric address (:meth:`Channel.connect`): the node listens there, tells
+its port over SSH, and reads only connections that present the one-time token sent to it over SSH.
 No encryption is paid for on the data; the node checks every byte against the manifest hashes.
 """
 
@@ -32,11 +32,50 @@ _open: set[subprocess.Popen] = set()  # every channel still running, so Ctrl-C c
 _lock = threading.Lock()
 
 
-class Channel:
-    """``argv`` running on ``target`` with a pipe to its standard input."""
+class Meter:
+    """Bytes written, counted from every stream of one transfer at once."""
 
-    def __init__(self, target: Target, argv: Sequence[str], progress: Callable[[int], None] | None,
-                 fabric: str | None = None, connect_timeout: float = 30.0):
+    def __init__(self, progress: Callable[[int], None] | None = None):
+        self.sent = 0
+        self._progress = progress or (lambda _: None)
+        self._lock = threading.Lock()
+
+    def __call__(self, count: int) -> None:
+        with self._lock:
+            self.sent += count
+        self._progress(count)
+
+
+class Sink:
+    """Where one stream's bytes go (a pipe to a command, or a socket), every byte counted."""
+
+    def __init__(self, fd: int, meter: Meter, name: str):
+        self.fd, self.meter, self.name = fd, meter, name
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            done = os.write(self.fd, view[:BLOCK])
+            view = view[done:]
+            self.meter(done)
+
+    def send_file(self, path: str | os.PathLike, offset: int, length: int) -> None:
+        with open(path, "rb") as source:
+            end = offset + length
+            while offset < end:
+                done = os.sendfile(self.fd, source.fileno(), offset, min(BLOCK, end - offset))
+                if done == 0:
+                    raise TargetError(self.name, f"{path} is shorter than its manifest says")
+                offset += done
+                self.meter(done)
+
+
+class Channel:
+    """``argv`` running on ``target`` with a pipe to its standard input (:attr:`stdin`), and for
+    the fast transport any number of fabric connections to what it listens on (:meth:`connect`)."""
+
+    def __init__(self, target: Target, argv: Sequence[str], progress: Callable[[int], None] | None = None,
+                 meter: Meter | None = None):
         self.target = target
         self.argv = tuple(argv)
         if isinstance(target, SSH):
@@ -46,63 +85,52 @@ class Channel:
             command = list(self.argv)
         else:
             raise TargetError(target.name, "push reaches a node over SSH or on this machine only")
-        self.progress = progress or (lambda _: None)
-        self.sent = 0
+        self.meter = meter or Meter(progress)
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         with _lock:
             _open.add(self.proc)
-        self._fd = self.proc.stdin.fileno()
-        self._socket: socket.socket | None = None
-        if fabric:
-            self._open_fabric(fabric, connect_timeout)
+        self.stdin = Sink(self.proc.stdin.fileno(), self.meter, target.name)
+        self._sockets: list[socket.socket] = []
 
-    def _open_fabric(self, address: str, timeout: float) -> None:
-        token = secrets.token_hex(32).encode()
+    @property
+    def sent(self) -> int:
+        return self.meter.sent
+
+    def write(self, data: bytes) -> None:
+        self.stdin.write(data)
+
+    def send_file(self, path: str | os.PathLike, offset: int, length: int) -> None:
+        self.stdin.send_file(path, offset, length)
+
+    def answer(self) -> dict:
+        """The command's next line on its standard output, as JSON; {} if it ended or said other."""
         try:
-            os.write(self._fd, token + b"\n")
             answer = json.loads(self.proc.stdout.readline() or "{}")
-        except (BrokenPipeError, ValueError):
-            answer = {}
-        if "port" not in answer:
-            return  # the node refused before listening: finish() brings its report
+        except ValueError:
+            return {}
+        return answer if isinstance(answer, dict) else {}
+
+    def connect(self, address: str, port: int, token: bytes, timeout: float = 30.0) -> Sink:
+        """A fabric connection to what the command listens on, presenting the token it was given
+        over SSH; its bytes are counted like the channel's own."""
         try:
-            self._socket = socket.create_connection((address, int(answer["port"])), timeout=timeout)
+            sock = socket.create_connection((address, int(port)), timeout=timeout)
         except OSError as exc:
             self.kill()
             raise TargetError(self.target.name, f"cannot reach the fabric address {address} port "
-                              f"{answer['port']}: {exc.strerror or exc}; check the fabric link, or "
-                              "push over SSH (--transport ssh)") from None
-        self._socket.settimeout(None)
-        self._socket.sendall(token + b"\n")
-        self._fd = self._socket.fileno()
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            done = os.write(self._fd, view[:BLOCK])
-            view = view[done:]
-            self._count(done)
-
-    def send_file(self, path: str | os.PathLike, offset: int, length: int) -> None:
-        with open(path, "rb") as source:
-            end = offset + length
-            while offset < end:
-                done = os.sendfile(self._fd, source.fileno(), offset, min(BLOCK, end - offset))
-                if done == 0:
-                    raise TargetError(self.target.name, f"{path} is shorter than its manifest says")
-                offset += done
-                self._count(done)
-
-    def _count(self, count: int) -> None:
-        self.sent += count
-        self.progress(count)
+                              f"{port}: {exc.strerror or exc}; check the fabric link, or push over "
+                              "SSH (--transport ssh)") from None
+        self._sockets.append(sock)
+        sock.settimeout(None)
+        sock.sendall(token + b"\n")
+        return Sink(sock.fileno(), self.meter, self.target.name)
 
     def finish(self, timeout: float) -> tuple[int, str, str]:
-        """Close the pipe and wait for the command; (exit code, stdout, stderr)."""
-        if self._socket is not None:
+        """End every stream and wait for the command; (exit code, stdout, stderr)."""
+        for sock in self._sockets:
             try:
-                self._socket.shutdown(socket.SHUT_WR)  # the end of the data: the node verifies now
+                sock.shutdown(socket.SHUT_WR)  # the end of the data: the node verifies now
             except OSError:
                 pass
         try:
@@ -114,8 +142,8 @@ class Channel:
         finally:
             with _lock:
                 _open.discard(self.proc)
-            if self._socket is not None:
-                self._socket.close()
+            for sock in self._sockets:
+                sock.close()
         code = self.proc.returncode
         if code == 255 and isinstance(self.target, SSH):
             raise Unreachable(self.target.name, f"ssh to {self.target.node.login} failed: "
@@ -123,9 +151,14 @@ class Channel:
         return code, out.decode(errors="replace"), err.decode(errors="replace")
 
     def kill(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
+        for sock in self._sockets:
+            sock.close()
         _stop(self.proc)
+
+
+def token() -> bytes:
+    """A one-time secret for the fabric connections, sent to the node over SSH only."""
+    return secrets.token_hex(32).encode()
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,13 +22,16 @@ from trtllm_deploy import console, manifest
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.inventory import Node
 from trtllm_deploy.push import agent
-from trtllm_deploy.push.channel import Channel
+from trtllm_deploy.push.channel import Channel, Meter, Sink, token
 from trtllm_deploy.targets import Target, TargetError, expand
 
 SCRIPTS = "~/.cache/trtllm-deploy"  # the account's private directory, as engines.py uses
 SURVEY_TIMEOUT = 3600.0  # a cold check of a large artifact already on the node hashes all of it
 MISSING_SCRIPTS = 3
-BLOCK_SLACK = 4096  # a file's last block, per file, when estimating the space it takes
+BLOCK_SLACK = 4096
+# Streams per node at once: each is an SSH connection (a core to encrypt here, one to decrypt there)
+# or a fabric connection, and a receiving process or thread that writes and hashes its files.
+STREAMS = 4  # a file's last block, per file, when estimating the space it takes
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,8 @@ class Scripts:
                        for key, path in self.local.items()}
 
     def command(self, verb: str, artifacts: str, name: str, listen: str | None = None) -> list[str]:
-        """The agent's command line; exits MISSING_SCRIPTS when a script is not there yet."""
+        """The agent's command line (survey, receive or part); exits MISSING_SCRIPTS when a script
+        is not there yet."""
         return ["sh", "-c", f'test -f "$1" && test -f "$2" || exit {MISSING_SCRIPTS}; '
                 'm=$1; a=$2; v=$3; shift 3; exec python3 "$a" "$v" "$m" "$@"', "sh",
                 self.remote["manifest"], self.remote["agent"], verb, artifacts, name,
@@ -198,45 +204,116 @@ def fabric_address(node: Node) -> str:
     return node.fabric.address or node.host
 
 
-def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan, local: Path,
-             wanted: dict, progress: Callable[[int], None] | None, fabric: bool = False) -> dict:
-    """Stream what the plan says into the node's receiver; the receiver's report."""
-    listen = fabric_address(node) if fabric else None
-    argv = scripts.command("receive", node.paths.artifacts, planned.name, listen)
-    header = {"manifest": wanted, "link": [s.path for s in planned.steps if s.action == "link"]}
-    channel = Channel(target, argv, progress, fabric=listen)
+def _streams(sinks: list[Sink], steps: list[FileStep], local: Path, ends: list[bool]) -> None:
+    """Every step sent over one of the sinks, each sink taking the next file when it is free
+    (largest first, so that the streams end together); a sink whose ``ends`` is true gets its end
+    record. The first failure stops the other streams after their current file and is raised."""
+    pending = iter(steps)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def stream(sink: Sink, end: bool) -> None:
+        try:
+            while not failures:
+                with lock:
+                    step = next(pending, None)
+                if step is None:
+                    break
+                record = {"path": step.path, "offset": step.offset, "length": step.bytes_to_send}
+                sink.write(json.dumps(record).encode() + b"\n")
+                sink.send_file(local / step.path, step.offset, step.bytes_to_send)
+            if end and not failures:
+                sink.write(b'{"end": true}\n')
+        except BaseException as exc:  # noqa: B036 - raised in the caller's thread below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=stream, args=pair, daemon=True)
+               for pair in zip(sinks, ends, strict=True)]
+    for thread in threads[1:]:
+        thread.start()
+    stream(sinks[0], ends[0])  # the first stream in this thread: Ctrl-C reaches it here
+    for thread in threads[1:]:
+        thread.join()
+    if failures:
+        raise failures[0]
+
+
+def _part_report(part: Channel) -> dict:
+    """An extra SSH stream's report, or what to say about one that ended without it."""
+    code, out, err = part.finish(timeout=SURVEY_TIMEOUT)
     try:
-        channel.write(json.dumps(header, sort_keys=True).encode() + b"\n")
-        for step in planned.steps:
-            if not step.bytes_to_send:
-                continue
-            record = {"path": step.path, "offset": step.offset, "length": step.bytes_to_send}
-            channel.write(json.dumps(record).encode() + b"\n")
-            channel.send_file(local / step.path, step.offset, step.bytes_to_send)
-        channel.write(b'{"end": true}\n')
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        detail = " ".join((err or out).strip().splitlines()[-2:]) or f"exit status {code}"
+        return {"ok": False, "kind": "truncated", "error": f"a stream of the push stopped: {detail}"}
+
+
+def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan, local: Path,
+             wanted: dict, progress: Callable[[int], None] | None, fabric: bool = False,
+             streams: int = STREAMS) -> dict:
+    """Stream what the plan says into the node's receiver, over up to ``streams`` connections at
+    once (each an SSH connection, or each a fabric connection); the receiver's report."""
+    listen = fabric_address(node) if fabric else None
+    steps = sorted((step for step in planned.steps if step.bytes_to_send),
+                   key=lambda step: (-step.bytes_to_send, step.path))
+    count = max(1, min(streams, len(steps)))
+    header = {"manifest": wanted, "link": [s.path for s in planned.steps if s.action == "link"],
+              "streams": count}
+    meter = Meter(progress)
+    control = Channel(target, scripts.command("receive", node.paths.artifacts, planned.name, listen),
+                      meter=meter)
+    parts: list[Channel] = []
+    try:
+        # The other SSH streams connect while the receive prepares staging; each is told the
+        # manifest (and so starts writing) only once the receive says it holds the node's lock.
+        for _ in range(0 if listen else count - 1):
+            parts.append(Channel(target, scripts.command("part", node.paths.artifacts, planned.name),
+                                 meter=meter))
+        secret = token()
+        if listen:
+            os.write(control.stdin.fd, secret + b"\n")  # before the header; not counted as data
+        control.write(json.dumps(header, sort_keys=True).encode() + b"\n")
+        ready = control.answer()
+        if listen and "port" in ready:
+            sinks = [control.connect(listen, ready["port"], secret) for _ in range(count)]
+            _streams(sinks, steps, local, [True] * count)
+        elif ready.get("ready"):
+            for part in parts:
+                part.write(json.dumps({"manifest": wanted}, sort_keys=True).encode() + b"\n")
+            _streams([control.stdin, *(part.stdin for part in parts)], steps, local,
+                     [False] + [True] * len(parts))
+            reports = [_part_report(part) for part in parts]
+            control.write(json.dumps({"end": True, "parts": reports}).encode() + b"\n")
+        else:
+            for part in parts:
+                part.kill()  # the receive refused before it was ready: its report says why
     except (BrokenPipeError, ConnectionResetError):
-        pass  # the receiver stopped reading: its report says why
+        for part in parts:
+            part.kill()  # the receiver stopped reading: its report says why
     except BaseException:
-        channel.kill()
+        for part in parts:
+            part.kill()
+        control.kill()
         raise
     # After the last byte the node hashes what it received (and what it linked) before answering.
-    code, out, err = channel.finish(timeout=SURVEY_TIMEOUT)
+    code, out, err = control.finish(timeout=SURVEY_TIMEOUT)
     if code == MISSING_SCRIPTS:
         raise TargetError(node.name, "the push agent disappeared from the node during the push")
-    if not out.strip():
+    last = (out.strip().splitlines() or [""])[-1]  # after "ready" or "port", the report
+    if '"ok"' not in last or '"kind": "truncated"' in last:
         detail = " ".join(err.strip().splitlines()[-2:]) or f"exit status {code}"
         raise TargetError(node.name, f"the transfer of {planned.name} stopped after "
-                          f"{console.size(channel.sent)} of {console.size(planned.send_bytes)} ({detail}); "
+                          f"{console.size(meter.sent)} of {console.size(planned.send_bytes)} ({detail}); "
                           "what arrived is kept on the node: push again to send only the rest")
     answer = _agent_answer(target, code, out, err)
-    answer["sent"] = channel.sent
+    answer["sent"] = meter.sent
     return answer
 
 
 def push(node: Node, target: Target, name: str, local: Path, wanted: dict,
          first: tuple[Scripts, ArtifactPlan] | None = None,
          progress: Callable[[int], None] | None = None, attempts: int = 2,
-         fabric: bool = False) -> ArtifactSent:
+         fabric: bool = False, streams: int = STREAMS) -> ArtifactSent:
     """Make the node's ``paths.artifacts/name`` the artifact under ``local``, sending only what it
     lacks. A file that fails verification on the node is sent again, once."""
     started = time.monotonic()
@@ -249,7 +326,7 @@ def push(node: Node, target: Target, name: str, local: Path, wanted: dict,
         if not planned.fits:
             raise no_room(node, planned)
         files += sum(1 for step in planned.steps if step.bytes_to_send)
-        answer = transfer(node, target, scripts, planned, local, wanted, progress, fabric)
+        answer = transfer(node, target, scripts, planned, local, wanted, progress, fabric, streams)
         sent += answer["sent"]
         if answer.get("ok"):
             action = "resumed" if resumed else "updated" if planned.exists else "sent"
