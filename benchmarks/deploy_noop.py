@@ -5,7 +5,9 @@ nodes at most 1.3x what it takes on 2. For each size the run brings a testbed up
 lets the nodes trust each other (ssh.setup), deploys a tiny artifact once (every phase does its
 work), then times `invoke deploy` again several times as a user runs it (a new process: Python
 start-up and imports included), and the pipeline alone in this process. Beside them, the floor:
-one `ssh node true` to every node at once, what asking every node anything costs.
+one `ssh node true` to every node at once, what asking every node anything costs; and the CPU the
+no-op took on the head (this process) and in each node's container (its cgroup), which tells the
+head's cost per node from the simulated nodes' own work, which here shares the head's cores.
 
 Run it with `nox -s bench -- deploy` (or `python benchmarks/deploy_noop.py`).
 """
@@ -48,6 +50,33 @@ def ssh_floor(cluster) -> float:
     return time.perf_counter() - started
 
 
+def container_cpu(ids: list[str]) -> float | None:
+    """CPU seconds the containers have used (cgroup v1 cpuacct or v2 cpu.stat), None if unreadable."""
+    total = 0.0
+    for cid in ids:
+        for path, scale, key in ((f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage", 1e9, None),
+                                 (f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat", 1e6,
+                                  "usage_usec")):
+            try:
+                text = Path(path).read_text()
+            except OSError:
+                continue
+            value = (int(text) if key is None else
+                     int(next(line.split()[1] for line in text.splitlines() if line.startswith(key))))
+            total += value / scale
+            break
+        else:
+            return None
+    return total
+
+
+def head_cpu() -> float:
+    """CPU seconds of this process and the children it has waited for (ssh clients, if any)."""
+    import resource
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def measure(nodes: int, repeats: int, work: Path, base: str) -> dict:
     layout = testbeds.Layout(name=f"benchdeploy{nodes}", nodes=nodes, subnet=f"10.213.{230 + nodes}.0/24",
                              state_dir=work / f"testbed{nodes}")
@@ -63,7 +92,9 @@ def measure(nodes: int, repeats: int, work: Path, base: str) -> dict:
         started = time.perf_counter()
         deploy.run(cluster, lockfile, catalog, request)
         first = time.perf_counter() - started
-        cli, inprocess = [], []
+        cli, inprocess, head, per_node = [], [], [], []
+        ids = [subprocess.run(["docker", "inspect", "-f", "{{.Id}}", layout.container(index)],
+                              capture_output=True, text=True).stdout.strip() for index in range(1, nodes + 1)]
         env = dict(os.environ)
         argv = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "deploy", "--artifact-dir",
                 str(folder), "--tp", str(nodes), "--job", "bench", "--env", "STANDIN_LOAD_SECONDS=1",
@@ -74,9 +105,14 @@ def measure(nodes: int, repeats: int, work: Path, base: str) -> dict:
             cli.append(time.perf_counter() - started)
             actions = {p["phase"]: p["action"] for p in json.loads(done.stdout)["phases"]}
             assert actions["launch"] == "up to date", done.stderr
+            node_before, head_before = container_cpu(ids), head_cpu()
             started = time.perf_counter()
             report = deploy.run(cluster, lockfile, catalog, request)
             inprocess.append(time.perf_counter() - started)
+            head.append(head_cpu() - head_before)
+            node_after = container_cpu(ids)
+            if node_before is not None and node_after is not None:
+                per_node.append((node_after - node_before) / nodes)
             assert report.phases[-2].action == "up to date"
         floor = statistics.median(ssh_floor(cluster) for _ in range(repeats))
         from trtllm_deploy import launch
@@ -84,6 +120,8 @@ def measure(nodes: int, repeats: int, work: Path, base: str) -> dict:
         launch.stop(cluster, "bench")
         return {"nodes": nodes, "first": first, "cli": statistics.median(cli),
                 "inprocess": statistics.median(inprocess), "floor": floor,
+                "head_cpu": statistics.median(head),
+                "node_cpu": statistics.median(per_node) if per_node else None,
                 "phases": {p.name: round(p.seconds, 3) for p in report.phases}}
     finally:
         bed.down(purge=True)
@@ -102,11 +140,15 @@ def main() -> None:
     print(f"\ndeploy with nothing to do ({os.cpu_count()} cores; median of {args.repeats}; target "
           f"< {TARGET_S:g} s, and {sizes[-1]} nodes <= {TARGET_RATIO}x {sizes[0]} nodes)")
     print(f"{'nodes':>5} | {'first deploy':>12} | {'no-op (CLI)':>11} | {'x ' + str(sizes[0]) + ' nodes':>10}"
-          f" | {'no-op (in process)':>18} | {'ssh floor':>9}")
-    print("-" * 83)
+          f" | {'no-op (in process)':>18} | {'ssh floor':>9} | {'head CPU':>8} | {'CPU per node':>12}")
+    print("-" * 111)
     for row in rows:
+        node_cpu = f"{row['node_cpu']:>10.2f} s" if row["node_cpu"] is not None else f"{'-':>12}"
         print(f"{row['nodes']:>5} | {row['first']:>10.2f} s | {row['cli']:>9.2f} s | "
-              f"{row['cli'] / base:>10.2f} | {row['inprocess']:>16.2f} s | {row['floor']:>7.2f} s")
+              f"{row['cli'] / base:>10.2f} | {row['inprocess']:>16.2f} s | {row['floor']:>7.2f} s | "
+              f"{row['head_cpu']:>6.2f} s | {node_cpu}")
+    print(f"(head CPU: this process during the in-process no-op; CPU per node: each node's container "
+          f"during it, all of which share this machine's {os.cpu_count()} cores with the head)")
     print("\nphases of the last in-process no-op run (s):")
     for row in rows:
         print(f"  {row['nodes']} nodes: {row['phases']}")

@@ -28,8 +28,11 @@ from trtllm_deploy.targets import Target
 LOAD_TIMEOUT = 3600.0
 END_OF_ARCHIVE = b"\0" * 1024
 # One command for both facts: the image as the node has it, and every layer chain it holds.
-REMOTE_FACTS = ('docker image inspect --format "{{.Id}} {{json .Config.Labels}}" "$1" 2>/dev/null'
-                ' || echo none; echo ---; docker image ls -aq --no-trunc | sort -u'
+# $1 the image, $2 its ID here. The node's layers are listed only when it lacks that ID (a node
+# that has it holds every layer): an unchanged image costs one `docker image inspect`.
+REMOTE_FACTS = ('facts=$(docker image inspect --format "{{.Id}} {{json .Config.Labels}}" "$1" 2>/dev/null)'
+                ' || facts=none; echo "$facts"; echo ---; case "$facts" in "$2 "*) exit 0;; esac;'
+                ' docker image ls -aq --no-trunc | sort -u'
                 ' | xargs -r docker image inspect --format "{{json .RootFS.Layers}}"')
 
 
@@ -103,9 +106,9 @@ def parse_facts(output: str) -> tuple[str | None, dict, set[str]]:
 
 
 def look(node: Node, target: Target, image: LocalImage) -> ImagePlan:
-    done = target.run(["sh", "-c", REMOTE_FACTS, "sh", image.reference], timeout=120)
+    done = target.run(["sh", "-c", REMOTE_FACTS, "sh", image.reference, image.id], timeout=120)
     got, labels, chains = parse_facts(done.stdout)
-    have = tuple(chain in chains for chain in chain_ids(image.diff_ids))
+    have = tuple(got == image.id or chain in chains for chain in chain_ids(image.diff_ids))
     return ImagePlan(node.name, image, got == image.id and labels == image.labels, have)
 
 
