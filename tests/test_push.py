@@ -201,6 +201,20 @@ def test_one_changed_file_is_sent_alone_and_a_corrupted_one_is_resent(bed, tmp_p
     assert verified(bed, "push-delta", ("spark-2",))["spark-2"].ok
 
 
+def resumed(bed, index: int, root: Path, src, below: int, **options) -> files.ArtifactSent:
+    """Push again to node ``index`` after an interruption: it continues (sending fewer than ``below``
+    bytes) and the node ends up with exactly the artifact under ``root``."""
+    node = bed.inventory().node(f"spark-{index}")
+    counted = pushing.Counter()
+    result = pushing.push([node], src, progress=counted, **options)[node.name].value.artifact
+    assert result.action == "resumed"
+    assert counted.sent[node.name] < below, counted.sent
+    assert verified(bed, root.name, (node.name,))[node.name].ok
+    on_node = node_sh(bed, index, f"cat ~/trtllm-deploy/engines/{root.name}/{manifest.MANIFEST}")
+    assert json.loads(on_node)["files"] == manifest.load(root)["files"]
+    return result
+
+
 def _kill_channels_after(limit: int):
     """A progress callback that kills the running ssh transfer (a process this test started)
     once ``limit`` bytes have gone into it, as a dropped link or a killed node would."""
@@ -244,14 +258,8 @@ def test_an_interrupted_push_resumes_and_the_old_version_serves_meanwhile(bed, t
     assert on_node["files"] == old["files"]
     assert verified(bed, "push-resume", ("spark-3",))["spark-3"].ok
 
-    counted = pushing.Counter()
-    result = pushing.push([node], src, progress=counted)["spark-3"].value
-    assert result.artifact.action == "resumed"
     # Only the rest went: what was sent before the kill (less what was still in flight) is not resent.
-    assert counted.sent["spark-3"] < 12 * MiB - 3 * MiB, counted.sent
-    assert verified(bed, "push-resume", ("spark-3",))["spark-3"].ok
-    assert json.loads(node_sh(bed, 3, f"cat ~/trtllm-deploy/engines/push-resume/{manifest.MANIFEST}")
-                      )["files"] == manifest.load(root)["files"]
+    resumed(bed, 3, root, src, below=12 * MiB - 3 * MiB)
 
 
 @needs_docker
@@ -288,14 +296,8 @@ def test_several_streams_per_node_stop_together_and_resume_each_file(bed, tmp_pa
     started = [line.split() for line in partial.splitlines() if line.startswith("model-")]
     assert len(started) == 4 and all(MiB <= int(size) < 6 * MiB for _, size in started), partial
 
-    counted = pushing.Counter()
-    result = pushing.push([node], src, progress=counted, streams=4)["spark-2"].value
-    assert result.artifact.action == "resumed" and result.artifact.files_sent == 5
     # Every stream continued its own file where it stopped.
-    assert counted.sent["spark-2"] < 24 * MiB - 4 * MiB, counted.sent
-    assert verified(bed, "push-streams", ("spark-2",))["spark-2"].ok
-    assert json.loads(node_sh(bed, 2, f"cat ~/trtllm-deploy/engines/push-streams/{manifest.MANIFEST}")
-                      )["files"] == manifest.load(root)["files"]
+    assert resumed(bed, 2, root, src, below=24 * MiB - 4 * MiB, streams=4).files_sent == 5
 
 
 @needs_docker
@@ -348,11 +350,7 @@ def test_ctrl_c_stops_every_transfer_and_the_next_push_continues(bed, tmp_path):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert "push-ctrl-c" not in node_sh(bed, 2, "ls ~/trtllm-deploy/engines")  # never half there
 
-    counted = pushing.Counter()
-    result = pushing.push([node], src, progress=counted)["spark-2"].value
-    assert result.artifact.action == "resumed"
-    assert counted.sent["spark-2"] < 12 * MiB - 3 * MiB, counted.sent
-    assert verified(bed, "push-ctrl-c", ("spark-2",))["spark-2"].ok
+    resumed(bed, 2, store / "push-ctrl-c", src, below=12 * MiB - 3 * MiB)
 
 
 @needs_docker
