@@ -49,11 +49,12 @@ def _summary_rows(results) -> list[list]:
             "image": "an image of this machine's Docker engine to send too (only missing layers)",
             "transport": "ssh (default: encrypted) or fabric: the artifact's bytes as plain TCP to each"
                          " node's fabric address, for private direct links (token and checks over SSH)",
-            "streams": "connections per node at once, each taking the next file (default 4)",
+            "streams": "connections per node at once, each taking the next file "
+                       f"(default {pushing.files.STREAMS})",
             "hosts": HOSTS_HELP, "nodes": NODES_HELP, "json": JSON_HELP, "dry_run": DRY_RUN_HELP})
 @user_errors
 def push(c: Context, name: str = "", store: str = "engines", image: str = "", hosts: str = "hosts.toml",
-         nodes: str = "", transport: str = "ssh", streams: int = 4, json: bool = False,
+         nodes: str = "", transport: str = "ssh", streams: int = pushing.files.STREAMS, json: bool = False,
          dry_run: bool = False) -> None:
     """Send every node what it lacks of an artifact and an image, verified there, all at once."""
     pushing.check_transport(transport)

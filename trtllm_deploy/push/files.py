@@ -28,10 +28,10 @@ from trtllm_deploy.targets import Target, TargetError, expand
 SCRIPTS = "~/.cache/trtllm-deploy"  # the account's private directory, as engines.py uses
 SURVEY_TIMEOUT = 3600.0  # a cold check of a large artifact already on the node hashes all of it
 MISSING_SCRIPTS = 3
-BLOCK_SLACK = 4096
+BLOCK_SLACK = 4096  # a file's last block, per file, when estimating the space it takes
 # Streams per node at once: each is an SSH connection (a core to encrypt here, one to decrypt there)
 # or a fabric connection, and a receiving process or thread that writes and hashes its files.
-STREAMS = 4  # a file's last block, per file, when estimating the space it takes
+STREAMS = 4
 
 
 @dataclass(frozen=True)
