@@ -155,6 +155,7 @@ def test_cold_then_unchanged_then_one_changed_file(bed, tmp_path):
         assert report["nodes"][node]["artifact"]["action"] == "sent"
         # The stream's framing (a JSON line per file) is all that is sent beyond the files.
         assert total <= report["nodes"][node]["bytes_sent"] < total + 8192
+        assert report["nodes"][node]["artifact"]["streams"] == 1  # 5 MiB: one connection is enough
     assert all(v.ok for v in verified(bed, "push-basic", ("spark-2", "spark-3")).values())
     inode = node_sh(bed, 2, "stat -c %i ~/trtllm-deploy/engines/push-basic/model-1.safetensors")
 
@@ -265,7 +266,7 @@ def test_an_interrupted_push_resumes_and_the_old_version_serves_meanwhile(bed, t
 @needs_docker
 def test_several_streams_per_node_stop_together_and_resume_each_file(bed, tmp_path):
     store = tmp_path / "engines"
-    sizes = {f"model-{i}.safetensors": 6 * MiB for i in range(4)} | {"config.json": 200}
+    sizes = {f"model-{i}.safetensors": 16 * MiB for i in range(4)} | {"config.json": 200}
     root = make_artifact(store, "push-streams", sizes)
     node = bed.inventory().node("spark-2")
     src = pushing.source(store, "push-streams")
@@ -294,10 +295,11 @@ def test_several_streams_per_node_stop_together_and_resume_each_file(bed, tmp_pa
     assert "push-streams" not in node_sh(bed, 2, "ls ~/trtllm-deploy/engines")
     partial = node_sh(bed, 2, "cd ~/trtllm-deploy/engines/.push-streams.push && stat -c '%n %s' *")
     started = [line.split() for line in partial.splitlines() if line.startswith("model-")]
-    assert len(started) == 4 and all(MiB <= int(size) < 6 * MiB for _, size in started), partial
+    assert len(started) == 4 and all(MiB <= int(size) < 16 * MiB for _, size in started), partial
 
     # Every stream continued its own file where it stopped.
-    assert resumed(bed, 2, root, src, below=24 * MiB - 4 * MiB, streams=4).files_sent == 5
+    again = resumed(bed, 2, root, src, below=64 * MiB - 4 * MiB, streams=4)
+    assert again.files_sent == 5 and again.streams == min(4, again.bytes_sent // (16 * MiB))
 
 
 @needs_docker
@@ -356,13 +358,16 @@ def test_ctrl_c_stops_every_transfer_and_the_next_push_continues(bed, tmp_path):
 @needs_docker
 def test_the_fabric_transport_sends_plain_tcp_checked_on_the_node(bed, tmp_path):
     store = tmp_path / "engines"
-    root = make_artifact(store, "push-fabric", {"a.safetensors": 3 * MiB, "b.json": 500})
+    root = make_artifact(store, "push-fabric", {"a.safetensors": 16 * MiB, "b.safetensors": 16 * MiB,
+                                                "c.json": 500})
     hosts = str(bed.layout.hosts_file)
     args = ("--store", str(store), "--name", "push-fabric", "--hosts", hosts, "--nodes", "spark-3")
     done = run_push(*args, "--transport", "fabric", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     sent = json.loads(done.stdout)["nodes"]["spark-3"]
-    assert sent["artifact"]["action"] == "sent" and 3 * MiB < sent["bytes_sent"] < 3 * MiB + 4096
+    # Two fabric connections (a stream per 16 MiB to send), every byte checked on the node.
+    assert sent["artifact"]["action"] == "sent" and sent["artifact"]["streams"] == 2
+    assert 32 * MiB < sent["bytes_sent"] < 32 * MiB + 4096
     assert verified(bed, "push-fabric", ("spark-3",))["spark-3"].ok
 
     # A connection without the token is never read: the node waits for the right one.
@@ -432,8 +437,8 @@ def _small_disk(bed, index: int, path: str, size: str) -> None:
 @needs_docker
 def test_a_full_disk_is_a_clear_error_before_and_during_sending(bed, tmp_path):
     store = tmp_path / "engines"
-    make_artifact(store, "push-full", {"a": 3 * MiB, "b": 3 * MiB})
-    _small_disk(bed, 2, "/srv/small", "4m")
+    make_artifact(store, "push-full", {"a": 24 * MiB, "b": 24 * MiB})
+    _small_disk(bed, 2, "/srv/small", "40m")
     hosts = tmp_path / "hosts.toml"
     hosts.write_text(bed.layout.hosts_file.read_text().replace(
         'name = "spark-2"', 'name = "spark-2"\npaths = { artifacts = "/srv/small/engines" }'))
@@ -447,12 +452,12 @@ def test_a_full_disk_is_a_clear_error_before_and_during_sending(bed, tmp_path):
         assert "push-full" not in node_sh(bed, 1, "ls ~/trtllm-deploy/engines 2>/dev/null || true")
 
         # Room when asked, gone when sending: the node says so, the push does not hang.
-        _small_disk(bed, 2, "/srv/small", "8m")
+        _small_disk(bed, 2, "/srv/small", "64m")
         cluster = inventory.load(hosts)
         src = pushing.source(store, "push-full")
         plans = pushing.look([cluster.node("spark-2")], src)
         pushing.require_room(plans)
-        node_sh(bed, 2, "head -c 5242880 /dev/zero > /srv/small/filler")
+        node_sh(bed, 2, "head -c 31457280 /dev/zero > /srv/small/filler")  # 30 MiB: both streams fill it
         finished = {}
         worker = threading.Thread(target=lambda: finished.update(r=pushing.send(plans, src)))
         worker.start()

@@ -37,6 +37,8 @@ def _summary_rows(results) -> list[list]:
             continue
         r = o.value
         actions = [part.action for part in (r.artifact, r.image) if part]
+        if r.artifact and r.artifact.streams > 1:
+            actions[0] += f" ({r.artifact.streams} streams)"
         rate = f"{console.size(r.bytes_sent / r.seconds)}/s" if r.bytes_sent and r.seconds else "–"
         rows.append([o.node.name, console.status_cell("pass", ", ".join(actions)),
                      console.size(r.bytes_sent), console.size(r.bytes_skipped), f"{r.seconds:.2f} s",

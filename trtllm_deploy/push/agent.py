@@ -358,7 +358,8 @@ def _commit(mf, artifacts: str, name: str, wanted: dict, parts: list) -> dict:
                 "verify": report.as_json()}
     atomic = exchange(staging, os.path.join(artifacts, name))
     shutil.rmtree(staging, ignore_errors=True)  # the previous version, no longer served
-    return {"ok": True, "received": sum(part["received"] for part in parts), "atomic": atomic,
+    return {"ok": True, "received": sum(part["received"] for part in parts), "streams": len(parts),
+            "atomic": atomic,
             "verify": report.as_json()}
 
 

@@ -32,6 +32,8 @@ BLOCK_SLACK = 4096  # a file's last block, per file, when estimating the space i
 # Streams per node at once: each is an SSH connection (a core to encrypt here, one to decrypt there)
 # or a fabric connection, and a receiving process or thread that writes and hashes its files.
 STREAMS = 4
+# A stream more is opened for at least this much to send: connecting costs about what sending it does.
+STREAM_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,13 @@ class ArtifactSent:
     atomic: bool = True
     attempts: int = 1
     verify_seconds: float = 0.0  # the node checking staging against the manifest, before the swap
+    streams: int = 0  # connections the last attempt used
 
     def as_json(self) -> dict:
         return {"name": self.name, "action": self.action, "bytes_sent": self.bytes_sent,
                 "bytes_skipped": self.bytes_skipped, "files_sent": self.files_sent,
                 "seconds": round(self.seconds, 3), "atomic": self.atomic, "attempts": self.attempts,
-                "verify_seconds": round(self.verify_seconds, 3)}
+                "verify_seconds": round(self.verify_seconds, 3), "streams": self.streams}
 
 
 def plan(node: str, name: str, wanted: dict, survey: dict) -> ArtifactPlan:
@@ -256,7 +259,7 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
     listen = fabric_address(node) if fabric else None
     steps = sorted((step for step in planned.steps if step.bytes_to_send),
                    key=lambda step: (-step.bytes_to_send, step.path))
-    count = max(1, min(streams, len(steps)))
+    count = max(1, min(streams, len(steps), planned.send_bytes // STREAM_BYTES))
     header = {"manifest": wanted, "link": [s.path for s in planned.steps if s.action == "link"],
               "streams": count}
     meter = Meter(progress)
@@ -332,7 +335,8 @@ def push(node: Node, target: Target, name: str, local: Path, wanted: dict,
             action = "resumed" if resumed else "updated" if planned.exists else "sent"
             return ArtifactSent(name, action, sent, max(0, planned.total_bytes - sent), files,
                                 time.monotonic() - started, bool(answer.get("atomic")), attempt,
-                                float(answer.get("verify", {}).get("seconds", 0.0)))
+                                float(answer.get("verify", {}).get("seconds", 0.0)),
+                                int(answer.get("streams", 1)))
         if answer.get("kind") == "full":
             raise CheckFailed(f"{node.name}: the disk under {node.paths.artifacts} filled up while "
                               f"receiving {name}: {answer.get('error')}. What was received is kept "
