@@ -359,8 +359,7 @@ def _commit(mf, artifacts: str, name: str, wanted: dict, parts: list) -> dict:
     atomic = exchange(staging, os.path.join(artifacts, name))
     shutil.rmtree(staging, ignore_errors=True)  # the previous version, no longer served
     return {"ok": True, "received": sum(part["received"] for part in parts), "streams": len(parts),
-            "atomic": atomic,
-            "verify": report.as_json()}
+            "atomic": atomic, "verify": report.as_json()}
 
 
 def _failure(exc: BaseException, where: str) -> dict:
