@@ -175,3 +175,17 @@ def test_ctrl_c_during_deploy_leaves_nothing_half_done_and_a_rerun_continues(bed
             process.kill()
         stop(bed, "tbc")
     assert job_containers(cluster) == []
+
+
+@pytest.mark.parametrize("task", [("deploy", "--artifact-dir", "engines/none"),
+                                  ("launch", "--artifact", "none")])
+def test_an_env_option_without_a_value_is_bad_input_before_any_node_is_touched(task, tmp_path):
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[cluster]\nname = "lone"\n\n[[nodes]]\nname = "unreachable"\n'
+                     'address = "192.0.2.1"\nrole = "head"\n')
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *task,
+                           "--env", "STANDIN_LOAD_SECONDS", "--hosts", str(hosts)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--env 'STANDIN_LOAD_SECONDS': expected NAME=value" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -11,12 +11,27 @@ from typing import Callable
 
 from invoke.exceptions import Exit
 
-from trtllm_deploy.errors import DeployError
+from trtllm_deploy.errors import DeployError, InputError
 
 HOSTS_HELP = "the inventory file (default: hosts.toml)"
 NODES_HELP = "comma-separated node names to act on (default: every node)"
 JSON_HELP = "print JSON for machines instead of tables"
 DRY_RUN_HELP = "show what would change on each node, change nothing"
+# The serving tasks' gate (launch, rollback, deploy): the same words and the same defaults.
+STALL_HELP = "give up a start when no rank's log has moved for this long (default: 120)"
+MIN_RATE_HELP = "the least tokens/s the gate prompt must come at (default: 1)"
+ENV_HELP = "NAME=value for every rank (repeatable; never a per-node fabric variable)"
+
+
+def env_pairs(pairs: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``--env NAME=value`` options as pairs; anything else is bad input (exit 2)."""
+    env = []
+    for pair in pairs or ():
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise InputError(f"--env {pair!r}: expected NAME=value")
+        env.append((key, value))
+    return tuple(env)
 
 
 def user_errors(body: Callable) -> Callable:

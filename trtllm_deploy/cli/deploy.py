@@ -10,8 +10,8 @@ from invoke import Context, task
 from invoke.exceptions import Exit
 
 from trtllm_deploy import console, demo as demos, deploy as pipeline, inventory, models
-from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
-from trtllm_deploy.cli.serving import _env
+from trtllm_deploy.cli import (ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP, env_pairs,
+                               user_errors)
 from trtllm_deploy.source import lock as locks
 
 ACTION_STYLE = {"done": "pass", "up to date": "pass", "skipped": "skip", "failed": "fail"}
@@ -36,12 +36,11 @@ def show(report: pipeline.Report, title: str, dry_run: bool) -> None:
     "artifact_dir": "deploy an artifact made already (a folder with trtllm-deploy-manifest.json)",
     "image": "the runtime image (default: hosts.toml container.image, else the one the lock builds)",
     "job": "the serving job's name (default: serve)", "port": "HTTP port on the head (default: 8355)",
-    "env": "NAME=value for every rank (repeatable)",
+    "env": ENV_HELP,
     "on_failure": "stop (default) or rollback: back to the last known good deployment",
     "transport": "push over ssh (default) or fabric (plain TCP on the fabric link, hash-checked)",
     "dry_run": "print the plan per phase and node; change nothing",
-    "stall_s": "give up a start whose logs have not moved for this long (default: 120)",
-    "min_rate": "the least tokens/s the gate prompt must come at (default: 1)",
+    "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
     "store": "where engine.build makes artifacts (default: engines/)",
     "models_file": "your models file", "lock": "the TensorRT-LLM lock", "hosts": HOSTS_HELP,
     "json": JSON_HELP})
@@ -57,7 +56,7 @@ def deploy(c: Context, model: str = "", precision: str = "", tp: int = 0, artifa
     lockfile = locks.load(lock)
     catalog = models.load(models_file or None)
     request = pipeline.Request(model or None, precision or None, Path(artifact_dir) if artifact_dir else None,
-                               tp or None, image or None, job, port, _env(env or []), Path(store),
+                               tp or None, image or None, job, port, env_pairs(env), Path(store),
                                on_failure, dry_run, stall_s, min_rate, transport)
     started = time.monotonic()
     report = None

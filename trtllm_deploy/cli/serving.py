@@ -10,21 +10,11 @@ from invoke import Context, task
 from invoke.exceptions import Exit
 
 from trtllm_deploy import console, containers, engines, inventory, launch, supervise
-from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
-from trtllm_deploy.errors import InputError
+from trtllm_deploy.cli import (ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP, env_pairs,
+                               user_errors)
 from trtllm_deploy.source import lock as locks
 
 STORE_HELP = "where engine.build made the artifact, to read its backend (default: engines/)"
-
-
-def _env(pairs: list[str]) -> tuple[tuple[str, str], ...]:
-    env = []
-    for pair in pairs:
-        key, equals, value = pair.partition("=")
-        if not equals or not key:
-            raise InputError(f"--env {pair!r}: expected NAME=value")
-        env.append((key, value))
-    return tuple(env)
 
 
 @task(name="launch", iterable=["env"], help={
@@ -33,9 +23,7 @@ def _env(pairs: list[str]) -> tuple[tuple[str, str], ...]:
     "job": "the job's name (default: serve)",
     "image": "the runtime image (default: hosts.toml container.image)",
     "port": "the HTTP port on the head (default: 8355)", "runtime": "trtllm (default) or vllm",
-    "env": "NAME=value for every rank (repeatable; never a per-node fabric variable)",
-    "stall_s": "give up when no rank's log has moved for this long (default: 120)",
-    "min_rate": "the least tokens/s the gate prompt must come at (default: 1)",
+    "env": ENV_HELP, "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
     "store": STORE_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str = "serve", image: str = "",
@@ -51,7 +39,7 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
                                artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
                                backend=launch.serve_backend(Path(store) / artifact,
                                                             f"{containers.ARTIFACTS}/{artifact}"),
-                               env=_env(env or []))
+                               env=env_pairs(env))
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
         done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
@@ -188,8 +176,7 @@ def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fals
 
 @task(help={"image": "the vLLM image (default: the lock's [vllm] image)",
             "lock": "the lock that pins the vLLM image (default: requirements/tensorrt-llm.lock.toml)",
-            "stall_s": "give up when no rank's log has moved for this long (default: 120)",
-            "min_rate": "the least tokens/s the gate prompt must come at (default: 1)",
+            "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
             "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm.lock.toml",
