@@ -300,9 +300,13 @@ def exchange(staging: str, current: str) -> bool:
     return False
 
 
+def _lock_path(artifacts: str, name: str) -> str:
+    return os.path.join(artifacts, f".{name}.push.lock")
+
+
 def _hold(artifacts: str, name: str):
     """The node's lock on pushes of ``name``, held by the receive that owns staging until it ends."""
-    lock = open(os.path.join(artifacts, f".{name}.push.lock"), "w")
+    lock = open(_lock_path(artifacts, name), "w")
     # An interrupted push's receiver may still be finishing its last block: wait for it a while.
     deadline = time.monotonic() + LOCK_WAIT
     while True:
@@ -405,7 +409,7 @@ def part(mf, artifacts: str, name: str, stream) -> dict:
     Its header comes once that receive has said it is ready (the connection is made meanwhile)."""
     files = checked_paths(_read_line(stream)["manifest"], mf)
     try:
-        lock = open(os.path.join(artifacts, f".{name}.push.lock"), "rb")
+        lock = open(_lock_path(artifacts, name), "rb")
     except FileNotFoundError:
         raise Refused("protocol", f"no push of {name} is receiving on this node") from None
     try:

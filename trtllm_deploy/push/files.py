@@ -243,12 +243,10 @@ def _streams(sinks: list[Sink], steps: list[FileStep], local: Path, ends: list[b
 
 def _part_report(part: Channel) -> dict:
     """An extra SSH stream's report, or what to say about one that ended without it."""
-    code, out, err = part.finish(timeout=SURVEY_TIMEOUT)
     try:
-        return json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        detail = " ".join((err or out).strip().splitlines()[-2:]) or f"exit status {code}"
-        return {"ok": False, "kind": "truncated", "error": f"a stream of the push stopped: {detail}"}
+        return _agent_answer(part.target, *part.finish(timeout=SURVEY_TIMEOUT))
+    except TargetError as exc:
+        return {"ok": False, "kind": "truncated", "error": f"a stream of the push stopped: {exc}"}
 
 
 def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan, local: Path,
@@ -272,7 +270,7 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
         for _ in range(0 if listen else count - 1):
             parts.append(Channel(target, scripts.command("part", node.paths.artifacts, planned.name),
                                  meter=meter))
-        secret = token()
+        secret = token() if listen else b""
         if listen:
             os.write(control.stdin.fd, secret + b"\n")  # before the header; not counted as data
         control.write(json.dumps(header, sort_keys=True).encode() + b"\n")
