@@ -28,7 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trtllm_deploy import deploy, models, sshsetup  # noqa: E402
+from trtllm_deploy.artifact import models  # noqa: E402
+from trtllm_deploy.hosts import sshsetup  # noqa: E402
+from trtllm_deploy.serving import deploy  # noqa: E402
 from trtllm_deploy.source import lock as locks  # noqa: E402
 from trtllm_deploy.testbed import artifact as tiny  # noqa: E402
 from trtllm_deploy.testbed import cluster as testbeds  # noqa: E402
@@ -115,7 +117,7 @@ def measure(nodes: int, repeats: int, work: Path, base: str) -> dict:
                 per_node.append((node_after - node_before) / nodes)
             assert report.phases[-2].action == "up to date"
         floor = statistics.median(ssh_floor(cluster) for _ in range(repeats))
-        from trtllm_deploy import launch
+        from trtllm_deploy.serving import launch
 
         launch.stop(cluster, "bench")
         return {"nodes": nodes, "first": first, "cli": statistics.median(cli),

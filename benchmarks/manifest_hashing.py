@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from trtllm_deploy import manifest  # noqa: E402
+from trtllm_deploy.artifact import manifest  # noqa: E402
 
 MiB = 1 << 20
 # Like a sharded checkpoint: 4 large shards, 12 medium, and the small files beside them.

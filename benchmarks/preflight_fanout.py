@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sshd import start_sshd, write_hosts  # noqa: E402
-
-from trtllm_deploy import inventory, preflight  # noqa: E402
+from trtllm_deploy.hosts import inventory, preflight  # noqa: E402
 
 
 def node_cpu(servers) -> float:

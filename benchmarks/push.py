@@ -38,10 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trtllm_deploy import inventory, manifest, shell  # noqa: E402
 from trtllm_deploy import push as pushing  # noqa: E402
+from trtllm_deploy.artifact import manifest  # noqa: E402
+from trtllm_deploy.hosts import inventory, shell  # noqa: E402
+from trtllm_deploy.hosts.targets import SSH  # noqa: E402
 from trtllm_deploy.push import layers  # noqa: E402
-from trtllm_deploy.targets import SSH  # noqa: E402
 
 MiB = 1 << 20
 RAW_PORT = 18555
@@ -287,7 +288,7 @@ def main() -> None:
 
     testbed = args.nodes == "testbed"
     if testbed:
-        from trtllm_deploy.dockercli import require_engine
+        from trtllm_deploy.hosts.dockercli import require_engine
         from trtllm_deploy.testbed import cluster, images
 
         require_engine()

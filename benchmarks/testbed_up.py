@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trtllm_deploy.dockercli import require_engine  # noqa: E402
+from trtllm_deploy.hosts.dockercli import require_engine  # noqa: E402
 from trtllm_deploy.testbed import cluster, images  # noqa: E402
 
 TARGET_S = 60.0

@@ -17,9 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sshd as sshd_module
 from sshd import SSHServer, start_sshd, write_hosts
-
-from trtllm_deploy import inventory
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.hosts import inventory
 from trtllm_deploy.testbed import cluster, images
 
 

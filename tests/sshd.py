@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from trtllm_deploy.sshkeys import fingerprint, keygen, known_hosts_line, public_key  # noqa: F401 - re-exported for tests
+from trtllm_deploy.hosts.sshkeys import fingerprint, keygen, known_hosts_line, public_key  # noqa: F401 - re-exported for tests
 
 # sshd refuses to re-exec itself unless started by absolute path. TRTLLM_DEPLOY_TEST_SSHD points
 # at another build (the benchmark carries one to machines that have none).

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fakehub import FakeHub, Repo, hub_env, local_hosts, model_entry
-from trtllm_deploy import manifest
+from trtllm_deploy.artifact import manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "5e1d0c3b" * 5

@@ -15,12 +15,12 @@ import zlib
 from pathlib import Path
 
 import pytest
+from test_launch import ARTIFACT, bed, home  # noqa: F401  (fixtures: the testbed, the artifact on it)
 
 from conftest import docker_unusable
-from test_launch import ARTIFACT, bed, home  # noqa: F401  (fixtures: the testbed, the artifact on it)
-from trtllm_deploy.bench import report, stats, sweep
-from trtllm_deploy.bench.client import Sample
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.measure.bench import report, stats, sweep
+from trtllm_deploy.measure.bench.client import Sample
 from trtllm_deploy.testbed import artifact as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,7 +168,7 @@ def run_standin(folder: Path, log: Path, tokens_per_s: int = 100) -> tuple[subpr
     """The stand-in trtllm-serve, run here (no mpirun: one rank) on ``folder``; waits for /health."""
     port = free_port()
     with log.open("w") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "trtllm_deploy.standin", "trtllm-serve",
+        process = subprocess.Popen([sys.executable, "-m", "trtllm_deploy.testbed.standin", "trtllm-serve",
                                     str(folder), "--port", str(port)],
                                    stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                                    env={**os.environ, "STANDIN_LOAD_SECONDS": "0",
@@ -287,8 +287,8 @@ def test_gate_threshold_must_not_be_negative(invoke):
 
 @pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 def test_bench_through_hosts_measures_the_current_deployment_and_records_it(bed, home, testbed):  # noqa: F811
-    from trtllm_deploy import launch
-    from trtllm_deploy.bench.measure import measure
+    from trtllm_deploy.measure.bench.measure import measure
+    from trtllm_deploy.serving import launch
 
     wanted = launch.Deployment(job="tbbench", runtime="trtllm", image=bed.head.container.image,
                                artifact=ARTIFACT, tp=1, port=8371, nodes=(bed.head.name,),
@@ -314,7 +314,7 @@ def test_failed_requests_are_counted_by_kind(timed_server):
     import asyncio
     import threading
 
-    from trtllm_deploy.bench.client import Endpoint, new_loop, stream
+    from trtllm_deploy.measure.bench.client import Endpoint, new_loop, stream
 
     garbage = socket.create_server(("127.0.0.1", 0))
 
@@ -346,7 +346,7 @@ def test_failed_requests_are_counted_by_kind(timed_server):
 
 
 def test_a_result_is_put_against_the_ceiling_of_what_it_serves(invoke, standin, tmp_path):
-    from trtllm_deploy import expect
+    from trtllm_deploy.measure import expect
 
     result = bench_json(invoke, "--url", standin, "--concurrency", "1,2", "--input-tokens", "12",
                         "--output-tokens", "10", "--requests", "2", "--warmup", "0",

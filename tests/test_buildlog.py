@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import buildlog
-from trtllm_deploy.buildlog import STAGES, StageTracker, classify, strip_prefix
+from trtllm_deploy.source import buildlog
+from trtllm_deploy.source.buildlog import STAGES, StageTracker, classify, strip_prefix
 
 LOGS = Path(__file__).parent / "data" / "build-logs"
 PROGRESS = sorted((LOGS / "progress").glob("*.log"))

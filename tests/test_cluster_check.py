@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from test_containers import authorize_head_key
 
 from conftest import docker_unusable
-from test_containers import authorize_head_key
-from trtllm_deploy import clustercheck, inventory, probe, targets
+from trtllm_deploy.artifact.manifest import MANIFEST
 from trtllm_deploy.cli import cluster as cluster_cli
-from trtllm_deploy.manifest import MANIFEST
+from trtllm_deploy.hosts import inventory, targets
+from trtllm_deploy.serving import clustercheck, probe
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))

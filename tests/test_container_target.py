@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import docker_unusable
 
+from conftest import docker_unusable
 from trtllm_deploy import secrets
-from trtllm_deploy.targets import SSH, CommandFailed, InContainer, Local
+from trtllm_deploy.hosts.targets import SSH, CommandFailed, InContainer, Local
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ["sh", "cat", "echo", "printf", "pwd", "mkdir", "rm", "sleep", "ls", "env", "stat", "tar"]

@@ -13,9 +13,10 @@ import time
 import pytest
 
 from conftest import docker_unusable
-from trtllm_deploy import containers, inventory, mpi, targets
 from trtllm_deploy.errors import CheckFailed, InputError
-from trtllm_deploy.shell import join
+from trtllm_deploy.hosts import inventory, targets
+from trtllm_deploy.hosts.shell import join
+from trtllm_deploy.serving import containers, mpi
 
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 JOB = "ctest"

@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from fakehub import FakeHub, Repo, hub_env, local_hosts, model_entry
-from trtllm_deploy import convert, launch, manifest
+from trtllm_deploy.artifact import convert, manifest
 from trtllm_deploy.errors import DeployError
+from trtllm_deploy.serving import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "c0ffee00" * 5
@@ -51,7 +52,7 @@ def make_modelopt(where: Path, tag: str) -> str:
     """A Model Optimizer repository whose examples/llm_ptq/hf_ptq.py is the stand-in's."""
     script = where / "examples" / "llm_ptq" / "hf_ptq.py"
     script.parent.mkdir(parents=True)
-    script.write_text("import sys\n\nfrom trtllm_deploy.standin.build import hf_ptq\n\n"
+    script.write_text("import sys\n\nfrom trtllm_deploy.testbed.standin.build import hf_ptq\n\n"
                       "sys.exit(hf_ptq(sys.argv[1:]))\n")
     git = ["git", "-C", str(where), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     subprocess.run(["git", "init", "-q", str(where)], check=True)
@@ -185,7 +186,8 @@ def test_tensorrt_engines_are_built_with_the_plan_flags_and_served_by_the_image(
     # What the image's own loader makes of it (the stand-in's checks, manifest included).
     check = subprocess.run(
         ["docker", "run", "--rm", "--volume", f"{folder}:/model:ro", image, "python3", "-c",
-         "from trtllm_deploy.standin import artifact; print(artifact.check('/model', 'tensorrt').summary())"],
+         "from trtllm_deploy.testbed.standin import artifact;"
+         " print(artifact.check('/model', 'tensorrt').summary())"],
         capture_output=True, text=True, timeout=120)
     assert check.returncode == 0 and "1 weight files" in check.stdout, check.stderr
     assert not list(store.glob(".tiny*"))  # no work or partial folder left behind

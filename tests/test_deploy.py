@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable
-from trtllm_deploy import sshsetup, targets
+from trtllm_deploy.hosts import sshsetup, targets
 from trtllm_deploy.testbed import artifact as tiny
 
 ROOT = Path(__file__).resolve().parents[1]

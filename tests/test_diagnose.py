@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable
-from trtllm_deploy import targets
-from trtllm_deploy.diagnose import bundle, chart, gpu, link, nccl, nccl_bench, profile
 from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.hosts import targets
+from trtllm_deploy.measure.diagnose import bundle, chart, gpu, link, nccl, nccl_bench, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "diagnostics"
@@ -136,7 +136,8 @@ def test_on_a_plain_host_without_mpi4py_the_reason_is_given():
     """The plain-host path for real (mpirun, the bench) as far as this GPU-less machine goes."""
     if not __import__("shutil").which("mpirun"):
         pytest.skip("mpirun is not installed")
-    done = subprocess.run([sys.executable, "-m", "trtllm_deploy.diagnose.nccl", "--np", "1", "--size", "1M"],
+    done = subprocess.run([sys.executable, "-m", "trtllm_deploy.measure.diagnose.nccl", "--np", "1",
+                           "--size", "1M"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 1
     assert "mpi4py is not installed" in done.stdout or "no NCCL binding" in done.stdout, done.stdout

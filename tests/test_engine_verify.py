@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import engines, manifest
+from trtllm_deploy.artifact import manifest, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = "tiny-llama-bf16-tp1"
@@ -76,7 +76,7 @@ def test_both_nodes_good_then_one_corrupted(two_nodes):
 def test_the_script_is_sent_once_and_again_only_when_it_changes(two_nodes):
     hosts, _, servers = two_nodes
     assert run_verify(hosts, "--name", ARTIFACT).returncode == 0
-    _, filename = engines._script()
+    _, filename = verify._script()
     staged = servers[0].home / ".cache" / "trtllm-deploy" / filename
     assert staged.exists() and oct(staged.parent.stat().st_mode & 0o777) == "0o700"
     sent = staged.stat().st_mtime_ns

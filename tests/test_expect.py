@@ -9,9 +9,11 @@ import pytest
 from invoke import Context
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, expect, models
+from trtllm_deploy import console
+from trtllm_deploy.artifact import models
 from trtllm_deploy.cli import expect as cli
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.measure import expect
 
 CLAIMS = expect.load_claims()
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import inventory
-from trtllm_deploy.facts import Fact, gather
-from trtllm_deploy.targets import SSH, Local
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.hosts.facts import Fact, gather
+from trtllm_deploy.hosts.targets import SSH, Local
 
 ROOT = Path(__file__).resolve().parent.parent
 

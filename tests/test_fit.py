@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trtllm_deploy import fit, models
+from trtllm_deploy.artifact import fit, models
 
 
 @pytest.fixture(scope="module")

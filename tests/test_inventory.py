@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import inventory
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.hosts import inventory
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable
-from trtllm_deploy import launch, supervise, targets
 from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.hosts import targets
+from trtllm_deploy.serving import launch, supervise
 from trtllm_deploy.testbed import artifact as tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import manifest
+from trtllm_deploy.artifact import manifest
 
 PROVENANCE = {"model": "meta-llama/Llama-3.1-8B-Instruct", "revision": "0e9e39f", "precision": "bf16",
               "tp": 1, "backend": "pytorch", "trtllm_commit": "a" * 40, "cuda_archs": "121-real"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import models
+from trtllm_deploy.artifact import models
 from trtllm_deploy.errors import InputError
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import parsers
+from trtllm_deploy.hosts import parsers
 
 DATA = Path(__file__).parent / "data"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import inventory, preflight
-from trtllm_deploy.facts import Output
+from trtllm_deploy.hosts import inventory, preflight
+from trtllm_deploy.hosts.facts import Output
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"

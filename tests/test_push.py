@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable
-from trtllm_deploy import engines, inventory, manifest
 from trtllm_deploy import push as pushing
+from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed, InputError
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.hosts.targets import connect
 from trtllm_deploy.push import channel, files, layers
-from trtllm_deploy.targets import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 # The task as a command line, through invoke's own parser (tasks.py adds the same task).
@@ -128,7 +129,7 @@ def node_sh(bed, index: int, script: str, user: str = "spark") -> str:
 
 def verified(bed, name: str, nodes: tuple) -> dict:
     cluster = bed.inventory()
-    result = engines.verify(cluster, tuple(cluster.node(n) for n in nodes), name)
+    result = verify.verify(cluster, tuple(cluster.node(n) for n in nodes), name)
     return {o.node.name: o.value for o in result}
 
 

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_standin import write_checkpoint
 
 from conftest import docker_unusable
-from test_standin import write_checkpoint
-from trtllm_deploy import manifest as manifests
-from trtllm_deploy import targets
-from trtllm_deploy.smoke import CONTAINER
+from trtllm_deploy.artifact import manifest as manifests
+from trtllm_deploy.hosts import targets
+from trtllm_deploy.serving.smoke import CONTAINER
 
 ROOT = Path(__file__).resolve().parents[1]
 

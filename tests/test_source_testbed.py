@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable
-from trtllm_deploy import targets
+from trtllm_deploy.hosts import targets
 from trtllm_deploy.source import lock as locks
 from trtllm_repo import BUILD_VARS_FILE, make_upstream
 

@@ -14,13 +14,13 @@ import os
 from pathlib import Path
 
 import pytest
-
-from conftest import docker_unusable
-from trtllm_deploy import inventory, sshkeys, sshsetup, targets
-from trtllm_deploy.cli import ssh as ssh_cli
-from trtllm_deploy.errors import CheckFailed
 from invoke import Context
 from invoke.exceptions import Exit
+
+from conftest import docker_unusable
+from trtllm_deploy.cli import ssh as ssh_cli
+from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.hosts import inventory, sshkeys, sshsetup, targets
 
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 

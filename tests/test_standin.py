@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from trtllm_deploy import manifest as manifests
-from trtllm_deploy.standin import artifact, cli, faults, llmapi
-from trtllm_deploy.standin.engine import VOCABULARY, expected_words
-from trtllm_deploy.standin.faults import Fault
-from trtllm_deploy.standin.settings import Settings
+from trtllm_deploy.artifact import manifest as manifests
+from trtllm_deploy.testbed.standin import artifact, cli, faults, llmapi
+from trtllm_deploy.testbed.standin.engine import VOCABULARY, expected_words
+from trtllm_deploy.testbed.standin.faults import Fault
+from trtllm_deploy.testbed.standin.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"STANDIN_LOAD_SECONDS": "0", "STANDIN_TOKENS_PER_S": "400"}
@@ -62,7 +62,7 @@ def clean_env(**extra: str) -> dict:
 
 
 def standin(*args: str) -> list[str]:
-    return [sys.executable, "-m", "trtllm_deploy.standin", *args]
+    return [sys.executable, "-m", "trtllm_deploy.testbed.standin", *args]
 
 
 class Server:
@@ -702,7 +702,7 @@ def test_multi_rank_world_without_mpi4py_is_explained(checkpoint):
 
 def test_standin_imports_only_itself_the_standard_library_mpi4py_yaml_and_the_manifest():
     """The image holds this subpackage and manifest.py; any other import would break it there."""
-    allowed = set(sys.stdlib_module_names) | {"mpi4py", "yaml", "trtllm_deploy.manifest"}
+    allowed = set(sys.stdlib_module_names) | {"mpi4py", "yaml", "trtllm_deploy.artifact.manifest"}
     for path in sorted((ROOT / "trtllm_deploy" / "standin").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):

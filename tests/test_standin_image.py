@@ -15,9 +15,8 @@ import uuid
 import pytest
 from test_standin import write_checkpoint
 
-from trtllm_deploy.standin import faults
-from trtllm_deploy.standin.engine import expected_words
-
+from trtllm_deploy.testbed.standin import faults
+from trtllm_deploy.testbed.standin.engine import expected_words
 
 FAST = {"STANDIN_LOAD_SECONDS": "0.4", "STANDIN_TOKENS_PER_S": "100"}
 MPIRUN = "mpirun --allow-run-as-root --oversubscribe -np {ranks} trtllm-llmapi-launch"

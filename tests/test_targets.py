@@ -24,6 +24,7 @@ from pathlib import Path
 
 import paramiko
 import pytest
+
 from sshd import (
     fingerprint,
     free_port,
@@ -32,12 +33,11 @@ from sshd import (
     public_key,
     write_hosts,
 )
-
-from trtllm_deploy import inventory, targets
 from trtllm_deploy import secrets as secrets_module
 from trtllm_deploy.errors import CheckFailed
-from trtllm_deploy.group import fan_out
-from trtllm_deploy.targets import (
+from trtllm_deploy.hosts import inventory, targets
+from trtllm_deploy.hosts.fanout import fan_out
+from trtllm_deploy.hosts.targets import (
     SSH,
     CommandFailed,
     CommandTimedOut,

@@ -17,12 +17,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_containers import authorize_head_key
 
 from conftest import docker_unusable, start_testbed
-from test_containers import authorize_head_key
-from trtllm_deploy import containers, inventory, sshkeys, targets
 from trtllm_deploy.errors import DeployError, InputError
-from trtllm_deploy.shell import join
+from trtllm_deploy.hosts import inventory, sshkeys, targets
+from trtllm_deploy.hosts.shell import join
+from trtllm_deploy.serving import containers
 from trtllm_deploy.testbed import cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ PORT = 8000
 
 class Serving:
     """The stand-in across the testbed: one container per node (host network, started by
-    trtllm_deploy.containers), mpirun in the head's, reaching the others through the rsh agent."""
+    trtllm_deploy.serving.containers), mpirun in the head's, reaching the others through the rsh agent."""
 
     def __init__(self, bed, image: str, workdir: Path):
         self.cluster = bed.inventory()

@@ -18,10 +18,11 @@ import pytest
 from invoke import Context
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, upstream
+from trtllm_deploy import console
 from trtllm_deploy.cli import upstream as cli
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.source import lock as locks
+from trtllm_deploy.source import upstream
 
 DATA = Path(__file__).parent / "data" / "github"
 PIN = "33469d3faaaa5d6833f75be819e4820ed8b6e120"

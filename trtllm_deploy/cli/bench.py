@@ -10,10 +10,10 @@ from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
 from trtllm_deploy import console
-from trtllm_deploy.bench import efficiency, report
-from trtllm_deploy.bench.measure import measure
 from trtllm_deploy.cli import JSON_HELP, user_errors
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.measure.bench import efficiency, report
+from trtllm_deploy.measure.bench.measure import measure
 
 
 def _default_out() -> str:

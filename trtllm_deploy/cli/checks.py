@@ -5,8 +5,12 @@ from __future__ import annotations
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, inventory, dirs as node_dirs, plan as plans, preflight as pre
+from trtllm_deploy import console
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.hosts import dirs as node_dirs
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.hosts import plan as plans
+from trtllm_deploy.hosts import preflight as pre
 
 
 @task(help={"hosts": HOSTS_HELP, "nodes": NODES_HELP, "json": JSON_HELP})

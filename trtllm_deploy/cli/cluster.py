@@ -5,8 +5,10 @@ from __future__ import annotations
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import clustercheck, console, inventory
+from trtllm_deploy import console
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.serving import clustercheck
 
 VALUE_WIDTH = 24  # long values (image IDs, hashes) are cut in the table; --json has them whole
 

@@ -9,11 +9,12 @@ from pathlib import Path
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, inventory
+from trtllm_deploy import console
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
-from trtllm_deploy.diagnose import gpu as gpu_diag
-from trtllm_deploy.diagnose import link as link_diag
-from trtllm_deploy.diagnose import nccl as nccl_diag
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.measure.diagnose import gpu as gpu_diag
+from trtllm_deploy.measure.diagnose import link as link_diag
+from trtllm_deploy.measure.diagnose import nccl as nccl_diag
 
 OUT_HELP = "where the files go (default: diagnostics/<task>-<time>)"
 
@@ -131,7 +132,7 @@ def link(c: Context, hosts: str = "hosts.toml", min_speed: int = link_diag.SPARK
 def profile(c: Context, hosts: str = "hosts.toml", seconds: int = 30, out: str = "",
             program: str = "") -> None:
     """Trace a short serving run on the head node with Nsight Systems and fetch the report."""
-    from trtllm_deploy.diagnose import profile as profile_diag
+    from trtllm_deploy.measure.diagnose import profile as profile_diag
 
     if seconds <= 0:
         raise Exit("--seconds must be above 0", code=2)
@@ -149,7 +150,7 @@ def bundle(c: Context, hosts: str = "hosts.toml", out: str = "", nccl: bool = Fa
     """Write one archive for a bug report: nodes, versions, fabric, logs — secrets scrubbed."""
     import json as json_lib
 
-    from trtllm_deploy.diagnose import bundle as bundle_diag
+    from trtllm_deploy.measure.diagnose import bundle as bundle_diag
 
     cluster = inventory.load(hosts)
     with console.err.status("collecting…", spinner="dots"):

@@ -9,8 +9,12 @@ from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from trtllm_deploy import artifact, console, convert, engines, inventory, models
+from trtllm_deploy import console
+from trtllm_deploy.artifact import build as artifact
+from trtllm_deploy.artifact import convert, models
+from trtllm_deploy.artifact import verify as copies
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.hosts import inventory
 from trtllm_deploy.source import lock as locks
 
 NAME_HELP = "the artifact's directory name in each node's artifact store (paths.artifacts)"
@@ -22,11 +26,11 @@ SHOWN_PROBLEMS = 5  # per node in the table; --json has them all
 def verify(c: Context, name: str = "", hosts: str = "hosts.toml", nodes: str = "",
            json: bool = False) -> None:
     """Check an artifact against its manifest on every node at once (sizes, hashes, extra files)."""
-    engines.check_name(name)
+    copies.check_name(name)
     cluster = inventory.load(hosts)
     selected = cluster.select(nodes)
     with console.err.status(f"verifying {name} on {len(selected)} node(s)…", spinner="dots"):
-        results = engines.verify(cluster, selected, name)
+        results = copies.verify(cluster, selected, name)
     bad = [o.node.name for o in results if not (o.ok and o.value.ok)]
     if json:
         console.print_json({"artifact": name, "ok": not bad, "nodes": {

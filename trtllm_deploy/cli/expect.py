@@ -5,8 +5,10 @@ from __future__ import annotations
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, expect as expectations, models
+from trtllm_deploy import console
+from trtllm_deploy.artifact import models
 from trtllm_deploy.cli import JSON_HELP, user_errors
+from trtllm_deploy.measure import expect as expectations
 
 
 def _rate(value: float) -> str:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from invoke import Collection, Context, task
 
-from trtllm_deploy import console, inventory
+from trtllm_deploy import console
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
+from trtllm_deploy.hosts import inventory
 
 
 @task(help={"hosts": HOSTS_HELP, "json": JSON_HELP})

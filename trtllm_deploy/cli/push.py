@@ -6,9 +6,10 @@ from invoke import Context, task
 from invoke.exceptions import Exit
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from trtllm_deploy import console, inventory
+from trtllm_deploy import console
 from trtllm_deploy import push as pushing
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.hosts import inventory
 
 
 def _plan_rows(plans) -> list[list]:

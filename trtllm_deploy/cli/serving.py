@@ -9,9 +9,19 @@ from pathlib import Path
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, containers, engines, inventory, launch, supervise
-from trtllm_deploy.cli import (ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP, env_pairs,
-                               user_errors)
+from trtllm_deploy import console
+from trtllm_deploy.artifact import verify
+from trtllm_deploy.cli import (
+    ENV_HELP,
+    HOSTS_HELP,
+    JSON_HELP,
+    MIN_RATE_HELP,
+    STALL_HELP,
+    env_pairs,
+    user_errors,
+)
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.serving import containers, launch, supervise
 from trtllm_deploy.source import lock as locks
 
 STORE_HELP = "where engine.build made the artifact, to read its backend (default: engines/)"
@@ -31,7 +41,7 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
             min_rate: float = 1.0, store: str = "engines", hosts: str = "hosts.toml",
             json: bool = False) -> None:
     """Serve an artifact across the nodes: containers, mpirun, ready by progress, a gate prompt."""
-    engines.check_name(artifact)
+    verify.check_name(artifact)
     if runtime not in launch.RUNTIMES:
         raise Exit(f"--runtime {runtime!r}: expected one of {', '.join(launch.RUNTIMES)}", code=2)
     cluster = inventory.load(hosts)

@@ -7,9 +7,12 @@ from pathlib import Path
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import artifact, console, inventory, models
-from trtllm_deploy import smoke as smoking
+from trtllm_deploy import console
+from trtllm_deploy.artifact import build as artifact
+from trtllm_deploy.artifact import models
 from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.serving import smoke as smoking
 from trtllm_deploy.source import lock as locks
 
 

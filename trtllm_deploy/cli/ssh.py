@@ -1,12 +1,13 @@
-"""``invoke ssh.setup``: phase 5's trust between nodes, as mpirun needs it (see trtllm_deploy/sshsetup.py)."""
+"""``invoke ssh.setup``: phase 5's trust between nodes, as mpirun needs it (hosts/sshsetup.py)."""
 
 from __future__ import annotations
 
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console, inventory, sshsetup
+from trtllm_deploy import console
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, user_errors
+from trtllm_deploy.hosts import inventory, sshsetup
 
 
 def _host_key_table(plan: sshsetup.Plan):

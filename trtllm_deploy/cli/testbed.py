@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from trtllm_deploy import console
 from trtllm_deploy.cli import JSON_HELP, user_errors
-from trtllm_deploy.dockercli import require_engine
+from trtllm_deploy.hosts.dockercli import require_engine
 from trtllm_deploy.testbed import cluster, images
 
 NAME_HELP = f"the testbed's name; several can run side by side (default: {cluster.DEFAULT_NAME})"

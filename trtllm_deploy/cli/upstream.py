@@ -6,9 +6,10 @@ import os
 
 from invoke import Context, task
 
-from trtllm_deploy import console, upstream as watch
+from trtllm_deploy import console
 from trtllm_deploy.cli import JSON_HELP, user_errors
 from trtllm_deploy.source import lock as locks
+from trtllm_deploy.source import upstream as watch
 
 STATE_STYLE = {"merged": "pass", "closed": "pass", "open": "warn"}
 

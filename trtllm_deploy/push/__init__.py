@@ -13,12 +13,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtllm_deploy import engines, manifest
+from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed, InputError
-from trtllm_deploy.group import GroupResult, Outcome, fan_out
-from trtllm_deploy.inventory import Node
+from trtllm_deploy.hosts.fanout import GroupResult, Outcome, fan_out
+from trtllm_deploy.hosts.inventory import Node
+from trtllm_deploy.hosts.targets import Target, connect
 from trtllm_deploy.push import channel, files, layers
-from trtllm_deploy.targets import Target, connect
 
 Progress = Callable[[str, int], None]  # (node name, bytes just sent)
 
@@ -42,7 +42,7 @@ def source(store: str | Path = "engines", name: str = "", image: str = "") -> So
         raise InputError("nothing to push: give --name ARTIFACT, --image REF, or both")
     artifact = wanted = None
     if name:
-        engines.check_name(name)
+        verify.check_name(name)
         artifact = Path(store) / name
         if not artifact.is_dir():
             raise InputError(f"no artifact {name} in {store}/: build it first (invoke engine.build)"

@@ -20,8 +20,8 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 
-from trtllm_deploy import shell
-from trtllm_deploy.targets import SSH, Local, Target, TargetError, Unreachable
+from trtllm_deploy.hosts import shell
+from trtllm_deploy.hosts.targets import SSH, Local, Target, TargetError, Unreachable
 
 BLOCK = 4 << 20
 # Bulk data prefers AES-GCM: hardware AES on x86_64 and aarch64 makes it about 1.7x the default

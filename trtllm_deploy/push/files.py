@@ -18,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtllm_deploy import console, manifest
+from trtllm_deploy import console
+from trtllm_deploy.artifact import manifest
 from trtllm_deploy.errors import CheckFailed
-from trtllm_deploy.inventory import Node
+from trtllm_deploy.hosts.inventory import Node
+from trtllm_deploy.hosts.targets import Target, TargetError, expand
 from trtllm_deploy.push import agent
 from trtllm_deploy.push.channel import Channel, Meter, Sink, token
-from trtllm_deploy.targets import Target, TargetError, expand
 
 SCRIPTS = "~/.cache/trtllm-deploy"  # the account's private directory, as engines.py uses
 SURVEY_TIMEOUT = 3600.0  # a cold check of a large artifact already on the node hashes all of it

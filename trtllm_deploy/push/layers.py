@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtllm_deploy.dockercli import LocalImage, docker, inspect_image
 from trtllm_deploy.errors import CheckFailed, InputError
-from trtllm_deploy.inventory import Node
+from trtllm_deploy.hosts.dockercli import LocalImage, docker, inspect_image
+from trtllm_deploy.hosts.inventory import Node
+from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.push.channel import Channel
-from trtllm_deploy.targets import Target
 
 LOAD_TIMEOUT = 3600.0
 END_OF_ARCHIVE = b"\0" * 1024

@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.errors import DeployError
-from trtllm_deploy.group import fan_out
-from trtllm_deploy.inventory import Cluster
-from trtllm_deploy.source import cuda
+from trtllm_deploy.hosts.fanout import fan_out
+from trtllm_deploy.hosts.inventory import Cluster
+from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.source import cuda, wheel
 from trtllm_deploy.source import lock as locks
-from trtllm_deploy.source import wheel
 from trtllm_deploy.source.tree import Checkout, lock_from, require_fixes
-from trtllm_deploy.targets import Target, connect, expand
 
 
 def checkout_for(cluster: Cluster, target: Target, repository: str) -> Checkout:

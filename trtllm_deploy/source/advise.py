@@ -13,12 +13,12 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from trtllm_deploy.inventory import Cluster, Node
+from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.targets import Target, connect, expand
 from trtllm_deploy.source import checkout_for, cuda
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source.lock import Fix, LockFile
 from trtllm_deploy.source.tree import Checkout
-from trtllm_deploy.targets import Target, connect, expand
 
 SOURCE_BUILD_GB = 63        # the TensorRT-LLM source build's disk need (FACTS.md)
 GB = 1024 ** 3

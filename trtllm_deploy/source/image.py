@@ -17,14 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trtllm_deploy import __version__, buildlog
+from trtllm_deploy import __version__
 from trtllm_deploy.errors import CheckFailed, DeployError, InputError
-from trtllm_deploy.group import fan_out
-from trtllm_deploy.inventory import Cluster, Node
-from trtllm_deploy.shell import join, quote
-from trtllm_deploy.source import cuda
+from trtllm_deploy.hosts.fanout import fan_out
+from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.shell import join, quote
+from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.source import buildlog, cuda
 from trtllm_deploy.source.lock import LockFile
-from trtllm_deploy.targets import Target, connect, expand
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_NAME = "trtllm-deploy/tensorrt-llm"

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field
 
 from trtllm_deploy.errors import CheckFailed, DeployError
+from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.source.lock import Fix, Lock, Source, Submodule
-from trtllm_deploy.targets import Target
 
 VERSION_FILE = "tensorrt_llm/version.py"
 TRTLLM_BUILD_FILE = "tensorrt_llm/commands/build.py"  # the `trtllm-build` entry point

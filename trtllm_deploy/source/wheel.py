@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from trtllm_deploy.errors import DeployError
-from trtllm_deploy.targets import Target, expand
+from trtllm_deploy.hosts.targets import Target, expand
 
 REQUIREMENTS_NAME = "tensorrt-llm-wheel.txt"
 WHEELS_MOUNT = "/tmp/trtllm-deploy-wheels"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from trtllm_deploy import manifest
+from trtllm_deploy.artifact import manifest
 
 
 def make(folder: Path) -> Path:

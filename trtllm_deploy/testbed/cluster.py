@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trtllm_deploy import inventory, sshkeys, targets
-from trtllm_deploy.dockercli import docker, require_engine, text
-from trtllm_deploy.images import deliver
 from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.hosts import inventory, sshkeys, targets
+from trtllm_deploy.hosts.dockercli import docker, require_engine, text
+from trtllm_deploy.push.images import deliver
 from trtllm_deploy.testbed import images
 
 LABEL = "io.trtllm-deploy.testbed"

@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from trtllm_deploy.dockercli import docker, image_id
 from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.hosts.dockercli import docker, image_id
 
 ROOT = Path(__file__).resolve().parents[2]
 SLIM = "debian:bookworm-slim"
@@ -63,8 +63,8 @@ class ImageSpec:
 NODE = ImageSpec("trtllm-deploy/testbed-node", "docker/testbed-node", ("docker/testbed-node",),
                  "testbed node image")
 STANDIN = ImageSpec("trtllm-deploy/standin", "docker/standin",
-                    ("docker/standin", "requirements/container.txt", "trtllm_deploy/standin",
-                     "trtllm_deploy/manifest.py"),
+                    ("docker/standin", "requirements/container.txt", "trtllm_deploy/testbed/standin",
+                     "trtllm_deploy/artifact/manifest.py"),
                     "stand-in runtime image")
 
 

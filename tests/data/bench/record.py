@@ -16,8 +16,8 @@ sys.path[:0] = [str(HERE.parents[2]), str(HERE.parents[1])]
 
 from test_bench import run_standin  # noqa: E402
 
-from trtllm_deploy.bench import report  # noqa: E402
-from trtllm_deploy.bench.measure import measure  # noqa: E402
+from trtllm_deploy.measure.bench import report  # noqa: E402
+from trtllm_deploy.measure.bench.measure import measure  # noqa: E402
 from trtllm_deploy.testbed import artifact as tiny  # noqa: E402
 
 

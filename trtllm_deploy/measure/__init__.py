@@ -1,0 +1,2 @@
+"""The measuring layer: the benchmark client, the first-principles ceilings (expect) and the
+diagnostics."""

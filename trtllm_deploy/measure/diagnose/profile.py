@@ -1,0 +1,57 @@
+"""``diagnose.profile``: an Nsight Systems (``nsys profile``) trace of a short serving run on the
+head node, the report fetched back here.
+
+The run is the current deployment's serving program (trtllm_deploy.serving.launch.program) started once
+more, alone, inside the head's runtime container, for ``--seconds``; or any program given.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+from trtllm_deploy.errors import CheckFailed
+
+NSYS_MISSING = ("nsys (NVIDIA Nsight Systems) is not installed {where}: install the "
+                "'nsight-systems-cli' package from NVIDIA's CUDA repository (or use a runtime image "
+                "that has it, e.g. NVIDIA's PyTorch/TensorRT-LLM release images), then run "
+                "diagnose.profile again")
+REMOTE_DIR = "/tmp/trtllm-deploy-profile"
+
+
+def nsys_argv(program: list[str], seconds: int, output: str) -> list[str]:
+    """``nsys profile`` of ``program`` for ``seconds``, CUDA/NVTX/OS runtime and MPI traced."""
+    return ["nsys", "profile", "--trace=cuda,nvtx,osrt,mpi", "--sample=none",
+            "--duration", str(int(seconds)), "--force-overwrite=true", "--output", output, *program]
+
+
+def run(cluster, seconds: int, out: Path, program: list[str] | None = None,
+        in_container: bool = True) -> Path:
+    """Profile on the head; return the fetched ``.nsys-rep``."""
+    from trtllm_deploy.hosts.targets import CommandFailed, connect
+    from trtllm_deploy.serving import containers, launch
+
+    deployment = launch.current(cluster)
+    if program is None:
+        if deployment is None:
+            raise CheckFailed("nothing to profile: no deployment is recorded for this cluster; "
+                              "run invoke launch first, or pass --program")
+        program = launch.program(deployment)
+    head = cluster.head
+    inside = bool(in_container and deployment)
+    target = containers.enter(cluster, deployment.job) if inside else connect(head)
+    where = f"on {head.name}" + (" in the runtime container" if inside else "")
+    try:
+        if not target.run(["sh", "-c", "command -v nsys"], check=False).ok:
+            raise CheckFailed(NSYS_MISSING.format(where=where))
+        output = posixpath.join(REMOTE_DIR, "serve")
+        target.run(["mkdir", "-p", REMOTE_DIR])
+        done = target.run(nsys_argv(program, seconds, output), timeout=seconds + 300, check=False)
+        if not target.run(["test", "-s", output + ".nsys-rep"], check=False).ok:
+            raise CommandFailed(done)
+        out.mkdir(parents=True, exist_ok=True)
+        local = out / f"{head.name}-serve.nsys-rep"
+        target.get(output + ".nsys-rep", local)
+        return local
+    finally:
+        target.close()
