@@ -11,7 +11,7 @@ import pytest
 
 from trtllm_deploy.errors import DeployError
 from trtllm_deploy.source import cuda, wheel
-from trtllm_deploy.source import image as images
+from trtllm_deploy.source import make as images  # the source kind: jobs, make, labels
 from trtllm_deploy.source import lock as locks
 
 ROOT = Path(__file__).resolve().parents[1]

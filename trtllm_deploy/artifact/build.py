@@ -26,7 +26,7 @@ from trtllm_deploy.artifact import convert, fit, hub, manifest, models
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster
-from trtllm_deploy.source.image import image_ref
+from trtllm_deploy.source.plan import image_ref
 from trtllm_deploy.source.lock import LockFile
 
 LLM_API_FILE = "llm-api.yaml"

@@ -9,7 +9,7 @@ from invoke.exceptions import Exit
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trtllm_deploy import console
-from trtllm_deploy import source as phase
+from trtllm_deploy.source import pin as phase
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.source import advise as advisor

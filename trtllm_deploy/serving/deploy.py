@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from trtllm_deploy import console, push
-from trtllm_deploy import source as sources
+from trtllm_deploy.source import pin as sources
 from trtllm_deploy.artifact import build as artifact
 from trtllm_deploy.artifact import convert, manifest, models
 from trtllm_deploy.errors import CheckFailed, DeployError, InputError

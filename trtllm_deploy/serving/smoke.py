@@ -21,7 +21,7 @@ from trtllm_deploy.hosts.targets import Target, connect, expand
 from trtllm_deploy.runtimes import failures
 from trtllm_deploy.serving import launch
 from trtllm_deploy.source import cuda
-from trtllm_deploy.source.image import LABEL_ARCHS, image_ref
+from trtllm_deploy.source.plan import LABEL_ARCHS, image_ref
 from trtllm_deploy.source.lock import LockFile
 
 CONTAINER = "trtllm-deploy-smoke"

@@ -13,13 +13,23 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from trtllm_deploy.hosts import scripts
 from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.targets import Target, connect, expand
-from trtllm_deploy.source import checkout_for, cuda
-from trtllm_deploy.source import image as images
+from trtllm_deploy.source import cuda
+from trtllm_deploy.source.image import last_source_build
+from trtllm_deploy.source.make import jobs_for
+from trtllm_deploy.source.pin import checkout_for
+from trtllm_deploy.source.plan import look
+from trtllm_deploy.source.release import RELEASE_ARCHS
 from trtllm_deploy.source.lock import Fix, LockFile
 from trtllm_deploy.source.tree import Checkout
 
+# $1 a folder that may not exist yet: the bytes free on the file system it would be made on.
+FREE_BYTES = Script("measure the free space for the build",
+                    'p=$1; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; '
+                    'df -B1 --output=avail "$p" | tail -1')
 SOURCE_BUILD_GB = 63        # the TensorRT-LLM source build's disk need (FACTS.md)
 GB = 1024 ** 3
 
@@ -63,15 +73,14 @@ def _fixes_in(tree: Checkout | None, commit: str | None, fixes: list[Fix],
 
 
 def _free_bytes(target: Target, path: str) -> int | None:
-    probe = target.run(["sh", "-c", 'p=$1; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; '
-                        'df -B1 --output=avail "$p" | tail -1', "sh", path], check=False, timeout=60)
+    probe = scripts.run(target, FREE_BYTES, path, check=False)
     return int(probe.stdout.strip()) if probe.ok and probe.stdout.strip().isdigit() else None
 
 
 def advise(cluster: Cluster, lockfile: LockFile,
            reach: Callable[[Node], Target] = connect) -> Advice:
     lock = lockfile.lock
-    facts = images.look(cluster, reach)
+    facts = look(cluster, reach)
     builder = cluster.build_node
     mine = facts[builder.name]
     capabilities = sorted({c for f in facts.values() for c in f.capabilities})
@@ -92,7 +101,7 @@ def advise(cluster: Cluster, lockfile: LockFile,
             wheel_commit = found.stdout.strip() if found.ok else None
         options = [
             _source_option(lockfile, clone, free, mine, capabilities,
-                           images.last_source_build(target, f"{builder.paths.state}/logs")),
+                           last_source_build(target, f"{builder.paths.state}/logs")),
             _release_option(lockfile, clone, release, capabilities, mine.arch),
             _wheel_option(lockfile, clone, wheel_commit),
         ]
@@ -124,7 +133,7 @@ def _source_option(lockfile: LockFile, clone, free: int | None, mine, capabiliti
         if not covered:
             usable = False
             reasons.append(how)
-    jobs, why = images.jobs_for(mine.mem_available, mine.cpus)
+    jobs, why = jobs_for(mine.mem_available, mine.cpus)
     reasons.append(f"CUDA_ARCHS {lock.build.cuda_archs}; {why}")
     disk = f"about {SOURCE_BUILD_GB} GB" + (f" ({free / GB:.0f} GB free)" if free is not None else "")
     if last:
@@ -169,7 +178,7 @@ def _release_option(lockfile: LockFile, clone, release: dict | None, capabilitie
     ok_fixes, fixes = _fixes_in(clone, release["commit"], lock.fixes,
                                 "the image does not say its commit, or there is no clone")
     usable = ok_fixes is True
-    archs = images.RELEASE_ARCHS.get(arch, "")
+    archs = RELEASE_ARCHS.get(arch, "")
     for capability in capabilities:
         covered, how = cuda.covers(archs, capability) if archs else (False, "unknown architectures")
         reasons.append(f"compute capability {capability}: {how}")

@@ -1,4 +1,4 @@
-"""The ``wheel`` source kind: a pinned tensorrt-llm wheel installed onto the pinned PyTorch base.
+"""The ``wheel`` kind: a pinned tensorrt-llm wheel installed onto the pinned PyTorch base.
 
 Its requirements are resolved where they will be installed: ``pip install --dry-run --report`` runs
 inside the base image on the build node, so the pins fit that platform, that Python and what the
@@ -8,12 +8,19 @@ base already has, and every file comes with the hash the index (or the local whe
 from __future__ import annotations
 
 import json
+import posixpath
+from collections.abc import Callable
 
-from trtllm_deploy.errors import DeployError
-from trtllm_deploy.hosts.targets import Target, expand
+from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.source.lock import LockFile
+from trtllm_deploy.source.plan import (ROOT, BuildPlan, image_ref, label_words, labels, labels_on, look,
+                                       up_to_date)
 
 REQUIREMENTS_NAME = "tensorrt-llm-wheel.txt"
 WHEELS_MOUNT = "/tmp/trtllm-deploy-wheels"
+WHEEL_CONTEXT = ROOT / "docker" / "wheel"
 
 
 def pip_args(version: str, local_wheels: bool) -> list[str]:
@@ -68,3 +75,37 @@ def requirements(report: dict, what: str, local_hash=lambda url: None) -> str:
                               "without a sha256 the lock could pin; use an index or wheel folder")
         lines += [f"{name}=={version} \\", f"    --hash=sha256:{digest}"]
     return "\n".join(lines) + "\n"
+
+
+def plan(cluster: Cluster, lockfile: LockFile, reach: Callable[[Node], Target] = connect) -> BuildPlan:
+    """The lock's hash-pinned requirements installed onto its base image."""
+    lock = lockfile.lock
+    requirements = lockfile.requirements_path
+    if not requirements or not requirements.exists():
+        raise InputError(f"{lockfile.path}: the wheel kind needs its requirements file "
+                         f"({requirements or 'wheel.requirements'}); run `invoke source.update`")
+    look(cluster, reach)
+    builder = cluster.build_node
+    image = image_ref(lockfile)
+    target = reach(builder)
+    try:
+        current = labels_on(target, image)
+        context = posixpath.join(expand(builder.paths.state, target.home()), "wheel-build")
+        wheels = expand(lock.wheel.find_links, target.home()) if lock.wheel.find_links else None
+    finally:
+        target.close()
+    found = labels(lockfile, "", None, lock.wheel.version, lock.build.base_image)
+    commands = [["mkdir", "-p", f"{context}/wheels"]]
+    if wheels:
+        commands.append(["cp", "-a", f"{wheels}/.", f"{context}/wheels/"])
+    commands.append(["docker", "build", "--force-rm", "--build-arg", f"BASE_IMAGE={lock.build.base_image}",
+                     *(["--build-arg", "LOCAL_WHEELS=1"] if wheels else []),
+                     *label_words(found), "--tag", image, context])
+    notes = [f"tensorrt-llm {lock.wheel.version} from "
+             + (f"the wheel folder {lock.wheel.find_links} on {builder.name}" if wheels
+                else "the package index") + f", hash-pinned by {requirements.name}",
+             "CUDA architectures: the ones upstream built the wheel for"]
+    return BuildPlan(builder.name, image, lockfile.hash, "", 0, "no compile: a published wheel",
+                     commands, found, up_to_date(current, lockfile), notes,
+                     upload=[(WHEEL_CONTEXT, context),
+                             (requirements, posixpath.join(context, "requirements.txt"))])
