@@ -37,7 +37,7 @@ def test_every_published_measurement_is_at_or_under_its_ceiling(measured, catalo
 
 
 def test_the_published_table_is_all_there():
-    """FACTS.md's table has seven rows; the 8B SGLang row gives batch 1 and batch 32."""
+    """docs/SOURCES.md's table has seven rows; the 8B SGLang row gives batch 1 and batch 32."""
     assert len(CLAIMS.published) == 8
     assert {p.source for p in CLAIMS.published} == {
         "NVIDIA blog on DGX Spark performance", "LMSYS review, Oct 2025", "community measurement"}

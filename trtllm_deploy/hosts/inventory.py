@@ -134,7 +134,7 @@ class Container(_Table):
     name: NodeName = "trtllm-deploy"
     image: StrictStr | None = None
     env: dict[EnvName, StrictStr] = {}
-    # docker run --ulimit NAME=VALUE: what serving needs (FACTS.md); a machine that may not raise
+    # docker run --ulimit NAME=VALUE: what serving needs (docs/SOURCES.md); a machine that may not raise
     # a limit (a nested test node) lists only the ones it can.
     ulimits: dict[Annotated[StrictStr, AfterValidator(_ulimit_name)], StrictStr] = {
         "memlock": "-1", "stack": "67108864"}

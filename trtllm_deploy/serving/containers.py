@@ -47,7 +47,7 @@ NODE_ENV = f"{mpi.MOUNT}/node.env"  # this node's FABRIC_VARS, for every rank st
 
 SERVE_FLAGS = ("--init", "--ipc", "host", "--network", "host")
 IDLE = ("sleep", "infinity")
-# FACTS.md: what TensorRT-LLM on a Spark needs whatever the node.
+# What TensorRT-LLM on a Spark needs whatever the node (docs/SOURCES.md#serving-on-sparks).
 RUNTIME_ENV = {"CPATH": "/usr/local/cuda/include", "TRITON_PTXAS_PATH": "/usr/local/cuda/bin/ptxas",
                "NCCL_CUMEM_ENABLE": "0"}
 # The variables that differ per node: never passed with mpirun -x, never in mpirun's own
@@ -115,7 +115,7 @@ def fabric_env(node: Node) -> dict[str, str]:
 
 
 def node_env(node: Node, job: Job, image_id: str, labels: dict[str, str]) -> dict[str, str]:
-    """Everything the container's environment holds: FACTS.md's variables, the node's fabric, the
+    """Everything the container's environment holds: RUNTIME_ENV, the node's fabric, the
     node's container.env (the user's word wins), the job's settings, and what the probe reads."""
     env = {**RUNTIME_ENV, **fabric_env(node), **node.container.env, **dict(job.env),
            "HF_HOME": MODEL_CACHE, "TRTLLM_DEPLOY_JOB": job.name, "TRTLLM_DEPLOY_NODE": node.name,

@@ -22,7 +22,7 @@ import sys
 
 MARKER = "TRTLLM-DEPLOY-PROBE "
 CHUNK = 200  # characters of the report per output line
-# The variables that pin NCCL, UCX, OpenMPI and Gloo to a node's fabric, and FACTS.md's others.
+# The variables that pin NCCL, UCX, OpenMPI and Gloo to a node's fabric, and the rest (docs/SOURCES.md).
 COMM_ENV = ("NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_include",
             "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "TP_SOCKET_IFNAME",
             "VLLM_HOST_IP", "CPATH", "TRITON_PTXAS_PATH", "NCCL_CUMEM_ENABLE", "CUDA_VISIBLE_DEVICES")

@@ -30,7 +30,7 @@ from trtllm_deploy.source.tree import Checkout
 FREE_BYTES = Script("measure the free space for the build",
                     'p=$1; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; '
                     'df -B1 --output=avail "$p" | tail -1')
-SOURCE_BUILD_GB = 63        # the TensorRT-LLM source build's disk need (FACTS.md)
+SOURCE_BUILD_GB = 63        # the TensorRT-LLM source build's disk need (docs/SOURCES.md#building-from-source)
 GB = 1024 ** 3
 
 

@@ -1,6 +1,6 @@
 """CUDA_ARCHS from compute capabilities, and whether a CUDA_ARCHS value covers a GPU.
 
-TensorRT-LLM's CMake takes ``NN``, ``NNa``, ``NNf``, ``NN-real`` and ``native`` (FACTS.md). Code built
+TensorRT-LLM's CMake takes ``NN``, ``NNa``, ``NNf``, ``NN-real``, ``native`` (docs/SOURCES.md). Code built
 as ``NN-real`` (machine code only) runs on GPUs of the same major version whose minor is at least
 NN's; ``NNa`` only on exactly that GPU; ``NNf`` on its family (same major); plain ``NN`` also embeds
 PTX, which the driver compiles for any newer GPU.

@@ -127,7 +127,7 @@ class Quantize(_Table):
 
     repository: StrictStr = "https://github.com/NVIDIA/Model-Optimizer.git"
     # A tag, or "auto": the version of the image's own nvidia-modelopt (hf_ptq.py of one version
-    # does not run on another). The DGX Spark playbook used 0.45.0 (FACTS.md).
+    # does not run on another). The DGX Spark playbook used 0.45.0 (docs/SOURCES.md#serving-on-sparks).
     ref: StrictStr = "auto"
     commit: Sha | None = None          # when set, the checkout must be exactly this commit
     calib_size: Annotated[StrictInt, Field(ge=1, le=100000)] = 512

@@ -14,7 +14,7 @@ from trtllm_deploy.source.lock import LockFile
 from trtllm_deploy.source.plan import (ROOT, BuildPlan, coverage, image_ref, label_words, labels, labels_on,
                                        look, up_to_date)
 
-# The upstream Makefile's default for arm64 when CUDA_ARCHS is not given (FACTS.md): what a
+# Upstream's Makefile default for arm64 without CUDA_ARCHS (docs/SOURCES.md#building-from-source): what a
 # release image is assumed to carry, since it does not say.
 RELEASE_ARCHS = {"aarch64": "90-real;100-real;120-real"}
 OVERLAY = ROOT / "docker" / "release-overlay"

@@ -26,7 +26,7 @@ except ImportError:  # run as a plain script beside nccl_bench.py
     import nccl_bench  # type: ignore[no-redef]
 
 BENCH = Path(nccl_bench.__file__).resolve()
-GATE_GBPS = 21.875      # NVIDIA's line for a 200 Gb/s Spark link (FACTS.md): 175 Gb/s as bytes
+GATE_GBPS = 21.875      # NVIDIA's line for a 200 Gb/s Spark link (docs/SOURCES.md#the-fabric): 175 Gb/s
 DEFAULT_SIZE = "16G"
 NCCL_TESTS = {"all_gather": "all_gather_perf", "all_reduce": "all_reduce_perf"}
 DEBUG_ENV = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET,GRAPH"}
