@@ -37,16 +37,16 @@ RUNTIME_MODULES = {"runtimes/vllm.py", "testbed/standin/vllm.py"}
 SHELL_ALLOWED: dict[str, frozenset[str] | None] = {
     # The mechanism: Script.argv is the one place a script becomes `sh -c TEXT`.
     "hosts/scripts.py": None,
-    # The host interface scripts.py is built on (it cannot use scripts.py without a cycle): it
-    # asks a target for its HOME and feeds a staged file to a command's standard input.
-    "hosts/targets.py": None,
-    # Programs mpirun starts, not scripts run on a node: each rank's wrapper (its pid and log, then
-    # exec of the serving program), and mpirun itself left running detached in the head container.
+    # Programs mpirun starts on every rank, not scripts run on a node: each rank's wrapper (its pid
+    # and log, then exec of the serving program), and mpirun itself left running detached in the
+    # head's container, its exit status kept beside its log.
     "serving/launch.py": frozenset({"RANK_WRAPPER", "MPIRUN_WRAPPER"}),
     # mpirun's program on every rank: read the node's own fabric variables, then exec the program.
     "serving/containers.py": frozenset({"_RANK"}),
-    # A runtime's serving program may need a wrapper around it (vLLM's node rank from MPI's rank).
-    "runtimes/vllm.py": None,
+    # mpirun's program for the cluster probe: the image's python that has mpi4py, then the probe.
+    "serving/clustercheck.py": frozenset({"FIND_PYTHON"}),
+    # vLLM's serving program: its node rank taken from the MPI rank, headless on all but the first.
+    "runtimes/vllm.py": frozenset({"NODE_RANK"}),
 }
 SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash"}
 DOCSTRING_ONLY = ("hosts", "runtimes", "artifact", "serving", "measure", "testbed")
@@ -246,6 +246,9 @@ def shell_scripts(package: Path) -> list[str]:
         allowed = SHELL_ALLOWED.get(module.rel, frozenset())
         if allowed is None:
             continue
+        # A wrapper is named by the constant holding its text, or by the constant it is part of.
+        assigned = {id(node.value): node.targets[0].id for node in module.tree.body
+                    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
         for node in sorted(ast.walk(module.tree), key=lambda node: getattr(node, "lineno", 0)):
             if isinstance(node, (ast.List, ast.Tuple)):
                 items = node.elts
@@ -257,7 +260,7 @@ def shell_scripts(package: Path) -> list[str]:
                 if _constant(shell) in SHELLS and _constant(flag) == "-c":
                     text = items[at + 2] if at + 2 < len(items) else None
                     name = text.id if isinstance(text, ast.Name) else (
-                        text.attr if isinstance(text, ast.Attribute) else None)
+                        text.attr if isinstance(text, ast.Attribute) else assigned.get(id(node)))
                     if name not in allowed:
                         found.append(f"{module.rel}:{node.lineno}: `{_constant(shell)} -c "
                                      f"{name or '<text>'}` — a remote script goes through "
@@ -356,6 +359,7 @@ CLEAN = {
     "serving/launch.py": ('"""Launch."""\nfrom . import mpi\nRANK_WRAPPER = "exec \\"$@\\""\n'
                           'def argv(p):\n    return mpi.run(["sh", "-c", RANK_WRAPPER, *p])\n'),
     "serving/mpi.py": '"""mpirun."""\ndef run(argv):\n    return argv\n',
+    "serving/clustercheck.py": '"""Probe."""\nFIND_PYTHON = ["sh", "-c", \'exec python3 "$@"\', "sh"]\n',
     "testbed/standin/__init__.py": '"""Stand-in."""\n',
     "testbed/standin/cli.py": ('"""Its command line."""\nfrom . import serve\n'
                                'from trtllm_deploy.artifact import manifest\n'),
@@ -389,6 +393,9 @@ BROKEN = [  # (id, check, file, text appended to it, what the report must say)
     pytest.param("remote-scripts-only-through-hosts-scripts", "serving/launch.py",
                  'def look(t):\n    return t.run(("bash", "-c", "ls"))\n',
                  "serving/launch.py:7: `bash -c <text>`", id="script-in-an-allowed-file-not-a-wrapper"),
+    pytest.param("remote-scripts-only-through-hosts-scripts", "serving/clustercheck.py",
+                 'LOOK = ["sh", "-c", "ls"]\n', "serving/clustercheck.py:3: `sh -c LOOK`",
+                 id="script-constant-not-a-wrapper"),
     pytest.param("layer-package-files-hold-only-a-docstring", "serving/__init__.py",
                  "from trtllm_deploy.serving.launch import argv\n",
                  "serving/__init__.py: holds more than a docstring (line 2)", id="package-file-with-code"),
