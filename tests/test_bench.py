@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
 import pytest
 from test_launch import ARTIFACT, bed, home  # noqa: F401  (fixtures: the testbed, the artifact on it)
 
+from charts import colour, read_png
 from conftest import docker_unusable
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure.bench import report, stats, sweep
@@ -125,15 +124,10 @@ def test_the_result_is_written_as_json_csv_and_png_charts(invoke, timed_server, 
 
 
 def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    start = data.index(b"IDAT")
-    length = struct.unpack(">I", data[start - 4:start])[0]
-    pixels = zlib.decompress(data[start + 4:start + 4 + length])
-    assert len(pixels) == height * (1 + 3 * width)
-    assert len(set(pixels[1:1 + 3 * width * height:97])) > 3  # something is drawn, not a blank image
-    return width, height
+    """The chart's size; it must show lines in the palette's first two colours (two series)."""
+    size, colours = read_png(path.read_bytes())
+    assert colour("blue") in colours and colour("orange") in colours
+    return size
 
 
 @pytest.mark.parametrize("args, message", [

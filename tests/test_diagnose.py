@@ -5,7 +5,6 @@ machine without a GPU goes, then every task for real across the testbed's three 
 from __future__ import annotations
 
 import os
-import struct
 import subprocess
 import sys
 import tarfile
@@ -14,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from charts import colour, read_png
 from conftest import docker_unusable
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import targets
-from trtllm_deploy.measure.diagnose import bundle, chart, gpu, link, nccl, nccl_bench, profile
+from trtllm_deploy.measure.diagnose import bundle, gpu, link, nccl, nccl_bench, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "diagnostics"
@@ -192,29 +192,13 @@ def test_the_sampling_command(seconds, interval, count):
                                                 str(interval), "-c", count]
 
 
-def _png_size_and_colours(data: bytes) -> tuple[tuple[int, int], set]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    idat, at = b"", 8
-    while at < len(data):
-        length, kind = struct.unpack(">I4s", data[at:at + 8])
-        if kind == b"IDAT":
-            idat += data[at + 8:at + 8 + length]
-        at += 12 + length
-    raw = zlib.decompress(idat)
-    stride = 1 + width * 3
-    colours = {raw[row * stride + 1 + 3 * x:row * stride + 4 + 3 * x] for row in range(height)
-               for x in range(width)}
-    return (width, height), colours
-
-
 def test_the_chart_is_a_png_with_a_line_per_gpu():
     samples = gpu.parse_dmon(read("h200x2-dmon-pucm-DT-d1-c40-nccl-load.txt"))
     data, legend = gpu.chart({"node-a": samples})
-    (width, height), colours = _png_size_and_colours(data)
+    (width, height), colours = read_png(data)
     assert (width, height) == (800, 160 * len(gpu.CHARTED))
     assert legend == {"node-a/gpu0": "blue", "node-a/gpu1": "orange"}
-    assert bytes(chart.PALETTE[0]) in colours and bytes(chart.PALETTE[1]) in colours
+    assert colour("blue") in colours and colour("orange") in colours and colour("green") not in colours
 
 
 # --- ethtool, ip -j, ping --------------------------------------------------------------------------

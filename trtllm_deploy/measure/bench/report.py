@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm_deploy.errors import InputError
-
-from . import png
+from trtllm_deploy.measure import chart
 
 SCHEMA = "trtllm-deploy.bench/1"
 LATENCY_NAMES = ("ttft", "tpot", "itl", "e2e")
@@ -89,10 +88,10 @@ def charts(results: dict[str, dict], out: Path) -> dict[str, Path]:
         latency[f"{prefix}E2E p50"] = series(lambda s: s["e2e_ms"].get("p50"))
         throughput[f"{prefix}all streams"] = series(lambda s: s["output_tokens_per_s"])
         throughput[f"{prefix}per stream"] = series(lambda s: s["stream_tokens_per_s"]["p50"])
-    return {"latency_png": png.line_chart(out / "latency.png", "Latency against concurrency", "concurrency",
-                                          "ms", latency),
-            "throughput_png": png.line_chart(out / "throughput.png", "Output tokens/s against concurrency",
-                                             "concurrency", "tokens/s", throughput)}
+    return {"latency_png": chart.line_chart(out / "latency.png", "Latency against concurrency",
+                                            "concurrency", "ms", latency),
+            "throughput_png": chart.line_chart(out / "throughput.png", "Output tokens/s against concurrency",
+                                               "concurrency", "tokens/s", throughput)}
 
 
 def load(path: str | Path) -> dict:

@@ -6,7 +6,7 @@ field the GPU does not report reads ``-`` in dmon (GB10's frame-buffer memory: i
 see /proc/meminfo) or ``[N/A]`` in ``--query-gpu`` output; both become "not reported", never zero.
 
 Runs without the project's dependencies on a plain GPU host: ``python3 -m trtllm_deploy.measure.diagnose.gpu
---seconds 10 --out DIR``.
+--seconds 10 --out DIR`` (the chart only where matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def summarize(samples: list[dict]) -> dict[int, dict[str, dict]]:
 
 def chart(samples_by_node: dict[str, list[dict]]) -> tuple[bytes, dict[str, str]]:
     """One panel per charted metric, one line per node and GPU."""
-    from trtllm_deploy.measure.diagnose.chart import panels
+    from trtllm_deploy.measure.chart import panels
 
     panel_series = []
     for metric in CHARTED:
@@ -163,7 +163,7 @@ def chart(samples_by_node: dict[str, list[dict]]) -> tuple[bytes, dict[str, str]
                     series.setdefault(f"{node}/gpu{sample['gpu']}", []).append(
                         (sample["t"], sample[metric]))
         panel_series.append(series)
-    return panels(panel_series)
+    return panels(panel_series, titles=[f"{metric}, {UNITS[metric]}" for metric in CHARTED])
 
 
 def cell(stats: dict | None, unit: str) -> str:
@@ -185,23 +185,26 @@ def write_chart(samples_by_node: dict[str, list[dict]], out: Path) -> dict[str, 
 
 # --- on every node, over SSH --------------------------------------------------------------------
 
-_SAMPLE = ('command -v nvidia-smi >/dev/null 2>&1 || { echo "nvidia-smi is not installed on $(hostname):'
-           ' install the NVIDIA driver" >&2; exit 127; }; exec "$@"')
+# The sampling step's script: $@ is dmon's command line. Its Script is made where it runs, since
+# this module also runs on a plain host without the project's dependencies.
+SAMPLE_STEP = "sample the GPUs with nvidia-smi dmon"
+SAMPLE_TEXT = ('command -v nvidia-smi >/dev/null 2>&1 || { echo "nvidia-smi is not installed on $(hostname):'
+               ' install the NVIDIA driver" >&2; exit 127; }; exec "$@"')
 
 
 def sample_nodes(cluster, seconds: float, interval: int, out: Path) -> dict:
     """Every node at once: dmon for ``seconds``, its output kept as ``out/<node>.dmon.txt``."""
+    from trtllm_deploy.hosts import scripts
     from trtllm_deploy.hosts.fanout import fan_out
-    from trtllm_deploy.hosts.targets import CommandFailed
 
     out.mkdir(parents=True, exist_ok=True)
+    sample = scripts.Script(SAMPLE_STEP, SAMPLE_TEXT, timeout=seconds + 60)
 
     def one(node, target) -> list[dict]:
-        done = target.run(["sh", "-c", _SAMPLE, "sh", *dmon_argv(seconds, interval)],
-                          timeout=seconds + 60, check=False)
-        (out / f"{node.name}.dmon.txt").write_text(done.stdout + done.stderr)
+        done = scripts.run(target, sample, *dmon_argv(seconds, interval), check=False)
+        (out / f"{node.name}.dmon.txt").write_text(done.result.stdout + done.stderr)
         if not done.ok:
-            raise CommandFailed(done)
+            raise scripts.StepFailed(target.name, sample.step, done.result)
         return parse_dmon(done.stdout)
 
     seen = fan_out(cluster.nodes, one)
@@ -231,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "local.dmon.txt").write_text(done.stdout)
     samples = parse_dmon(done.stdout)
     summary = summarize(samples)
-    legend = write_chart({"local": samples}, out)
+    try:
+        legend = write_chart({"local": samples}, out)
+    except ImportError:  # a plain host without matplotlib: the samples and summary still stand
+        print("matplotlib is not installed: no chart drawn", file=sys.stderr)
+        legend = None
     print(json.dumps({"samples": len(samples), "summary": summary, "chart": legend}, indent=1))
     return 0 if samples else 1
 
