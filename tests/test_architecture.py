@@ -49,7 +49,7 @@ SHELL_ALLOWED: dict[str, frozenset[str] | None] = {
     "runtimes/vllm.py": frozenset({"NODE_RANK"}),
 }
 SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash"}
-DOCSTRING_ONLY = ("hosts", "runtimes", "artifact", "serving", "measure", "testbed")
+DOCSTRING_ONLY = ("hosts", "source", "runtimes", "artifact", "serving", "measure", "testbed")
 # Files shipped where the package is not installed: what each may import besides the standard
 # library (a name ending in "." admits its own folder's relative imports).
 STANDALONE: dict[str, frozenset[str]] = {
@@ -351,8 +351,8 @@ CLEAN = {
     "runtimes/__init__.py": '"""Runtimes."""\n',
     "runtimes/vllm.py": '"""vLLM."""\nIMAGE = "nvcr.io/nvidia/vllm"\n',
     "runtimes/data.toml": 'name = "vllm"\n',
-    **{f"{name}/__init__.py": f'"""{name}."""\n' for name in ("artifact", "serving", "measure",
-                                                                "testbed")},
+    **{f"{name}/__init__.py": f'"""{name}."""\n' for name in ("source", "artifact", "serving",
+                                                                "measure", "testbed")},
     "artifact/manifest.py": '"""Manifest."""\nimport hashlib\nimport json\n',
     "push/__init__.py": '"""Push."""\nfrom trtllm_deploy.hosts import scripts\n',
     "push/agent.py": '"""Agent."""\nimport os\n' + "x = 1\n" * 450,
