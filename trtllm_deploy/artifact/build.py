@@ -98,7 +98,7 @@ def plan(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request:
         if lockfile.lock.source.trtllm_build is False:
             raise InputError(
                 "--backend tensorrt: the pinned TensorRT-LLM has no trtllm-build; the TensorRT-engine "
-                "backend left main in mid-2026 (docs/SOURCES.md). Serve the checkpoint with the "
+                "backend was removed from main in mid-2026 (docs/SOURCES.md). Serve the checkpoint with the "
                 "PyTorch backend (the default), or pin an older commit that still has it")
         if variant.precision not in ("bf16", "fp16", *convert.QUANT_ALGOS):
             raise InputError(f"--backend tensorrt makes bf16, fp16, fp8 or nvfp4 engines, not "
