@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from trtllm_deploy import push as pushing  # noqa: E402
 from trtllm_deploy.artifact import manifest  # noqa: E402
 from trtllm_deploy.hosts import inventory, shell  # noqa: E402
-from trtllm_deploy.hosts.targets import SSH  # noqa: E402
+from trtllm_deploy.hosts.ssh import SSH  # noqa: E402
 from trtllm_deploy.push import layers  # noqa: E402
 
 MiB = 1 << 20

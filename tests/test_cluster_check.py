@@ -17,7 +17,8 @@ from test_containers import authorize_head_key
 from conftest import docker_unusable
 from trtllm_deploy.artifact.manifest import MANIFEST
 from trtllm_deploy.cli import cluster as cluster_cli
-from trtllm_deploy.hosts import inventory, targets
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.serving import clustercheck, probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def bed(testbed):
 
 
 def _on(node: inventory.Node, argv: list[str]) -> str:
-    target = targets.SSH(node)
+    target = SSH(node)
     try:
         return target.run(argv, timeout=120).stdout
     finally:

@@ -14,7 +14,10 @@ import pytest
 
 from conftest import docker_unusable
 from trtllm_deploy import secrets
-from trtllm_deploy.hosts.targets import SSH, CommandFailed, InContainer, Local
+from trtllm_deploy.hosts.container import InContainer
+from trtllm_deploy.hosts.local import Local
+from trtllm_deploy.hosts.ssh import SSH
+from trtllm_deploy.hosts.targets import CommandFailed
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ["sh", "cat", "echo", "printf", "pwd", "mkdir", "rm", "sleep", "ls", "env", "stat", "tar"]

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import docker_unusable
 from trtllm_deploy.errors import CheckFailed, InputError
-from trtllm_deploy.hosts import inventory, targets
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.hosts.shell import join
 from trtllm_deploy.serving import containers, mpi
 
@@ -134,7 +135,7 @@ def test_container_names_must_agree_across_nodes(tmp_path):
 
 def authorize_head_key(cluster: inventory.Cluster) -> None:
     """What `invoke ssh.setup` will do: a key made on the head (never copied), trusted by all."""
-    head = targets.SSH(cluster.head)
+    head = SSH(cluster.head)
     try:
         head.run(["sh", "-c", "test -f ~/.ssh/id_ed25519 || "
                   "ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519"])
@@ -142,7 +143,7 @@ def authorize_head_key(cluster: inventory.Cluster) -> None:
     finally:
         head.close()
     for node in cluster.nodes:
-        target = targets.SSH(node)
+        target = SSH(node)
         try:
             target.run(["sh", "-c", 'grep -qxF "$1" ~/.ssh/authorized_keys || '
                         'echo "$1" >> ~/.ssh/authorized_keys', "sh", public])
@@ -223,7 +224,7 @@ def test_the_agent_socket_is_only_in_the_heads_container_and_no_key_in_any(fabri
 @needs_docker
 def test_up_again_keeps_what_runs_and_restarts_only_what_is_gone(fabric_cluster, started, tmp_path):
     worker = fabric_cluster.nodes[1]
-    target = targets.SSH(worker)
+    target = SSH(worker)
     try:
         target.run(["docker", "rm", "--force", containers.container_name(fabric_cluster, JOB)])
     finally:
@@ -252,7 +253,7 @@ def test_a_failed_start_on_one_node_leaves_nothing_on_any(fabric_cluster, starte
 
 
 def _processes(node: inventory.Node, container: str) -> str:
-    target = targets.SSH(node)
+    target = SSH(node)
     try:
         return target.run(["sh", "-c", 'docker top "$1" -eo args 2>/dev/null; ps -eo args', "sh",
                            container]).stdout
@@ -269,7 +270,7 @@ def test_down_removes_the_job_and_proves_nothing_runs(fabric_cluster, tmp_path):
                 + " >/dev/null 2>&1 &"], timeout=60)
     time.sleep(3)
     assert "orted" in _processes(fabric_cluster.nodes[2], containers.container_name(fabric_cluster, JOB))
-    head = targets.SSH(fabric_cluster.head)
+    head = SSH(fabric_cluster.head)
     try:
         pid = head.run(["cat", f".local/state/trtllm-deploy/jobs/{JOB}/agent.pid"], cwd="~").stdout.strip()
         assert head.run(["kill", "-0", pid], check=False).ok

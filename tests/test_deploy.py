@@ -18,6 +18,7 @@ import pytest
 
 from conftest import docker_unusable
 from trtllm_deploy.hosts import sshsetup, targets
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.testbed import artifact as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ def bed(testbed, tmp_path_factory):
     hosts.write_text(Path(cluster.source).read_text())
     yield cluster, folder, hosts, work
     for node in cluster.nodes:
-        target = targets.SSH(node)
+        target = SSH(node)
         store = targets.expand(node.paths.artifacts, target.home())
         # The artifact and what push keeps beside it (its lock): the session's stores as found.
         target.run(["sh", "-c", 'rm -rf "$1/$2" "$1/.$2".*', "sh", store, folder.name])
@@ -70,7 +71,7 @@ def job_containers(cluster, job: str | None = None) -> list[str]:
     label = f"io.trtllm-deploy.job={job}" if job else "io.trtllm-deploy.job"
     found = []
     for node in cluster.nodes:
-        target = targets.SSH(node)
+        target = SSH(node)
         found += [f"{node.name}:{name}" for name in target.run(
             ["docker", "ps", "--all", "--format", "{{.Names}}", "--filter", f"label={label}"]).stdout.split()]
         target.close()
@@ -104,7 +105,7 @@ def test_deploy_end_to_end_then_up_to_date_and_a_dry_run_that_changes_nothing(be
         human = deploy(bed)
         assert human.returncode == 0 and "up to date: nothing to do" in human.stdout
         # A corrupted file on a worker: found by the push phase and sent again, alone.
-        worker = targets.SSH(cluster.node("spark-2"))
+        worker = SSH(cluster.node("spark-2"))
         store = targets.expand(cluster.node("spark-2").paths.artifacts, worker.home())
         worker.run(["sh", "-c", f'printf X | dd of="{store}/{folder.name}/model.safetensors" bs=1 seek=100 '
                                 'conv=notrunc status=none'])

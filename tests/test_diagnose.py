@@ -16,7 +16,7 @@ import pytest
 from charts import colour, read_png
 from conftest import docker_unusable
 from trtllm_deploy.errors import CheckFailed
-from trtllm_deploy.hosts import targets
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.measure.diagnose import bundle, gpu, link, nccl, nccl_bench, profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -362,7 +362,7 @@ def test_nccl_in_the_containers_without_a_binding_fails_clearly(bed, tmp_path):
     report = __import__("json").loads(done.stdout)
     assert report["tool"] == "nccl_bench" and report["passed"] is False
     assert "no NCCL binding" in report["verdict"]["reason"] or "mpi4py" in report["verdict"]["reason"]
-    left = targets.SSH(cluster.head).run(["docker", "ps", "-aq", "--filter",
+    left = SSH(cluster.head).run(["docker", "ps", "-aq", "--filter",
                                           "label=io.trtllm-deploy.job=nccl"])
     assert left.stdout.strip() == ""
 
@@ -382,7 +382,7 @@ def test_profile_without_nsys_names_what_to_install(bed, tmp_path):
 def test_bundle_holds_the_nodes_and_logs_but_no_planted_secret(bed, tmp_path):
     testbed, cluster = bed
     node = cluster.nodes[1]
-    ssh = targets.SSH(node)
+    ssh = SSH(node)
     folder = "~/.local/state/trtllm-deploy/jobs/pytest-diagnose/logs"
     planted = "\n".join(["serving started", f"HF_TOKEN={PLANTED['hf']}", PLANTED["gh"], PLANTED["key"],
                          "last line of the log"]) + "\n"

@@ -13,7 +13,8 @@ import pytest
 
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.facts import Fact, gather
-from trtllm_deploy.hosts.targets import SSH, Local
+from trtllm_deploy.hosts.local import Local
+from trtllm_deploy.hosts.ssh import SSH
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,6 +15,7 @@ import pytest
 from conftest import docker_unusable
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import targets
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.serving import launch, supervise
 from trtllm_deploy.testbed import artifact as tiny
 
@@ -37,12 +38,12 @@ def bed(testbed, tmp_path_factory):
     cluster = testbed_.inventory()
     folder = tiny.make(tmp_path_factory.mktemp("artifact") / ARTIFACT)
     MADE["folder"] = folder
-    head = targets.SSH(cluster.head)
+    head = SSH(cluster.head)
     head.run(["sh", "-c", "test -f ~/.ssh/id_ed25519 || ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519"])
     public = head.run(["cat", ".ssh/id_ed25519.pub"], cwd="~").stdout.strip()
     head.close()
     for node in cluster.nodes:
-        target = targets.SSH(node)
+        target = SSH(node)
         target.run(["sh", "-c", 'grep -qxF "$1" ~/.ssh/authorized_keys || '
                     'echo "$1" >> ~/.ssh/authorized_keys', "sh", public])
         store = targets.expand(node.paths.artifacts, target.home())
@@ -51,7 +52,7 @@ def bed(testbed, tmp_path_factory):
         target.close()
     yield cluster
     for node in cluster.nodes:  # the session's testbed is shared: leave its stores as found
-        target = targets.SSH(node)
+        target = SSH(node)
         target.run(["rm", "-rf", f"{targets.expand(node.paths.artifacts, target.home())}/{ARTIFACT}"])
         target.close()
 
@@ -65,7 +66,7 @@ def deployment(cluster, job: str = "tb", port: int = 8361, **env) -> launch.Depl
 def running_anywhere(cluster, job: str) -> list[str]:
     found = []
     for node in cluster.nodes:
-        target = targets.SSH(node)
+        target = SSH(node)
         listed = target.run(["docker", "ps", "--all", "--format", "{{.Names}}", "--filter",
                              f"label=io.trtllm-deploy.job={job}"]).stdout.split()
         found += [f"{node.name}:{line}" for line in listed]
@@ -116,7 +117,7 @@ def test_a_killed_rank_is_detected_within_10_s_torn_down_and_rolled_back(bed, ho
     wanted = deployment(bed, job="tbkill", port=8362)
     launch.launch(bed, wanted, home / "tmp")
     try:
-        worker = targets.SSH(bed.node("spark-3"))
+        worker = SSH(bed.node("spark-3"))
         name = "trtllm-deploy-tbkill"
         pid = worker.run(["docker", "exec", name, "cat", "/var/log/trtllm-deploy/rank-2.pid"]).stdout.strip()
         worker.run(["docker", "exec", name, "kill", "-9", pid])

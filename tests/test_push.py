@@ -22,7 +22,7 @@ from trtllm_deploy import push as pushing
 from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import inventory
-from trtllm_deploy.hosts.targets import connect
+from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.push import channel, files, layers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from test_standin import write_checkpoint
 
 from conftest import docker_unusable
 from trtllm_deploy.artifact import manifest as manifests
-from trtllm_deploy.hosts import targets
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.serving.smoke import CONTAINER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def smoke(hosts: Path, artifact: Path, *extra: str) -> subprocess.CompletedProce
 
 def left_running(testbed) -> str:
     bed, _ = testbed
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     try:
         return head.run(["docker", "ps", "--all", "--quiet", "--filter", f"name={CONTAINER}"]).stdout
     finally:
@@ -95,7 +95,7 @@ def release_like(testbed):
     stand-in, which still does the serving)."""
     bed, report = testbed
     name = "trtllm-deploy-test/release-like:1"
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     try:
         head.run(["sh", "-c", 'printf "FROM %s\\nLABEL io.trtllm-deploy.standin=false\\n'
                   'ENV TRT_LLM_GIT_COMMIT=%s TRT_LLM_VERSION=1.3.0rc2\\n" "$1" "$2" | '

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable
-from trtllm_deploy.hosts import targets
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.source import lock as locks
 from trtllm_repo import BUILD_VARS_FILE, make_upstream
 
@@ -38,7 +38,7 @@ def upstream(testbed, tmp_path_factory):
     image, which every testbed node's engine already has."""
     bed, report = testbed
     made = make_upstream(tmp_path_factory.mktemp("upstream"), base_image=report.runtime.tag)
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     try:
         head.run(["rm", "-rf", REMOTE])
         head.put(made.repo, f"{REMOTE}/TensorRT-LLM.git")
@@ -121,7 +121,7 @@ def pinned(upstream, testbed, tmp_path_factory) -> Path:
 def test_source_fetches_exactly_the_pin_with_lfs_then_is_up_to_date_without_the_network(
         upstream, pinned, hosts, testbed):
     bed, _ = testbed
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     tree = "trtllm-deploy/build/TensorRT-LLM"
     try:
         head.run(["rm", "-rf", tree], cwd="~")
@@ -150,7 +150,7 @@ def test_source_fetches_exactly_the_pin_with_lfs_then_is_up_to_date_without_the_
 
 
 def _head_labels(bed, image: str) -> dict:
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     try:
         return json.loads(head.run(["docker", "image", "inspect", "--format",
                                     "{{json .Config.Labels}}", image]).stdout)
@@ -170,7 +170,7 @@ def test_image_builds_labelled_then_is_up_to_date_and_verify_names_the_nodes_wit
     assert labels["org.opencontainers.image.revision"] == upstream.tip
     assert labels["io.trtllm-deploy.cuda-archs"] == "121-real"
     # The upstream Makefile got the lock's choices.
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     try:
         recorded = head.run(["docker", "run", "--rm", "--entrypoint", "cat", report["image"],
                              BUILD_VARS_FILE]).stdout
@@ -229,7 +229,7 @@ def release_image(upstream, testbed):
     """A local image shaped like a release image (it reports its commit and version the way the
     real one does, in its environment), on the head node only."""
     bed, report = testbed
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     try:
         make_release(head, report.runtime.tag, RELEASE, upstream.tip, upstream.versions["tip"])
         yield RELEASE
@@ -308,7 +308,7 @@ PIP_BASE = "trtllm-deploy-test/pytorch-like:1"
 def wheel_setup(testbed, tmp_path_factory):
     """On the head: a base image with pip (as the PyTorch base has) and a folder with the wheel."""
     bed, report = testbed
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     folder = tmp_path_factory.mktemp("wheels")
     make_wheel(folder, "1.2.1")
     try:
@@ -370,7 +370,7 @@ OLD_RELEASE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0rc0"
 def test_advise_picks_the_cheapest_source_that_has_every_required_fix(
         upstream, pinned, hosts, testbed, tmp_path, release_image, release, choice):
     bed, report = testbed
-    head = targets.SSH(bed.inventory().head)
+    head = SSH(bed.inventory().head)
     try:
         assert invoke("source", "--hosts", hosts, "--lock", str(pinned)).returncode == 0  # the clone
         # A source build measured on this node (built now, or earlier in the session).

@@ -20,13 +20,14 @@ from invoke.exceptions import Exit
 from conftest import docker_unusable
 from trtllm_deploy.cli import ssh as ssh_cli
 from trtllm_deploy.errors import CheckFailed
-from trtllm_deploy.hosts import inventory, sshkeys, sshsetup, targets
+from trtllm_deploy.hosts import inventory, knownhosts, sshkeys, sshsetup
+from trtllm_deploy.hosts.ssh import SSH
 
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 
-ED_A = sshsetup.PublicKey("ssh-ed25519", base64.b64encode(b"\0\0\0\x0bssh-ed25519key-a").decode())
-ED_B = sshsetup.PublicKey("ssh-ed25519", base64.b64encode(b"\0\0\0\x0bssh-ed25519key-b").decode())
-RSA = sshsetup.PublicKey("ssh-rsa", base64.b64encode(b"\0\0\0\x07ssh-rsa-key").decode())
+ED_A = knownhosts.PublicKey("ssh-ed25519", base64.b64encode(b"\0\0\0\x0bssh-ed25519key-a").decode())
+ED_B = knownhosts.PublicKey("ssh-ed25519", base64.b64encode(b"\0\0\0\x0bssh-ed25519key-b").decode())
+RSA = knownhosts.PublicKey("ssh-rsa", base64.b64encode(b"\0\0\0\x07ssh-rsa-key").decode())
 
 
 def _hashed(name: str) -> str:
@@ -45,7 +46,7 @@ def _hashed(name: str) -> str:
     ("", None),
 ], ids=["bare", "comment", "options", "comment-line", "blank"])
 def test_a_key_is_found_after_options_and_before_comments(line, expected):
-    assert sshsetup.find_key(line) == expected
+    assert knownhosts.find_key(line) == expected
 
 
 @pytest.mark.parametrize("text, name, pinned, revoked", [
@@ -59,15 +60,37 @@ def test_a_key_is_found_after_options_and_before_comments(line, expected):
     (f"10.0.0.*,!10.0.0.2 {ED_A.line}\n", "10.0.0.2", [], []),
     (f"@revoked * {ED_B.line}\n10.0.0.2 {ED_A.line}\n", "10.0.0.2", [ED_A], [ED_B]),
     (f"@cert-authority * {ED_B.line}\n", "10.0.0.2", [], []),
+    (f"10.0.0.2 {ED_A.line}\n10.0.0.2 {RSA.line}\n10.0.0.2 {ED_B.line}\n", "10.0.0.2",
+     [ED_A, RSA, ED_B], []),
+    (f"# 10.0.0.2 {ED_A.line}\n\n10.0.0.2\n", "10.0.0.2", [], []),
 ], ids=["plain", "other-port", "port", "two-names", "hashed", "hashed-other", "wildcard",
-        "negated", "revoked", "cert-authority"])
+        "negated", "revoked", "cert-authority", "several-keys", "comment-blank-keyless"])
 def test_known_hosts_lookup_follows_openssh(text, name, pinned, revoked):
-    assert sshsetup.pinned_for(text, name) == (pinned, revoked)
+    found = knownhosts.pins(text, name)
+    assert (found.keys, found.revoked) == (pinned, revoked)
+
+
+def test_the_matching_lines_are_kept_as_written_for_another_openssh():
+    hashed = f"{_hashed('10.0.0.2')} {ED_A.line}"
+    text = f"{hashed}\n10.0.0.3 {ED_B.line}\n@revoked 10.0.0.* {RSA.line} old\n"
+    assert knownhosts.pins(text, "10.0.0.2").lines == [hashed, f"@revoked 10.0.0.* {RSA.line} old"]
+
+
+@pytest.mark.parametrize("text, offered, verdict", [
+    (f"h {ED_A.line}\n", ED_A, knownhosts.PINNED),
+    (f"h {ED_A.line}\nh {ED_B.line}\n", ED_B, knownhosts.PINNED),
+    (f"h {ED_A.line}\n", ED_B, knownhosts.CHANGED),
+    (f"h {RSA.line}\n", ED_A, knownhosts.UNKNOWN),
+    ("", ED_A, knownhosts.UNKNOWN),
+    (f"h {ED_A.line}\n@revoked h {ED_A.line}\n", ED_A, knownhosts.REVOKED),
+], ids=["pinned", "one-of-several", "changed", "other-type-only", "nothing", "revoked"])
+def test_an_offered_key_is_judged_as_openssh_would(text, offered, verdict):
+    assert knownhosts.judge(knownhosts.pins(text, "h"), offered) == verdict
 
 
 def test_fingerprint_is_what_ssh_keygen_prints(tmp_path):
     key = sshkeys.keygen(tmp_path / "k")
-    found = sshsetup.find_key(key.with_name("k.pub").read_text())
+    found = knownhosts.find_key(key.with_name("k.pub").read_text())
     assert found.fingerprint == sshkeys.fingerprint(key.with_name("k.pub"))
 
 
@@ -162,7 +185,7 @@ def test_bad_inventory_exits_2_before_any_host_is_touched(tmp_path):
 def _each(cluster, argv):
     found = {}
     for node in cluster.nodes:
-        target = targets.SSH(node)
+        target = SSH(node)
         try:
             found[node.name] = target.run(argv, check=False)
         finally:
@@ -196,7 +219,7 @@ def bed(testbed):
 
 
 def _from_node(node, to, check=True):
-    target = targets.SSH(node)
+    target = SSH(node)
     try:
         return target.run(["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
                            "-o", "ConnectTimeout=5", to.address, "true"], check=check, timeout=30)
@@ -246,7 +269,7 @@ def test_setup_lets_every_node_reach_every_node_and_a_second_run_changes_nothing
         for path in folder.rglob("*"):
             if path.is_file() and b"PRIVATE KEY" in path.read_bytes():
                 derived = sshkeys._ssh_keygen("-y", "-P", "", "-f", str(path))
-                assert sshsetup.find_key(derived).fingerprint not in publics.values(), path
+                assert knownhosts.find_key(derived).fingerprint not in publics.values(), path
 
 
 def _hosts(cluster) -> str:
@@ -274,7 +297,7 @@ def test_a_node_presenting_another_host_key_than_pinned_is_refused_with_nothing_
     assert state(bed) == before and pinned.read_text() == pinned_before
 
     # A node's own known_hosts pinning another key for a node: refused too, nothing written.
-    target = targets.SSH(bed.head)
+    target = SSH(bed.head)
     try:
         target.run(["sh", "-c", 'printf "%s\\n" "$1" >> ~/.ssh/known_hosts', "sh",
                     f"{worker.address} {sshkeys.public_key(stranger)}"])

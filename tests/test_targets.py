@@ -35,18 +35,18 @@ from sshd import (
 )
 from trtllm_deploy import secrets as secrets_module
 from trtllm_deploy.errors import CheckFailed
-from trtllm_deploy.hosts import inventory, targets
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.hosts.connections import Connections, connect
 from trtllm_deploy.hosts.fanout import fan_out
+from trtllm_deploy.hosts.local import Local
+from trtllm_deploy.hosts.ssh import SSH, _block_reading_remote
 from trtllm_deploy.hosts.targets import (
-    SSH,
     CommandFailed,
     CommandTimedOut,
     HostKeyRejected,
-    Local,
     Target,
     TargetError,
     Unreachable,
-    _block_reading_remote,
 )
 
 SECRET = "hf_secretvalue123"
@@ -779,17 +779,33 @@ def test_fan_out_all_good(sshd, sshd_factory, hosts_file):
     assert result.summary() == "all 3 node(s) succeeded"
 
 
-def test_reuse_shares_one_connection_per_node_until_it_ends(sshd_node):
-    with targets.reuse():
-        first = targets.connect(sshd_node)
+def test_connections_share_one_connection_per_node_until_closed(sshd_node):
+    with Connections() as shared:
+        first = connect(sshd_node, shared)
         assert first.run(["true"]).ok
         first.close()  # a phase is done with it: it stays open for the next
-        again = targets.connect(sshd_node)
+        again = connect(sshd_node, shared)
         assert again is first and first._conn is not None
-        with targets.reuse():  # nested: the same pool
-            assert targets.connect(sshd_node) is first
-        assert first._conn is not None
-    assert first._conn is None  # closed when the outermost reuse ends
-    fresh = targets.connect(sshd_node)
+    assert first._conn is None  # closed when the run ends
+    fresh = connect(sshd_node)
     assert fresh is not first
     fresh.close()
+
+
+def test_a_shared_cluster_carries_its_connections_to_every_phase(sshd, hosts_file):
+    cluster = inventory.load(hosts_file([sshd]))
+    seen = []
+
+    def phase(node, target):
+        seen.append(target)
+        return target.run(["true"]).ok
+
+    with Connections() as shared:
+        run = shared.share(cluster)
+        assert run.head.model_dump() == cluster.head.model_dump()  # the same entries
+        assert fan_out(run.nodes, phase).failed == []
+        assert fan_out(run.nodes, phase).failed == []  # the next phase: the same connection
+        assert seen[0] is seen[1] and seen[0]._conn is not None
+        assert connect(run.head) is seen[0]
+        assert connect(cluster.head) is not seen[0]  # the nodes as loaded share nothing
+    assert seen[0]._conn is None

@@ -22,6 +22,7 @@ from test_containers import authorize_head_key
 from conftest import docker_unusable, start_testbed
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts import inventory, sshkeys, targets
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.hosts.shell import join
 from trtllm_deploy.serving import containers
 from trtllm_deploy.testbed import cluster
@@ -84,7 +85,7 @@ def _nodes(testbed):
 def test_every_node_answers_over_ssh_with_its_pinned_host_key(testbed):
     bed, report = testbed
     for node in _nodes(testbed):
-        target = targets.SSH(node)
+        target = SSH(node)
         try:
             facts = target.run(["sh", "-c", "hostname; id -nG; docker info --format '{{.Driver}}'; "
                                 "ip -4 -o addr show eth0"]).stdout.splitlines()
@@ -112,7 +113,7 @@ def test_a_node_offering_another_nodes_host_key_is_refused(testbed, tmp_path):
     wrong = tmp_path / "known_hosts"
     key = (bed.layout.host_key(2).with_name("ssh_host_ed25519_key.pub")).read_text().split()
     wrong.write_text(f"{first.address} {key[0]} {key[1]}\n")
-    target = targets.SSH(first.model_copy(update={"known_hosts": str(wrong)}))
+    target = SSH(first.model_copy(update={"known_hosts": str(wrong)}))
     with pytest.raises(targets.HostKeyRejected, match="HOST KEY CHANGED"):
         target.run(["true"])
 
@@ -121,7 +122,7 @@ def test_a_node_offering_another_nodes_host_key_is_refused(testbed, tmp_path):
 def test_each_node_runs_containers_in_its_own_engine_on_its_own_address(testbed):
     bed, report = testbed
     for node in _nodes(testbed):
-        target = targets.SSH(node)
+        target = SSH(node)
         try:
             before = target.run(["docker", "ps", "--all", "--quiet"]).stdout.split()
             out = target.run(["docker", "run", "--rm", "--network", "host", report.runtime.tag,
@@ -175,7 +176,7 @@ class Serving:
         self.head = self.cluster.head
         self.image = image
         self.workdir = workdir
-        self.targets = {node.name: targets.SSH(node) for node in self.nodes}
+        self.targets = {node.name: SSH(node) for node in self.nodes}
         self.container = containers.container_name(self.cluster, JOB)
 
     def run(self, node, argv, **kwargs):

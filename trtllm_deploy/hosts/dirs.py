@@ -6,22 +6,23 @@ private to the node's user (mode 0700).
 
 from __future__ import annotations
 
-from trtllm_deploy.hosts import shell
+from trtllm_deploy.hosts import scripts, shell
 from trtllm_deploy.hosts.facts import Fact, gather
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.hosts.plan import Change, Plan, Step
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.targets import Target, TargetError, expand
 
 PRIVATE = "700"
 
 # For each path: "<path>\t<yes|no>\t<octal mode or ->\t<writable yes|no>", with ~ as the home.
-SURVEY_SCRIPT = (
-    shell.ENSURE_HOME + 'for p do ' + shell.EXPAND_P_TO_Q
+SURVEY = Script("look at the node's folders", (
+    'for p do ' + shell.EXPAND_P_TO_Q
     + 'if [ -d "$q" ]; then m=$(stat -c %a -- "$q"); e=yes; else m=-; e=no; fi; '
     'if [ -w "$q" ]; then w=yes; else w=no; fi; '
     'printf "%s\\t%s\\t%s\\t%s\\n" "$p" "$e" "$m" "$w"; done'
-)
+), timeout=30)
 
 
 def parse_survey(text: str) -> dict[str, tuple[bool, str, bool]]:
@@ -56,8 +57,8 @@ def steps_for(node: Node, cluster: Cluster, home: str, survey: dict) -> list[Ste
 
 def survey(node: Node, target: Target, cluster: Cluster) -> list[Step]:
     paths = list(cluster.paths_for(node).values())
-    found = gather(target, [Fact("home", ("sh", "-c", shell.PRINT_HOME)),
-                            Fact("dirs", ("sh", "-c", SURVEY_SCRIPT, "sh", *paths))])
+    found = gather(target, [Fact.of("home", scripts.HOME), Fact.of("dirs", SURVEY, *paths)],
+                   step="look at the node's folders")
     home = found["home"].stdout.strip()
     if not home.startswith("/"):
         raise TargetError(target.name, "cannot tell the node user's home directory (HOME is unset"

@@ -12,7 +12,8 @@ from typing import Callable, Generic, TypeVar
 
 from trtllm_deploy.errors import CheckFailed, DeployError
 from trtllm_deploy.hosts.inventory import Node
-from trtllm_deploy.hosts.targets import Target, connect
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.secrets import redact
 
 T = TypeVar("T")

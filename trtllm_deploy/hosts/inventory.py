@@ -19,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -162,6 +163,9 @@ class Node(NodeSettings):
     name: NodeName
     address: Address | None = None
     role: Literal["head", "worker"] | None = None
+    # The connections a run shares, where it shares them (connections.Connections.share): not part
+    # of the entry, carried with it so that every phase handed the node reaches it the same way.
+    _connections: Any = PrivateAttr(default=None)
 
     @property
     def host(self) -> str:

@@ -13,7 +13,8 @@ from trtllm_deploy import console
 from trtllm_deploy.hosts import shell
 from trtllm_deploy.hosts.fanout import GroupResult, fan_out
 from trtllm_deploy.hosts.inventory import Node
-from trtllm_deploy.hosts.targets import Target, connect
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from trtllm_deploy.hosts import parsers, shell
 from trtllm_deploy.hosts.facts import Fact, Output, gather
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.targets import Target
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
@@ -22,11 +23,11 @@ GPU_FIELDS = ["index", "name", "compute_cap", "driver_version", "memory.total"]
 
 # Each path is printed with the df line of its nearest existing ancestor, so a store that does not
 # exist yet is judged by the disk it will land on. `~` is the node user's home.
-DISK_SCRIPT = (
-    shell.ENSURE_HOME + 'for p do ' + shell.EXPAND_P_TO_Q
+DISK = Script("measure the node's free disk space", (
+    'for p do ' + shell.EXPAND_P_TO_Q
     + 'while [ ! -e "$q" ]; do q=$(dirname -- "$q"); done; '
     'printf "%s\\t" "$p"; df -PB1 -- "$q" | tail -n 1; done'
-)
+), timeout=30)
 
 GB = 1000**3
 
@@ -69,7 +70,7 @@ def facts_for(node: Node, cluster: Cluster) -> list[Fact]:
         # and several at once queue on the driver.
         Fact("cuda", ("nvidia-smi", "-q", "-d", "COMPUTE")),
         Fact("meminfo", ("cat", "/proc/meminfo")),
-        Fact("disk", ("sh", "-c", DISK_SCRIPT, "sh", *disk_paths(node, cluster).values())),
+        Fact.of("disk", DISK, *disk_paths(node, cluster).values()),
         Fact("docker", ("docker", "info", "--format", "{{json .}}")),
     ]
     if cluster.builds_on(node):

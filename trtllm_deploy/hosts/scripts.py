@@ -35,6 +35,10 @@ class Script:
         return ["sh", "-c", text, "trtllm-deploy", *(str(arg) for arg in args)]
 
 
+# The account's home directory (the preamble has made sure HOME is set): how targets learn it.
+HOME = Script("find the home directory", 'printf %s "$HOME"')
+
+
 @dataclass(frozen=True)
 class Ran:
     """What a script did: its result and its output split at each ``mark``."""
@@ -77,6 +81,10 @@ class StepFailed(TargetError):
         super().__init__(target, message)
 
 
+class StepTimedOut(StepFailed, CommandTimedOut):
+    """A step ran past its time limit and was stopped (a :class:`CommandTimedOut` too)."""
+
+
 def split(text: str, nonce: str) -> dict[str, str]:
     """The output of a run split at its marks: section name → text (``""``: before the first)."""
     marker = f"@@{nonce} "
@@ -109,8 +117,8 @@ def run(target: Target, script: Script, *args: object, check: bool = True,
         result = target.run([*prefix, *script.argv(args, nonce)], timeout=limit, env=env, stdin=stdin,
                             secrets=secrets, check=False)
     except CommandTimedOut as error:
-        raise StepFailed(error.target, script.step, None, f": still running after {limit:g} s, stopped") \
-            from None
+        raise StepTimedOut(error.target, script.step, None,
+                           f": still running after {limit:g} s, stopped") from None
     if check and not result.ok:
         raise StepFailed(result.target, script.step, result)
     return Ran(result, split(result.stdout, nonce))

@@ -17,9 +17,6 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # expands "~" starts with this so it falls back to the account's home from the user database.
 ENSURE_HOME = ': "${HOME:=$(getent passwd "$(id -u)" | cut -d: -f6)}"; '
 
-# Prints the home directory (see ENSURE_HOME); `sh -c PRINT_HOME` is how targets learn it.
-PRINT_HOME = ENSURE_HOME + 'printf %s "$HOME"'
-
 # Inside a `for p do ... done` loop: q is p with a leading "~" expanded.
 EXPAND_P_TO_Q = 'q=$p; case $q in "~") q=$HOME;; "~/"*) q=$HOME/${q#"~/"};; esac; '
 
@@ -31,6 +28,30 @@ def quote(word: object) -> str:
 def join(argv: Sequence[object]) -> str:
     """An argument list as one shell-safe line (for running and for showing)."""
     return " ".join(quote(word) for word in argv)
+
+
+_SHELLS = {"sh", "bash", "dash", "ash", "ksh", "zsh", "busybox"}
+_INLINE = re.compile(r"^-[a-zA-Z]*c$")  # -c, -ec, -lc: the next word is a script
+
+
+def show(argv: Sequence[object]) -> str:
+    """An argument list as a user should read it in a message: like :func:`join`, except that a
+    script given inline to a shell or Python (``sh -c '…'``) shows as ``<script>``. What failed is
+    named by the command and what it said; the script's text helps nobody reading an error."""
+    words = [str(word) for word in argv]
+    shown = []
+    inline = False
+    for index, word in enumerate(words):
+        if inline:
+            shown.append("<script>")
+            inline = False
+            continue
+        shown.append(quote(word))
+        if _INLINE.match(word):
+            before = [w for w in words[:index] if not w.startswith("-")]  # sh -e -c: the program
+            program = before[-1].rsplit("/", 1)[-1] if before else ""
+            inline = program in _SHELLS or program.startswith("python")
+    return " ".join(shown)
 
 
 def path_word(path: str) -> str:

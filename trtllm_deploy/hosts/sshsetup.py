@@ -10,53 +10,51 @@ Nothing in sshd's configuration is read or changed.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed, DeployError
-from trtllm_deploy.hosts import shell
+from trtllm_deploy.hosts import knownhosts, scripts
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.hosts.targets import Local, Target, changed_key_message
+from trtllm_deploy.hosts.knownhosts import PublicKey, find_key, host_name, keys_in
+from trtllm_deploy.hosts.local import Local
+from trtllm_deploy.hosts.scripts import Script
+from trtllm_deploy.hosts.targets import Target
 
 KEY = "~/.ssh/id_ed25519"  # the node user's key; containers.DEFAULT_KEY is the head's one of these
-_MARK = "@@trtllm-deploy-ssh-setup@@"
-_KEY_FIELDS = re.compile(r"(?:^|\s)((?:ssh|ecdsa-sha2|sk)-[A-Za-z0-9@._-]+)\s+([A-Za-z0-9+/]+=*)(?=\s|$)")
 
 # What is read on each node, in one round trip: its key, the two files we may add to, their
 # modes, and the host keys the node itself holds (the sshd we reached must present these).
-_GATHER = shell.ENSURE_HOME + f"""
+LOOK = Script("read the node's SSH keys", """
 k="$HOME/.ssh/id_ed25519"
-echo "{_MARK} modes"; stat -c '%n %a' "$HOME/.ssh" "$HOME/.ssh/authorized_keys" 2>/dev/null
-echo "{_MARK} key"
+mark modes; stat -c '%n %a' "$HOME/.ssh" "$HOME/.ssh/authorized_keys" 2>/dev/null
+mark key
 if [ -f "$k" ]; then
   if [ -f "$k.pub" ]; then cat "$k.pub"
   else ssh-keygen -y -P '' -f "$k" 2>/dev/null || echo '!unreadable'; fi
 fi
-echo "{_MARK} authorized_keys"; cat "$HOME/.ssh/authorized_keys" 2>/dev/null; echo
-echo "{_MARK} known_hosts"; cat "$HOME/.ssh/known_hosts" 2>/dev/null; echo
-echo "{_MARK} host_keys"; cat /etc/ssh/ssh_host_*_key.pub 2>/dev/null; echo
+mark authorized_keys; cat "$HOME/.ssh/authorized_keys" 2>/dev/null
+mark known_hosts; cat "$HOME/.ssh/known_hosts" 2>/dev/null
+mark host_keys; cat /etc/ssh/ssh_host_*_key.pub 2>/dev/null
 exit 0
-"""
+""")
 
-# Makes the node's key pair on the node if it has none; prints created/kept and the public half.
-_KEYGEN = shell.ENSURE_HOME + """set -e
+# Makes the node's key pair on the node if it has none (comment: $1); prints created/kept and
+# the public half.
+MAKE_KEY = Script("make the node's SSH key", """set -e
 umask 077
 mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh"
 k="$HOME/.ssh/id_ed25519"
 if [ -e "$k" ]; then echo kept
 else ssh-keygen -q -t ed25519 -N '' -C "$1" -f "$k" </dev/null; echo created; fi
 if [ -f "$k.pub" ]; then cat "$k.pub"; else ssh-keygen -y -P '' -f "$k"; fi
-"""
+""")
 
 # Appends lines to a file under ~/.ssh that are not in it yet (exact line), on a line of their
-# own; then sets the file's mode ("keep": as it is, 0600 if new). Usage: sh -c APPEND sh FILE MODE LINE...
-_APPEND = shell.ENSURE_HOME + """set -e
+# own; then sets the file's mode ("keep": as it is, 0600 if new). Arguments: FILE MODE LINE...
+_APPEND = """set -e
 umask 077
 mkdir -p "$HOME/.ssh" && chmod 700 "$HOME/.ssh"
 f="$HOME/.ssh/$1"; mode=$2; shift 2
@@ -65,82 +63,8 @@ for line do grep -qxF -- "$line" "$f" 2>/dev/null || printf '%s\\n' "$line" >> "
 touch "$f"
 if [ "$mode" != keep ]; then chmod "$mode" "$f"; fi
 """
-
-
-@dataclass(frozen=True)
-class PublicKey:
-    """An SSH public key: its type (``ssh-ed25519``) and base64 body; comments and options aside."""
-
-    type: str
-    body: str
-
-    @property
-    def line(self) -> str:
-        return f"{self.type} {self.body}"
-
-    @property
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(base64.b64decode(self.body)).digest()
-        return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-    @property
-    def shown(self) -> str:
-        return f"{self.type} {self.fingerprint}"
-
-
-def find_key(line: str) -> PublicKey | None:
-    """The key in an authorized_keys, known_hosts or .pub line (after any options), or None."""
-    if not line.strip() or line.lstrip().startswith("#"):
-        return None
-    match = _KEY_FIELDS.search(line)
-    return PublicKey(match.group(1), match.group(2)) if match else None
-
-
-def keys_in(text: str) -> list[PublicKey]:
-    found = [find_key(line) for line in text.splitlines()]
-    return list(dict.fromkeys(key for key in found if key))
-
-
-def host_name(host: str, port: int) -> str:
-    """How OpenSSH names a host in known_hosts: ``host``, or ``[host]:port`` off port 22."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
-def _pattern_matches(pattern: str, name: str) -> bool:
-    if pattern.startswith("|1|"):  # HashKnownHosts: |1|salt|HMAC-SHA1(salt, name)
-        try:
-            _, _, salt, digest = pattern.split("|", 3)
-            mac = hmac.new(base64.b64decode(salt), name.encode(), hashlib.sha1).digest()
-            return hmac.compare_digest(mac, base64.b64decode(digest))
-        except (ValueError, TypeError):
-            return False
-    # OpenSSH's patterns know only * and ?; "[" is a literal bracket of "[host]:port"
-    glob = re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".")
-    return re.fullmatch(glob, name) is not None
-
-
-def pinned_for(known_hosts: str, name: str) -> tuple[list[PublicKey], list[PublicKey]]:
-    """The keys a known_hosts text pins for ``name``, and the keys it revokes (``@revoked``).
-
-    ``@cert-authority`` lines pin no key of their own; a negated pattern (``!host``) excludes."""
-    pinned: list[PublicKey] = []
-    revoked: list[PublicKey] = []
-    for line in known_hosts.splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
-            continue
-        marker = words.pop(0) if words[0].startswith("@") else ""
-        if not words or marker == "@cert-authority":
-            continue
-        patterns = words[0].split(",")
-        if any(p.startswith("!") and _pattern_matches(p[1:], name) for p in patterns):
-            continue
-        if not any(_pattern_matches(p, name) for p in patterns if not p.startswith("!")):
-            continue
-        key = find_key(" ".join(words[1:]))
-        if key:
-            (revoked if marker == "@revoked" else pinned).append(key)
-    return pinned, revoked
+AUTHORIZE = Script("add keys to authorized_keys", _APPEND)
+PIN = Script("pin host keys in known_hosts", _APPEND)
 
 
 # --- facts ----------------------------------------------------------------------------------------
@@ -158,20 +82,8 @@ class NodeFacts:
     scanned: tuple[PublicKey, ...]    # ssh-keyscan from this machine to the node's address and port
 
 
-def _sections(text: str) -> dict[str, str]:
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        if line.startswith(_MARK + " "):
-            current = line[len(_MARK) + 1:].strip()
-            found[current] = []
-        elif current is not None:
-            found[current].append(line)
-    return {name: "\n".join(lines) for name, lines in found.items()}
-
-
-def parse_gathered(node: Node, text: str, scanned: str) -> NodeFacts:
-    parts = _sections(text)
+def parse_gathered(node: Node, parts: dict[str, str], scanned: str) -> NodeFacts:
+    """A node's facts from the sections of :data:`LOOK`'s output and the scan."""
     key_text = parts.get("key", "").strip()
     if key_text == "!unreadable":
         raise CheckFailed(f"{node.name}: {KEY} exists but its public half cannot be read (is it"
@@ -211,8 +123,7 @@ def keyscan(node: Node) -> str:
 def gather(node: Node, target: Target) -> NodeFacts:
     # The node's own report comes through `target`, whose host key was checked against the pinned
     # one; the scan is what anyone on the network gets from that address.
-    text = target.run(["sh", "-c", _GATHER], timeout=60).stdout
-    return parse_gathered(node, text, keyscan(node))
+    return parse_gathered(node, scripts.run(target, LOOK).sections, keyscan(node))
 
 
 # --- the plan -------------------------------------------------------------------------------------
@@ -300,19 +211,18 @@ def _missing(text: str, name: str, keys: list[PublicKey], file: str, owner: str,
              refusals: list[str]) -> list[PublicKey]:
     """Which ``keys`` a known_hosts text lacks for ``name``; a different key of a type it pins
     for that name, or a revoked one, is a refusal."""
-    pinned, revoked = pinned_for(text, name)
+    found = knownhosts.pins(text, name)
     wanted = []
     for key in keys:
-        if key in revoked:
+        verdict = knownhosts.judge(found, key)
+        if verdict == knownhosts.REVOKED:
             refusals.append(f"{owner}: {file} marks {key.shown} of {name} @revoked; nothing was written")
-        elif other := [p for p in pinned if p.type == key.type and p != key]:
+        elif rivals := knownhosts.rivals(found, key):
             # Also when the right key is pinned beside it: a second key of the same type for the
             # same host is what a planted man-in-the-middle entry looks like.
-            refusals.append(f"{owner}: " + changed_key_message(
-                name, file, other[0].shown, key.shown, refused="Nothing was written anywhere"))
-        elif key in pinned:
-            continue
-        else:
+            refusals.append(f"{owner}: " + knownhosts.changed_key_message(
+                name, file, rivals[0].shown, key.shown, refused="Nothing was written anywhere"))
+        elif verdict == knownhosts.UNKNOWN:
             wanted.append(key)
     return wanted
 
@@ -339,7 +249,7 @@ def make_plan(cluster: Cluster, facts: list[NodeFacts]) -> Plan:
             continue  # this machine does not ssh to itself; the nodes' known_hosts get its keys
         path = str(Path(node.known_hosts).expanduser())
         if path not in local_texts:
-            local_texts[path] = Path(path).read_text() if os.path.isfile(path) else ""
+            local_texts[path] = knownhosts.read(path)
         name = host_name(node.host, node.port)
         text = local_texts[path] + "".join(line + "\n" for line in local.get(path, []))
         add = _missing(text, name, keys, path, "this machine", refusals)
@@ -430,8 +340,7 @@ def apply(plan: Plan) -> list[NodeResult]:
         step = by_name[node.name]
         if not step.create_key:
             return "kept", step.key
-        done = target.run(["sh", "-c", _KEYGEN, "sh", f"{node.user or 'node'}@{node.name} trtllm-deploy"],
-                          timeout=60).stdout.splitlines()
+        done = scripts.run(target, MAKE_KEY, f"{node.user or 'node'}@{node.name} trtllm-deploy").lines()
         key = find_key("\n".join(done[1:]))
         if key is None:
             raise CheckFailed(f"{node.name}: ssh-keygen made no readable {KEY}.pub")
@@ -445,10 +354,9 @@ def apply(plan: Plan) -> list[NodeResult]:
         step = by_name[node.name]
         authorized = [f"{keys[name][1].line} trtllm-deploy:{name}" for name in step.authorize]
         if authorized or step.fix_modes:
-            target.run(["sh", "-c", _APPEND, "sh", "authorized_keys", "600", *authorized], timeout=60)
+            scripts.run(target, AUTHORIZE, "authorized_keys", "600", *authorized)
         if step.known_hosts:
-            target.run(["sh", "-c", _APPEND, "sh", "known_hosts", "keep", *step.known_hosts],
-                       timeout=60)
+            scripts.run(target, PIN, "known_hosts", "keep", *step.known_hosts)
         return len(authorized), len(step.known_hosts)
 
     added = fan_out(nodes, add_lines)

@@ -17,7 +17,8 @@ from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts.fanout import GroupResult, Outcome, fan_out
 from trtllm_deploy.hosts.inventory import Node
-from trtllm_deploy.hosts.targets import Target, connect
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.push import channel, files, layers
 
 Progress = Callable[[str, int], None]  # (node name, bytes just sent)

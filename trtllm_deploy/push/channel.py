@@ -21,7 +21,9 @@ import threading
 from collections.abc import Callable, Sequence
 
 from trtllm_deploy.hosts import shell
-from trtllm_deploy.hosts.targets import SSH, Local, Target, TargetError, Unreachable
+from trtllm_deploy.hosts.local import Local
+from trtllm_deploy.hosts.ssh import SSH
+from trtllm_deploy.hosts.targets import Target, TargetError, Unreachable
 
 BLOCK = 4 << 20
 # Bulk data prefers AES-GCM: hardware AES on x86_64 and aarch64 makes it about 1.7x the default

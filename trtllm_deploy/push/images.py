@@ -19,7 +19,8 @@ from trtllm_deploy.errors import DeployError
 from trtllm_deploy.hosts.dockercli import docker, image_id
 from trtllm_deploy.hosts.fanout import GroupResult, fan_out
 from trtllm_deploy.hosts.inventory import Node
-from trtllm_deploy.hosts.targets import Target, connect
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import shell
 from trtllm_deploy.hosts.fanout import GroupResult, fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.hosts.targets import InContainer, Target, connect, expand
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.container import InContainer
+from trtllm_deploy.hosts.targets import Target, expand
 from trtllm_deploy.serving import mpi, probe
 
 LABEL = "io.trtllm-deploy"

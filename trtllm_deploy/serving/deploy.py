@@ -21,7 +21,8 @@ from trtllm_deploy.source import pin as sources
 from trtllm_deploy.artifact import build as artifact
 from trtllm_deploy.artifact import convert, manifest, models
 from trtllm_deploy.errors import CheckFailed, DeployError, InputError
-from trtllm_deploy.hosts import preflight, targets
+from trtllm_deploy.hosts import preflight
+from trtllm_deploy.hosts.connections import Connections
 from trtllm_deploy.hosts.inventory import Cluster
 from trtllm_deploy.serving import clustercheck, containers, launch
 from trtllm_deploy.source import image as images
@@ -89,8 +90,8 @@ def run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request: 
         raise InputError("deploy needs exactly one of --model (engine.build makes the artifact) or "
                          "--artifact-dir (an artifact made already)")
     push.check_transport(request.transport)
-    with targets.reuse():  # one SSH connection per node for every phase
-        return _run(cluster, lockfile, catalog, request, progress)
+    with Connections() as shared:  # one SSH connection per node for every phase, closed at the end
+        return _run(shared.share(cluster), lockfile, catalog, request, progress)
 
 
 def _run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request: Request,

@@ -32,7 +32,8 @@ from trtllm_deploy.artifact.manifest import MANIFEST
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.hosts.targets import connect, expand
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import expand
 from trtllm_deploy.runtimes import failures
 from trtllm_deploy.serving import containers
 

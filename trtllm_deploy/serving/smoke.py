@@ -17,7 +17,8 @@ from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target, expand
 from trtllm_deploy.runtimes import failures
 from trtllm_deploy.serving import launch
 from trtllm_deploy.source import cuda

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from trtllm_deploy.hosts import scripts
 from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.hosts.scripts import Script
-from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target, expand
 from trtllm_deploy.source import cuda
 from trtllm_deploy.source.image import last_source_build
 from trtllm_deploy.source.make import jobs_for

@@ -21,7 +21,8 @@ from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.shell import join
-from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target, expand
 from trtllm_deploy.source import buildlog, make, release, wheel
 from trtllm_deploy.source.lock import LockFile
 from trtllm_deploy.source.plan import (LABEL_ARCHS, LABEL_KIND, LABEL_LOCK, BuildPlan, image_ref,

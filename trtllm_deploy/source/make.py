@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.hosts.shell import join
-from trtllm_deploy.hosts.targets import Target, connect
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.source.lock import LockFile
 from trtllm_deploy.source.plan import (LABEL_ARCHS, LABEL_LOCK, BuildPlan, coverage, image_ref, label_words,
                                        labels, labels_on, look)

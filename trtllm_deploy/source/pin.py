@@ -11,7 +11,8 @@ from pathlib import Path
 from trtllm_deploy.errors import DeployError
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster
-from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target, expand
 from trtllm_deploy.source import cuda, wheel
 from trtllm_deploy.source import lock as locks
 from trtllm_deploy.source.plan import node_facts

@@ -20,7 +20,8 @@ from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.hosts.parsers import parse_meminfo
 from trtllm_deploy.hosts.shell import join
-from trtllm_deploy.hosts.targets import Target, TargetError, connect
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target, TargetError
 from trtllm_deploy.source import cuda
 from trtllm_deploy.source.lock import LockFile
 

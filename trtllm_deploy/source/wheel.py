@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.hosts.targets import Target, connect, expand
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.hosts.targets import Target, expand
 from trtllm_deploy.source.lock import LockFile
 from trtllm_deploy.source.plan import (ROOT, BuildPlan, image_ref, label_words, labels, labels_on, look,
                                        up_to_date)

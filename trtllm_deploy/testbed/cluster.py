@@ -24,6 +24,7 @@ from pathlib import Path
 
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts import inventory, sshkeys, targets
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.hosts.dockercli import docker, require_engine, text
 from trtllm_deploy.push.images import deliver
 from trtllm_deploy.testbed import images
@@ -363,7 +364,7 @@ class Testbed:
                                   f"{(logs.stdout + logs.stderr).decode(errors='replace')}")
             target = None
             try:
-                target = targets.SSH(node)
+                target = SSH(node)
                 result = target.run(["docker", "info", "--format", "{{.Driver}}"], timeout=10,
                                     check=False)
                 if result.ok and result.stdout.strip():

@@ -28,7 +28,8 @@ def nsys_argv(program: list[str], seconds: int, output: str) -> list[str]:
 def run(cluster, seconds: int, out: Path, program: list[str] | None = None,
         in_container: bool = True) -> Path:
     """Profile on the head; return the fetched ``.nsys-rep``."""
-    from trtllm_deploy.hosts.targets import CommandFailed, connect
+    from trtllm_deploy.hosts.connections import connect
+    from trtllm_deploy.hosts.targets import CommandFailed
     from trtllm_deploy.serving import containers, launch
 
     deployment = launch.current(cluster)
