@@ -19,9 +19,10 @@ from invoke.exceptions import Exit
 
 from conftest import docker_unusable
 from trtllm_deploy.cli import ssh as ssh_cli
-from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import inventory, knownhosts, sshkeys, sshsetup
 from trtllm_deploy.hosts.ssh import SSH
+from trtllm_deploy.serving import containers
 
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 
@@ -86,6 +87,22 @@ def test_the_matching_lines_are_kept_as_written_for_another_openssh():
 ], ids=["pinned", "one-of-several", "changed", "other-type-only", "nothing", "revoked"])
 def test_an_offered_key_is_judged_as_openssh_would(text, offered, verdict):
     assert knownhosts.judge(knownhosts.pins(text, "h"), offered) == verdict
+
+
+def test_the_rsh_agent_gets_the_lines_that_pin_each_node(tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    hashed = f"{_hashed('10.0.0.2')} {ED_A.line}"
+    known_hosts.write_text(f"{hashed}\n[10.0.0.3]:2222 {ED_B.line} c\n10.0.0.4 {RSA.line}\n"
+                           f"@revoked 10.0.0.* {RSA.line}\n")
+    hosts = tmp_path / "hosts.toml"
+    node = '[[nodes]]\nname = "{}"\naddress = "{}"\nport = {}\nknown_hosts = "%s"\n' % known_hosts
+    hosts.write_text(node.format("spark-1", "10.0.0.2", 22) + 'role = "head"\n'
+                     + node.format("spark-2", "10.0.0.3", 2222))
+    lines = containers.known_hosts_lines(inventory.load(hosts))
+    assert lines == f"{hashed}\n@revoked 10.0.0.* {RSA.line}\n[10.0.0.3]:2222 {ED_B.line} c\n"
+    hosts.write_text(node.format("spark-1", "10.0.0.9", 22) + 'role = "head"\n')
+    with pytest.raises(InputError, match="spark-1: no pinned host key for 10.0.0.9"):
+        containers.known_hosts_lines(inventory.load(hosts))
 
 
 def test_fingerprint_is_what_ssh_keygen_prints(tmp_path):

@@ -93,6 +93,7 @@ class Pins:
 
     keys: list[PublicKey] = field(default_factory=list)      # pinned
     revoked: list[PublicKey] = field(default_factory=list)   # @revoked (for any name they match)
+    authorities: list[PublicKey] = field(default_factory=list)  # @cert-authority
     lines: list[str] = field(default_factory=list)           # the matching lines, as written
 
 
@@ -120,7 +121,9 @@ def pins(text: str, name: str) -> Pins:
         found.lines.append(line.strip())
         if marker == "@revoked":
             found.revoked.append(key)
-        elif marker != "@cert-authority":
+        elif marker == "@cert-authority":
+            found.authorities.append(key)
+        else:
             found.keys.append(key)
     return found
 

@@ -17,12 +17,11 @@ import hashlib
 import json
 import posixpath
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed, InputError
-from trtllm_deploy.hosts import shell
+from trtllm_deploy.hosts import knownhosts, shell
 from trtllm_deploy.hosts.fanout import GroupResult, fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.hosts.connections import connect
@@ -253,17 +252,16 @@ def known_hosts_lines(cluster: Cluster) -> str:
     for node in cluster.nodes:
         if node.connection == "local":
             continue
-        name = node.host if node.port == 22 else f"[{node.host}]:{node.port}"
+        name = knownhosts.host_name(node.host, node.port)
         path = Path(node.known_hosts).expanduser()
-        found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(path)], capture_output=True,
-                               text=True) if path.is_file() else None
-        keys = [line for line in (found.stdout if found else "").splitlines()
-                if line and not line.startswith("#")]
-        if not keys:
+        found = knownhosts.pins(knownhosts.read(path), name)
+        if not (found.keys or found.authorities):
             raise InputError(f"{node.name}: no pinned host key for {name} in {path}; mpirun's rsh "
                              "agent checks host keys: run `invoke ssh.setup`, or compare and add it "
                              f"with ssh-keyscan -p {node.port} {node.host}")
-        lines += [line for line in keys if line not in lines]
+        # As written (hashed names stay hashed), @revoked lines too: the rsh agent's OpenSSH
+        # judges by the same lines as this machine.
+        lines += [line for line in found.lines if line not in lines]
     return "\n".join(lines) + "\n"
 
 
