@@ -114,6 +114,48 @@ def test_writing_a_lock_and_reading_it_back_gives_the_same_lock(tmp_path):
     assert again.read_text() == locks.dumps(lock)  # stable: a rewrite changes no byte
 
 
+COMMENTED = GOOD.replace('ref = "main"', 'ref = "main"  # the branch we follow').replace(
+    "[build]", "# Built on the Spark itself.\n[build]").replace(
+    "[[fixes]]", "[[fixes]]\n# the hang we saw in March") + "\n# Nothing below this line.\n"
+
+
+@pytest.mark.parametrize("change, written", [
+    (lambda lock: lock, []),
+    (lambda lock: lock.model_copy(update={"source": lock.source.model_copy(update={"commit": OTHER})}),
+     [f'commit = "{OTHER}"']),
+    (lambda lock: lock.model_copy(update={"build": lock.build.model_copy(update={"jobs": 8})}),
+     ["jobs = 8"]),
+    (lambda lock: lock.model_copy(update={"fixes": [*lock.fixes, locks.Fix(pr=7937)]}),
+     ["[[fixes]]\npr = 7937"]),
+    (lambda lock: lock.model_copy(update={"source": lock.source.model_copy(update={"version": None})}),
+     []),
+    (lambda lock: lock.model_copy(update={"release": locks.Release(image='with "quotes" \\ and\nlines')}),
+     ['[release]\nimage = "with \\"quotes\\" \\\\ and\\nlines"']),
+], ids=["unchanged", "new-commit", "new-jobs", "one-more-fix", "version-dropped", "escaped"])
+def test_a_rewritten_lock_keeps_the_users_comments(tmp_path, change, written):
+    path = write(tmp_path, COMMENTED)
+    lock = change(locks.load(path).lock)
+    locks.write(path, lock)
+    text = path.read_text()
+    assert locks.load(path).lock == lock
+    for comment in ("# the branch we follow", "# Built on the Spark itself.", "# the hang we saw in March",
+                    "# Nothing below this line."):
+        assert comment in text
+    for line in written:
+        assert line in text
+    locks.write(path, lock)
+    assert path.read_text() == text  # stable: a rewrite with nothing changed changes no byte
+    assert sorted(path.name for path in tmp_path.iterdir()) == [path.name]  # no temporary left
+
+
+def test_the_shipped_lock_rewritten_unchanged_is_the_same_file(tmp_path):
+    shipped = ROOT / locks.DEFAULT_PATH
+    path = tmp_path / "lock.toml"
+    path.write_text(shipped.read_text())
+    locks.write(path, locks.load(path).lock)
+    assert path.read_text() == shipped.read_text()
+
+
 @pytest.mark.parametrize("change, differs", [
     (lambda t: t.replace(f'commit = "{SHA}"', f'commit = "{OTHER}"', 1), True),
     (lambda t: t.replace('"121-real"', '"120-real"'), True),

@@ -1,4 +1,5 @@
-"""TOML files the user writes: reading them, and errors that point at the line of the key.
+"""TOML files the user writes: reading them, errors that point at the line of the key, and
+writing them back (``rewrite``) with the user's comments where they were.
 
 ``tomllib`` keeps no positions, so this reads the file's table headers and ``key =`` lines itself.
 It follows what inventory files use (tables, arrays of tables, dotted keys); for anything it cannot
@@ -14,7 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomlkit
 from pydantic import AfterValidator, BaseModel, ValidationError
+from tomlkit.container import Container
+from tomlkit.items import AoT, Item, Table
 
 from trtllm_deploy.errors import InputError
 
@@ -239,3 +243,54 @@ def matching(pattern: str, expected: str) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def rewrite(previous: str | None, document: tomlkit.TOMLDocument) -> str:
+    """``document`` as TOML text. Given ``previous`` (the file as it is now), the document is written
+    into it instead: a value that did not change is left as the user spelled it, a changed one is
+    replaced in place, keys the document lacks are removed and new ones added, and every comment
+    stays where it was. Whatever the previous text, the result reads back as ``document``."""
+    if previous is None:
+        return document.as_string()
+    try:
+        kept = tomlkit.parse(previous)
+    except tomlkit.exceptions.ParseError:  # nothing of it can be kept: write the document afresh
+        return document.as_string()
+    _write_into(kept, document)
+    return kept.as_string()
+
+
+def _item(table: Container | Table, key: str) -> Item:
+    # Indexing gives plain Python values for some types (bool); their formatting lives on the item.
+    return (table.value if isinstance(table, Table) else table).item(key)
+
+
+def _same(old: Item, new: Item) -> bool:
+    old_value, new_value = old.unwrap(), new.unwrap()
+    return type(old_value) is type(new_value) and old_value == new_value
+
+
+def _write_into(old: Container | Table, new: Container | Table) -> None:
+    for key in [key for key in old if key not in new]:
+        del old[key]
+    for key in new:
+        value = _item(new, key)
+        if key not in old:
+            if isinstance(value, (Table, AoT)):  # a blank line between it and the header after it
+                (value if isinstance(value, Table) else value[-1]).add(tomlkit.nl())
+            old[key] = value
+            continue
+        there = _item(old, key)
+        if isinstance(value, Table) and isinstance(there, Table):  # inline tables are values
+            _write_into(there, value)
+        elif isinstance(value, AoT) and isinstance(there, AoT):  # table by table, by position
+            for old_table, new_table in zip(there, value, strict=False):
+                _write_into(old_table, new_table)
+            while len(there) > len(value):
+                del there[-1]
+            for new_table in list(value)[len(there):]:
+                there.append(new_table)
+        elif not _same(there, value):
+            old[key] = value

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
+import tomlkit
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -26,7 +27,8 @@ from pydantic import (
     ValidationError,
 )
 
-from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, problems_from, read
+from trtllm_deploy import atomic
+from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, problems_from, read, rewrite
 
 DEFAULT_PATH = Path("requirements/tensorrt-llm.lock.toml")
 KINDS = ("source", "release", "wheel")
@@ -251,55 +253,67 @@ HEADER = """\
 """
 
 
-def _value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + " }" if value else "{}"
-    return json.dumps(str(value))  # JSON's escapes are a subset TOML's basic strings accept
-
-
-def dumps(lock: Lock) -> str:
-    """The lock as TOML, in a stable order (a rewrite with nothing changed is byte-identical)."""
-    out = [HEADER, "[source]"]
-    source = lock.source
-    for key in ("repository", "ref", "commit", "version", "date", "trtllm_build"):
-        value = getattr(source, key)
+def _table(values: dict) -> tomlkit.items.Table:
+    """A table of the values that are set (None: the key is left out), in the order given."""
+    table = tomlkit.table()
+    for key, value in values.items():
         if value is not None:
-            out.append(f"{key} = {_value(value)}")
-    for submodule in source.submodules:
-        out += ["", "[[source.submodules]]", f"path = {_value(submodule.path)}",
-                f"commit = {_value(submodule.commit)}"]
+            table[key] = value
+    return table
+
+
+def _tables(rows: list[dict]) -> tomlkit.items.AoT:
+    # Made whole before it joins the document: tomlkit spaces the tables apart only then.
+    tables = tomlkit.aot()
+    for row in rows:
+        tables.append(_table(row))
+    return tables
+
+
+def document(lock: Lock) -> tomlkit.TOMLDocument:
+    """The lock as a TOML document, in a stable order (a rewrite with nothing changed is
+    byte-identical)."""
+    doc = tomlkit.document()
+    for line in HEADER.splitlines():
+        doc.add(tomlkit.comment(line.removeprefix("# ")))
+    doc.add(tomlkit.nl())
+    source = lock.source
+    doc["source"] = _table({key: getattr(source, key) for key in
+                            ("repository", "ref", "commit", "version", "date", "trtllm_build")})
+    if source.submodules:
+        doc["source"]["submodules"] = _tables([{"path": submodule.path, "commit": submodule.commit}
+                                               for submodule in source.submodules])
     build = lock.build
-    out += ["", "[build]", f"kind = {_value(build.kind)}",
-            *([f"base_image = {_value(build.base_image)}"] if build.base_image else []),
-            f"cuda_archs = {_value(build.cuda_archs)}", f"make_target = {_value(build.make_target)}",
-            f"jobs = {build.jobs}  # 0: sized from the build node's memory at build time",
-            f"options = {_value(build.options)}"]
+    jobs = tomlkit.item(build.jobs)
+    jobs.comment("0: sized from the build node's memory at build time")
+    jobs.trivia.comment_ws = "  "
+    options = tomlkit.inline_table()
+    options.update(build.options)
+    doc["build"] = _table({"kind": build.kind, "base_image": build.base_image or None,
+                           "cuda_archs": build.cuda_archs, "make_target": build.make_target,
+                           "jobs": jobs, "options": options})
     if lock.release.image:
-        out += ["", "[release]", f"image = {_value(lock.release.image)}"]
+        doc["release"] = _table({"image": lock.release.image})
     if lock.wheel.version:
-        out += ["", "[wheel]"] + [f"{key} = {_value(getattr(lock.wheel, key))}"
-                                  for key in ("version", "requirements", "find_links")
-                                  if getattr(lock.wheel, key)]
+        doc["wheel"] = _table({key: getattr(lock.wheel, key) or None
+                               for key in ("version", "requirements", "find_links")})
     if lock.quantize != Quantize():
-        out += ["", "[quantize]"] + [f"{key} = {_value(value)}" for key, value in
-                                     lock.quantize.model_dump(exclude_none=True).items()]
+        doc["quantize"] = _table(lock.quantize.model_dump(exclude_none=True))
     if lock.vllm != Vllm():
-        out += ["", "[vllm]", f"image = {_value(lock.vllm.image)}"]
-    for fix in lock.fixes:
-        out += ["", "[[fixes]]"]
-        for key in ("commit", "pr", "title"):
-            value = getattr(fix, key)
-            if value is not None:
-                out.append(f"{key} = {_value(value)}")
-    return "\n".join(out) + "\n"
+        doc["vllm"] = _table({"image": lock.vllm.image})
+    if lock.fixes:
+        doc["fixes"] = _tables([{key: getattr(fix, key) for key in ("commit", "pr", "title")}
+                                for fix in lock.fixes])
+    return doc
+
+
+def dumps(lock: Lock, previous: str | None = None) -> str:
+    """The lock as TOML; written into ``previous`` (the file's text before) where given, so that
+    the user's comments stay."""
+    return rewrite(previous, document(lock))
 
 
 def write(path: Path, lock: Lock) -> None:
-    """Replace the lock file atomically (a crash leaves the old one or the new one)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(dumps(lock))
-    os.replace(temporary, path)
+    """Rewrite the lock file keeping its comments, atomically (a crash leaves the old one or the
+    new one)."""
+    atomic.write_text(path, dumps(lock, path.read_text() if path.exists() else None))

@@ -22,6 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomlkit
+
+from trtllm_deploy import atomic
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts import inventory, sshkeys, targets
 from trtllm_deploy.hosts.ssh import SSH
@@ -346,8 +349,8 @@ class Testbed:
             key = layout.host_key(index)
             lines.append(sshkeys.known_hosts_line(layout.address(index), 22,
                                                   sshkeys.public_key(key)))
-        _write_atomically(layout.known_hosts, "".join(lines))
-        _write_atomically(layout.hosts_file, hosts_toml(layout, runtime_image))
+        atomic.write_text(layout.known_hosts, "".join(lines))
+        atomic.write_text(layout.hosts_file, hosts_toml(layout, runtime_image))
         inventory.load(layout.hosts_file)  # what we hand out must be a valid inventory
 
     def _wait_ready(self, index: int, node: inventory.Node, action: str, timeout: float,
@@ -413,50 +416,45 @@ class Testbed:
 
 def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
     """The inventory of the testbed: a plain hosts.toml any task can take with --hosts."""
-    q = _toml_string
-    lines = [
-        f"# The testbed {layout.name!r}: {layout.nodes} simulated node(s) on this machine, made by",
-        "# `invoke testbed.up`. They have no GPU; the runtime inside them is the stand-in.",
-        "# Written by trtllm-deploy; `invoke testbed.up` rewrites it.",
-        "",
-        "[cluster]",
-        f"name = {q(layout.name)}",
-        "",
-        "[defaults]",
-        f"user = {q(USER)}",
-        f"identity_file = {q(layout.client_key)}",
-        f"known_hosts = {q(layout.known_hosts)}",
-        "",
-        "[defaults.fabric]",
-        'interfaces = ["eth0"]',
-        "",
-        *(["[defaults.container]", f"image = {q(runtime_image)}  # the stand-in runtime",
-           "# A nested test node may not raise memlock (this machine's hard limit stands); a Spark can.",
-           'ulimits = { stack = "67108864" }', ""]
-          if runtime_image else []),
-        "[preflight]",
-        f"arch = {q(platform.machine())}  # the nodes run on this machine's architecture",
-        "require_gpu = false             # simulated nodes have none: the stand-in runtime needs none",
-        "require_nvidia_runtime = false",
-        "min_disk_build_gb = 1           # they share this machine's disk",
-        "min_disk_artifacts_gb = 1",
-    ]
+    def commented(value, comment: str):
+        item = tomlkit.item(value)
+        item.comment(comment)
+        item.trivia.comment_ws = "  "
+        return item
+
+    doc = tomlkit.document()
+    for line in (f"The testbed {layout.name!r}: {layout.nodes} simulated node(s) on this machine, made by",
+                 "`invoke testbed.up`. They have no GPU; the runtime inside them is the stand-in.",
+                 "Written by trtllm-deploy; `invoke testbed.up` rewrites it."):
+        doc.add(tomlkit.comment(line))
+    doc.add(tomlkit.nl())
+    doc["cluster"] = {"name": layout.name}
+    defaults = tomlkit.table()
+    defaults.update({"user": USER, "identity_file": str(layout.client_key),
+                     "known_hosts": str(layout.known_hosts)})
+    defaults["fabric"] = {"interfaces": ["eth0"]}
+    if runtime_image:
+        container = tomlkit.table()
+        container["image"] = commented(runtime_image, "the stand-in runtime")
+        container.add(tomlkit.comment(
+            "A nested test node may not raise memlock (this machine's hard limit stands); a Spark can."))
+        container["ulimits"] = tomlkit.inline_table()
+        container["ulimits"]["stack"] = "67108864"
+        defaults["container"] = container
+    doc["defaults"] = defaults
+    doc["preflight"] = {
+        "arch": commented(platform.machine(), "the nodes run on this machine's architecture"),
+        "require_gpu": commented(False, "simulated nodes have none: the stand-in runtime needs none"),
+        "require_nvidia_runtime": False,
+        "min_disk_build_gb": commented(1, "they share this machine's disk"),
+        "min_disk_artifacts_gb": 1,
+    }
+    nodes = tomlkit.aot()
     for index in layout.indexes:
-        lines += ["", "[[nodes]]", f"name = {q(layout.node_name(index))}",
-                  f"address = {q(layout.address(index))}"]
+        node = tomlkit.table()
+        node.update({"name": layout.node_name(index), "address": layout.address(index)})
         if index == 1:
-            lines.append('role = "head"')
-    return "\n".join(lines) + "\n"
-
-
-def _toml_string(value: object) -> str:
-    import json
-
-    return json.dumps(str(value))
-
-
-def _write_atomically(path: Path, content: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(content)
-    os.replace(temporary, path)
+            node["role"] = "head"
+        nodes.append(node)
+    doc["nodes"] = nodes
+    return doc.as_string()
