@@ -45,7 +45,8 @@ def download(hub, tmp_path, repo: str, revision: str | None, token: str | None =
             "PYTHONPATH": str(ROOT)}
     if token:
         env["HF_TOKEN"] = token
-    code = ("import sys\nfrom trtllm_deploy import hub\nfrom trtllm_deploy.errors import DeployError\n"
+    code = ("import sys\nfrom trtllm_deploy.artifact import hub\n"
+            "from trtllm_deploy.errors import DeployError\n"
             "try:\n"
             f"    print(hub.{call}({repo!r}, {revision!r}))\n"
             "except DeployError as exc:\n"

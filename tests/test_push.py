@@ -86,10 +86,9 @@ def test_a_plan_that_does_not_fit_says_so():
 def test_layer_chains_and_node_facts():
     chains = layers.chain_ids(["sha256:a", "sha256:b"])
     assert chains[0] == "sha256:a" and chains[1].startswith("sha256:") and len(chains[1]) == 71
-    out = 'sha256:1 {"x":"1"}\n---\n["sha256:a"]\n["sha256:a","sha256:b"]\n'
-    got, labels, held = layers.parse_facts(out)
+    got, labels, held = layers.parse_facts('sha256:1 {"x":"1"}', '["sha256:a"]\n["sha256:a","sha256:b"]\n')
     assert (got, labels) == ("sha256:1", {"x": "1"}) and held == set(chains)
-    assert layers.parse_facts("none\n---\n") == (None, {}, set())
+    assert layers.parse_facts("", "") == (None, {}, set())
 
 
 # --- bad input: exit 2, nothing run anywhere --------------------------------------------------

@@ -15,14 +15,17 @@ from pathlib import Path
 
 from trtllm_deploy.artifact import manifest
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.hosts import shell
+from trtllm_deploy.hosts import scripts, shell
 from trtllm_deploy.hosts.fanout import GroupResult, fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.targets import Target, TargetError, expand
 
 STAGING = "~/.cache/trtllm-deploy"  # the account's private directory (0700), as targets.py uses
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 VERIFY_TIMEOUT = 3600.0  # a cold 100+ GB checkpoint on a slow disk; a warm one takes a second
+# $1 the private folder the checker lives in (made here if missing), $2 the checker: is it there?
+HAS_CHECKER = Script("look for the manifest checker", 'mkdir -p -m 700 -- "$1" && test -f "$2"')
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,7 @@ def ensure_script(target: Target, home: str) -> str:
     local, filename = _script()
     directory = expand(STAGING, home)
     remote = posixpath.join(directory, filename)
-    probe = target.run(["sh", "-c", 'mkdir -p -m 700 -- "$1" && test -f "$2"', "sh",
-                        directory, remote], check=False)
+    probe = scripts.run(target, HAS_CHECKER, directory, remote, check=False)
     if not probe.ok:
         target.put(local, remote)
     return remote

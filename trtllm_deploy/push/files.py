@@ -22,6 +22,8 @@ from trtllm_deploy import console
 from trtllm_deploy.artifact import manifest
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts.inventory import Node
+from trtllm_deploy.hosts.scripts import Script
+from trtllm_deploy.hosts.scripts import run as run_step
 from trtllm_deploy.hosts.targets import Target, TargetError, expand
 from trtllm_deploy.push import agent
 from trtllm_deploy.push.channel import Channel, Meter, Sink, token
@@ -29,6 +31,10 @@ from trtllm_deploy.push.channel import Channel, Meter, Sink, token
 SCRIPTS = "~/.cache/trtllm-deploy"  # the account's private directory, as engines.py uses
 SURVEY_TIMEOUT = 3600.0  # a cold check of a large artifact already on the node hashes all of it
 MISSING_SCRIPTS = 3
+# $1 the node's manifest.py, $2 its agent.py, $3 the agent's verb, then the verb's arguments. Exits
+# MISSING_SCRIPTS while either is not on the node yet (the first push there, or a new version).
+RUN_AGENT = Script("run the push agent", f'test -f "$1" && test -f "$2" || exit {MISSING_SCRIPTS}\n'
+                   'm=$1; a=$2; v=$3; shift 3; exec python3 "$a" "$v" "$m" "$@"', timeout=SURVEY_TIMEOUT)
 BLOCK_SLACK = 4096  # a file's last block, per file, when estimating the space it takes
 # Streams per node at once: each is an SSH connection (a core to encrypt here, one to decrypt there)
 # or a fabric connection, and a receiving process or thread that writes and hashes its files.
@@ -153,13 +159,14 @@ class Scripts:
         self.remote = {key: posixpath.join(self.directory, _shipped(path, f"push-{key}"))
                        for key, path in self.local.items()}
 
-    def command(self, verb: str, artifacts: str, name: str, listen: str | None = None) -> list[str]:
-        """The agent's command line (survey, receive or part); exits MISSING_SCRIPTS when a script
-        is not there yet."""
-        return ["sh", "-c", f'test -f "$1" && test -f "$2" || exit {MISSING_SCRIPTS}; '
-                'm=$1; a=$2; v=$3; shift 3; exec python3 "$a" "$v" "$m" "$@"', "sh",
-                self.remote["manifest"], self.remote["agent"], verb, artifacts, name,
+    def args(self, verb: str, artifacts: str, name: str, listen: str | None = None) -> list[str]:
+        """RUN_AGENT's arguments for one verb (survey, receive or part)."""
+        return [self.remote["manifest"], self.remote["agent"], verb, artifacts, name,
                 *(["--listen", listen] if listen else [])]
+
+    def command(self, verb: str, artifacts: str, name: str, listen: str | None = None) -> list[str]:
+        """The agent's command line, for a channel that streams into it."""
+        return RUN_AGENT.argv(self.args(verb, artifacts, name, listen))
 
     def send(self) -> None:
         self.target.run(["mkdir", "-p", "-m", "700", self.directory], timeout=60)
@@ -179,11 +186,11 @@ def _agent_answer(target: Target, code: int, out: str, err: str) -> dict:
 
 def survey(node: Node, target: Target, scripts: Scripts, name: str, wanted_text: str) -> dict:
     """The node's answer to "what do you have of this artifact?" (changes nothing there)."""
-    argv = scripts.command("survey", node.paths.artifacts, name)
-    done = target.run(argv, stdin=wanted_text, timeout=SURVEY_TIMEOUT, check=False)
+    args = scripts.args("survey", node.paths.artifacts, name)
+    done = run_step(target, RUN_AGENT, *args, stdin=wanted_text, check=False)
     if done.exit_code == MISSING_SCRIPTS:
         scripts.send()
-        done = target.run(argv, stdin=wanted_text, timeout=SURVEY_TIMEOUT, check=False)
+        done = run_step(target, RUN_AGENT, *args, stdin=wanted_text, check=False)
     answer = _agent_answer(target, done.exit_code, done.stdout, done.stderr)
     if not answer.get("ok"):
         raise CheckFailed(f"{node.name}: {answer.get('error')}")

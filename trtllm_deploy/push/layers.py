@@ -1,4 +1,5 @@
-"""An image to one node, sending only the layers its engine does not have.
+"""An image to one node, sending only the layers its engine does not have: how ``invoke push``
+and the testbed get an image of this machine into the nodes' engines.
 
 ``docker save`` here (once, only if some node needs anything), then for each node an archive of
 that save without the layer tars whose chain the node's engine already holds: ``docker load``
@@ -20,20 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed, InputError
+from trtllm_deploy.hosts import scripts
 from trtllm_deploy.hosts.dockercli import LocalImage, docker, inspect_image
 from trtllm_deploy.hosts.inventory import Node
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.push.channel import Channel
 
 LOAD_TIMEOUT = 3600.0
 END_OF_ARCHIVE = b"\0" * 1024
-# One command for both facts: the image as the node has it, and every layer chain it holds.
-# $1 the image, $2 its ID here. The node's layers are listed only when it lacks that ID (a node
-# that has it holds every layer): an unchanged image costs one `docker image inspect`.
-REMOTE_FACTS = ('facts=$(docker image inspect --format "{{.Id}} {{json .Config.Labels}}" "$1" 2>/dev/null)'
-                ' || facts=none; echo "$facts"; echo ---; case "$facts" in "$2 "*) exit 0;; esac;'
-                ' docker image ls -aq --no-trunc | sort -u'
-                ' | xargs -r docker image inspect --format "{{json .RootFS.Layers}}"')
+# One look for both facts: the image as the node has it, and every layer chain it holds. $1 the
+# image, $2 its ID here. The node's layers are listed only when it lacks that ID (a node that has
+# it holds every layer): an unchanged image costs one `docker image inspect`.
+LOOK = Script("look at the node's image and layers", """
+mark image
+facts=$(docker image inspect --format '{{.Id}} {{json .Config.Labels}}' "$1" 2>/dev/null) && echo "$facts"
+case "$facts" in "$2 "*) exit 0;; esac
+mark layers
+docker image ls -aq --no-trunc | sort -u | xargs -r docker image inspect --format '{{json .RootFS.Layers}}'
+""", timeout=120)
 
 
 @dataclass(frozen=True)
@@ -90,24 +96,23 @@ def chain_ids(diff_ids) -> list[str]:
     return chains
 
 
-def parse_facts(output: str) -> tuple[str | None, dict, set[str]]:
-    """REMOTE_FACTS' output → (the node's image ID or None, its labels, every chain it holds)."""
-    head, _, rest = output.partition("---")
+def parse_facts(image: str, layers: str) -> tuple[str | None, dict, set[str]]:
+    """LOOK's sections → (the node's image ID or None, its labels, every chain it holds)."""
     image_id, labels = None, {}
-    first = head.strip()
-    if first and first != "none":
+    first = image.strip()
+    if first:
         image_id, _, labels_text = first.partition(" ")
         labels = json.loads(labels_text or "null") or {}
     chains: set[str] = set()
-    for line in rest.splitlines():
+    for line in layers.splitlines():
         if line.strip():
             chains.update(chain_ids(json.loads(line) or []))
     return image_id, labels, chains
 
 
 def look(node: Node, target: Target, image: LocalImage) -> ImagePlan:
-    done = target.run(["sh", "-c", REMOTE_FACTS, "sh", image.reference, image.id], timeout=120)
-    got, labels, chains = parse_facts(done.stdout)
+    seen = scripts.run(target, LOOK, image.reference, image.id)
+    got, labels, chains = parse_facts(seen.sections.get("image", ""), seen.sections.get("layers", ""))
     have = tuple(got == image.id or chain in chains for chain in chain_ids(image.diff_ids))
     return ImagePlan(node.name, image, got == image.id and labels == image.labels, have)
 

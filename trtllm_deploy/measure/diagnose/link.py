@@ -13,8 +13,10 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from trtllm_deploy.hosts import scripts
+from trtllm_deploy.hosts.scripts import Script
+
 SPARK_SPEED_MBPS = 200_000
-_MARK = "=== trtllm-deploy-link "
 
 
 def parse_ethtool(text: str) -> dict:
@@ -158,22 +160,24 @@ def link_problems(nodes: dict[str, NodeLinks], addresses: dict[str, str]) -> lis
 
 # --- the commands on each node ------------------------------------------------------------------
 
-FACTS_SCRIPT = f"""
-echo '{_MARK}link'; ip -j link show
-echo '{_MARK}addr'; ip -j addr show
+# $@ the fabric interfaces. Each fact in its own section.
+LOOK = Script("look at the node's links", """
+mark link; ip -j link show
+mark addr; ip -j addr show
 for iface in "$@"; do
-  echo "{_MARK}ethtool $iface"
+  mark "ethtool $iface"
   if command -v ethtool >/dev/null 2>&1; then ethtool "$iface" 2>&1; \
   elif [ -x /sbin/ethtool ]; then /sbin/ethtool "$iface" 2>&1; \
   else echo "ethtool is not installed"; fi
 done
-"""
+""")
 
-# ping where the node has it; else three TCP connects to the peer's sshd, summarised the same way
-# (a node image without iputils still gets a reachability matrix, and says which it used).
-PING_SCRIPT = f"""
+# $@ the peers' addresses. ping where the node has it; else three TCP connects to the peer's
+# sshd, summarised the same way (a node image without iputils still gets a reachability matrix,
+# and says which it used).
+PING = Script("ping the other nodes", """
 for addr in "$@"; do
-  echo "{_MARK}ping $addr"
+  mark "ping $addr"
   if command -v ping >/dev/null 2>&1; then ping -c 3 -q -W 2 "$addr" 2>&1; \
   else echo "(ping is not installed: TCP to port 22 instead)"; python3 - "$addr" <<'EOF'
 import socket, sys, time
@@ -186,28 +190,16 @@ for _ in range(3):
     except OSError:
         pass
 loss = 100 * (3 - len(rtts)) / 3
-print(f"3 packets transmitted, {{len(rtts)}} received, {{loss:g}}% packet loss")
+print(f"3 packets transmitted, {len(rtts)} received, {loss:g}% packet loss")
 if rtts:
-    print(f"rtt min/avg/max/mdev = {{min(rtts):.3f}}/{{sum(rtts)/len(rtts):.3f}}/{{max(rtts):.3f}}/0.000 ms")
+    print(f"rtt min/avg/max/mdev = {min(rtts):.3f}/{sum(rtts)/len(rtts):.3f}/{max(rtts):.3f}/0.000 ms")
 EOF
   fi
 done
-"""
+""")
 
 
-def split_sections(text: str) -> dict[str, str]:
-    sections, name = {}, None
-    for line in text.splitlines():
-        if line.startswith(_MARK):
-            name = line[len(_MARK):].strip()
-            sections[name] = ""
-        elif name is not None:
-            sections[name] += line + "\n"
-    return sections
-
-
-def read_node(name: str, fabric: list[str], text: str) -> NodeLinks:
-    sections = split_sections(text)
+def read_node(name: str, fabric: list[str], sections: dict[str, str]) -> NodeLinks:
     return NodeLinks(name, fabric, parse_ip_link(sections.get("link", "[]")),
                      parse_ip_addr(sections.get("addr", "[]")),
                      {ifname: parse_ethtool(sections.get(f"ethtool {ifname}", ""))
@@ -237,8 +229,7 @@ def run(cluster, min_speed_mbps: int | None = SPARK_SPEED_MBPS) -> LinkReport:
 
     def facts(node, target) -> NodeLinks:
         fabric = list(node.fabric.interfaces)
-        done = target.run(["sh", "-c", FACTS_SCRIPT, "sh", *fabric], timeout=60)
-        return read_node(node.name, fabric, done.stdout)
+        return read_node(node.name, fabric, scripts.run(target, LOOK, *fabric).sections)
 
     seen = fan_out(cluster.nodes, facts)
     nodes = {o.node.name: o.value for o in seen if o.ok}
@@ -252,8 +243,7 @@ def run(cluster, min_speed_mbps: int | None = SPARK_SPEED_MBPS) -> LinkReport:
 
     def pings(node, target) -> dict[str, dict]:
         peers = {peer: addr for peer, addr in addresses.items() if peer != node.name}
-        done = target.run(["sh", "-c", PING_SCRIPT, "sh", *peers.values()], timeout=60, check=False)
-        sections = split_sections(done.stdout)
+        sections = scripts.run(target, PING, *peers.values(), check=False).sections
         return {peer: parse_ping(sections.get(f"ping {addr}", "")) for peer, addr in peers.items()}
 
     for outcome in fan_out([n for n in cluster.nodes if n.name in nodes], pings):

@@ -29,6 +29,9 @@ BENCH = Path(nccl_bench.__file__).resolve()
 GATE_GBPS = 21.875      # NVIDIA's line for a 200 Gb/s Spark link (docs/SOURCES.md#the-fabric): 175 Gb/s
 DEFAULT_SIZE = "16G"
 NCCL_TESTS = {"all_gather": "all_gather_perf", "all_reduce": "all_reduce_perf"}
+# The step that looks for the NCCL tests' program ($1) in the head's container, as (step, text): its
+# Script is made where it runs, since this module also runs on a plain host without the project.
+HAS_TESTS = ("look for the NCCL tests", 'command -v "$1"')
 DEBUG_ENV = {"NCCL_DEBUG": "INFO", "NCCL_DEBUG_SUBSYS": "INIT,NET,GRAPH"}
 _TAG = re.compile(r"^\[\d+,\d+\]<std(?:out|err)>:")  # mpirun --tag-output
 
@@ -228,6 +231,7 @@ def run(cluster, op: str = "all_gather", size: str = DEFAULT_SIZE, gate_gbps: fl
     """The job's containers up on every node, the benchmark through mpirun from the head's, down."""
     import tempfile
 
+    from trtllm_deploy.hosts import scripts
     from trtllm_deploy.hosts.fanout import fan_out
     from trtllm_deploy.serving import containers
     from trtllm_deploy.serving.clustercheck import FIND_PYTHON
@@ -237,7 +241,7 @@ def run(cluster, op: str = "all_gather", size: str = DEFAULT_SIZE, gate_gbps: fl
         try:
             containers.up(cluster, containers.Job(JOB, image=image), Path(tmp)).raise_for_failures()
             head = containers.enter(cluster, JOB)
-            has_tests = head.run(["sh", "-c", f"command -v {NCCL_TESTS[op]}"], check=False).ok
+            has_tests = scripts.run(head, scripts.Script(*HAS_TESTS), NCCL_TESTS[op], check=False).ok
             if has_tests:
                 tool, program = "nccl-tests", nccl_tests_argv(op, size)
             else:

@@ -11,12 +11,15 @@ import posixpath
 from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.hosts import scripts
+from trtllm_deploy.hosts.scripts import Script
 
 NSYS_MISSING = ("nsys (NVIDIA Nsight Systems) is not installed {where}: install the "
                 "'nsight-systems-cli' package from NVIDIA's CUDA repository (or use a runtime image "
                 "that has it, e.g. NVIDIA's PyTorch/TensorRT-LLM release images), then run "
                 "diagnose.profile again")
 REMOTE_DIR = "/tmp/trtllm-deploy-profile"
+HAS_NSYS = Script("look for nsys", "command -v nsys")
 
 
 def nsys_argv(program: list[str], seconds: int, output: str) -> list[str]:
@@ -43,7 +46,7 @@ def run(cluster, seconds: int, out: Path, program: list[str] | None = None,
     target = containers.enter(cluster, deployment.job) if inside else connect(head)
     where = f"on {head.name}" + (" in the runtime container" if inside else "")
     try:
-        if not target.run(["sh", "-c", "command -v nsys"], check=False).ok:
+        if not scripts.run(target, HAS_NSYS, check=False).ok:
             raise CheckFailed(NSYS_MISSING.format(where=where))
         output = posixpath.join(REMOTE_DIR, "serve")
         target.run(["mkdir", "-p", REMOTE_DIR])
