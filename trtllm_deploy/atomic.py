@@ -21,10 +21,8 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, mode: int | None = None
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
-            handle.flush()
             if mode is not None:
                 os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
 
 
 def write_text(path: str | os.PathLike, text: str, *, mode: int | None = None) -> None:
@@ -49,19 +47,21 @@ def copy(source: str | os.PathLike, dest: str | os.PathLike) -> None:
                 there.unlink()
         else:
             shutil.copy2(source, temporary)
-            _fsync(temporary)
 
 
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
-    """A fresh temporary path beside ``path``: what the block puts there (a file or a folder)
-    replaces ``path`` when the block ends; if the block raises, it is removed and ``path`` stays."""
+    """A fresh temporary path beside ``path``: what the block puts there (a file, a folder, a
+    symlink) replaces ``path`` when the block ends, a file flushed to disk first; if the block
+    raises, it is removed and ``path`` stays."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Unique per call: two writers of one file never share a temporary.
     temporary = dest.with_name(f".{dest.name}.part-{secrets.token_hex(4)}")
     try:
         yield temporary
+        if temporary.is_file() and not temporary.is_symlink():
+            _fsync(temporary)
         os.replace(temporary, dest)
         _fsync_folder(dest.parent)
     finally:
@@ -72,9 +72,10 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _fsync(path: Path) -> None:
-    if path.is_symlink():
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except PermissionError:  # a file its mode keeps us from reading: it is written all the same
         return
-    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

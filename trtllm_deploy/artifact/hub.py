@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from trtllm_deploy import secrets
+from trtllm_deploy import atomic, secrets
 from trtllm_deploy.errors import DeployError, InputError
 
 SERVING_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja",
@@ -162,7 +162,5 @@ def _fetch_file(repo: str, revision: str, entry, root: Path, snapshot: Path, sec
     link.parent.mkdir(parents=True, exist_ok=True)
     target = os.path.relpath(blob, link.parent)
     if not (link.is_symlink() and os.readlink(link) == target):
-        temporary = link.with_name(f".{link.name}.link")
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(target)
-        os.replace(temporary, link)
+        with atomic.replacing(link) as temporary:
+            temporary.symlink_to(target)

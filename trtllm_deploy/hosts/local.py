@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import secrets as _random
-import shutil
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+from trtllm_deploy import atomic
 from trtllm_deploy.hosts.targets import Result, TargetError, expand, finish, timed_out
 from trtllm_deploy.secrets import register_all
 
@@ -72,7 +71,7 @@ class Local:
         kill_group(proc)
 
     def put(self, local, remote: str) -> None:
-        _copy_atomically(Path(local), Path(expand(remote, self.home())))
+        atomic.copy(Path(local), Path(expand(remote, self.home())))
 
     def stream(self, local, argv, *, timeout=None, check=True) -> Result:
         return run_with_file(self.name, local, tuple(str(word) for word in argv),
@@ -82,7 +81,7 @@ class Local:
         source = Path(expand(remote, self.home()))
         if not source.exists():
             raise TargetError(self.name, f"no such file: {remote}")
-        _copy_atomically(source, Path(local))
+        atomic.copy(source, Path(local))
 
     def home(self) -> str:
         return str(Path.home())
@@ -127,24 +126,3 @@ def run_with_file(name: str, local, argv: tuple[str, ...], timeout: float | None
                     running.discard(proc)
     return finish(Result(name, shown or argv, proc.returncode, out.decode(errors="replace"),
                           err.decode(errors="replace"), time.monotonic() - started), check)
-
-
-def _copy_atomically(source: Path, dest: Path) -> None:
-    """Copy a file or tree so that ``dest`` appears whole or not at all."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temporary = dest.with_name(f".{dest.name}.part-{_random.token_hex(4)}")
-    try:
-        if source.is_dir():
-            shutil.copytree(source, temporary, symlinks=True)
-            if dest.is_dir():
-                shutil.rmtree(dest)
-        else:
-            shutil.copy2(source, temporary)
-        os.replace(temporary, dest)
-    finally:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif temporary.exists():
-            temporary.unlink()
-
-

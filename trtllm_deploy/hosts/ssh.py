@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from trtllm_deploy import atomic
 from trtllm_deploy.hosts import knownhosts, scripts, shell
 from trtllm_deploy.hosts.inventory import Node
 from trtllm_deploy.hosts.local import run_with_file
@@ -326,20 +327,14 @@ class SSH:
             sftp.mkdir(directory)
 
     def get(self, remote: str, local) -> None:
-        dest = Path(local)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        temporary = dest.with_name(f".{dest.name}.part-{_random.token_hex(4)}")
         try:
-            sftp = self._connection().sftp()
-            source = expand(remote, self.home())
-            sftp.get(source, str(temporary))
-            os.chmod(temporary, sftp.stat(source).st_mode & 0o7777)
-            os.replace(temporary, dest)
+            with atomic.replacing(local) as temporary:
+                sftp = self._connection().sftp()
+                source = expand(remote, self.home())
+                sftp.get(source, str(temporary))
+                os.chmod(temporary, sftp.stat(source).st_mode & 0o7777)
         except FileNotFoundError:
             raise TargetError(self.name, f"no such file on the node: {remote}") from None
-        finally:
-            if temporary.exists():
-                temporary.unlink()
 
     def close(self) -> None:
         if not self.shared:

@@ -8,6 +8,7 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trtllm_deploy import atomic
 from trtllm_deploy.errors import DeployError
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster
@@ -90,9 +91,7 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
                                                    or written.read_text() != requirements))
     if changed and not dry_run:
         if written:
-            temporary = written.with_name(f".{written.name}.tmp")
-            temporary.write_text(requirements)
-            temporary.replace(written)
+            atomic.write_text(written, requirements)
         locks.write(path, after)
     return UpdateReport(path, before, after, changed, len(after.fixes))
 

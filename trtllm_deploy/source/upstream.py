@@ -21,7 +21,7 @@ from typing import Annotated, Any
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from trtllm_deploy import secrets
+from trtllm_deploy import atomic, secrets
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.source import lock as locks
 from trtllm_deploy.tomlsource import Problem, TomlFileError, problems_from, read
@@ -126,11 +126,9 @@ class GitHub:
 
     def _store(self, path: str, etag: str | None, body: Any) -> None:
         self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
-        target = self._file(path)
-        temporary = target.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"path": path, "base_url": self.base_url, "fetched_at": time.time(),
-                                         "etag": etag, "body": body}))
-        os.replace(temporary, target)
+        entry = {"path": path, "base_url": self.base_url, "fetched_at": time.time(), "etag": etag,
+                 "body": body}
+        atomic.write_text(self._file(path), json.dumps(entry))
 
     def get(self, path: str) -> Any:
         """The JSON answer for ``path`` (e.g. ``/repos/o/r/releases``); None for a 404.
