@@ -26,6 +26,7 @@ from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.hosts.shell import join
 from trtllm_deploy.serving import containers
 from trtllm_deploy.testbed import cluster
+from trtllm_deploy.testbed import layout as layouts
 
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
@@ -45,7 +46,7 @@ needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(dock
 ], ids=["no-nodes", "too-many-nodes", "bad-name", "not-a-network", "public-subnet", "tiny-subnet"])
 def test_a_bad_layout_is_refused_with_the_flag_to_fix(kwargs, flag):
     with pytest.raises(InputError) as caught:
-        cluster.Layout(**kwargs)
+        layouts.Layout(**kwargs)
     assert flag in str(caught.value)
 
 
@@ -60,9 +61,9 @@ def test_bad_input_on_the_command_line_exits_2_before_touching_docker(tmp_path):
 
 
 def test_the_written_hosts_file_is_an_inventory_of_the_testbed(tmp_path):
-    layout = cluster.Layout(name="inv", nodes=3, subnet="10.213.50.0/24", state_dir=tmp_path)
+    layout = layouts.Layout(name="inv", nodes=3, subnet="10.213.50.0/24", state_dir=tmp_path)
     sshkeys.keygen(layout.client_key)
-    layout.hosts_file.write_text(cluster.hosts_toml(layout, "trtllm-deploy/standin:abc"))
+    layout.hosts_file.write_text(layouts.hosts_toml(layout, "trtllm-deploy/standin:abc"))
     loaded = inventory.load(layout.hosts_file)
     assert [n.name for n in loaded.nodes] == ["spark-1", "spark-2", "spark-3"]
     assert [n.address for n in loaded.nodes] == ["10.213.50.11", "10.213.50.12", "10.213.50.13"]
@@ -335,7 +336,7 @@ def test_down_removes_everything_it_made_and_nothing_else(base_image, tmp_path):
 
 @needs_docker
 def test_a_failed_up_takes_back_what_it_made(base_image, tmp_path):
-    layout = cluster.Layout(name=f"pyfail{os.getpid()}", nodes=2, subnet="10.213.230.0/24",
+    layout = layouts.Layout(name=f"pyfail{os.getpid()}", nodes=2, subnet="10.213.230.0/24",
                             state_dir=tmp_path / "state")
     bed = cluster.Testbed(layout, base=base_image)
     try:
@@ -351,7 +352,7 @@ def test_a_failed_up_takes_back_what_it_made(base_image, tmp_path):
 def test_ctrl_c_during_up_exits_130_and_leaves_nothing(base_image, tmp_path):
     name = f"pyint{os.getpid()}"
     state = tmp_path / "state"
-    bed = cluster.Testbed(cluster.Layout(name=name, nodes=3, subnet="10.213.231.0/24",
+    bed = cluster.Testbed(layouts.Layout(name=name, nodes=3, subnet="10.213.231.0/24",
                                          state_dir=state))
     proc = subprocess.Popen([*INVOKE, "testbed.up", "--nodes", "3", "--name", name, "--no-runtime",
                              "--subnet", "10.213.231.0/24", "--state-dir", str(state),

@@ -10,23 +10,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from trtllm_deploy import console
 from trtllm_deploy.cli import JSON_HELP, user_errors
 from trtllm_deploy.hosts.dockercli import require_engine
-from trtllm_deploy.testbed import cluster, images
+from trtllm_deploy.testbed import cluster, images, layout
 
-NAME_HELP = f"the testbed's name; several can run side by side (default: {cluster.DEFAULT_NAME})"
+NAME_HELP = f"the testbed's name; several can run side by side (default: {layout.DEFAULT_NAME})"
 STATE_HELP = "folder for the testbed's keys, known_hosts and hosts.toml " \
              "(default: ~/.local/state/trtllm-deploy/testbed/NAME)"
 
 
-def _layout(name: str, nodes: int = 3, subnet: str = cluster.DEFAULT_SUBNET,
-            state_dir: str = "") -> cluster.Layout:
-    return cluster.Layout(name=name, nodes=nodes, subnet=subnet,
+def _layout(name: str, nodes: int = 3, subnet: str = layout.DEFAULT_SUBNET,
+            state_dir: str = "") -> layout.Layout:
+    return layout.Layout(name=name, nodes=nodes, subnet=subnet,
                           state_dir=Path(state_dir).expanduser() if state_dir else None)
 
 
 @task(help={
     "nodes": "how many nodes (1-16); node 1 is the head",
     "name": NAME_HELP,
-    "subnet": f"the testbed network's fixed IPv4 subnet (default: {cluster.DEFAULT_SUBNET})",
+    "subnet": f"the testbed network's fixed IPv4 subnet (default: {layout.DEFAULT_SUBNET})",
     "base": "base image: auto (debian:bookworm-slim if it can be had, else debootstrap), "
             "debootstrap, or an image reference",
     "mirror": f"Debian mirror for debootstrap (default: {images.DEFAULT_MIRROR})",
@@ -35,8 +35,8 @@ def _layout(name: str, nodes: int = 3, subnet: str = cluster.DEFAULT_SUBNET,
     "json": JSON_HELP,
 })
 @user_errors
-def up(c: Context, nodes: int = 3, name: str = cluster.DEFAULT_NAME,
-       subnet: str = cluster.DEFAULT_SUBNET, base: str = "auto", mirror: str = images.DEFAULT_MIRROR,
+def up(c: Context, nodes: int = 3, name: str = layout.DEFAULT_NAME,
+       subnet: str = layout.DEFAULT_SUBNET, base: str = "auto", mirror: str = images.DEFAULT_MIRROR,
        runtime: bool = True, state_dir: str = "", json: bool = False) -> None:
     """Start a testbed: N simulated nodes with sshd, Docker and mpirun, and a hosts.toml for them."""
     bed = cluster.Testbed(_layout(name, nodes, subnet, state_dir), base=base, mirror=mirror,
@@ -71,7 +71,7 @@ def up(c: Context, nodes: int = 3, name: str = cluster.DEFAULT_NAME,
 
 @task(help={"name": NAME_HELP, "state_dir": STATE_HELP, "json": JSON_HELP})
 @user_errors
-def status(c: Context, name: str = cluster.DEFAULT_NAME, state_dir: str = "",
+def status(c: Context, name: str = layout.DEFAULT_NAME, state_dir: str = "",
            json: bool = False) -> None:
     """Show the testbed's containers, network and volumes, and where its hosts.toml is."""
     bed = cluster.Testbed(_layout(name, state_dir=state_dir))
@@ -95,7 +95,7 @@ def status(c: Context, name: str = cluster.DEFAULT_NAME, state_dir: str = "",
 @task(help={"name": NAME_HELP, "purge": "also delete the testbed's keys and files",
             "state_dir": STATE_HELP, "json": JSON_HELP})
 @user_errors
-def down(c: Context, name: str = cluster.DEFAULT_NAME, purge: bool = False, state_dir: str = "",
+def down(c: Context, name: str = layout.DEFAULT_NAME, purge: bool = False, state_dir: str = "",
          json: bool = False) -> None:
     """Remove every container, network and volume of the testbed, and only those."""
     removed = cluster.Testbed(_layout(name, state_dir=state_dir)).down(purge=purge)

@@ -9,10 +9,7 @@ restarts; ``down --purge`` removes them too.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import os
-import platform
-import re
 import shutil
 import tempfile
 import threading
@@ -22,23 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomlkit
-
-from trtllm_deploy import atomic
+from trtllm_deploy import atomic, push
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts import inventory, sshkeys, targets
-from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.hosts.dockercli import docker, require_engine, text
-from trtllm_deploy.push.images import deliver
+from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.testbed import images
+from trtllm_deploy.testbed.layout import LABEL, LABEL_NODE, Layout, hosts_toml
 
-LABEL = "io.trtllm-deploy.testbed"
-LABEL_NODE = "io.trtllm-deploy.testbed.node"
-DEFAULT_NAME = "testbed"
-DEFAULT_SUBNET = "10.213.7.0/24"
-USER = "spark"
-MAX_NODES = 16
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
 # What a node needs to run its own Docker engine (TESTING.md: --privileged is refused on the CI
 # machine, these are enough). /var/lib/docker is a tmpfs: overlay cannot sit on the container's
 # own overlay root.
@@ -46,76 +34,6 @@ NESTED_DOCKER = ("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
                  "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
                  "--cgroupns", "host", "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
                  "--tmpfs", "/var/lib/docker:exec")
-
-
-def default_state_dir(name: str) -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state) / "trtllm-deploy" / "testbed" / name
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a testbed is: its name, node count, subnet and where its keys and files live."""
-
-    name: str = DEFAULT_NAME
-    nodes: int = 3
-    subnet: str = DEFAULT_SUBNET
-    state_dir: Path | None = None
-
-    def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise InputError(f"--name {self.name!r}: expected 1-24 lowercase letters, digits or '-', "
-                             "starting with a letter or digit")
-        if not 1 <= self.nodes <= MAX_NODES:
-            raise InputError(f"--nodes {self.nodes}: expected 1 to {MAX_NODES} nodes")
-        try:
-            net = ipaddress.IPv4Network(self.subnet)
-        except ValueError:
-            raise InputError(f"--subnet {self.subnet!r}: expected an IPv4 network such as "
-                             f"{DEFAULT_SUBNET}") from None
-        if not net.is_private or net.is_loopback or net.num_addresses < 16 + self.nodes:
-            raise InputError(f"--subnet {self.subnet}: expected a private IPv4 network with room for "
-                             f"{self.nodes} nodes (e.g. {DEFAULT_SUBNET})")
-        if self.state_dir is None:
-            object.__setattr__(self, "state_dir", default_state_dir(self.name))
-
-    @property
-    def network(self) -> str:
-        return f"trtllm-{self.name}"
-
-    def container(self, index: int) -> str:
-        return f"trtllm-{self.name}-node{index}"
-
-    @staticmethod
-    def node_name(index: int) -> str:
-        return f"spark-{index}"
-
-    def address(self, index: int) -> str:
-        return str(ipaddress.IPv4Network(self.subnet).network_address + 10 + index)
-
-    @property
-    def indexes(self) -> range:
-        return range(1, self.nodes + 1)
-
-    # files in the state folder
-    @property
-    def client_key(self) -> Path:
-        return self.state_dir / "id_ed25519"
-
-    def host_key(self, index: int) -> Path:
-        return self.state_dir / "host-keys" / self.node_name(index) / "ssh_host_ed25519_key"
-
-    @property
-    def known_hosts(self) -> Path:
-        return self.state_dir / "known_hosts"
-
-    @property
-    def hosts_file(self) -> Path:
-        return self.state_dir / "hosts.toml"
-
-    @property
-    def log_dir(self) -> Path:
-        return self.state_dir / "logs"
 
 
 @dataclass
@@ -256,11 +174,14 @@ class Testbed:
             pool.shutdown(wait=True, cancel_futures=True)
         if runtime_image:
             self.report(f"delivering {runtime_image.tag} to {layout.nodes} node(s) over SSH")
-            delivered = deliver(runtime_image.tag, nodes.nodes)
+            # Through push's image path: only the layers a node lacks travel, and a node that has
+            # the image's ID gets nothing.
+            delivered = push.push(nodes.nodes, push.source(image=runtime_image.tag))
             delivered.raise_for_failures()
             for state in states:
-                outcome = delivered[state.name]
-                state.runtime, state.runtime_seconds = outcome.value.action, outcome.value.seconds
+                pushed = delivered[state.name].value
+                state.runtime = "already there" if pushed.image.action == "up to date" else "loaded"
+                state.runtime_seconds = pushed.seconds
         return states
 
     def _undo(self, before: dict[str, list[str]]) -> None:
@@ -412,49 +333,3 @@ class Testbed:
         elif self.layout.hosts_file.exists():
             self.layout.hosts_file.unlink()  # points at nodes that no longer exist
         return removed
-
-
-def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
-    """The inventory of the testbed: a plain hosts.toml any task can take with --hosts."""
-    def commented(value, comment: str):
-        item = tomlkit.item(value)
-        item.comment(comment)
-        item.trivia.comment_ws = "  "
-        return item
-
-    doc = tomlkit.document()
-    for line in (f"The testbed {layout.name!r}: {layout.nodes} simulated node(s) on this machine, made by",
-                 "`invoke testbed.up`. They have no GPU; the runtime inside them is the stand-in.",
-                 "Written by trtllm-deploy; `invoke testbed.up` rewrites it."):
-        doc.add(tomlkit.comment(line))
-    doc.add(tomlkit.nl())
-    doc["cluster"] = {"name": layout.name}
-    defaults = tomlkit.table()
-    defaults.update({"user": USER, "identity_file": str(layout.client_key),
-                     "known_hosts": str(layout.known_hosts)})
-    defaults["fabric"] = {"interfaces": ["eth0"]}
-    if runtime_image:
-        container = tomlkit.table()
-        container["image"] = commented(runtime_image, "the stand-in runtime")
-        container.add(tomlkit.comment(
-            "A nested test node may not raise memlock (this machine's hard limit stands); a Spark can."))
-        container["ulimits"] = tomlkit.inline_table()
-        container["ulimits"]["stack"] = "67108864"
-        defaults["container"] = container
-    doc["defaults"] = defaults
-    doc["preflight"] = {
-        "arch": commented(platform.machine(), "the nodes run on this machine's architecture"),
-        "require_gpu": commented(False, "simulated nodes have none: the stand-in runtime needs none"),
-        "require_nvidia_runtime": False,
-        "min_disk_build_gb": commented(1, "they share this machine's disk"),
-        "min_disk_artifacts_gb": 1,
-    }
-    nodes = tomlkit.aot()
-    for index in layout.indexes:
-        node = tomlkit.table()
-        node.update({"name": layout.node_name(index), "address": layout.address(index)})
-        if index == 1:
-            node["role"] = "head"
-        nodes.append(node)
-    doc["nodes"] = nodes
-    return doc.as_string()
