@@ -14,6 +14,7 @@ from trtllm_deploy.cli import JSON_HELP, user_errors
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure.bench import efficiency, report
 from trtllm_deploy.measure.bench.measure import measure
+from trtllm_deploy.runtimes import runtime as runtimes
 
 
 def _default_out() -> str:
@@ -21,7 +22,8 @@ def _default_out() -> str:
 
 
 @task(default=True, help={
-    "url": "the endpoint, http://HOST:PORT (any OpenAI-compatible server: trtllm-serve, vLLM, ...)",
+    "url": "the endpoint, http://HOST:PORT (any OpenAI-compatible server: "
+           f"{', '.join(runtime.product for runtime in runtimes.known())}, ...)",
     "hosts": "measure the cluster's current deployment instead (its hosts.toml); records image, "
              "artifact, tp and nodes",
     "concurrency": "streams at once, a sweep: 1,2,4,8 (default) or ..64 for 1,2,4,...,64",

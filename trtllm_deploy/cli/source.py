@@ -12,11 +12,13 @@ from trtllm_deploy import console
 from trtllm_deploy.source import pin as phase
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
 from trtllm_deploy.hosts import inventory
+from trtllm_deploy.runtimes import runtime as runtimes
 from trtllm_deploy.source import advise as advisor
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source import lock as locks
 
 LOCK_HELP = f"the TensorRT-LLM lock file (default: {locks.DEFAULT_PATH})"
+ROLLBACK = runtimes.rollback()   # the choice when no TensorRT-LLM option is usable
 
 
 @task(help={"ref": "branch, tag or SHA to pin (default: the lock's ref, else main)",
@@ -74,11 +76,10 @@ def fetch(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_P
 @user_errors
 def advise(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_PATH),
            json: bool = False) -> None:
-    """Which source to use (build, release image, wheel, or stay with vLLM), from the facts."""
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
     with console.err.status("looking at the cluster and the lock…"):
-        advice = advisor.advise(cluster, lockfile)
+        advice = advisor.advise(cluster, lockfile, fallback=ROLLBACK.name, product=ROLLBACK.product)
     if json:
         console.print_json(advice.as_json())
         return
@@ -90,13 +91,18 @@ def advise(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_
     console.out.print(console.table("source.advise", ["source", "", "required fixes", "disk", "time",
                                                       "why"], rows))
     kind = lockfile.lock.build.kind
-    if advice.choice == "vllm":
-        console.out.print("use: vllm — no TensorRT-LLM option passes every check yet (see why)")
+    if advice.choice == ROLLBACK.name:
+        console.out.print(f"use: {ROLLBACK.name} — no TensorRT-LLM option passes every check yet (see why)")
     elif advice.choice == kind:
         console.out.print(f"use: {advice.choice} (what the lock already says)")
     else:
         console.out.print(f"use: {advice.choice} — the lock says {kind!r}: set [build] kind = "
                           f"\"{advice.choice}\" in {lockfile.path} and run invoke source.update")
+
+
+# The task's first line for `invoke --list`, naming the rollback runtime from its record.
+advise.__doc__ = (f"Which source to use (build, release image, wheel, or stay with {ROLLBACK.product}), "
+                  "from the facts.")
 
 
 @task(default=True, help={"cuda_archs": "override CUDA_ARCHS (default: the lock's)",

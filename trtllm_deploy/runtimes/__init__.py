@@ -1,2 +1,2 @@
-"""The runtimes layer: what each serving runtime (TensorRT-LLM, vLLM) is, as data, and the
-known ways it fails."""
+"""The runtimes layer: what each serving runtime is, as data (runtime.py, one module per runtime),
+and the known ways it fails."""

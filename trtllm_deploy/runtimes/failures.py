@@ -18,23 +18,32 @@ class Known:
     name: str
     pattern: re.Pattern
     remedy: str
+    runtimes: tuple[str, ...] = ()   # the runtimes it is seen with (none named: any)
 
 
 @cache
 def table(path: Path = TABLE) -> tuple[Known, ...]:
     entries = tomllib.loads(path.read_text())["failure"]
-    return tuple(Known(entry["name"], re.compile(entry["pattern"]), entry["remedy"]) for entry in entries)
+    return tuple(Known(entry["name"], re.compile(entry["pattern"]), entry["remedy"],
+                       tuple(entry.get("runtimes", ()))) for entry in entries)
 
 
-def match(log: str) -> Known | None:
-    """The first known failure the log shows, or None."""
-    return next((known for known in table() if known.pattern.search(log)), None)
+@cache
+def table_for(runtime: str) -> tuple[Known, ...]:
+    """The known failures a runtime's logs may show."""
+    return tuple(known for known in table() if not known.runtimes or runtime in known.runtimes)
 
 
-def explain(what: str, log: str, lines: int = 8) -> str:
+def match(log: str, runtime: str | None = None) -> Known | None:
+    """The first known failure the log shows (of ``runtime``'s, when one is named), or None."""
+    known = table() if runtime is None else table_for(runtime)
+    return next((entry for entry in known if entry.pattern.search(log)), None)
+
+
+def explain(what: str, log: str, lines: int = 8, runtime: str | None = None) -> str:
     """``what`` happened, the log's last lines (secrets masked), and the known cause and remedy."""
     tail = "\n".join(f"    {line}" for line in secrets.redact(log).strip().splitlines()[-lines:])
-    known = match(log)
+    known = match(log, runtime)
     if known is not None:
         return f"{what}: {known.name}\n{tail}\n  what to do: {known.remedy}"
     return f"{what}; the last lines of its log:\n{tail}"

@@ -1,5 +1,6 @@
 """``invoke source.advise``: which source to use — build at the pinned commit, NVIDIA's release
-image, a published wheel, or stay with vLLM — decided from the cluster's facts and the lock.
+image, a published wheel, or stay with the rollback runtime — decided from the cluster's facts and
+the lock.
 
 The plan's decision matrix as data: each option is judged on what can be checked (does it contain
 every required fix? does it run on these GPUs? does the build node have the disk and memory?) and
@@ -37,7 +38,7 @@ GB = 1024 ** 3
 
 @dataclass
 class Option:
-    kind: str                   # source | release | wheel | vllm
+    kind: str                   # source | release | wheel | the rollback runtime's name
     usable: bool
     fixes: str                  # "all 2 present", "missing #8803", "unknown: ..."
     disk: str
@@ -58,7 +59,7 @@ class Advice:
         return {"choice": self.choice, "options": [option.as_json() for option in self.options]}
 
 
-PREFERENCE = ("release", "wheel", "source")   # cheapest first; vLLM when none is usable
+PREFERENCE = ("release", "wheel", "source")   # cheapest first; the rollback runtime when none is usable
 
 
 def _fixes_in(tree: Checkout | None, commit: str | None, fixes: list[Fix],
@@ -78,8 +79,10 @@ def _free_bytes(target: Target, path: str) -> int | None:
     return int(probe.stdout.strip()) if probe.ok and probe.stdout.strip().isdigit() else None
 
 
-def advise(cluster: Cluster, lockfile: LockFile,
-           reach: Callable[[Node], Target] = connect) -> Advice:
+def advise(cluster: Cluster, lockfile: LockFile, reach: Callable[[Node], Target] = connect, *,
+           fallback: str, product: str) -> Advice:
+    """The options judged, and the choice; ``fallback`` names the rollback runtime (``product``
+    in the user's words), the choice when no TensorRT-LLM option is usable."""
     lock = lockfile.lock
     facts = look(cluster, reach)
     builder = cluster.build_node
@@ -109,10 +112,10 @@ def advise(cluster: Cluster, lockfile: LockFile,
     finally:
         target.close()
     usable = {option.kind for option in options if option.usable}
-    choice = next((kind for kind in PREFERENCE if kind in usable), "vllm")
-    options.append(Option("vllm", True, "not applicable", "its own image", "already known",
-                          ["the rollback target: stay with vLLM until a TensorRT-LLM option passes"]
-                          if choice == "vllm" else ["kept as the rollback target"]))
+    choice = next((kind for kind in PREFERENCE if kind in usable), fallback)
+    options.append(Option(fallback, True, "not applicable", "its own image", "already known",
+                          [f"the rollback target: stay with {product} until a TensorRT-LLM option passes"]
+                          if choice == fallback else ["kept as the rollback target"]))
     return Advice(choice, options)
 
 

@@ -137,21 +137,34 @@ class Quantize(_Table):
     kv_cache_qformat: StrictStr | None = None  # None: hf_ptq.py's default
 
 
-class Vllm(_Table):
-    """The rollback runtime: ``invoke rollback`` serves the same checkpoint with vLLM from this
-    image (pin it by digest: ``...@sha256:...``). Not part of the image's lock hash."""
+class RuntimeImage(_Table):
+    """Another serving runtime's image, in a table named for the runtime (``[NAME] image = ...``;
+    the runtime modules say which, and their default): pin it by digest, ``...@sha256:...``. Not
+    part of the image's lock hash."""
 
-    image: StrictStr = "nvcr.io/nvidia/vllm:26.05-py3"   # NVIDIA's DGX Spark playbooks (FACTS.md)
+    image: StrictStr
 
 
 class Lock(_Table):
+    # Any other table is a runtime's image (RuntimeImage).
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, RuntimeImage] = Field(init=False)
+
     source: Source
     build: Build
     release: Release = Release()
     wheel: Wheel = Wheel()
     fixes: list[Fix] = []
     quantize: Quantize = Quantize()
-    vllm: Vllm = Vllm()
+
+    @property
+    def runtime_images(self) -> dict[str, RuntimeImage]:
+        return dict(self.__pydantic_extra__ or {})
+
+    def runtime_image(self, runtime: str) -> str | None:
+        """The image the lock pins for ``runtime``, or None."""
+        table = self.runtime_images.get(runtime)
+        return table.image if table else None
 
 
 _EXAMPLES = {
@@ -299,8 +312,8 @@ def document(lock: Lock) -> tomlkit.TOMLDocument:
                                for key in ("version", "requirements", "find_links")})
     if lock.quantize != Quantize():
         doc["quantize"] = _table(lock.quantize.model_dump(exclude_none=True))
-    if lock.vllm != Vllm():
-        doc["vllm"] = _table({"image": lock.vllm.image})
+    for runtime, table in lock.runtime_images.items():
+        doc[runtime] = _table({"image": table.image})
     if lock.fixes:
         doc["fixes"] = _tables([{key: getattr(fix, key) for key in ("commit", "pr", "title")}
                                 for fix in lock.fixes])

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.runtimes import runtime as runtimes
 
 from .client import Endpoint
 
@@ -28,13 +29,9 @@ def _get(url: str, timeout: float = 10.0) -> tuple[dict | None, dict]:
 
 
 def runtime_of(entry: dict, server: str) -> str:
-    """The serving runtime in the project's words (trtllm, vllm), from what the endpoint says."""
-    said = " ".join(str(entry.get(key, "")) for key in ("runtime", "owned_by")).lower() + " " + server.lower()
-    if "vllm" in said:
-        return "vllm"
-    if "tensorrt" in said or "trtllm" in said:
-        return "trtllm"
-    return "unknown"
+    """The serving runtime in the project's words (a runtime's name), from what the endpoint says:
+    the runtime it names, else whose model it says it is, else its server header."""
+    return runtimes.of_endpoint(str(entry.get("runtime", "")), str(entry.get("owned_by", "")), server)
 
 
 def endpoint_facts(endpoint: Endpoint) -> dict:

@@ -37,7 +37,7 @@ class Workload:
         body = {"model": self.model, "max_tokens": self.output_tokens, "stream": True,
                 "stream_options": {"include_usage": True}, "temperature": 0}
         if self.ignore_eos:
-            # vLLM and trtllm-serve both take these; min_tokens keeps vLLM from stopping early.
+            # Every runtime's server takes these; min_tokens keeps one that honours it from stopping early.
             body |= {"ignore_eos": True, "min_tokens": self.output_tokens}
         if self.chat:
             body["messages"] = [{"role": "user", "content": prompt}]

@@ -1,0 +1,45 @@
+"""TensorRT-LLM: ``trtllm-serve`` under ``trtllm-llmapi-launch``, one MPI rank per GPU.
+
+Launch's default runtime. Its image is the one the lock builds (or names); its options file is the
+LLM-API YAML that engine.build leaves beside the weights.
+"""
+
+from __future__ import annotations
+
+from trtllm_deploy.runtimes.runtime import Runtime, Serve
+from trtllm_deploy.source.lock import LockFile
+
+CONFIG = "llm-api.yaml"
+
+
+def program(serve: Serve) -> list[str]:
+    """Every rank runs the launcher; rank 0 serves HTTP, the others join it as workers."""
+    return ["trtllm-llmapi-launch", "trtllm-serve", serve.model, *serve.options,
+            "--tp_size", str(serve.tp), "--pp_size", str(serve.pp),
+            "--host", "0.0.0.0", "--port", str(serve.port), "--config", f"{serve.model}/{CONFIG}"]
+
+
+def options(format: str, inside: str) -> tuple[str, ...]:
+    """trtllm-serve's backend options for an artifact (its folder ``inside`` the container): TensorRT
+    engines take the tokenizer kept beside them; anything else is a checkpoint for the PyTorch backend."""
+    if format == "tensorrt":
+        return ("--backend", "tensorrt", "--tokenizer", f"{inside}/tokenizer")
+    return ("--backend", "pytorch")
+
+
+def format_of(served: tuple[str, ...]) -> str:
+    """The artifact format a deployment's options serve."""
+    return "tensorrt" if "tensorrt" in served else "pytorch"
+
+
+def image(lockfile: LockFile) -> str:
+    """The image the lock builds, or the release image it names."""
+    from trtllm_deploy.source.plan import image_ref
+
+    return image_ref(lockfile)
+
+
+RUNTIME = Runtime(
+    name="trtllm", product="TensorRT-LLM", program=program, image=image, role="default",
+    config=CONFIG, formats=("pytorch", "tensorrt"), options=options, format_of=format_of,
+    says=("tensorrt", "trtllm"))
