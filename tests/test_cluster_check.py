@@ -54,7 +54,7 @@ def test_the_probe_runs_on_a_plain_host_and_hashes_the_manifest(tmp_path):
     manifest = tmp_path / MANIFEST
     manifest.write_text('{"files": []}')
     out = tmp_path / "probe.json"
-    done = subprocess.run([sys.executable, str(ROOT / "trtllm_deploy" / "probe.py"), "--manifest",
+    done = subprocess.run([sys.executable, str(ROOT / "trtllm_deploy" / "serving" / "probe.py"), "--manifest",
                            str(manifest), "--out", str(out)], capture_output=True, text=True,
                           timeout=120, env={"PATH": "/usr/bin:/bin", "NCCL_SOCKET_IFNAME": "lo"})
     assert done.returncode == 0, done.stderr
@@ -87,7 +87,7 @@ def _rank(rank: int, node: str, image: str = "sha256:aa", iface: dict | None = N
             "manifest": {"sha256": "sha256:m"}, "env": env if env is not None else {
                 "NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "UCX_NET_DEVICES": "eth0",
                 "OMPI_MCA_btl_tcp_if_include": "eth0", "OMPI_MCA_oob_tcp_if_include": "eth0",
-                "TP_SOCKET_IFNAME": "eth0", "VLLM_HOST_IP": f"192.0.2.{node[1:]}"},
+                "TP_SOCKET_IFNAME": "eth0"},
             "interfaces": [iface or {"name": "eth0", "exists": True, "operstate": "up", "mtu": 9000,
                                      "speed_mbps": 200000, "ipv4": ["10.0.0.1/24"]}]}
 

@@ -17,7 +17,8 @@ from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.hosts.shell import join
-from trtllm_deploy.serving import containers, mpi
+from trtllm_deploy.runtimes import runtime
+from trtllm_deploy.serving import containers, fabric, mpi, survey
 
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 JOB = "ctest"
@@ -29,21 +30,29 @@ def _node(**fabric) -> inventory.Node:
     return inventory.Node(name="n1", address="192.0.2.1", role="head", fabric=fabric)
 
 
-@pytest.mark.parametrize("fabric, expected", [
-    ({"interfaces": ["enp1s0f1np1", "enP2p1s0f1np1"], "rdma_devices": ["rocep1s0f1", "roceP2p1s0f1"]},
-     {"NCCL_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1", "GLOO_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1",
-      "OMPI_MCA_btl_tcp_if_include": "enp1s0f1np1,enP2p1s0f1np1",
-      "OMPI_MCA_oob_tcp_if_include": "enp1s0f1np1,enP2p1s0f1np1",
-      "NCCL_IB_HCA": "rocep1s0f1,roceP2p1s0f1", "UCX_NET_DEVICES": "rocep1s0f1:1,roceP2p1s0f1:1",
-      "TP_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1", "VLLM_HOST_IP": "192.0.2.1"}),
-    ({"interfaces": ["eth0"]},
-     {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "OMPI_MCA_btl_tcp_if_include": "eth0",
-      "OMPI_MCA_oob_tcp_if_include": "eth0", "UCX_NET_DEVICES": "eth0", "TP_SOCKET_IFNAME": "eth0",
-      "VLLM_HOST_IP": "192.0.2.1"}),
-    ({}, {"VLLM_HOST_IP": "192.0.2.1"}),  # vLLM announces the node's own address even without a fabric
-], ids=["spark-two-ports", "tcp-only", "nothing-configured"])
-def test_fabric_env_is_the_nodes_own_entry(fabric, expected):
-    assert containers.fabric_env(_node(**fabric)) == expected
+SPARK = {"interfaces": ["enp1s0f1np1", "enP2p1s0f1np1"], "rdma_devices": ["rocep1s0f1", "roceP2p1s0f1"]}
+SPARK_ENV = {"NCCL_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1",
+             "GLOO_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1",
+             "OMPI_MCA_btl_tcp_if_include": "enp1s0f1np1,enP2p1s0f1np1",
+             "OMPI_MCA_oob_tcp_if_include": "enp1s0f1np1,enP2p1s0f1np1",
+             "NCCL_IB_HCA": "rocep1s0f1,roceP2p1s0f1", "UCX_NET_DEVICES": "rocep1s0f1:1,roceP2p1s0f1:1",
+             "TP_SOCKET_IFNAME": "enp1s0f1np1,enP2p1s0f1np1"}
+TCP_ENV = {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "OMPI_MCA_btl_tcp_if_include": "eth0",
+           "OMPI_MCA_oob_tcp_if_include": "eth0", "UCX_NET_DEVICES": "eth0", "TP_SOCKET_IFNAME": "eth0"}
+
+
+@pytest.mark.parametrize("serves, fabric_entry, expected", [
+    ("trtllm", SPARK, SPARK_ENV),
+    ("trtllm", {"interfaces": ["eth0"]}, TCP_ENV),
+    ("trtllm", {}, {}),
+    # vLLM announces an address: the fabric's, else the node's own (even without a fabric).
+    ("vllm", SPARK, {**SPARK_ENV, "VLLM_HOST_IP": "192.0.2.1"}),
+    ("vllm", {"interfaces": ["eth0"]}, {**TCP_ENV, "VLLM_HOST_IP": "192.0.2.1"}),
+    ("vllm", {}, {"VLLM_HOST_IP": "192.0.2.1"}),
+], ids=["spark-two-ports", "tcp-only", "nothing-configured", "vllm-spark-two-ports", "vllm-tcp-only",
+        "vllm-nothing-configured"])
+def test_fabric_env_is_the_nodes_own_entry_and_its_runtimes(serves, fabric_entry, expected):
+    assert fabric.fabric_env(_node(**fabric_entry), runtime.get(serves)) == expected
 
 
 def _cluster(tmp_path, extra: str = "") -> inventory.Cluster:
@@ -57,8 +66,8 @@ def _cluster(tmp_path, extra: str = "") -> inventory.Cluster:
     return inventory.load(path)
 
 
-def _facts(nvidia: bool = False, infiniband: bool = False, image_id: str = "sha256:1") -> containers.Facts:
-    return containers.Facts("/home/u", image_id, {}, nvidia, infiniband, None)
+def _facts(nvidia: bool = False, infiniband: bool = False, image_id: str = "sha256:1") -> survey.Facts:
+    return survey.Facts("/home/u", image_id, {}, nvidia, infiniband, None)
 
 
 def test_run_argv_has_the_serving_flags_mounts_labels_and_the_nodes_env(tmp_path):
@@ -104,16 +113,19 @@ def test_mpirun_runs_without_the_per_node_variables_and_every_rank_rereads_its_o
     cluster = _cluster(tmp_path)
     argv = containers.mpirun_argv(cluster, ["prog"], forward_env=("STANDIN_FAULT",))
     assert argv[0] == "env"
-    for name in containers.FABRIC_VARS:
+    for name in fabric.FABRIC_VARS:
         assert ["-u", name] == argv[argv.index(name) - 1:argv.index(name) + 1]
     assert "-x" in argv and "STANDIN_FAULT" in argv
-    assert argv[-5:] == ["sh", "-c", 'set -a; . "$0"; set +a; exec "$@"', containers.NODE_ENV, "prog"]
+    assert argv[-6:] == ["sh", "-c", 'set -a; . "$1"; set +a; shift; exec "$@"', "rank-env",
+                         containers.NODE_ENV, "prog"]
     with pytest.raises(InputError, match="NCCL_SOCKET_IFNAME"):
         containers.mpirun_argv(cluster, ["prog"], forward_env=("NCCL_SOCKET_IFNAME",))
-    assert containers.node_env_file(cluster.nodes[1]) == (
+    assert fabric.node_env_file(cluster.nodes[1], runtime.get("vllm")) == (
         "NCCL_SOCKET_IFNAME=ifb\nGLOO_SOCKET_IFNAME=ifb\nTP_SOCKET_IFNAME=ifb\n"
         "OMPI_MCA_btl_tcp_if_include=ifb\nOMPI_MCA_oob_tcp_if_include=ifb\nVLLM_HOST_IP=192.0.2.2\n"
         "UCX_NET_DEVICES=ifb\n")
+    # TensorRT-LLM's ranks get the fabric only.
+    assert "VLLM_HOST_IP" not in fabric.node_env_file(cluster.nodes[1], runtime.get("trtllm"))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -20,7 +20,8 @@ from trtllm_deploy.artifact.manifest import MANIFEST
 from trtllm_deploy.artifact.verify import check_name
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts.inventory import Cluster
-from trtllm_deploy.serving import containers, probe
+from trtllm_deploy.runtimes import runtime
+from trtllm_deploy.serving import containers, fabric, probe
 
 JOB = "check"
 TIMEOUT_S = 180.0
@@ -28,7 +29,7 @@ TIMEOUT_S = 180.0
 # under /opt (the stand-in's).
 FIND_PYTHON = ["sh", "-c", 'for p in python3 /opt/*/venv/bin/python3; do "$p" -c "import mpi4py" '
                '2>/dev/null && exec "$p" "$@"; done; echo "probe: no python with mpi4py on '
-               '$(hostname)" >&2; exit 127', "sh"]
+               '$(hostname)" >&2; exit 127', "find-python"]
 
 
 def _joined(values: list) -> str | None:
@@ -90,7 +91,7 @@ def node_problems(cluster: Cluster, ranks: list[dict]) -> dict[str, list[str]]:
     for rank in ranks:
         name = node_of(rank, cluster)
         mine = problems.setdefault(name, [])
-        expected = containers.fabric_env(cluster.node(name))
+        expected = fabric.fabric_env(cluster.node(name), runtime.default())   # as the check's containers
         for key, value in expected.items():
             seen = rank["env"].get(key)
             if seen != value:

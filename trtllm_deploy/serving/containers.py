@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed, InputError
-from trtllm_deploy.hosts import knownhosts, shell
+from trtllm_deploy.hosts import knownhosts, scripts
 from trtllm_deploy.hosts.fanout import GroupResult, fan_out
 from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.container import InContainer
 from trtllm_deploy.hosts.targets import Target, expand
-from trtllm_deploy.serving import mpi, probe
+from trtllm_deploy.runtimes import runtime as runtimes
+from trtllm_deploy.serving import mpi, probe, survey
+from trtllm_deploy.serving.fabric import FABRIC_VARS, fabric_env, node_env_file
 
 LABEL = "io.trtllm-deploy"
 LABEL_JOB = f"{LABEL}.job"
@@ -48,14 +51,6 @@ NODE_ENV = f"{mpi.MOUNT}/node.env"  # this node's FABRIC_VARS, for every rank st
 
 SERVE_FLAGS = ("--init", "--ipc", "host", "--network", "host")
 IDLE = ("sleep", "infinity")
-# What TensorRT-LLM on a Spark needs whatever the node (docs/SOURCES.md#serving-on-sparks).
-RUNTIME_ENV = {"CPATH": "/usr/local/cuda/include", "TRITON_PTXAS_PATH": "/usr/local/cuda/bin/ptxas",
-               "NCCL_CUMEM_ENABLE": "0"}
-# The variables that differ per node: never passed with mpirun -x, never in mpirun's own
-# environment either (OpenMPI hands the OMPI_MCA_ ones it sees to every daemon).
-FABRIC_VARS = ("NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_include",
-               "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA",
-               "TP_SOCKET_IFNAME", "VLLM_HOST_IP")
 JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,39}$")
 DEFAULT_KEY = "~/.ssh/id_ed25519"
 START_TIMEOUT = 300.0
@@ -70,6 +65,7 @@ class Job:
     artifact: str | None = None
     agent_key: str = DEFAULT_KEY   # on the head; mpirun authenticates with it through the agent
     env: tuple[tuple[str, str], ...] = ()  # the same on every node (e.g. STANDIN_* settings)
+    runtime: runtimes.Runtime = field(default_factory=runtimes.default)   # what the container will run
 
     def __post_init__(self) -> None:
         if not JOB_NAME.match(self.name or ""):
@@ -95,32 +91,12 @@ def job_dir(node: Node, home: str, job: str) -> str:
     return posixpath.join(expand(node.paths.state, home), "jobs", job)
 
 
-def fabric_env(node: Node) -> dict[str, str]:
-    """The node's own communication variables, from its hosts.toml fabric entry."""
-    interfaces = ",".join(node.fabric.interfaces)
-    rdma = node.fabric.rdma_devices
-    env: dict[str, str] = {}
-    if interfaces:
-        env.update({"NCCL_SOCKET_IFNAME": interfaces, "GLOO_SOCKET_IFNAME": interfaces,
-                    "TP_SOCKET_IFNAME": interfaces, "OMPI_MCA_btl_tcp_if_include": interfaces,
-                    "OMPI_MCA_oob_tcp_if_include": interfaces})
-    # vLLM: the address this node's processes announce (the fabric's, else the node's own).
-    if node.fabric.address or node.address:
-        env["VLLM_HOST_IP"] = str(node.fabric.address or node.address)
-    if rdma:
-        env["NCCL_IB_HCA"] = ",".join(rdma)
-        env["UCX_NET_DEVICES"] = ",".join(f"{device}:1" for device in rdma)
-    elif interfaces:
-        env["UCX_NET_DEVICES"] = interfaces
-    return env
-
-
 def node_env(node: Node, job: Job, image_id: str, labels: dict[str, str]) -> dict[str, str]:
-    """Everything the container's environment holds: RUNTIME_ENV, the node's fabric, the
-    node's container.env (the user's word wins), the job's settings, and what the probe reads."""
-    env = {**RUNTIME_ENV, **fabric_env(node), **node.container.env, **dict(job.env),
+    """Everything the container's environment holds: the runtime's variables, the node's fabric,
+    the node's container.env (the user's word wins), the job's settings, and what the probe reads."""
+    env = {**job.runtime.env, **fabric_env(node, job.runtime), **node.container.env, **dict(job.env),
            "HF_HOME": MODEL_CACHE, "TRTLLM_DEPLOY_JOB": job.name, "TRTLLM_DEPLOY_NODE": node.name,
-           "TRTLLM_DEPLOY_LOG_DIR": LOGS,
+           "TRTLLM_DEPLOY_LOG_DIR": LOGS, probe.NODE_VARS_ENV: ",".join(job.runtime.node_vars),
            probe.IMAGE_ENV: image_id, probe.IMAGE_REF_ENV: job.image or node.container.image or ""}
     if labels.get("org.opencontainers.image.version"):
         env[probe.IMAGE_VERSION_ENV] = labels["org.opencontainers.image.version"]
@@ -129,19 +105,14 @@ def node_env(node: Node, job: Job, image_id: str, labels: dict[str, str]) -> dic
     return env
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What one node has, gathered before anything changes."""
-
-    home: str
-    image_id: str | None
-    image_labels: dict[str, str]
-    nvidia_runtime: bool
-    infiniband: bool
-    running: dict | None  # the job's container there: {"state": ..., "labels": {...}} or None
+def _image(node: Node, job: Job) -> str:
+    image = job.image or node.container.image
+    if not image:
+        raise InputError(f"{node.name}: no runtime image: set container.image in hosts.toml or pass --image")
+    return image
 
 
-def run_argv(cluster: Cluster, node: Node, job: Job, facts: Facts) -> list[str]:
+def run_argv(cluster: Cluster, node: Node, job: Job, facts: survey.Facts) -> list[str]:
     """The ``docker run`` command for the job's container on ``node`` (pure; labels include its hash)."""
     image = job.image or node.container.image
     directory = job_dir(node, facts.home, job.name)
@@ -166,18 +137,12 @@ def run_argv(cluster: Cluster, node: Node, job: Job, facts: Facts) -> list[str]:
     return [*argv[:-len(IDLE) - 1], "--label", f"{LABEL_SPEC}={spec}", *argv[-len(IDLE) - 1:]]
 
 
-def node_env_file(node: Node) -> str:
-    """``NAME='value'`` lines of the node's own fabric variables (sourced by every rank there)."""
-    env = fabric_env(node)
-    return "".join(f"{key}={shell.quote(value)}\n" for key, value in env.items()
-                   if key in FABRIC_VARS)
-
-
 # OpenMPI hands every OMPI_MCA_ variable in mpirun's environment to the daemons it starts, as
 # command-line parameters that beat each node's own: the head's interface names would reach every
 # node. So mpirun runs without the per-node ones, and every rank re-reads its node's file.
 _WITHOUT_FABRIC = [arg for key in FABRIC_VARS for arg in ("-u", key)]
-_RANK = 'set -a; . "$0"; set +a; exec "$@"'
+# mpirun's program on every rank (argv, not a script run on a node): the node's file, then the program.
+_RANK = 'set -a; . "$1"; set +a; shift; exec "$@"'
 
 
 def mpirun_argv(cluster: Cluster, program: list[str], *, slots: int = 1,
@@ -190,43 +155,13 @@ def mpirun_argv(cluster: Cluster, program: list[str], *, slots: int = 1,
         raise InputError(f"{', '.join(per_node)} differ per node and are set in each container: "
                          "they are never forwarded from the head")
     argv = mpi.mpirun_argv([node.name for node in cluster.nodes],
-                           ["sh", "-c", _RANK, NODE_ENV, *program], slots=slots,
+                           ["sh", "-c", _RANK, "rank-env", NODE_ENV, *program], slots=slots,
                            forward_env=forward_env)
     return ["env", *_WITHOUT_FABRIC, *argv]
 
 
 def spec_of(argv: list[str]) -> str:
     return next(word.split("=", 1)[1] for word in argv if word.startswith(f"{LABEL_SPEC}="))
-
-
-# --- looking ------------------------------------------------------------------------------------
-
-_FACTS_SCRIPT = shell.ENSURE_HOME + """
-printf '%s\\n' "$HOME"
-one() { out=$("$@" 2>/dev/null) && test -n "$out" && echo "$out" || echo none; }
-one docker image inspect --format '{{.Id}} {{json .Config.Labels}}' "$1"
-docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"nvidia"' && echo nvidia || echo no-nvidia
-test -e /dev/infiniband && echo infiniband || echo no-infiniband
-one docker container inspect --format '{{.State.Status}} {{json .Config.Labels}}' "$2"
-"""
-
-
-def gather(node: Node, target: Target, cluster: Cluster, job: Job) -> Facts:
-    image = job.image or node.container.image
-    if not image:
-        raise InputError(f"{node.name}: no runtime image: set container.image in hosts.toml or pass --image")
-    lines = target.run(["sh", "-c", _FACTS_SCRIPT, "sh", image, container_name(cluster, job.name)],
-                       timeout=60).stdout.splitlines()
-    home, image_line, runtime, infiniband, running_line = (lines + ["none"] * 5)[:5]
-    image_id, labels = None, {}
-    if image_line != "none":
-        image_id, _, labels_text = image_line.partition(" ")
-        labels = json.loads(labels_text or "null") or {}
-    running = None
-    if running_line != "none":
-        state, _, labels_text = running_line.partition(" ")
-        running = {"state": state, "labels": json.loads(labels_text or "null") or {}}
-    return Facts(home, image_id, labels, runtime == "nvidia", infiniband == "infiniband", running)
 
 
 # --- acting -------------------------------------------------------------------------------------
@@ -265,7 +200,11 @@ def known_hosts_lines(cluster: Cluster) -> str:
     return "\n".join(lines) + "\n"
 
 
-_AGENT_SCRIPT = shell.ENSURE_HOME + """
+FOLDERS = Script("create the job's folders", """
+umask 077 && mkdir -p "$1/mpi" "$1/bin" "$1/logs" "$2" "$3"
+""")
+# The head's ssh-agent for mpirun's rsh agent, holding the key "$2"; the job's folder is "$1".
+AGENT = Script("start the head's ssh-agent", """
 set -e
 dir=$1; key=$2
 case $key in "~/"*) key=$HOME/${key#"~/"};; esac
@@ -277,30 +216,29 @@ eval "$(ssh-agent -s -a "$dir/mpi/agent.sock")" >/dev/null
 echo "$SSH_AGENT_PID" > "$dir/agent.pid"
 SSH_AUTH_SOCK=$dir/mpi/agent.sock ssh-add -q "$key"
 echo started
-"""
+""")
 
 
-def _prepare(cluster: Cluster, node: Node, target: Target, job: Job, facts: Facts,
+def _prepare(cluster: Cluster, node: Node, target: Target, job: Job, facts: survey.Facts,
              files: dict[str, str]) -> None:
     """The job's folders and files on the node; on the head, the ssh-agent holding its key."""
     directory = job_dir(node, facts.home, job.name)
-    target.run(["sh", "-c", 'umask 077 && mkdir -p "$1/mpi" "$1/bin" "$1/logs" "$2" "$3"', "sh",
-                directory, expand(node.paths.artifacts, facts.home),
-                expand(node.paths.model_cache, facts.home)], timeout=60)
+    scripts.run(target, FOLDERS, directory, expand(node.paths.artifacts, facts.home),
+                expand(node.paths.model_cache, facts.home))
     staging = Path(files["_local"])
     for name in ("ssh_config", "known_hosts", "rsh-agent"):
         target.put(staging / name, f"{directory}/mpi/{name}")
     own = staging.parent / f"node.env.{node.name}"
-    own.write_text(node_env_file(node))
+    own.write_text(node_env_file(node, job.runtime))
     target.put(own, f"{directory}/mpi/node.env")
     target.put(Path(probe.__file__), f"{directory}/bin/probe.py")
     # The container's processes (root in most images) write the rank logs here.
     target.run(["chmod", "0777", f"{directory}/logs"], timeout=60)
     if node.is_head:
-        target.run(["sh", "-c", _AGENT_SCRIPT, "sh", directory, job.agent_key], timeout=60)
+        scripts.run(target, AGENT, directory, job.agent_key)
 
 
-def _start(cluster: Cluster, node: Node, target: Target, job: Job, facts: Facts) -> Started:
+def _start(cluster: Cluster, node: Node, target: Target, job: Job, facts: survey.Facts) -> Started:
     name = container_name(cluster, job.name)
     argv = run_argv(cluster, node, job, facts)
     env = node_env(node, job, facts.image_id or "", facts.image_labels)
@@ -329,7 +267,8 @@ def up(cluster: Cluster, job: Job, tmp: Path) -> GroupResult[Started]:
     (staging / "rsh-agent").chmod(0o755)
     files = {"_local": str(staging)}
 
-    facts = fan_out(cluster.nodes, lambda node, target: gather(node, target, cluster, job))
+    facts = fan_out(cluster.nodes, lambda node, target: survey.gather(
+        target, _image(node, job), container_name(cluster, job.name)))
     for outcome in facts:
         if outcome.ok and outcome.value.image_id is None:
             raise CheckFailed(f"{outcome.node.name} has no image {job.image or outcome.node.container.image}:"
@@ -402,13 +341,19 @@ class Stopped:
 
 # Processes of the job left on the node itself: the ssh-agent (head), and `docker exec` clients of
 # mpirun's rsh agent. The bracket keeps pgrep from matching the shell that runs it.
-_LEFTOVERS_SCRIPT = shell.ENSURE_HOME + """
+CLEAN_UP = Script("stop the job's ssh-agent and rsh clients", """
+dir=$1
+if test -f "$dir/agent.pid"; then kill "$(cat "$dir/agent.pid")" 2>/dev/null; rm -f "$dir/agent.pid"; fi
+pkill -f "[d]ocker exec -i $2 " || true
+rm -rf "$dir/mpi" "$dir/bin"
+""")
+LEFTOVERS = Script("look for what is left of the job", """
 dir=$1; name=$2
 if test -f "$dir/agent.pid" && kill -0 "$(cat "$dir/agent.pid")" 2>/dev/null; then
   echo "ssh-agent $(cat "$dir/agent.pid")"
 fi
 pgrep -a -f "[d]ocker exec -i $name " | sed 's/^/process /' || true
-"""
+""")
 
 
 def _down(node: Node, target: Target, cluster: Cluster, job: str) -> Stopped:
@@ -417,14 +362,10 @@ def _down(node: Node, target: Target, cluster: Cluster, job: str) -> Stopped:
     if removed:
         target.run(["docker", "rm", "--force", *removed], timeout=120)
     directory = job_dir(node, target.home(), job)
-    target.run(["sh", "-c", shell.ENSURE_HOME + 'dir=$1; if test -f "$dir/agent.pid"; then '
-                'kill "$(cat "$dir/agent.pid")" 2>/dev/null; rm -f "$dir/agent.pid"; fi; '
-                'pkill -f "[d]ocker exec -i $2 " || true; rm -rf "$dir/mpi" "$dir/bin"',
-                "sh", directory, name], timeout=60)
+    scripts.run(target, CLEAN_UP, directory, name)
     # Verify, not assume: the job's label and its processes, looked for afresh.
     leftovers = [f"container {c.name} ({c.state})" for c in _listed(target, job)]
-    leftovers += target.run(["sh", "-c", _LEFTOVERS_SCRIPT, "sh", directory, name],
-                            timeout=60).stdout.splitlines()
+    leftovers += scripts.run(target, LEFTOVERS, directory, name).lines()
     return Stopped(removed, leftovers)
 
 

@@ -25,7 +25,9 @@ CHUNK = 200  # characters of the report per output line
 # The variables that pin NCCL, UCX, OpenMPI and Gloo to a node's fabric, and the rest (docs/SOURCES.md).
 COMM_ENV = ("NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_include",
             "OMPI_MCA_oob_tcp_if_include", "GLOO_SOCKET_IFNAME", "NCCL_IB_HCA", "TP_SOCKET_IFNAME",
-            "VLLM_HOST_IP", "CPATH", "TRITON_PTXAS_PATH", "NCCL_CUMEM_ENABLE", "CUDA_VISIBLE_DEVICES")
+            "CPATH", "TRITON_PTXAS_PATH", "NCCL_CUMEM_ENABLE", "CUDA_VISIBLE_DEVICES")
+# The runtime's own per-node variables, named by the launcher (comma-separated).
+NODE_VARS_ENV = "TRTLLM_DEPLOY_NODE_VARS"
 # What the launcher tells the probe about the image it runs in (docker inspect on the node).
 IMAGE_ENV = "TRTLLM_DEPLOY_IMAGE_ID"
 IMAGE_REF_ENV = "TRTLLM_DEPLOY_IMAGE"
@@ -248,7 +250,8 @@ def manifest_hash(path: str | None) -> str | None:
 
 
 def report(rank: int, size: int, manifest: str | None) -> dict:
-    env = {key: os.environ[key] for key in COMM_ENV if key in os.environ}
+    names = [*COMM_ENV, *filter(None, os.environ.get(NODE_VARS_ENV, "").split(","))]
+    env = {key: os.environ[key] for key in names if key in os.environ}
     found = gpus()
     devices = found["devices"]
     return {
