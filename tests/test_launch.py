@@ -16,7 +16,7 @@ from conftest import docker_unusable
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import targets
 from trtllm_deploy.hosts.ssh import SSH
-from trtllm_deploy.serving import launch, supervise
+from trtllm_deploy.serving import jobs, launch, supervise
 from trtllm_deploy.testbed import artifact as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,11 +102,11 @@ def test_launch_serves_across_three_nodes_gated_and_stop_leaves_nothing(bed, hom
         assert launch.current(bed).manifest_sha256 == hashlib.sha256(
             (tiny_folder(bed) / "trtllm-deploy-manifest.json").read_bytes()).hexdigest()
         assert answers(bed, wanted.port)
-        logs = launch.tails(bed, "tb")
+        logs = jobs.tails(bed, "tb")
         # One log per rank, each on its own node.
         assert {"spark-1/rank-0.log", "spark-2/rank-1.log", "spark-3/rank-2.log"} <= set(logs)
-        looks = launch.look(bed, launch.current(bed))
-        assert launch.trouble(looks, wanted, "spark-1") is None
+        looks = jobs.look(bed, launch.current(bed))
+        assert jobs.trouble(looks, wanted, "spark-1") is None
     finally:
         stopped = launch.stop(bed, "tb")
     assert all(outcome.ok and outcome.value.clean for outcome in stopped)
@@ -202,7 +202,7 @@ def test_rollback_serves_the_same_artifact_with_vllm_across_the_nodes(bed, home)
             assert "vllm" in json.dumps(json.load(answer)).lower()
         # One vLLM process per node; the stand-in refuses a node rank that is not its MPI rank and a
         # --headless anywhere but nodes 1..N-1, as vLLM's own multi-node mode needs.
-        logs = launch.tails(bed, "tbrb-vllm")
+        logs = jobs.tails(bed, "tbrb-vllm")
         assert "worker rank 1 of 3" in logs["spark-2/rank-1.log"], logs
         assert "worker rank 2 of 3" in logs["spark-3/rank-2.log"], logs
         # The last known good is now the vLLM deployment; the previous one stays recorded in its log.

@@ -21,7 +21,9 @@ from trtllm_deploy.cli import (
     user_errors,
 )
 from trtllm_deploy.hosts import inventory
-from trtllm_deploy.serving import containers, launch, supervise
+from trtllm_deploy.runtimes import runtime as runtimes
+from trtllm_deploy.serving import containers, gate, jobs, launch, supervise
+from trtllm_deploy.serving.state import current, last_good
 from trtllm_deploy.source import lock as locks
 
 STORE_HELP = "where engine.build made the artifact, to read its backend (default: engines/)"
@@ -32,23 +34,22 @@ STORE_HELP = "where engine.build made the artifact, to read its backend (default
     "tp": "tensor-parallel size (one GPU per node; default: every node)", "pp": "pipeline-parallel size",
     "job": "the job's name (default: serve)",
     "image": "the runtime image (default: hosts.toml container.image)",
-    "port": "the HTTP port on the head (default: 8355)", "runtime": "trtllm (default) or vllm",
+    "port": "the HTTP port on the head (default: 8355)", "runtime": runtimes.choices(),
     "env": ENV_HELP, "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
     "store": STORE_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str = "serve", image: str = "",
-            port: int = 8355, runtime: str = "trtllm", env: list[str] | None = None, stall_s: float = 120.0,
-            min_rate: float = 1.0, store: str = "engines", hosts: str = "hosts.toml",
+            port: int = 8355, runtime: str = runtimes.default().name, env: list[str] | None = None,
+            stall_s: float = 120.0, min_rate: float = 1.0, store: str = "engines", hosts: str = "hosts.toml",
             json: bool = False) -> None:
     """Serve an artifact across the nodes: containers, mpirun, ready by progress, a gate prompt."""
     verify.check_name(artifact)
-    if runtime not in launch.RUNTIMES:
-        raise Exit(f"--runtime {runtime!r}: expected one of {', '.join(launch.RUNTIMES)}", code=2)
+    runtimes.get(runtime)   # a name it does not know is bad input (exit 2)
     cluster = inventory.load(hosts)
     wanted = launch.Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
                                artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
                                backend=launch.serve_backend(Path(store) / artifact,
-                                                            f"{containers.ARTIFACTS}/{artifact}"),
+                                                            f"{containers.ARTIFACTS}/{artifact}", runtime),
                                env=env_pairs(env))
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
@@ -80,7 +81,7 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
         raise Exit(f"--on-failure {on_failure!r}: expected one of {', '.join(supervise.POLICIES)}", code=2)
     cluster = inventory.load(hosts)
     while True:
-        deployment = launch.current(cluster)
+        deployment = current(cluster)
         if deployment is None:
             raise Exit("supervise: nothing is deployed (invoke launch)", code=1)
         console.err.print(f"supervising {deployment.job} on {', '.join(deployment.nodes)}")
@@ -104,20 +105,20 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
 def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
     """Per node: the job's container, its ranks, the artifact and image; and the endpoint's health."""
     cluster = inventory.load(hosts)
-    deployment = launch.current(cluster)
+    deployment = current(cluster)
     if job and deployment is not None and deployment.job != job:
         deployment = None
     if deployment is None:
         if json:
             console.print_json({"job": job or None, "deployed": False, "last_good": (
-                launch.last_good(cluster).as_json() if launch.last_good(cluster) else None)})
+                last_good(cluster).as_json() if last_good(cluster) else None)})
         else:
             console.out.print("nothing is deployed")
         return
     nodes = launch.job_cluster(cluster, deployment)
-    looks = launch.look(nodes, deployment)
-    healthy = launch.healthy(nodes.head, deployment.port)
-    wrong = launch.trouble(looks, deployment, nodes.head.name)
+    looks = jobs.look(nodes, deployment)
+    healthy = gate.serving(nodes.head, deployment)
+    wrong = jobs.trouble(looks, deployment, nodes.head.name)
     report = {"job": deployment.job, "deployed": True, "healthy": healthy and wrong is None,
               "trouble": wrong, "endpoint": f"http://{nodes.head.host}:{deployment.port}/v1",
               "deployment": deployment.as_json(),
@@ -146,12 +147,12 @@ def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job:
          hosts: str = "hosts.toml") -> None:
     """The last lines of every rank's log (kept on each node after the job ends)."""
     cluster = inventory.load(hosts)
-    name = job or (launch.current(cluster).job if launch.current(cluster) else "")
+    name = job or (current(cluster).job if current(cluster) else "")
     if not name:
         raise Exit("logs: nothing is deployed; pass --job NAME", code=2)
     seen: dict[str, str] = {}
     while True:
-        found = launch.tails(cluster, name, lines, None if rank < 0 else rank)
+        found = jobs.tails(cluster, name, lines, None if rank < 0 else rank)
         for log, text in sorted(found.items()):
             old = seen.get(log, "")
             new = text[len(old):] if text.startswith(old) else text
@@ -171,7 +172,7 @@ def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job:
 def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
     """Stop the job on every node; succeeds only after checking that nothing of it runs anywhere."""
     cluster = inventory.load(hosts)
-    name = job or (launch.current(cluster).job if launch.current(cluster) else "")
+    name = job or (current(cluster).job if current(cluster) else "")
     if not name:
         raise Exit("stop: nothing is deployed; pass --job NAME to stop one by name", code=2)
     stopped = launch.stop(cluster, name)
@@ -184,24 +185,32 @@ def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fals
         for n, info in report["nodes"].items()]))
 
 
-@task(help={"image": "the vLLM image (default: the lock's [vllm] image)",
-            "lock": "the lock that pins the vLLM image (default: requirements/tensorrt-llm.lock.toml)",
+ROLLBACK = runtimes.rollback()
+
+
+@task(help={"image": f"the {ROLLBACK.product} image (default: the lock's [{ROLLBACK.name}] image)",
+            "lock": f"the lock that pins the {ROLLBACK.product} image (default: "
+                    "requirements/tensorrt-llm.lock.toml)",
             "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
             "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm.lock.toml",
              stall_s: float = 120.0, min_rate: float = 1.0, hosts: str = "hosts.toml",
              json: bool = False) -> None:
-    """Stop TensorRT-LLM and serve the same model with vLLM (its pinned image), health gated."""
     cluster = inventory.load(hosts)
-    vllm_image = image or locks.load(lock).lock.vllm.image
+    image = image or ROLLBACK.image(locks.load(lock))
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
-            console.err.status("rolling back to vLLM…") as spinner:
-        done = launch.rollback(cluster, vllm_image, Path(tmp), report=lambda line: spinner.update(line),
+            console.err.status(f"rolling back to {ROLLBACK.product}…") as spinner:
+        done = launch.rollback(cluster, image, Path(tmp), report=lambda line: spinner.update(line),
                                stall_s=stall_s, min_tokens_per_s=min_rate)
     if json:
         console.print_json(done.as_json())
         return
-    console.out.print(f"vLLM serves {done.deployment.artifact} on {', '.join(done.deployment.nodes)} "
-                      f"at http://{cluster.head.host}:{done.deployment.port}/v1 (gate: "
-                      f"{done.tokens_per_s:.1f} tokens/s)")
+    console.out.print(f"{ROLLBACK.product} serves {done.deployment.artifact} on "
+                      f"{', '.join(done.deployment.nodes)} at http://{cluster.head.host}:"
+                      f"{done.deployment.port}/v1 (gate: {done.tokens_per_s:.1f} tokens/s)")
+
+
+# The task's first line for `invoke --list`, naming the runtimes from their records.
+rollback.__doc__ = (f"Stop {runtimes.default().product} and serve the same model with {ROLLBACK.product} "
+                    "(its pinned image), health gated.")

@@ -24,7 +24,9 @@ from trtllm_deploy.errors import CheckFailed, DeployError, InputError
 from trtllm_deploy.hosts import preflight
 from trtllm_deploy.hosts.connections import Connections
 from trtllm_deploy.hosts.inventory import Cluster
-from trtllm_deploy.serving import clustercheck, containers, launch
+from trtllm_deploy.runtimes import runtime as runtimes
+from trtllm_deploy.serving import clustercheck, containers, gate, jobs, launch
+from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source.lock import LockFile
 
@@ -66,7 +68,7 @@ class Phase:
 @dataclass
 class Report:
     phases: list[Phase] = field(default_factory=list)
-    deployment: launch.Deployment | None = None
+    deployment: Deployment | None = None
     failed: str | None = None
 
     @property
@@ -110,7 +112,7 @@ def _run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request:
             report.phases.append(Phase(name, "failed", str(exc).splitlines()[0] if str(exc) else
                                        type(exc).__name__, time.monotonic() - started))
             report.failed = name
-            report.deployment = launch.current(cluster)
+            report.deployment = current(cluster)
             if isinstance(exc, DeployError):
                 raise type(exc)(f"deploy stopped at {name}: {exc}") from exc
             raise
@@ -244,25 +246,25 @@ def _difference(plan) -> str:
     return "lacks the " + " and the ".join(parts)
 
 
-def _wanted(cluster: Cluster, request: Request, state: dict) -> launch.Deployment:
+def _wanted(cluster: Cluster, request: Request, state: dict) -> Deployment:
     folder: Path = state["artifact"]
     backend = launch.serve_backend(folder, f"{containers.ARTIFACTS}/{folder.name}")
     digest = hashlib.sha256((folder / "trtllm-deploy-manifest.json").read_bytes()).hexdigest()
-    return launch.Deployment(job=request.job, runtime="trtllm", image=state["image"], artifact=folder.name,
-                             tp=state["tp"], port=request.port, backend=backend, env=request.env,
-                             manifest_sha256=digest)
+    return Deployment(job=request.job, runtime=runtimes.default().name, image=state["image"],
+                      artifact=folder.name, tp=state["tp"], port=request.port, backend=backend,
+                      env=request.env, manifest_sha256=digest)
 
 
-def _serving_as_wanted(cluster: Cluster, wanted: launch.Deployment) -> launch.Deployment | None:
+def _serving_as_wanted(cluster: Cluster, wanted: Deployment) -> Deployment | None:
     """The running deployment, when it is the wanted one and every part of it is alive and healthy."""
-    found = launch.current(cluster)
+    found = current(cluster)
     same = ("job", "runtime", "image", "artifact", "tp", "pp", "port", "backend", "env", "manifest_sha256")
     if found is None or any(getattr(found, key) != getattr(wanted, key) for key in same):
         return None
     nodes = launch.job_cluster(cluster, found)
-    if launch.trouble(launch.look(nodes, found), found, nodes.head.name) is not None:
+    if jobs.trouble(jobs.look(nodes, found), found, nodes.head.name) is not None:
         return None
-    return found if launch.healthy(nodes.head, found.port) else None
+    return found if gate.serving(nodes.head, found) else None
 
 
 def _check(cluster, lockfile, catalog, request, state, say) -> Phase:
@@ -287,15 +289,15 @@ def _check(cluster, lockfile, catalog, request, state, say) -> Phase:
 
 
 def _launch(cluster, lockfile, catalog, request, state, say) -> Phase:
-    wanted: launch.Deployment = state["wanted"]
+    wanted: Deployment = state["wanted"]
     if state.get("running") is not None:
         state["deployment"] = state["running"]
         return Phase("launch", "up to date", f"{wanted.job} is serving")
     if request.dry_run:
-        previous = launch.current(cluster)
+        previous = current(cluster)
         return Phase("launch", "would start", f"{wanted.job}: {wanted.artifact} with tp {wanted.tp}"
                      + (f", after stopping {previous.job}" if previous else ""))
-    good = launch.last_good(cluster)
+    good = last_good(cluster)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp:
         try:
             done = launch.launch(cluster, wanted, Path(tmp), stall_s=request.stall_s,
@@ -320,12 +322,12 @@ def _verify(cluster, lockfile, catalog, request, state, say) -> Phase:
     is looked at again."""
     if request.dry_run:
         return Phase("verify", "would ask", "the fixed prompt at temperature 0")
-    deployment: launch.Deployment = state["deployment"]
+    deployment: Deployment = state["deployment"]
     head = launch.job_cluster(cluster, deployment).head
     where = f"http://{head.host}:{deployment.port}/v1"
     if "gate" in state:
         return Phase("verify", "done", f"{where} passed launch's gate at {state['gate']:.1f} tokens/s")
-    answer, _, rate = launch.ask(head, deployment.port)
+    answer, _, rate = gate.ask(head, deployment.port)
     if not answer or rate < request.min_tokens_per_s:
         raise CheckFailed(f"the endpoint answered {answer!r} at {rate:.1f} tokens/s")
     return Phase("verify", "done", f"{where} answers at {rate:.1f} tokens/s")

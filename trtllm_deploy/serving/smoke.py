@@ -16,18 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.hosts import scripts
 from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.targets import Target, expand
-from trtllm_deploy.runtimes import failures
-from trtllm_deploy.serving import launch
+from trtllm_deploy.runtimes import failures, trtllm
+from trtllm_deploy.serving import gate, launch
 from trtllm_deploy.source import cuda
 from trtllm_deploy.source.plan import LABEL_ARCHS, image_ref
 from trtllm_deploy.source.lock import LockFile
 
 CONTAINER = "trtllm-deploy-smoke"
-PROMPT = "The capital of France is"
 SERVE_FLAGS = ("--ipc", "host", "--network", "host")  # plus the node's ulimits (hosts.toml)
+GPU = Script("read the GPU's compute capability",
+             "nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null || true\n")
+NVIDIA_RUNTIME = Script("look for Docker's NVIDIA runtime",
+                        "docker info --format '{{json .Runtimes}}' | grep -q nvidia\n")
+
 @dataclass
 class Step:
     name: str
@@ -70,7 +76,7 @@ def run(cluster: Cluster, lockfile: LockFile, artifact: Path, port: int = 8355,
         report = SmokeReport(node.name, image, labels.get("io.trtllm-deploy.standin") == "true")
         _check_image(report, target, labels, lockfile)
         remote = _place(report, node, target, artifact)
-        config = (artifact / "llm-api.yaml").exists()
+        config = (artifact / trtllm.CONFIG).exists()
         backend = list(launch.serve_backend(artifact, "/model"))
         try:
             _start(report, node, target, image, remote, port, config, backend)
@@ -116,8 +122,7 @@ def _check_image(report: SmokeReport, target: Target, labels: dict, lockfile: Lo
             report.add("image version", version == wanted_version, f"TensorRT-LLM {version}" + (
                 "" if version == wanted_version else f", the lock says {wanted_version}"))
     archs = labels.get(LABEL_ARCHS, "")
-    gpu = target.run(["sh", "-c", "nvidia-smi --query-gpu=compute_cap --format=csv,noheader "
-                      "2>/dev/null || true"], timeout=60).stdout.split()
+    gpu = scripts.run(target, GPU).stdout.split()
     if not gpu:
         report.add("kernels", None, "no GPU on this node: not checked")
     elif archs:
@@ -144,15 +149,14 @@ def _place(report: SmokeReport, node: Node, target: Target, artifact: Path) -> s
 def _start(report: SmokeReport, node: Node, target: Target, image: str, remote: str, port: int,
            config: bool, backend: list[str]) -> None:
     target.run(["docker", "rm", "--force", CONTAINER], check=False, timeout=120)
-    gpus = target.run(["sh", "-c", "docker info --format '{{json .Runtimes}}' | grep -q nvidia"],
-                      check=False, timeout=60).ok
+    gpus = scripts.run(target, NVIDIA_RUNTIME, check=False).ok
     argv = ["docker", "run", "--detach", "--name", CONTAINER, *(["--gpus", "all"] if gpus else []),
             *SERVE_FLAGS, *(arg for key, value in node.container.ulimits.items()
                             for arg in ("--ulimit", f"{key}={value}")),
             *(arg for key, value in node.container.env.items() for arg in ("--env", f"{key}={value}")),
             "--volume", f"{remote}:/model:ro", image,
             "trtllm-serve", "/model", *backend, "--host", "0.0.0.0", "--port", str(port),
-            "--tp_size", "1", *(["--config", "/model/llm-api.yaml"] if config else [])]
+            "--tp_size", "1", *(["--config", f"/model/{trtllm.CONFIG}"] if config else [])]
     target.run(argv, timeout=300)
     report.add("start", True, f"{CONTAINER} on {node.name}" + ("" if gpus else " (no GPU runtime)"))
 
@@ -162,7 +166,7 @@ def _wait_ready(report: SmokeReport, target: Target, node: Node, port: int, stal
     stands still for ``stall_s`` (or a container that stopped) ends it."""
     seen, started, last_change = "", time.monotonic(), time.monotonic()
     while True:
-        if launch.healthy(node, port):
+        if gate.healthy(node, port, path=trtllm.RUNTIME.health):
             logs = target.run(["docker", "logs", "--tail", "50", CONTAINER], check=False, timeout=60)
             last = _progress(logs.stdout + logs.stderr)
             report.add("ready", True, f"after {time.monotonic() - started:.0f} s"
@@ -179,9 +183,10 @@ def _wait_ready(report: SmokeReport, target: Target, node: Node, port: int, stal
             final = target.run(["docker", "logs", "--tail", "200", CONTAINER], check=False, timeout=60)
             seen = final.stdout + final.stderr or seen
             raise CheckFailed(failures.explain(f"the runtime stopped (exit {state[1]}) before it was ready",
-                                       seen))
+                                               seen, runtime=trtllm.RUNTIME.name))
         if time.monotonic() - last_change > stall_s:
-            raise CheckFailed(failures.explain(f"no progress for {stall_s:.0f} s and not ready", seen))
+            raise CheckFailed(failures.explain(f"no progress for {stall_s:.0f} s and not ready", seen,
+                                               runtime=trtllm.RUNTIME.name))
         time.sleep(1)
 
 
@@ -191,7 +196,7 @@ def _progress(log: str) -> str:
 
 
 def _ask(report: SmokeReport, node: Node, port: int, min_rate: float, max_tokens: int) -> None:
-    answer = launch.ask(node, port, max_tokens)
+    answer = gate.ask(node, port, max_tokens)
     report.answer, report.tokens_per_s = answer.text, answer.tokens_per_s
     report.add("answer", bool(report.answer), f"{answer.tokens} tokens: {report.answer[:60]!r}")
     report.add("token rate", report.tokens_per_s >= min_rate,

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.serving import launch
+from trtllm_deploy.runtimes import runtime
+from trtllm_deploy.serving import jobs, launch, state
+from trtllm_deploy.serving.state import Deployment
 
 POLICIES = ("stop", "restart", "rollback")
 
@@ -38,8 +40,9 @@ class Failure:
 class HangProbe:
     """One 1-token completion in flight at a time; how long the current one has waited."""
 
-    def __init__(self, node: Node, port: int, timeout: float = 600.0):
+    def __init__(self, node: Node, port: int, timeout: float = 600.0, models: str = "/v1/models"):
         self.url = f"http://{node.host}:{port}"
+        self.models = models
         self.timeout = timeout
         self.sent_at: float | None = None
         self.model: str | None = None
@@ -52,7 +55,7 @@ class HangProbe:
             self.sent_at = time.monotonic()
             try:
                 if self.model is None:
-                    with urllib.request.urlopen(f"{self.url}/v1/models", timeout=self.timeout) as answer:
+                    with urllib.request.urlopen(f"{self.url}{self.models}", timeout=self.timeout) as answer:
                         self.model = json.load(answer)["data"][0]["id"]
                 body = json.dumps({"model": self.model, "prompt": "ping", "max_tokens": 1,
                                    "temperature": 0}).encode()
@@ -73,26 +76,26 @@ class HangProbe:
         self._stop.set()
 
 
-def watch(cluster: Cluster, deployment: launch.Deployment, *, interval: float = 1.0,
+def watch(cluster: Cluster, deployment: Deployment, *, interval: float = 1.0,
           hang_s: float = 8.0, duration: float | None = None,
           stop: threading.Event | None = None) -> Failure | None:
     """Watch until a failure (returned, explained) or ``duration`` seconds / ``stop`` (None)."""
     nodes = launch.job_cluster(cluster, deployment)
-    probe = HangProbe(nodes.head, deployment.port)
+    probe = HangProbe(nodes.head, deployment.port, models=runtime.get(deployment.runtime).ready)
     started = time.monotonic()
     count = 0
     try:
         while (duration is None or time.monotonic() - started < duration) and not (stop and stop.is_set()):
             looked_at = time.monotonic()
             count += 1
-            wrong = launch.trouble(launch.look(nodes, deployment), deployment, nodes.head.name)
+            wrong = jobs.trouble(jobs.look(nodes, deployment), deployment, nodes.head.name)
             if wrong:
-                return Failure("dead", wrong, count, launch.explain(nodes, deployment, wrong))
+                return Failure("dead", wrong, count, jobs.explain(nodes, deployment, wrong))
             waited = probe.waited()
             if waited > hang_s:
                 what = (f"no answer to a 1-token request for {waited:.0f} s while every rank and mpirun "
                         "are alive: a hang")
-                return Failure("hang", what, count, launch.explain(nodes, deployment, what))
+                return Failure("hang", what, count, jobs.explain(nodes, deployment, what))
             time.sleep(max(0.0, interval - (time.monotonic() - looked_at)))
     finally:
         probe.close()
@@ -111,7 +114,7 @@ class Handled:
                 "relaunched": self.relaunched.as_json() if self.relaunched else None}
 
 
-def handle(cluster: Cluster, deployment: launch.Deployment, failure: Failure, policy: str, tmp,
+def handle(cluster: Cluster, deployment: Deployment, failure: Failure, policy: str, tmp,
            report=lambda line: None, **gate) -> Handled:
     """Tear the failed job down everywhere (verified), then apply ``policy``."""
     if policy not in POLICIES:
@@ -123,7 +126,7 @@ def handle(cluster: Cluster, deployment: launch.Deployment, failure: Failure, po
     if policy == "restart":
         target = deployment
     elif policy == "rollback":
-        target = launch.last_good(cluster)
+        target = state.last_good(cluster)
         if target is None:
             report("no last known good deployment is recorded: nothing to roll back to")
     if target is not None:

@@ -17,6 +17,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from trtllm_deploy.hosts import scripts
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.secrets import MASK, redact
 
 _PATTERNS = (
@@ -42,7 +44,8 @@ def scrub(text: str) -> str:
     return text
 
 
-NODE_SCRIPT = r"""
+# What a bug report needs of a node, as one text with a "### what" heading per part.
+NODE_REPORT = Script("collect the node's versions and state", r"""
 section() { echo; echo "### $*"; }
 run() { section "$*"; "$@" 2>&1 || echo "(exit $?)"; }
 run uname -a
@@ -59,7 +62,10 @@ run mpirun --version
 run python3 --version
 run df -h
 section /proc/meminfo; head -5 /proc/meminfo
-"""
+""", timeout=120)
+# $1 the folder of the node's jobs: every job that left logs there.
+LIST_JOBS = Script("list the jobs with logs",
+                   'cd "$1" 2>/dev/null && for d in */logs; do echo "${d%/logs}"; done; exit 0')
 
 
 def _add(archive: tarfile.TarFile, name: str, text: str) -> None:
@@ -76,8 +82,7 @@ def _jobs_on(node, target) -> list[str]:
     from trtllm_deploy.serving.containers import job_dir
 
     folder = posixpath.dirname(job_dir(node, target.home(), "x"))
-    listed = target.run(["sh", "-c", 'cd "$1" 2>/dev/null && for d in */logs; do echo "${d%/logs}"; '
-                         'done; exit 0', "sh", folder], timeout=60, check=False).stdout
+    listed = scripts.run(target, LIST_JOBS, folder, check=False).stdout
     return [line for line in listed.split() if line and line != "*"]
 
 
@@ -86,10 +91,10 @@ def collect(cluster, hosts_path: Path | None, log_lines: int = 200) -> dict[str,
     from trtllm_deploy.hosts.fanout import fan_out
     from trtllm_deploy.measure.diagnose import link
     from trtllm_deploy.serving import launch
+    from trtllm_deploy.serving.jobs import tails
 
     files: dict[str, str] = {}
-    for outcome in fan_out(cluster.nodes, lambda node, target: target.run(
-            ["sh", "-c", NODE_SCRIPT], timeout=120, check=False)):
+    for outcome in fan_out(cluster.nodes, lambda node, target: scripts.run(target, NODE_REPORT, check=False)):
         files[f"nodes/{outcome.node.name}.txt"] = (
             outcome.value.stdout + outcome.value.stderr if outcome.ok else f"unreachable: {outcome.reason}")
     try:
@@ -98,11 +103,11 @@ def collect(cluster, hosts_path: Path | None, log_lines: int = 200) -> dict[str,
         files["link.json"] = json.dumps({"error": str(exc)})
     deployment = launch.current(cluster)
     files["deployment.json"] = json.dumps(deployment.as_json() if deployment else None, indent=1)
-    jobs = set()
+    with_logs: set[str] = set()
     for outcome in fan_out(cluster.nodes, _jobs_on):
-        jobs.update(outcome.value if outcome.ok else ())
-    for job in sorted(jobs):
-        for name, text in launch.tails(cluster, job, lines=log_lines).items():
+        with_logs.update(outcome.value if outcome.ok else ())
+    for job in sorted(with_logs):
+        for name, text in tails(cluster, job, lines=log_lines).items():
             files[f"logs/{job}/{name}"] = text
     if hosts_path and hosts_path.is_file():
         files["hosts.toml"] = hosts_path.read_text()

@@ -1,0 +1,81 @@
+"""What this machine records about a cluster's deployments: the current one and the last known good.
+
+One JSON file per cluster name (``~/.local/state/trtllm-deploy/clusters/<name>/deployments.json``),
+replaced whole on every change. A :class:`Deployment` holds enough to start it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from trtllm_deploy import atomic
+from trtllm_deploy.hosts.inventory import Cluster
+
+STATE_DIR = "~/.local/state/trtllm-deploy/clusters"   # <cluster name>/deployments.json
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What serves: runtime, image, artifact, parallelism, port — enough to start it again."""
+
+    job: str
+    runtime: str
+    image: str
+    artifact: str
+    tp: int
+    pp: int = 1
+    port: int = 8355
+    backend: tuple[str, ...] = ("--backend", "pytorch")   # the runtime's options for the artifact
+    env: tuple[tuple[str, str], ...] = ()
+    nodes: tuple[str, ...] = ()
+    master_addr: str | None = None   # where the nodes meet (the head's fabric address)
+    image_id: str | None = None
+    manifest_sha256: str | None = None
+    started: str | None = None
+
+    @property
+    def ranks(self) -> int:
+        return self.tp * self.pp
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Deployment:
+        fields = {key: tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                  if isinstance(value, list) else value for key, value in data.items()}
+        return cls(**fields)
+
+
+def _path(cluster: Cluster) -> Path:
+    return Path(os.path.expanduser(STATE_DIR)) / cluster.name / "deployments.json"
+
+
+def state(cluster: Cluster) -> dict:
+    """What this machine recorded about the cluster's deployments (one file per cluster name)."""
+    try:
+        return json.loads(_path(cluster).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record(cluster: Cluster, **changes) -> None:
+    """Record ``current`` and/or ``last_good`` (a Deployment, or None), keeping the rest."""
+    path = _path(cluster)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = state(cluster) | {key: value.as_json() if isinstance(value, Deployment) else value
+                             for key, value in changes.items()}
+    atomic.write_text(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def current(cluster: Cluster) -> Deployment | None:
+    found = state(cluster).get("current")
+    return Deployment.from_json(found) if found else None
+
+
+def last_good(cluster: Cluster) -> Deployment | None:
+    found = state(cluster).get("last_good")
+    return Deployment.from_json(found) if found else None
