@@ -1,4 +1,5 @@
-"""A stand-in for ``trtllm-serve`` and ``vllm serve``: same command line, same HTTP surface, no GPU.
+"""A stand-in for ``trtllm-serve`` and the other runtimes' servers: same command line, same HTTP
+surface, no GPU.
 
 It is a test double, never inference. It says so in ``--version``, in every log line
 (``[TensorRT-LLM stand-in][rank N][LEVEL] ...``), in ``/v1/models`` (``"standin": true``) and in the
@@ -19,9 +20,8 @@ Executables (one program, chosen by the basename of ``argv[0]``, or by the first
     without it.
 ``trtllm-build``, ``convert_checkpoint.py``, ``quantize.py``, ``hf_ptq.py``
     The artifact-making tools (see ``build.py``): real options, real output layout, no computing.
-``vllm serve MODEL [--tensor-parallel-size N --distributed-executor-backend {ray,mp} ...]``
-    The same runtime behind vLLM's command line. It is an MPI program only when started by
-    ``mpirun`` with more than one rank; otherwise one process stands in for all ranks.
+The other runtimes' programs (one module each, naming its ``PROGRAM``)
+    The same runtime behind their command lines.
 
 Under ``mpirun`` the world size must equal ``tp_size * pp_size``. Rank 0 serves HTTP; every
 generated token is one collective over all ranks (each rank adds a partial "logit" hashed from

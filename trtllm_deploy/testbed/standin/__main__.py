@@ -1,4 +1,4 @@
-"""``python -m trtllm_deploy.testbed.standin {trtllm-serve,trtllm-llmapi-launch,vllm} ARGS...``"""
+"""``python -m trtllm_deploy.testbed.standin PROGRAM ARGS...`` (a program of ``cli.PROGRAMS``)."""
 
 import sys
 

@@ -1,26 +1,26 @@
-"""The command lines: ``trtllm-serve``, ``trtllm-llmapi-launch`` and ``vllm``, chosen by program name.
+"""The command lines, chosen by program name: ``trtllm-serve``, ``trtllm-llmapi-launch``, the
+artifact-making tools, and the other runtimes' programs (each in its own module of this package).
 
 ``trtllm-serve`` takes TensorRT-LLM's own option names and refuses others the way click does
-(usage line, ``Error: ...``, exit status 2); ``vllm`` does the same through argparse, as vLLM does.
+(usage line, ``Error: ...``, exit status 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import difflib
+import importlib
 import os
+import pkgutil
 import shlex
 import sys
 from dataclasses import dataclass
 
-from . import VERSION, llmapi
+from . import llmapi
 from .log import TRTLLM_LEVELS, Log
-from .serve import PRODUCTS, ServeConfig, run
-from .settings import Settings
-from .world import LocalWorld, launched_rank, launched_size
-
-# The real trtllm-llmapi-launch exports this on every rank; a multi-rank trtllm-serve needs it.
-LAUNCH_MARK = "TLLM_SPAWN_PROXY_PROCESS"
+from .serve import ServeConfig
+from .start import LAUNCH_MARK, start, version_line, worker
+from .world import launched_rank, launched_size
+PRODUCT = "TensorRT-LLM"
 OTHER_TRTLLM_COMMANDS = ("grpc", "disaggregated", "disaggregated_mpi_worker", "mm_embedding_serve")
 
 
@@ -160,15 +160,10 @@ def serve_help() -> str:
     return "\n".join(lines) + "\n"
 
 
-def version_line(program: str) -> str:
-    real = "vLLM" if program == "vllm" else "TensorRT-LLM"
-    return f"{program} stand-in {VERSION} (trtllm-deploy test double, not {real}; no GPU, no inference)"
-
-
 def trtllm_serve(args: list[str]) -> int:
     """``trtllm-serve [serve] MODEL [OPTIONS]``; ``--version`` and ``--help`` at the top."""
     if args[:1] == ["--version"]:
-        print(version_line("trtllm-serve"))
+        print(version_line("trtllm-serve", PRODUCT))
         return 0
     if args[:1] == ["--help"]:
         print("Usage: trtllm-serve [OPTIONS] COMMAND [ARGS]...\n\n  trtllm-serve STAND-IN (no GPU, no "
@@ -206,7 +201,8 @@ def trtllm_serve_config(args: list[str]) -> ServeConfig:
         return options.get(key, values[key])  # as TensorRT-LLM's update_llm_args_with_extra_dict
 
     return ServeConfig(
-        runtime="trtllm-serve", model=positionals[0], served_name=positionals[0], host=values["host"],
+        runtime="trtllm-serve", product=PRODUCT, model=positionals[0], served_name=positionals[0],
+        host=values["host"],
         port=values["port"], backend=setting("backend"), tp_size=setting("tensor_parallel_size"),
         pp_size=setting("pipeline_parallel_size"), max_batch_size=setting("max_batch_size"),
         max_seq_len=setting("max_seq_len"), log_level=TRTLLM_LEVELS[values["log_level"]],
@@ -218,130 +214,6 @@ def _usage_error(message: str) -> int:
                      "Try 'trtllm-serve serve --help' for help.\n\n"
                      f"Error: {message}\n")
     return 2
-
-
-def vllm(args: list[str]) -> int:
-    """``vllm serve MODEL [OPTIONS]`` and ``vllm --version``."""
-    try:
-        config = vllm_config(args)
-    except SystemExit as stop:  # argparse's usage errors (2), --help and --version (0)
-        return stop.code or 0
-    return start(config, Log("vLLM", launched_rank(), config.log_level))
-
-
-def vllm_config(args: list[str]) -> ServeConfig:
-    """The configuration ``vllm ARGS`` asks for; argparse exits (SystemExit) on a usage error."""
-    parser = argparse.ArgumentParser(prog="vllm", allow_abbrev=False,
-                                     description="vLLM STAND-IN (no GPU, no inference)")
-    parser.add_argument("-v", "--version", action="version", version=version_line("vllm"))
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", allow_abbrev=False, help="Start an OpenAI-compatible server.")
-    serve.add_argument("model")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    serve.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    serve.add_argument("--distributed-executor-backend", choices=("ray", "mp", "uni", "external_launcher"))
-    # vLLM's own multi-node mode (mp backend, no Ray): one process per node, node 0 serves HTTP.
-    serve.add_argument("--nnodes", type=int, default=1)
-    serve.add_argument("--node-rank", type=int, default=0)
-    serve.add_argument("--master-addr", default="127.0.0.1")
-    serve.add_argument("--master-port", type=int, default=29501)
-    serve.add_argument("--headless", action="store_true")
-    serve.add_argument("--served-model-name", nargs="+")
-    serve.add_argument("--max-model-len", type=int)
-    serve.add_argument("--max-num-seqs", type=int, default=256)
-    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    serve.add_argument("--dtype", default="auto")
-    serve.add_argument("--trust-remote-code", action="store_true")
-    serve.add_argument("--uvicorn-log-level", default="info",
-                       choices=("critical", "error", "warning", "info", "debug", "trace"))
-    # vLLM accepts --tensor_parallel_size as well as --tensor-parallel-size.
-    ns = parser.parse_args([_dashes(arg) for arg in args])
-    if ns.nnodes > 1:
-        rank = launched_rank()
-        if ns.node_rank != rank:
-            parser.error(f"--node-rank {ns.node_rank} on the process the launcher made rank {rank}")
-        if (ns.node_rank > 0) != ns.headless:
-            parser.error("--headless is for every node but node 0 (which serves the API), and only them")
-        if ns.distributed_executor_backend != "mp":
-            parser.error("--nnodes needs --distributed-executor-backend mp")
-    level = {"critical": "error", "trace": "debug"}.get(ns.uvicorn_log_level, ns.uvicorn_log_level)
-    return ServeConfig(
-        runtime="vllm", model=ns.model, served_name=(ns.served_model_name or [ns.model])[0], host=ns.host,
-        port=ns.port, backend="pytorch", tp_size=ns.tensor_parallel_size, pp_size=ns.pipeline_parallel_size,
-        max_batch_size=ns.max_num_seqs, max_seq_len=ns.max_model_len, log_level=level)
-
-
-def _dashes(arg: str) -> str:
-    if not arg.startswith("--"):
-        return arg
-    name, equals, value = arg.partition("=")
-    return name.replace("_", "-") + equals + value
-
-
-def start(config: ServeConfig, log: Log) -> int:
-    """Check the world against the configuration, then run rank 0 (or this single process)."""
-    try:
-        settings = Settings.from_env(os.environ)
-    except ValueError as error:
-        log.error(str(error))
-        return 2
-    size, rank = launched_size(), launched_rank()
-    if config.runtime == "trtllm-serve" and (size or 1) > 1 and os.environ.get(LAUNCH_MARK) != "1":
-        log.error(f"trtllm-serve is MPI rank {rank} of {size} without trtllm-llmapi-launch: start "
-                  "multi-rank serving as `mpirun ... trtllm-llmapi-launch trtllm-serve MODEL ...`")
-        return 1
-    if rank != 0:
-        return worker()
-    if size is not None and size != config.ranks:
-        log.error(f"MPI world size {size} does not match tp_size {config.tp_size} x pp_size "
-                  f"{config.pp_size} = {config.ranks}: start exactly {config.ranks} rank(s) "
-                  f"(mpirun -np {config.ranks} ...)")
-        return 1
-    outside = [str(f) for f in settings.faults if f.rank >= config.ranks]
-    if outside:
-        log.error(f"STANDIN_FAULT {', '.join(outside)}: only ranks 0..{config.ranks - 1} exist")
-        return 2
-    if (size or 1) > 1:
-        world = _mpi_world(log)
-        if world is None:
-            return 1
-    else:
-        world = LocalWorld(config.ranks)
-    world.bcast_json({"config": config.to_dict(), "settings": settings.to_dict()})
-    real = PRODUCTS[config.runtime]
-    log.info(f"{version_line(config.runtime)}: serving {config.model} with tp_size {config.tp_size} x "
-             f"pp_size {config.pp_size} on {world.size} process(es)"
-             + ("" if world.size == config.ranks else f" (this one stands in for all {config.ranks} ranks)")
-             + f", backend {config.backend}; {real} is not running here")
-    if config.option_keys:
-        log.info(f"LLM-API options: {', '.join(config.option_keys)}")
-    return run(config, settings, world, log)
-
-
-def worker() -> int:
-    """A rank other than 0: take the configuration from rank 0, then follow it."""
-    log = Log("TensorRT-LLM", launched_rank())
-    world = _mpi_world(log)
-    if world is None:
-        return 1
-    payload = world.bcast_json()
-    config = ServeConfig.from_dict(payload["config"])
-    log = Log(PRODUCTS[config.runtime], world.rank, config.log_level)
-    log.info(f"worker rank {world.rank} of {world.size}: configuration received from rank 0")
-    return run(config, Settings.from_dict(payload["settings"]), world, log)
-
-
-def _mpi_world(log: Log):
-    try:
-        from .world import MPIWorld
-
-        return MPIWorld()
-    except ImportError:
-        log.error("mpi4py is not installed: a stand-in world of more than one rank needs it "
-                  "(pip install --require-hashes -r requirements/container.txt)")
-        return None
 
 
 def llmapi_launch(args: list[str]) -> int:
@@ -371,7 +243,20 @@ def _build_tools() -> dict:
             "hf_ptq.py": build.hf_ptq}
 
 
-PROGRAMS = {"trtllm-serve": trtllm_serve, "trtllm-llmapi-launch": llmapi_launch, "vllm": vllm,
+def _runtime_programs() -> dict:
+    """The other runtimes' programs: every module of this package that names a ``PROGRAM``."""
+    package = __name__.rpartition(".")[0]
+    found = {}
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name.startswith("_") or info.name == "cli":
+            continue
+        module = importlib.import_module(f"{package}.{info.name}")
+        if isinstance(getattr(module, "PROGRAM", None), str):
+            found[module.PROGRAM] = module.main
+    return found
+
+
+PROGRAMS = {"trtllm-serve": trtllm_serve, "trtllm-llmapi-launch": llmapi_launch, **_runtime_programs(),
             **_build_tools()}
 
 

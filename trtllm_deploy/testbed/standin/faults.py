@@ -39,7 +39,7 @@ NCCL_LINE = (
 DOUBLE_FREE_LINE = "free(): double free detected in tcache 2"
 
 # uvicorn's bind failure, as trtllm-serve users reported it (port 8000 taken):
-# https://github.com/NVIDIA/TensorRT-LLM/issues/784 (same wording in vllm-project/vllm#7514)
+# https://github.com/NVIDIA/TensorRT-LLM/issues/784 (the other runtimes' modules say where they print it)
 BIND_LINE = "[Errno {errno}] error while attempting to bind on address ('{host}', {port}): {reason}"
 
 KINDS = ("exit", "hang", "nccl", "double-free", "oom", "bind")

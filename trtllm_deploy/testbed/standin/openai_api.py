@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP surface that rank 0 serves, with the shapes trtllm-serve and vLLM use.
+"""The OpenAI-compatible HTTP surface that rank 0 serves, with the shapes the real servers use.
 
 ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``,
 streamed as server-sent events (``data: {...}`` ... ``data: [DONE]``) or not. Requests are parsed
@@ -41,7 +41,7 @@ class Ask:
 @dataclass(frozen=True)
 class ServedModel:
     name: str  # the id clients put in "model"
-    runtime: str  # "trtllm-serve" or "vllm"
+    runtime: str  # the program serving it ("trtllm-serve", ...)
     max_seq_len: int | None
     metadata: dict
 

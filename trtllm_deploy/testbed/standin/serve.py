@@ -20,14 +20,12 @@ from .openai_api import ServedModel, make_server
 from .settings import Settings
 from .world import Stopped
 
-PRODUCTS = {"trtllm-serve": "TensorRT-LLM", "vllm": "vLLM"}
-
-
 @dataclass(frozen=True)
 class ServeConfig:
     """What rank 0 parsed from its command line; sent to every other rank as JSON."""
 
-    runtime: str  # "trtllm-serve" or "vllm"
+    runtime: str  # the program that parsed it ("trtllm-serve", ...)
+    product: str  # what it stands in for ("TensorRT-LLM", ...)
     model: str
     served_name: str
     host: str
