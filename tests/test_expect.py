@@ -13,7 +13,7 @@ from trtllm_deploy import console
 from trtllm_deploy.artifact import models
 from trtllm_deploy.cli import expect as cli
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.measure import expect
+from trtllm_deploy.measure import expect, hardware
 
 CLAIMS = expect.load_claims()
 
@@ -137,7 +137,7 @@ tflops = { bf16 = 200 }
     table = expect.load_hardware()
     assert table["gb10"].memory_gb == 128 and table["gb10"].fabric.name == "ConnectX-7"
     base = expect.ceiling("llama-8b", "bf16", 1, catalog=catalog,
-                          hardware_table=expect.load_hardware(Path(expect.HARDWARE)))
+                          hardware_table=expect.load_hardware(Path(hardware.HARDWARE)))
     faster = expect.ceiling("llama-8b", "bf16", 1, catalog=catalog)
     assert faster.decode_tokens_per_s_bound == pytest.approx(2 * base.decode_tokens_per_s_bound)
     mine = expect.ceiling("llama-8b", "nvfp4", 1, "my-box", catalog=catalog)
