@@ -86,7 +86,10 @@ class StepTimedOut(StepFailed, CommandTimedOut):
 
 
 def split(text: str, nonce: str) -> dict[str, str]:
-    """The output of a run split at its marks: section name → text (``""``: before the first)."""
+    """The output of a run split at its marks: section name → text (``""``: before the first).
+
+    Every section is given without its final line break, so ``printf x`` and ``echo x`` read the
+    same; a reader that needs exact bytes ends its output with a sentinel character."""
     marker = f"@@{nonce} "
     sections: dict[str, list[str]] = {"": []}
     current = ""
