@@ -30,6 +30,7 @@ from pathlib import Path
 from trtllm_deploy.artifact import hub
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts import dockercli
+from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.runtimes import failures
 from trtllm_deploy.source.lock import LockFile, Quantize
 
@@ -114,8 +115,18 @@ def run_in_image(image: Image, argv: list[str], mounts: list[tuple[Path, str, bo
                                            text))
 
 
-def _one_line(image: Image, script: str) -> str:
-    done = dockercli.docker("run", "--rm", "--entrypoint", "sh", image.reference, "-c", script,
+# Looks inside the image, each in a throwaway container of it (its entrypoint bypassed).
+MODELOPT_VERSION = Script("read the image's Model Optimizer version",
+                          "python3 -c \"import importlib.metadata as m; print(m.version('nvidia-modelopt'))\""
+                          " 2>/dev/null")
+TRTLLM_BUILD = Script("look for trtllm-build in the image", "command -v trtllm-build")
+FIRST_FILE = Script("look for the model's convert_checkpoint.py in the image",
+                    'for f do if [ -f "$f" ]; then echo "$f"; break; fi; done')
+
+
+def _one_line(image: Image, script: Script, *args: str) -> str:
+    shell, *rest = script.argv(args)
+    done = dockercli.docker("run", "--rm", "--entrypoint", shell, image.reference, *rest,
                             check=False, timeout=300)
     return dockercli.text(done) if done.returncode == 0 else ""
 
@@ -123,9 +134,7 @@ def _one_line(image: Image, script: str) -> str:
 # --- quantizing with Model Optimizer ------------------------------------------------------------
 
 def modelopt_version(image: Image) -> str | None:
-    script = ("python3 -c \"import importlib.metadata as m; print(m.version('nvidia-modelopt'))\" "
-              "2>/dev/null")
-    return _one_line(image, script) or None
+    return _one_line(image, MODELOPT_VERSION) or None
 
 
 def modelopt_checkout(settings: Quantize, ref: str, cache: Path) -> tuple[Path, str]:
@@ -277,7 +286,7 @@ class EngineSettings:
 
 
 def has_trtllm_build(image: Image) -> bool:
-    return bool(_one_line(image, "command -v trtllm-build"))
+    return bool(_one_line(image, TRTLLM_BUILD))
 
 
 def convert_script(image: Image, model_type: str) -> str:
@@ -289,8 +298,7 @@ def convert_script(image: Image, model_type: str) -> str:
     candidates = (f"{EXAMPLES}/models/core/{family}/convert_checkpoint.py",
                   f"{EXAMPLES}/models/contrib/{family}/convert_checkpoint.py",
                   f"{EXAMPLES}/{family}/convert_checkpoint.py")
-    found = _one_line(image, " ".join(["for f in", *candidates, '; do [ -f "$f" ] && echo "$f" && break;',
-                                       "done"]))
+    found = _one_line(image, FIRST_FILE, *candidates)
     if not found:
         raise DeployError(f"{image.reference} has no convert_checkpoint.py for model_type {model_type!r} "
                           "under "
