@@ -18,9 +18,9 @@ FABRIC_VARS = ("NCCL_SOCKET_IFNAME", "UCX_NET_DEVICES", "OMPI_MCA_btl_tcp_if_inc
                "TP_SOCKET_IFNAME", *runtimes.node_vars())
 
 
-def fabric_env(node: Node, runtime: Runtime | None = None) -> dict[str, str]:
-    """The node's own communication variables, from its hosts.toml fabric entry (and the ones the
-    runtime needs per node, from its address)."""
+def fabric_env(node: Node, runtime: Runtime) -> dict[str, str]:
+    """The node's own communication variables, from its hosts.toml fabric entry, and the ones the
+    runtime needs per node, from its address."""
     interfaces = ",".join(node.fabric.interfaces)
     rdma = node.fabric.rdma_devices
     env: dict[str, str] = {}
@@ -28,8 +28,7 @@ def fabric_env(node: Node, runtime: Runtime | None = None) -> dict[str, str]:
         env.update({"NCCL_SOCKET_IFNAME": interfaces, "GLOO_SOCKET_IFNAME": interfaces,
                     "TP_SOCKET_IFNAME": interfaces, "OMPI_MCA_btl_tcp_if_include": interfaces,
                     "OMPI_MCA_oob_tcp_if_include": interfaces})
-    if runtime is not None:
-        env.update(runtime.node_env(str(node.fabric.address or node.address or "")))
+    env.update(runtime.node_env(str(node.fabric.address or node.address or "")))
     if rdma:
         env["NCCL_IB_HCA"] = ",".join(rdma)
         env["UCX_NET_DEVICES"] = ",".join(f"{device}:1" for device in rdma)
@@ -38,7 +37,7 @@ def fabric_env(node: Node, runtime: Runtime | None = None) -> dict[str, str]:
     return env
 
 
-def node_env_file(node: Node, runtime: Runtime | None = None) -> str:
+def node_env_file(node: Node, runtime: Runtime) -> str:
     """``NAME='value'`` lines of the node's own fabric variables (sourced by every rank there)."""
     env = fabric_env(node, runtime)
     return "".join(f"{key}={shell.quote(value)}\n" for key, value in env.items()
