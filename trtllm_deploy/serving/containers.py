@@ -106,6 +106,7 @@ def node_env(node: Node, job: Job, image_id: str, labels: dict[str, str]) -> dic
 
 
 def _image(node: Node, job: Job) -> str:
+    """The job's image on ``node``: the one the job names, else the node's container.image."""
     image = job.image or node.container.image
     if not image:
         raise InputError(f"{node.name}: no runtime image: set container.image in hosts.toml or pass --image")
@@ -114,7 +115,7 @@ def _image(node: Node, job: Job) -> str:
 
 def run_argv(cluster: Cluster, node: Node, job: Job, facts: survey.Facts) -> list[str]:
     """The ``docker run`` command for the job's container on ``node`` (pure; labels include its hash)."""
-    image = job.image or node.container.image
+    image = _image(node, job)
     directory = job_dir(node, facts.home, job.name)
     env = node_env(node, job, facts.image_id or "", facts.image_labels)
     labels = {LABEL_JOB: job.name, LABEL_ROLE: "head" if node.is_head else "worker",
@@ -271,7 +272,7 @@ def up(cluster: Cluster, job: Job, tmp: Path) -> GroupResult[Started]:
         target, _image(node, job), container_name(cluster, job.name)))
     for outcome in facts:
         if outcome.ok and outcome.value.image_id is None:
-            raise CheckFailed(f"{outcome.node.name} has no image {job.image or outcome.node.container.image}:"
+            raise CheckFailed(f"{outcome.node.name} has no image {_image(outcome.node, job)}:"
                               " load it first (invoke push)")
     facts.raise_for_failures()
 
