@@ -23,7 +23,7 @@ from trtllm_deploy.cli import (
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
 from trtllm_deploy.serving import containers, gate, jobs, launch, supervise
-from trtllm_deploy.serving.state import current, last_good
+from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import lock as locks
 
 STORE_HELP = "where engine.build made the artifact, to read its backend (default: engines/)"
@@ -46,11 +46,11 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
     verify.check_name(artifact)
     runtimes.get(runtime)   # a name it does not know is bad input (exit 2)
     cluster = inventory.load(hosts)
-    wanted = launch.Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
-                               artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
-                               backend=launch.serve_backend(Path(store) / artifact,
-                                                            f"{containers.ARTIFACTS}/{artifact}", runtime),
-                               env=env_pairs(env))
+    wanted = Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
+                        artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
+                        backend=launch.serve_backend(Path(store) / artifact,
+                                                     f"{containers.ARTIFACTS}/{artifact}", runtime),
+                        env=env_pairs(env))
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
         done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
