@@ -21,7 +21,7 @@ from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.targets import Target, TargetError, expand
 
-STAGING = "~/.cache/trtllm-deploy"  # the account's private directory (0700), as targets.py uses
+STAGING = "~/.cache/trtllm-deploy"  # the account's private directory (0700), as hosts/ssh.py uses
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
 VERIFY_TIMEOUT = 3600.0  # a cold 100+ GB checkpoint on a slow disk; a warm one takes a second
 # $1 the private folder the checker lives in (made here if missing), $2 the checker: is it there?

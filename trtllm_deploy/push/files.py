@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm_deploy import console
-from trtllm_deploy.artifact import manifest
+from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts.inventory import Node
 from trtllm_deploy.hosts.scripts import Script
@@ -28,7 +28,6 @@ from trtllm_deploy.hosts.targets import Target, TargetError, expand
 from trtllm_deploy.push import agent
 from trtllm_deploy.push.channel import Channel, Meter, Sink, token
 
-SCRIPTS = "~/.cache/trtllm-deploy"  # the account's private directory, as engines.py uses
 SURVEY_TIMEOUT = 3600.0  # a cold check of a large artifact already on the node hashes all of it
 MISSING_SCRIPTS = 3
 # $1 the node's manifest.py, $2 its agent.py, $3 the agent's verb, then the verb's arguments. Exits
@@ -154,7 +153,7 @@ class Scripts:
 
     def __init__(self, target: Target):
         self.target = target
-        self.directory = expand(SCRIPTS, target.home())
+        self.directory = expand(verify.STAGING, target.home())  # beside the manifest checker
         self.local = {"manifest": Path(manifest.__file__), "agent": Path(agent.__file__)}
         self.remote = {key: posixpath.join(self.directory, _shipped(path, f"push-{key}"))
                        for key, path in self.local.items()}
