@@ -20,7 +20,8 @@ from .log import TRTLLM_LEVELS, Log
 from .serve import ServeConfig
 from .start import LAUNCH_MARK, start, version_line, worker
 from .world import launched_rank, launched_size
-PRODUCT = "TensorRT-LLM"
+
+PRODUCT = "TensorRT-LLM"   # what trtllm-serve stands in for
 OTHER_TRTLLM_COMMANDS = ("grpc", "disaggregated", "disaggregated_mpi_worker", "mm_embedding_serve")
 
 
@@ -175,7 +176,7 @@ def trtllm_serve(args: list[str]) -> int:
     if "--help" in args:
         print(serve_help(), end="")
         return 0
-    log = Log("TensorRT-LLM", launched_rank())
+    log = Log(PRODUCT, launched_rank())
     try:
         config = trtllm_serve_config(args[1:] if args[:1] == ["serve"] else args)
     except UsageError as error:
@@ -183,7 +184,7 @@ def trtllm_serve(args: list[str]) -> int:
     except llmapi.OptionsError as error:
         log.error(str(error))
         return 1
-    return start(config, Log("TensorRT-LLM", launched_rank(), config.log_level))
+    return start(config, Log(PRODUCT, launched_rank(), config.log_level))
 
 
 def trtllm_serve_config(args: list[str]) -> ServeConfig:
@@ -222,7 +223,7 @@ def llmapi_launch(args: list[str]) -> int:
         sys.stderr.write("usage: trtllm-llmapi-launch COMMAND [ARGS...]  (under mpirun)\n")
         return 2
     rank, size = launched_rank(), launched_size() or 1
-    log = Log("TensorRT-LLM", rank)
+    log = Log(PRODUCT, rank)
     if rank != 0:
         log.info(f"trtllm-llmapi-launch: rank {rank} of {size} joins as a worker")
         return worker()
