@@ -58,7 +58,7 @@ def steps_for(node: Node, cluster: Cluster, home: str, survey: dict) -> list[Ste
 def survey(node: Node, target: Target, cluster: Cluster) -> list[Step]:
     paths = list(cluster.paths_for(node).values())
     found = gather(target, [Fact.of("home", scripts.HOME), Fact.of("dirs", SURVEY, *paths)],
-                   step="look at the node's folders")
+                   step=SURVEY.step)
     home = found["home"].stdout.strip()
     if not home.startswith("/"):
         raise TargetError(target.name, "cannot tell the node user's home directory (HOME is unset"
