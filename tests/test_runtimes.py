@@ -51,6 +51,8 @@ def test_options_and_formats(format, trtllm, vllm):
     assert runtime.get("trtllm").format_of(trtllm) == format
     served = runtime.get("vllm")
     assert (format in served.formats) == (vllm is not None)
+    if vllm is not None:  # what rollback records as the vLLM deployment's options
+        assert served.options(format, "/m") == vllm
 
 
 @pytest.mark.parametrize("said, expected", [
