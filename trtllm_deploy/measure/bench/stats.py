@@ -9,8 +9,6 @@ from collections import Counter
 from .client import Sample
 
 PERCENTILES = (50, 90, 99)
-# The latency figures a run reports, each in milliseconds, with how they come from a sample.
-LATENCIES = ("ttft", "tpot", "itl", "e2e")
 
 
 def percentile(values: list[float], q: float) -> float:
