@@ -11,7 +11,7 @@ import pytest
 
 from trtllm_deploy.errors import DeployError
 from trtllm_deploy.source import cuda, wheel
-from trtllm_deploy.source import make as images  # the source kind: jobs, make, labels
+from trtllm_deploy.source import make, plan
 from trtllm_deploy.source import lock as locks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,15 +205,15 @@ def test_cuda_archs_coverage(archs, capability, ok, words):
     (512, 16, 16),  # a big x86 builder: cores decide
 ])
 def test_compile_jobs_are_sized_from_memory(gb, cpus, jobs):
-    count, why = images.jobs_for(gb * images.GB, cpus)
+    count, why = make.jobs_for(gb * make.GB, cpus)
     assert count == jobs
     assert f"{cpus} cores" in why and "GB per compile job" in why
 
 
 def test_make_argv_carries_the_lock_and_labels_quoted_for_the_recipe_shell(tmp_path):
     lockfile = locks.load(write(tmp_path, GOOD))
-    labels = images.labels(lockfile, "121-real")
-    argv = images.make_argv(lockfile, "/b/TensorRT-LLM", images.image_ref(lockfile), "121-real", 6,
+    labels = plan.labels(lockfile, "121-real")
+    argv = make.make_argv(lockfile, "/b/TensorRT-LLM", plan.image_ref(lockfile), "121-real", 6,
                             labels)
     assert argv[:4] == ["make", "-C", "/b/TensorRT-LLM/docker", "release_build"]
     assert "CUDA_ARCHS=121-real" in argv
@@ -225,14 +225,14 @@ def test_make_argv_carries_the_lock_and_labels_quoted_for_the_recipe_shell(tmp_p
     pairs = dict(words[i + 1].split("=", 1) for i in range(0, len(words), 2))
     assert pairs == labels
     assert labels["org.opencontainers.image.revision"] == SHA
-    assert labels[images.LABEL_LOCK] == lockfile.hash
+    assert labels[plan.LABEL_LOCK] == lockfile.hash
 
 
 @pytest.mark.parametrize("ccache, expected", [(True, "--benchmarks --job_count 4 --use_ccache"),
                                               (False, "--benchmarks --job_count 4")])
 def test_ccache_is_asked_for_only_where_the_tree_sets_it_up(tmp_path, ccache, expected):
     lockfile = locks.load(write(tmp_path, GOOD.replace("--use_ccache", "--benchmarks")))
-    argv = images.make_argv(lockfile, "/t", images.image_ref(lockfile), "121-real", 4, {}, ccache)
+    argv = make.make_argv(lockfile, "/t", plan.image_ref(lockfile), "121-real", 4, {}, ccache)
     assert f"BUILD_WHEEL_OPTS={expected}" in argv
 
 

@@ -12,8 +12,8 @@ from trtllm_deploy.hosts.shell import join
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.source.lock import LockFile
-from trtllm_deploy.source.plan import (LABEL_ARCHS, LABEL_LOCK, BuildPlan, coverage, image_ref, label_words,
-                                       labels, labels_on, look)
+from trtllm_deploy.source.plan import (LABEL_ARCHS, BuildPlan, coverage, image_ref, label_words, labels,
+                                       labels_on, look, up_to_date)
 
 GB = 1024 ** 3
 PER_JOB_GB = 8      # a CUDA compile job of TensorRT-LLM's kernels peaks at several GB
@@ -59,11 +59,9 @@ def plan(cluster: Cluster, lockfile: LockFile, tree: str = "", cuda_archs: str |
         current = labels_on(target, image)
     finally:
         target.close()
-    up_to_date = bool(current) and current.get(LABEL_LOCK) == lockfile.hash \
-        and current.get(LABEL_ARCHS) == archs
     return BuildPlan(builder.name, image, lockfile.hash, archs, count, why,
                      [make_argv(lockfile, tree, image, archs, count, found, use_ccache)], found,
-                     up_to_date, notes)
+                     up_to_date(current, lockfile) and current.get(LABEL_ARCHS) == archs, notes)
 
 
 def make_argv(lockfile: LockFile, tree: str, image: str, archs: str, jobs: int,
