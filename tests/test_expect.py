@@ -15,7 +15,7 @@ from trtllm_deploy.cli import expect as cli
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure import expect, hardware
 
-CLAIMS = expect.load_claims()
+CLAIMS = hardware.load_claims()
 
 
 def _id(entry) -> str:
@@ -134,10 +134,10 @@ memory_gb = 192
 memory_bandwidth_gbs = 800
 tflops = { bf16 = 200 }
 """)
-    table = expect.load_hardware()
+    table = hardware.load_hardware()
     assert table["gb10"].memory_gb == 128 and table["gb10"].fabric.name == "ConnectX-7"
     base = expect.ceiling("llama-8b", "bf16", 1, catalog=catalog,
-                          hardware_table=expect.load_hardware(Path(hardware.HARDWARE)))
+                          hardware_table=hardware.load_hardware(Path(hardware.HARDWARE)))
     faster = expect.ceiling("llama-8b", "bf16", 1, catalog=catalog)
     assert faster.decode_tokens_per_s_bound == pytest.approx(2 * base.decode_tokens_per_s_bound)
     mine = expect.ceiling("llama-8b", "nvfp4", 1, "my-box", catalog=catalog)
@@ -159,7 +159,7 @@ def test_a_wrong_hardware_file_names_file_line_and_key(tmp_path, text, expected)
     path = tmp_path / "hardware.toml"
     path.write_text(text)
     with pytest.raises(InputError) as caught:
-        expect.load_hardware(path)
+        hardware.load_hardware(path)
     assert caught.value.exit_code == 2
     message = str(caught.value)
     for part in expected:
@@ -171,10 +171,11 @@ def test_a_users_architecture_adds_a_model_and_its_size(tmp_path, catalog):
     path = tmp_path / "architectures.toml"
     path.write_text("[architectures.tiny]\nlayers = 2\nhidden_size = 64\nvocab_size = 100\n"
                     "params_billion = 1.0\nbytes_per_param = { bf16 = 2.0 }\n")
-    found = expect.ceiling("tiny", "bf16", 1, catalog=catalog, architectures=expect.load_architectures(path))
+    shapes = hardware.load_architectures(path)
+    found = expect.ceiling("tiny", "bf16", 1, catalog=catalog, architectures=shapes)
     assert found.read_per_token_gb == pytest.approx(2.0 - 100 * 64 * 2 / 1e9)
     with pytest.raises(InputError, match="no size at fp8"):
-        expect.ceiling("tiny", "fp8", 1, catalog=catalog, architectures=expect.load_architectures(path))
+        expect.ceiling("tiny", "fp8", 1, catalog=catalog, architectures=shapes)
 
 
 def test_unknown_model_and_hardware_are_input_errors(catalog):

@@ -9,6 +9,8 @@ from trtllm_deploy import console
 from trtllm_deploy.artifact import models
 from trtllm_deploy.cli import JSON_HELP, user_errors
 from trtllm_deploy.measure import expect as expectations
+from trtllm_deploy.measure.hardware import (USER_ARCHITECTURES, USER_HARDWARE, load_architectures,
+                                            load_hardware)
 
 
 def _rate(value: float) -> str:
@@ -29,8 +31,8 @@ def _speeds(low: float, high: float) -> str:
     "fabric_gbps": "measured link bandwidth in Gb/s, instead of the table's nominal one",
     "fabric_latency_us": "measured latency of one all-reduce step in µs, instead of the table's",
     "hardware_file": "your hardware file, merged over the shipped table "
-                     f"(default: {expectations.USER_HARDWARE} if it exists)",
-    "architectures": f"your architectures file (default: {expectations.USER_ARCHITECTURES} if it exists)",
+                     f"(default: {USER_HARDWARE} if it exists)",
+    "architectures": f"your architectures file (default: {USER_ARCHITECTURES} if it exists)",
     "models_file": "your models file, merged over the presets (default: ~/.config/trtllm-deploy/models.toml)",
     "json": JSON_HELP,
 })
@@ -43,8 +45,8 @@ def expect(c: Context, model: str = "", precision: str = "", tp: int = 1, nodes:
     if not model:
         raise Exit("--model is required (e.g. --model llama-70b)", code=2)
     catalog = models.load(models_file or None)
-    table = expectations.load_hardware(hardware_file or None)
-    shapes = expectations.load_architectures(architectures or None)
+    table = load_hardware(hardware_file or None)
+    shapes = load_architectures(architectures or None)
     found = expectations.ceiling(model, precision or None, tp, hardware, nodes=nodes or None, batch=batch,
                                  catalog=catalog, hardware_table=table, architectures=shapes,
                                  fabric_gbps=fabric_gbps or None,

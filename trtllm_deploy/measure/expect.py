@@ -21,7 +21,6 @@ from trtllm_deploy.measure.hardware import (
     Architecture,
     ClaimsFile,
     Hardware,
-    HardwareFileError,
     Link,
     load_architectures,
     load_claims,
@@ -253,7 +252,3 @@ def comparisons(catalog: models.Catalog | None = None, hardware_table: dict[str,
         out.append(Comparison(kind, configuration, where, entry.model, entry.precision, entry.tp,
                               entry.nodes, entry.batch, low, high, bound, high > bound))
     return out
-
-
-__all__ = ["Expectation", "Comparison", "ceiling", "comparisons", "load_hardware", "load_architectures",
-           "load_claims", "HardwareFileError"]
