@@ -262,6 +262,14 @@ def rewrite(previous: str | None, document: tomlkit.TOMLDocument) -> str:
     return kept.as_string()
 
 
+def commented(value: Any, comment: str) -> Item:
+    """``value`` as a TOML item followed on its line by ``  # comment``."""
+    item = tomlkit.item(value)
+    item.comment(comment)
+    item.trivia.comment_ws = "  "
+    return item
+
+
 def _item(table: Container | Table, key: str) -> Item:
     # Indexing gives plain Python values for some types (bool); their formatting lives on the item.
     return (table.value if isinstance(table, Table) else table).item(key)

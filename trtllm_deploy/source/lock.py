@@ -28,7 +28,8 @@ from pydantic import (
 )
 
 from trtllm_deploy import atomic
-from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, problems_from, read, rewrite
+from trtllm_deploy.tomlsource import (Problem, TomlFileError, commented, matching, problems_from, read,
+                                      rewrite)
 
 DEFAULT_PATH = Path("requirements/tensorrt-llm.lock.toml")
 KINDS = ("source", "release", "wheel")
@@ -297,9 +298,7 @@ def document(lock: Lock) -> tomlkit.TOMLDocument:
         doc["source"]["submodules"] = _tables([{"path": submodule.path, "commit": submodule.commit}
                                                for submodule in source.submodules])
     build = lock.build
-    jobs = tomlkit.item(build.jobs)
-    jobs.comment("0: sized from the build node's memory at build time")
-    jobs.trivia.comment_ws = "  "
+    jobs = commented(build.jobs, "0: sized from the build node's memory at build time")
     options = tomlkit.inline_table()
     options.update(build.options)
     doc["build"] = _table({"kind": build.kind, "base_image": build.base_image or None,

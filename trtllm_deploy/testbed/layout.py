@@ -14,6 +14,7 @@ from pathlib import Path
 import tomlkit
 
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.tomlsource import commented
 
 LABEL = "io.trtllm-deploy.testbed"
 LABEL_NODE = "io.trtllm-deploy.testbed.node"
@@ -96,12 +97,6 @@ class Layout:
 
 def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
     """The inventory of the testbed: a plain hosts.toml any task can take with --hosts."""
-    def commented(value, comment: str):
-        item = tomlkit.item(value)
-        item.comment(comment)
-        item.trivia.comment_ws = "  "
-        return item
-
     doc = tomlkit.document()
     for line in (f"The testbed {layout.name!r}: {layout.nodes} simulated node(s) on this machine, made by",
                  "`invoke testbed.up`. They have no GPU; the runtime inside them is the stand-in.",
