@@ -20,7 +20,7 @@ STATE_HELP = "folder for the testbed's keys, known_hosts and hosts.toml " \
 def _layout(name: str, nodes: int = 3, subnet: str = layout.DEFAULT_SUBNET,
             state_dir: str = "") -> layout.Layout:
     return layout.Layout(name=name, nodes=nodes, subnet=subnet,
-                          state_dir=Path(state_dir).expanduser() if state_dir else None)
+                         state_dir=Path(state_dir).expanduser() if state_dir else None)
 
 
 @task(help={
