@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from trtllm_deploy.runtimes.runtime import Runtime, Serve
 from trtllm_deploy.source.lock import LockFile
+from trtllm_deploy.source.plan import image_ref
 
 CONFIG = "llm-api.yaml"
 
@@ -34,8 +35,6 @@ def format_of(served: tuple[str, ...]) -> str:
 
 def image(lockfile: LockFile) -> str:
     """The image the lock builds, or the release image it names."""
-    from trtllm_deploy.source.plan import image_ref
-
     return image_ref(lockfile)
 
 
