@@ -280,8 +280,12 @@ def test_down_removes_the_job_and_proves_nothing_runs(fabric_cluster, tmp_path):
     # A job in flight: mpirun with a rank on every node, left running.
     inside.run(["sh", "-c", "nohup " + join(containers.mpirun_argv(fabric_cluster, ["sleep", "600"]))
                 + " >/dev/null 2>&1 &"], timeout=60)
-    time.sleep(3)
-    assert "orted" in _processes(fabric_cluster.nodes[2], containers.container_name(fabric_cluster, JOB))
+    # Wait for the job to reach the last node (its orted), instead of sleeping a fixed time.
+    name = containers.container_name(fabric_cluster, JOB)
+    deadline = time.monotonic() + 60
+    while "orted" not in _processes(fabric_cluster.nodes[2], name):
+        assert time.monotonic() < deadline, "mpirun's daemon never started on the last node"
+        time.sleep(0.5)
     head = SSH(fabric_cluster.head)
     try:
         pid = head.run(["cat", f".local/state/trtllm-deploy/jobs/{JOB}/agent.pid"], cwd="~").stdout.strip()
