@@ -48,10 +48,10 @@ class Local:
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
-            self._kill(proc)
+            kill_group(proc)
             raise timed_out(self.name, argv, timeout) from None
         except BaseException:  # Ctrl-C: take the whole process group down with us
-            self._kill(proc)
+            kill_group(proc)
             raise
         finally:
             with self._lock:
@@ -66,9 +66,6 @@ class Local:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-    def _kill(self, proc: subprocess.Popen) -> None:
-        kill_group(proc)
 
     def put(self, local, remote: str) -> None:
         atomic.copy(Path(local), Path(expand(remote, self.home())))
