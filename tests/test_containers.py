@@ -264,6 +264,20 @@ def test_a_failed_start_on_one_node_leaves_nothing_on_any(fabric_cluster, starte
         assert outcome.value == [], outcome.node.name
 
 
+@needs_docker
+def test_a_head_without_the_key_is_told_by_step_and_remedy_never_by_script(fabric_cluster, tmp_path):
+    # What `deploy` meets before `invoke ssh.setup` has made the head's key for mpirun.
+    job = containers.Job("ctest-nokey", agent_key="~/.ssh/no-such-key")
+    with pytest.raises(CheckFailed) as caught:
+        containers.up(fabric_cluster, job, tmp_path)
+    message = str(caught.value)
+    assert "spark-1: start the head's ssh-agent failed (exit 3)" in message, message
+    assert "no-such-key on this node: run invoke ssh.setup" in message, message
+    assert "ssh-agent -s" not in message and "set -e" not in message and "sh -c" not in message, message
+    for outcome in containers.status(fabric_cluster, job.name):
+        assert outcome.value == [], outcome.node.name
+
+
 def _processes(node: inventory.Node, container: str) -> str:
     target = SSH(node)
     try:
