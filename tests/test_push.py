@@ -23,7 +23,7 @@ from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.connections import connect
-from trtllm_deploy.push import channel, files, layers
+from trtllm_deploy.push import agent, channel, files, layers
 
 ROOT = Path(__file__).resolve().parents[1]
 # The task as a command line, through invoke's own parser (tasks.py adds the same task).
@@ -81,6 +81,21 @@ def test_a_plan_that_does_not_fit_says_so():
     planned = files.plan("n", "art", WANTED, {"files": {}, "free": 100})
     assert not planned.fits and planned.needed >= 160
     assert "100 B free" in str(files.no_room(inventory.Node(name="n"), planned))
+
+
+FULL = {"ok": False, "kind": "full", "error": "b: No space left on device"}
+CUT = {"ok": False, "kind": "truncated", "error": "the stream ended inside a"}
+
+
+@pytest.mark.parametrize("parts", [
+    pytest.param([{"ok": True}, CUT, FULL], id="a-part-filled-the-disk-another-was-cut"),
+    pytest.param([FULL, CUT, CUT], id="the-receive-filled-the-disk"),
+    pytest.param([CUT, FULL], id="cut-first-full-after"),
+])
+def test_the_reason_a_push_failed_is_the_stream_that_failed_not_the_ones_it_cut(parts):
+    """Whichever stream hits a full disk first, the others are ended mid-stream: the node's report
+    names the full disk (which push turns into "filled up"), not a cut stream."""
+    assert agent._commit(None, "/nonexistent", "x", {}, parts) == FULL
 
 
 def test_layer_chains_and_node_facts():

@@ -344,7 +344,9 @@ def _commit(mf, artifacts: str, name: str, wanted: dict, parts: list) -> dict:
     """Every stream's report → staging checked against the manifest here, then made current."""
     failed = [part for part in parts if part is not None and not part.get("ok")]
     if failed:
-        return failed[0]  # what was received stays in staging, for the next push to continue
+        # One stream's failure (a full disk) ends the others mid-stream: report its reason, not
+        # theirs. What was received stays in staging, for the next push to continue.
+        return min(failed, key=lambda part: part.get("kind") == "truncated")
     if any(part is None for part in parts):
         return {"ok": False, "kind": "protocol", "error": "a stream ended without a report"}
     staging = staging_of(artifacts, name)

@@ -271,6 +271,8 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
     control = Channel(target, scripts.command("receive", node.paths.artifacts, planned.name, listen),
                       meter=meter)
     parts: list[Channel] = []
+    ready: dict = {}
+    reports: list[dict] | None = None  # the parts' reports, once gathered
     try:
         # The other SSH streams connect while the receive prepares staging; each is told the
         # manifest (and so starts writing) only once the receive says it holds the node's lock.
@@ -296,8 +298,18 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
             for part in parts:
                 part.kill()  # the receive refused before it was ready: its report says why
     except (BrokenPipeError, ConnectionResetError):
+        # A stream's receiving side stopped reading (a full disk, say) and said why in its report;
+        # the other streams stopped after their current file. The receive is told every part's
+        # report, so the reason reaches it whichever stream failed first; where the receive itself
+        # stopped, its own report says why and this end record has no reader.
+        if parts and ready.get("ready") and reports is None:
+            reports = [_part_report(part) for part in parts]
+            try:
+                control.write(json.dumps({"end": True, "parts": reports}).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
         for part in parts:
-            part.kill()  # the receiver stopped reading: its report says why
+            part.kill()
     except BaseException:
         for part in parts:
             part.kill()
