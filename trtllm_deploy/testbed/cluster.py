@@ -22,6 +22,7 @@ from pathlib import Path
 from trtllm_deploy import atomic, push
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts import inventory, sshkeys, targets
+from trtllm_deploy.hosts.connections import Connections
 from trtllm_deploy.hosts.dockercli import docker, require_engine, text
 from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.testbed import images
@@ -175,8 +176,9 @@ class Testbed:
         if runtime_image:
             self.report(f"delivering {runtime_image.tag} to {layout.nodes} node(s) over SSH")
             # Through push's image path: only the layers a node lacks travel, and a node that has
-            # the image's ID gets nothing.
-            delivered = push.push(nodes.nodes, push.source(image=runtime_image.tag))
+            # the image's ID gets nothing. Its look and its send share one connection per node.
+            with Connections() as shared:
+                delivered = push.push(shared.share(nodes).nodes, push.source(image=runtime_image.tag))
             delivered.raise_for_failures()
             for state in states:
                 pushed = delivered[state.name].value
