@@ -23,7 +23,7 @@ def _default_out() -> str:
 
 @task(default=True, help={
     "url": "the endpoint, http://HOST:PORT (any OpenAI-compatible server: "
-           f"{', '.join(runtime.product for runtime in runtimes.known())}, ...)",
+           f"{', '.join(runtime.server for runtime in runtimes.known())}, ...)",
     "hosts": "measure the cluster's current deployment instead (its hosts.toml); records image, "
              "artifact, tp and nodes",
     "concurrency": "streams at once, a sweep: 1,2,4,8 (default) or ..64 for 1,2,4,...,64",

@@ -58,6 +58,7 @@ class Runtime:
 
     name: str                                   # --runtime, the state file, the rollback job's suffix
     product: str                                # what a user reads
+    server: str                                 # its HTTP server, as users call it
     program: Callable[[Serve], list[str]]       # what every rank runs inside its container
     image: Callable[[LockFile], str]            # its pinned image
     role: str = ""                              # "default" (launch), "rollback" (invoke rollback)

@@ -39,6 +39,6 @@ def image(lockfile: LockFile) -> str:
 
 
 RUNTIME = Runtime(
-    name="trtllm", product="TensorRT-LLM", program=program, image=image, role="default",
-    config=CONFIG, formats=("pytorch", "tensorrt"), options=options, format_of=format_of,
+    name="trtllm", product="TensorRT-LLM", server="trtllm-serve", program=program, image=image,
+    role="default", config=CONFIG, formats=("pytorch", "tensorrt"), options=options, format_of=format_of,
     says=("tensorrt", "trtllm"))

@@ -38,5 +38,5 @@ def node_env(address: str) -> dict[str, str]:
 
 
 RUNTIME = Runtime(
-    name=NAME, product="vLLM", program=program, image=image, role="rollback",
+    name=NAME, product="vLLM", server="vLLM", program=program, image=image, role="rollback",
     node_env=node_env, node_vars=(HOST_IP,), says=(NAME,))
