@@ -5,23 +5,8 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import (
-    bench,
-    checks,
-    cluster,
-    deploy,
-    diagnose,
-    engine,
-    expect,
-    hosts,
-    push,
-    serving,
-    smoke,
-    source,
-    ssh,
-    testbed,
-    upstream,
-)
+from trtllm_deploy.cli import (bench, checks, cluster, deploy, diagnose, engine, expect, hosts, push, serving,
+                               smoke, source, ssh, testbed, upstream)
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml

@@ -25,14 +25,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from sshd import (
-    fingerprint,
-    free_port,
-    keygen,
-    known_hosts_line,
-    public_key,
-    write_hosts,
-)
+from sshd import fingerprint, free_port, keygen, known_hosts_line, public_key, write_hosts
 from trtllm_deploy import secrets as secrets_module
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import inventory
@@ -40,14 +33,8 @@ from trtllm_deploy.hosts.connections import Connections, connect
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.local import Local
 from trtllm_deploy.hosts.ssh import SSH, _block_reading_remote
-from trtllm_deploy.hosts.targets import (
-    CommandFailed,
-    CommandTimedOut,
-    HostKeyRejected,
-    Target,
-    TargetError,
-    Unreachable,
-)
+from trtllm_deploy.hosts.targets import (CommandFailed, CommandTimedOut, HostKeyRejected, Target, TargetError,
+                                         Unreachable)
 
 SECRET = "hf_secretvalue123"
 SECRET_SHA256 = hashlib.sha256(SECRET.encode()).hexdigest()

@@ -11,15 +11,8 @@ from invoke.exceptions import Exit
 
 from trtllm_deploy import console
 from trtllm_deploy.artifact import models
-from trtllm_deploy.cli import (
-    ENV_HELP,
-    HOSTS_HELP,
-    JSON_HELP,
-    MIN_RATE_HELP,
-    STALL_HELP,
-    env_pairs,
-    user_errors,
-)
+from trtllm_deploy.cli import (ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP, env_pairs,
+                               user_errors)
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.serving import deploy as pipeline
 from trtllm_deploy.source import lock as locks

@@ -14,18 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat,
+                      StrictInt, StrictStr, ValidationError)
 
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, merge, problems_from, read

@@ -15,17 +15,8 @@ from typing import Literal
 
 from trtllm_deploy.artifact import fit, models
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.measure.hardware import (
-    USER_ARCHITECTURES,
-    USER_HARDWARE,
-    Architecture,
-    ClaimsFile,
-    Hardware,
-    Link,
-    load_architectures,
-    load_claims,
-    load_hardware,
-)
+from trtllm_deploy.measure.hardware import (USER_ARCHITECTURES, USER_HARDWARE, Architecture, ClaimsFile,
+                                            Hardware, Link, load_architectures, load_claims, load_hardware)
 
 # Activations cross the links in 16 bits whatever the weights' precision.
 ACTIVATION_BYTES = 2

@@ -11,16 +11,8 @@ import os
 from pathlib import Path
 from typing import Annotated, get_args, get_origin
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      ValidationError)
 
 from trtllm_deploy.artifact import models
 from trtllm_deploy.tomlsource import Problem, TomlFileError, merge, problems_from, read

@@ -16,16 +16,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import tomlkit
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr,
+                      ValidationError)
 
 from trtllm_deploy import atomic
 from trtllm_deploy.tomlsource import (Problem, TomlFileError, commented, matching, problems_from, read,
