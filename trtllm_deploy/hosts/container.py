@@ -12,22 +12,16 @@ from trtllm_deploy.hosts.targets import Result, Target, expand, finish
 
 
 @dataclass
-class InContainer:
+class InContainer(scripts.AsksForHome):
     """A running container on another target, entered with ``docker exec``."""
 
     parent: Target
     container: str
     docker: Sequence[str] = ("docker",)
     name: str = field(init=False)
-    _home: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.name = f"{self.parent.name}/{self.container}"
-
-    def home(self) -> str:
-        if self._home is None:
-            self._home = scripts.run(self, scripts.HOME).stdout
-        return self._home
 
     def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
             check=True) -> Result:

@@ -39,6 +39,17 @@ class Script:
 HOME = Script("find the home directory", 'printf %s "$HOME"')
 
 
+class AsksForHome:
+    """A target that learns its home directory from the host itself, once (SSH, a container)."""
+
+    _home: str | None = None
+
+    def home(self) -> str:
+        if self._home is None:
+            self._home = run(self, HOME).stdout
+        return self._home
+
+
 @dataclass(frozen=True)
 class Ran:
     """What a script did: its result and its output split at each ``mark``."""

@@ -61,7 +61,7 @@ def _block_reading_remote():
     return BlockReadingRemote
 
 
-class SSH:
+class SSH(scripts.AsksForHome):
     """A node over SSH (Fabric/Paramiko), refusing any host key not pinned in known_hosts."""
 
     def __init__(self, node: Node):
@@ -70,7 +70,6 @@ class SSH:
         self._conn = None
         self._staging: str | None = None  # the private directory staged stdin goes to
         self._lock = threading.Lock()
-        self._home: str | None = None
         self.shared = False  # handed out by a Connections: close() leaves it to that
 
     @property
@@ -184,11 +183,6 @@ class SSH:
             f" if they match, trust it with: ssh-keyscan -p {node.port} -t {kind}"
             f" {node.host} >> {self.known_hosts}"
         ))
-
-    def home(self) -> str:
-        if self._home is None:
-            self._home = scripts.run(self, scripts.HOME).stdout
-        return self._home
 
     def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
             check=True) -> Result:
