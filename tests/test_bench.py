@@ -282,9 +282,9 @@ def test_gate_threshold_must_not_be_negative(invoke):
 @pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 def test_bench_through_hosts_measures_the_current_deployment_and_records_it(bed, home, testbed):  # noqa: F811
     from trtllm_deploy.measure.bench.measure import measure
-    from trtllm_deploy.serving import launch
+    from trtllm_deploy.serving import launch, state
 
-    wanted = launch.Deployment(job="tbbench", runtime="trtllm", image=bed.head.container.image,
+    wanted = state.Deployment(job="tbbench", runtime="trtllm", image=bed.head.container.image,
                                artifact=ARTIFACT, tp=1, port=8371, nodes=(bed.head.name,),
                                env=(("STANDIN_LOAD_SECONDS", "1"),))
     launch.launch(bed, wanted, home / "tmp")

@@ -16,7 +16,7 @@ from conftest import docker_unusable
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import targets
 from trtllm_deploy.hosts.ssh import SSH
-from trtllm_deploy.serving import jobs, launch, supervise
+from trtllm_deploy.serving import jobs, launch, state, supervise
 from trtllm_deploy.testbed import artifact as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +57,9 @@ def bed(testbed, tmp_path_factory):
         target.close()
 
 
-def deployment(cluster, job: str = "tb", port: int = 8361, **env) -> launch.Deployment:
+def deployment(cluster, job: str = "tb", port: int = 8361, **env) -> state.Deployment:
     settings = {"STANDIN_LOAD_SECONDS": "1", **env}
-    return launch.Deployment(job=job, runtime="trtllm", image=cluster.head.container.image,
+    return state.Deployment(job=job, runtime="trtllm", image=cluster.head.container.image,
                              artifact=ARTIFACT, tp=3, port=port, env=tuple(sorted(settings.items())))
 
 
@@ -96,21 +96,21 @@ def test_launch_serves_across_three_nodes_gated_and_stop_leaves_nothing(bed, hom
     try:
         assert done.answer and done.tokens_per_s > 1
         assert set(done.containers.values()) == {"started"} and len(done.containers) == 3
-        assert launch.last_good(bed).job == "tb"
-        assert launch.current(bed).nodes == ("spark-1", "spark-2", "spark-3")
+        assert state.last_good(bed).job == "tb"
+        assert state.current(bed).nodes == ("spark-1", "spark-2", "spark-3")
         # The served manifest's hash, read on the head (what bench results and status record).
-        assert launch.current(bed).manifest_sha256 == hashlib.sha256(
+        assert state.current(bed).manifest_sha256 == hashlib.sha256(
             (tiny_folder(bed) / "trtllm-deploy-manifest.json").read_bytes()).hexdigest()
         assert answers(bed, wanted.port)
         logs = jobs.tails(bed, "tb")
         # One log per rank, each on its own node.
         assert {"spark-1/rank-0.log", "spark-2/rank-1.log", "spark-3/rank-2.log"} <= set(logs)
-        looks = jobs.look(bed, launch.current(bed))
+        looks = jobs.look(bed, state.current(bed))
         assert jobs.trouble(looks, wanted, "spark-1") is None
     finally:
         stopped = launch.stop(bed, "tb")
     assert all(outcome.ok and outcome.value.clean for outcome in stopped)
-    assert running_anywhere(bed, "tb") == [] and launch.current(bed) is None
+    assert running_anywhere(bed, "tb") == [] and state.current(bed) is None
 
 
 def test_a_killed_rank_is_detected_within_10_s_torn_down_and_rolled_back(bed, home):
@@ -122,14 +122,14 @@ def test_a_killed_rank_is_detected_within_10_s_torn_down_and_rolled_back(bed, ho
         pid = worker.run(["docker", "exec", name, "cat", "/var/log/trtllm-deploy/rank-2.pid"]).stdout.strip()
         worker.run(["docker", "exec", name, "kill", "-9", pid])
         worker.close()
-        failure = supervise.watch(bed, launch.current(bed), interval=1.0, duration=30)
+        failure = supervise.watch(bed, state.current(bed), interval=1.0, duration=30)
         assert failure is not None and failure.kind == "dead", failure
         # Found by the first look after the kill (the second, if the kill had not landed yet): with a
         # look each second, well within the 10 s the issue allows; speed itself is not timed here.
         assert failure.looks <= 2, failure
         assert "rank-2 on spark-3 died" in failure.what or "mpirun exited" in failure.what
         # The policy: back to the last known good deployment (here the same one, as it passed its gate).
-        handled = supervise.handle(bed, launch.current(bed), failure, "rollback", home / "tmp2")
+        handled = supervise.handle(bed, state.current(bed), failure, "rollback", home / "tmp2")
         assert handled.relaunched is not None and handled.relaunched.answer
         assert answers(bed, wanted.port)  # the endpoint answers again
     finally:
@@ -141,11 +141,11 @@ def test_a_hung_rank_is_detected_by_a_request_that_gets_no_answer(bed, home):
     wanted = deployment(bed, job="tbhang", port=8363, STANDIN_FAULT="hang:20@1")
     launch.launch(bed, wanted, home / "tmp")
     try:
-        failure = supervise.watch(bed, launch.current(bed), interval=1.0, hang_s=4.0, duration=60)
+        failure = supervise.watch(bed, state.current(bed), interval=1.0, hang_s=4.0, duration=60)
         assert failure is not None and failure.kind == "hang", failure
         # Every rank alive the whole time: only the unanswered request could have found it.
         assert "while every rank and mpirun are alive" in failure.what
-        handled = supervise.handle(bed, launch.current(bed), failure, "stop", home / "tmp2")
+        handled = supervise.handle(bed, state.current(bed), failure, "stop", home / "tmp2")
         assert handled.stopped and handled.relaunched is None
     finally:
         launch.stop(bed, "tbhang")
@@ -158,7 +158,7 @@ def test_a_start_that_fails_is_explained_and_removed_from_every_node(bed, home):
         launch.launch(bed, wanted, home / "tmp", stall_s=30)
     message = str(caught.value)
     assert "CUDA out of memory" in message and "what to do:" in message and "spark-3/rank-2.log" in message
-    assert running_anywhere(bed, "tboom") == [] and launch.current(bed) is None
+    assert running_anywhere(bed, "tboom") == [] and state.current(bed) is None
 
 
 def test_the_cli_status_and_stop(bed, home, tmp_path):
@@ -206,7 +206,7 @@ def test_rollback_serves_the_same_artifact_with_vllm_across_the_nodes(bed, home)
         assert "worker rank 1 of 3" in logs["spark-2/rank-1.log"], logs
         assert "worker rank 2 of 3" in logs["spark-3/rank-2.log"], logs
         # The last known good is now the vLLM deployment; the previous one stays recorded in its log.
-        assert launch.current(bed).runtime == "vllm"
+        assert state.current(bed).runtime == "vllm"
         with pytest.raises(Exception, match="already serves with vLLM"):
             launch.rollback(bed, bed.head.container.image, home / "tmp3")
     finally:
@@ -220,11 +220,11 @@ def test_a_new_job_that_cannot_start_leaves_the_previous_one_serving(bed, home):
     launch.launch(bed, wanted, home / "tmp")
     try:
         broken = deployment(bed, job="tbnew", port=8367)
-        broken = launch.Deployment(**{**broken.as_json(), "image": "trtllm-deploy/no-such-image:1",
+        broken = state.Deployment(**{**broken.as_json(), "image": "trtllm-deploy/no-such-image:1",
                                       "env": broken.env})
         with pytest.raises(CheckFailed, match="no image trtllm-deploy/no-such-image"):
             launch.launch(bed, broken, home / "tmp2")
-        assert answers(bed, 8367) and launch.current(bed).job == "tbold"
+        assert answers(bed, 8367) and state.current(bed).job == "tbold"
         assert running_anywhere(bed, "tbnew") == []
     finally:
         launch.stop(bed, "tbold")

@@ -62,11 +62,11 @@ def deployment_facts(hosts: str) -> tuple[dict, Endpoint | None]:
     the locked TensorRT-LLM commit) and its endpoint on the head."""
     from trtllm_deploy.errors import InputError
     from trtllm_deploy.hosts import inventory
-    from trtllm_deploy.serving import launch
+    from trtllm_deploy.serving import state
     from trtllm_deploy.source import lock as locks
 
     cluster = inventory.load(hosts)
-    deployment = launch.current(cluster)
+    deployment = state.current(cluster)
     if deployment is None:
         raise InputError(f"no deployment is recorded for cluster {cluster.name!r}: run `invoke launch` "
                          "first, or pass --url")

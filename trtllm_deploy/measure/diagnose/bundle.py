@@ -90,7 +90,7 @@ def collect(cluster, hosts_path: Path | None, log_lines: int = 200) -> dict[str,
     """Everything cheap, as ``{path in the archive: text}`` (not yet scrubbed)."""
     from trtllm_deploy.hosts.fanout import fan_out
     from trtllm_deploy.measure.diagnose import link
-    from trtllm_deploy.serving import launch
+    from trtllm_deploy.serving import state
     from trtllm_deploy.serving.jobs import tails
 
     files: dict[str, str] = {}
@@ -101,7 +101,7 @@ def collect(cluster, hosts_path: Path | None, log_lines: int = 200) -> dict[str,
         files["link.json"] = json.dumps(link.run(cluster).as_json(), indent=1, default=str)
     except Exception as exc:  # noqa: BLE001 - the bundle still holds everything else
         files["link.json"] = json.dumps({"error": str(exc)})
-    deployment = launch.current(cluster)
+    deployment = state.current(cluster)
     files["deployment.json"] = json.dumps(deployment.as_json() if deployment else None, indent=1)
     with_logs: set[str] = set()
     for outcome in fan_out(cluster.nodes, _jobs_on):

@@ -33,9 +33,9 @@ def run(cluster, seconds: int, out: Path, program: list[str] | None = None,
     """Profile on the head; return the fetched ``.nsys-rep``."""
     from trtllm_deploy.hosts.connections import connect
     from trtllm_deploy.hosts.targets import CommandFailed
-    from trtllm_deploy.serving import containers, launch
+    from trtllm_deploy.serving import containers, launch, state
 
-    deployment = launch.current(cluster)
+    deployment = state.current(cluster)
     if program is None:
         if deployment is None:
             raise CheckFailed("nothing to profile: no deployment is recorded for this cluster; "
