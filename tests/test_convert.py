@@ -210,6 +210,17 @@ def test_tensorrt_engines_are_refused_clearly_when_they_cannot_be_made(setup):
     assert _containers_left() == ""
 
 
+def test_what_is_looked_for_inside_an_image_is_found_there_and_only_there(standin_image, base_image):
+    """The looks inside the runtime image (each a throwaway container): trtllm-build on the PATH, and
+    the first convert_checkpoint.py of the examples layouts; an image without them says so."""
+    standin, bare = convert.local_image(standin_image), convert.local_image(base_image)
+    assert (convert.has_trtllm_build(standin), convert.has_trtllm_build(bare)) == (True, False)
+    found = convert.convert_script(standin, "qwen3")
+    assert found == f"{convert.EXAMPLES}/models/core/qwen/convert_checkpoint.py"
+    with pytest.raises(DeployError, match="no convert_checkpoint.py for model_type 'llama'"):
+        convert.convert_script(bare, "llama")
+
+
 @pytest.mark.parametrize("files, problem", [
     ({"config.json": "{}", "model.safetensors": ""}, "no quantization config"),
     ({"config.json": '{"quantization_config": {"quant_algo": "FP8"}}', "model.safetensors": ""},
