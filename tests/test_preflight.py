@@ -311,3 +311,36 @@ def test_ctrl_c_during_preflight_exits_130_and_leaves_nothing_running(tmp_path, 
         proc.kill()
         for pid in sleepers():
             os.kill(int(pid), signal.SIGKILL)
+
+
+# --- the machine running invoke ---------------------------------------------------------------
+
+def test_a_driver_that_is_not_a_node_is_asked_only_for_an_ssh_client(cluster):
+    checks = preflight.driver_checks(cluster, cluster.nodes, which=lambda tool: f"/usr/bin/{tool}")
+    assert [(c.node, c.name, c.status) for c in checks] == [
+        ("this machine", "role", "pass"), ("this machine", "ssh", "pass")]
+    assert "no GPU, Docker or checkpoint disk" in checks[0].detail
+    assert "spark-1" in checks[0].detail  # the head, where checkpoints are fetched and built
+    missing = preflight.driver_checks(cluster, cluster.nodes, which=lambda tool: None)
+    assert missing[-1].status == "fail" and "openssh-client" in missing[-1].remedy
+
+
+def test_a_driver_that_is_a_node_adds_nothing(tmp_path):
+    path = tmp_path / "hosts.toml"
+    path.write_text('[[nodes]]\nname = "spark-1"\nconnection = "local"\nrole = "head"\n'
+                    '[[nodes]]\nname = "spark-2"\naddress = "192.0.2.2"\n')
+    local = inventory.load(path)
+    assert preflight.driver_checks(local, local.nodes, which=lambda tool: None) == []
+
+
+def test_preflight_from_a_laptop_says_what_this_machine_needs(tmp_path, sshd_factory, gpu_bin):
+    system_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    worker = sshd_factory(extra_config=f"SetEnv PATH={gpu_bin}:{system_path}\n")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[preflight]\narch = "%s"\n\n' % os.uname().machine
+                     + worker.node_toml("spark-1", role="head"))
+    done = run_preflight(hosts, str(gpu_bin))
+    report = json.loads(done.stdout)
+    mine = {c["name"]: c for c in report["nodes"]["this machine"]}
+    assert mine["role"]["status"] == "pass" and mine["ssh"]["status"] == "pass", mine
+    assert "fetched on spark-1" in mine["role"]["detail"]

@@ -22,6 +22,7 @@ def preflight(c: Context, hosts: str = "hosts.toml", nodes: str = "", json: bool
     with console.err.status(f"checking {len(selected)} node(s)…", spinner="dots"):
         observations = pre.run(cluster, selected)
     checks = [item for seen in observations for item in pre.evaluate(seen, cluster)]
+    checks += pre.driver_checks(cluster, selected)
     summary = pre.summarize(checks)
     if json:
         console.print_json(pre.as_json(cluster, checks))
@@ -34,7 +35,8 @@ def preflight(c: Context, hosts: str = "hosts.toml", nodes: str = "", json: bool
 
 
 def _show(nodes, checks, summary: dict) -> None:
-    names = [node.name for node in nodes]
+    names = [node.name for node in nodes] + sorted({item.node for item in checks
+                                                    if item.node == pre.THIS_MACHINE})
     order = list(dict.fromkeys(item.name for item in checks))
     cells = {(item.name, item.node): item for item in checks}
     rows = []

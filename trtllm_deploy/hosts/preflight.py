@@ -7,6 +7,7 @@ outputs.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -337,6 +338,35 @@ def _clock_check(seen: Observation, cluster: Cluster, check) -> Check:
         return check("clock", FAIL, f"{detail} from this machine",
                      "enable time sync on every node: sudo timedatectl set-ntp true")
     return check("clock", PASS, detail)
+
+
+THIS_MACHINE = "this machine"
+
+
+def driver_checks(cluster: Cluster, nodes: tuple[Node, ...], which=shutil.which) -> list[Check]:
+    """What the machine running invoke needs for this cluster, and no more.
+
+    It only orchestrates: images are built on the build node and checkpoints downloaded and
+    quantized on the head, then sent node to node, so it needs no GPU, no Docker and no disk for
+    checkpoints. It needs OpenSSH's client where any node is reached over SSH (pushes stream
+    through it). Where it is itself one of the nodes, that node's own checks say the rest."""
+    if any(node.connection == "local" for node in nodes):
+        return []
+
+    def check(check_name: str, status: str, detail: str, remedy: str = "") -> Check:
+        return Check(THIS_MACHINE, check_name, status, detail, remedy)
+
+    checks = [check("role", PASS, "orchestrates only: no GPU, Docker or checkpoint disk needed here "
+                    f"(images are built on {cluster.build_node_name}, checkpoints fetched on "
+                    f"{cluster.head.name}, both sent node to node)")]
+    ssh_nodes = [node.name for node in nodes if node.connection == "ssh"]
+    if ssh_nodes:
+        if which("ssh"):
+            checks.append(check("ssh", PASS, f"OpenSSH client for {len(ssh_nodes)} node(s)"))
+        else:
+            checks.append(check("ssh", FAIL, "no OpenSSH client (ssh) on this machine; pushes and "
+                                "tunnels to the nodes use it", "sudo apt-get install -y openssh-client"))
+    return checks
 
 
 def summarize(checks: list[Check]) -> dict:

@@ -127,6 +127,7 @@ def _run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request:
 def _preflight(cluster, lockfile, catalog, request, state, say) -> Phase:
     seen = preflight.run(cluster, cluster.nodes)
     checks = [check for observation in seen for check in preflight.evaluate(observation, cluster)]
+    checks += preflight.driver_checks(cluster, cluster.nodes)
     failed = [check for check in checks if check.status == preflight.FAIL]
     warned = [check for check in checks if check.status == preflight.WARN]
     if failed:
