@@ -290,7 +290,7 @@ def pull(node: Node, target: Target, served: Served, planned: ImagePlan,
     if ran.exit_code == NO_TUNNEL:
         said = ran.stderr.strip().splitlines()[-1:] or ["no answer"]
         raise CheckFailed(f"{node.name}: cannot open an SSH tunnel to {served.holder.name} "
-                          f"({hop.address(served.holder)}) to pull {image.reference}: {said[0]}; "
+                          f"({hop.address(served.holder)}) to pull {image.reference}: {said[0].rstrip('.')}; "
                           "nodes reach each other with the keys `invoke ssh.setup` gives them: run it "
                           "and try again")
     if not ran.ok:
