@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +26,7 @@ from trtllm_deploy.hosts.dockercli import LocalImage
 from trtllm_deploy.push import registry
 
 MiB = 1 << 20
+ROOT = Path(__file__).resolve().parents[1]
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 
 
@@ -84,9 +89,9 @@ def node_sh(testbed_, name: str, script: str, user: str = "spark", check: bool =
     return done.stdout
 
 
-def build_on(testbed_, node: str, tag: str, base: str) -> None:
-    """An image only ``node`` has: the stand-in plus one layer of 1 MiB of random bytes and a label."""
-    node_sh(testbed_, node, f"""set -e; d=$(mktemp -d); head -c {MiB} /dev/urandom > "$d/new.bin"
+def build_on(testbed_, node: str, tag: str, base: str, size: int = MiB) -> None:
+    """An image only ``node`` has: the stand-in plus one layer of random bytes and a label."""
+    node_sh(testbed_, node, f"""set -e; d=$(mktemp -d); head -c {size} /dev/urandom > "$d/new.bin"
 printf 'FROM %s\\nCOPY new.bin /new.bin\\nLABEL io.trtllm-deploy.test=registry\\n' '{base}' > "$d/Dockerfile"
 docker build -q -t '{tag}' "$d" > /dev/null; rm -rf "$d" """)
 
@@ -220,3 +225,56 @@ def test_a_failure_while_served_stops_the_registry_and_its_storage_stays_for_nex
                      f"'*/blobs/sha256/*/{blob}/data'")
     assert stored.strip(), "the layer is not kept in the registry's storage"
     assert image_on(cluster, "spark-1", tag).id == image.id
+
+
+# distribute() as `invoke push` would run it, in a process of its own to interrupt.
+DISTRIBUTE = """
+import sys
+from trtllm_deploy.hosts import inventory
+from trtllm_deploy.hosts.connections import connect
+from trtllm_deploy.push import registry
+cluster = inventory.load(sys.argv[1])
+holder = cluster.node("spark-1")
+target = connect(holder)
+try:
+    registry.distribute(holder, target, sys.argv[2], [cluster.node("spark-2"), cluster.node("spark-3")])
+finally:
+    target.close()
+"""
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {seconds:g} s")
+
+
+@needs_docker
+def test_ctrl_c_while_nodes_pull_leaves_no_registry_tunnel_or_half_image(bed):
+    testbed_, cluster, standin = bed
+    tag = f"trtllm-deploy-test/registry-interrupted:{os.getpid()}"
+    build_on(testbed_, "spark-1", tag, standin, size=192 * MiB)  # a pull long enough to catch
+    held = image_on(cluster, "spark-1", tag)
+    run = subprocess.Popen([sys.executable, "-c", DISTRIBUTE, str(testbed_.layout.hosts_file), tag],
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "-N" in leftovers(testbed_, cluster).get("spark-2", ""), 120,
+                 "a tunnel on spark-2")
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    # The nodes' scripts end by themselves once the registry is gone: give them a bounded while.
+    wait_for(lambda: leftovers(testbed_, cluster) == {}, 60, "nothing left on any node")
+    for name in ("spark-2", "spark-3"):
+        got = image_on(cluster, name, tag)
+        assert got is None or got.id == held.id  # all of it or none of it
+    assert image_on(cluster, "spark-1", tag).id == held.id
