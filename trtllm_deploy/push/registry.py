@@ -234,13 +234,14 @@ def serve(node: Node, target: Target, image: LocalImage, *,
     base = expand(node.paths.state, home) + "/registry"
     run = f"{base}/run-{_random.token_hex(6)}"
     repository, tag = repository_and_tag(image.reference)
-    started = scripts.run(target, START, run, f"{base}/storage", int(lifetime), CONFIG, check=False)
     name, failed = "", True
-    try:
+    try:  # from the start: a registry started when Ctrl-C came is stopped too
+        started = scripts.run(target, START, run, f"{base}/storage", int(lifetime), CONFIG, check=False)
         if started.exit_code == NO_REGISTRY:
             raise CheckFailed(f"{node.name} has no docker-registry (the Distribution registry) to "
                               f"serve {image.reference} to the other nodes from: install it there "
-                              "(sudo apt install docker-registry) and try again")
+                              "(sudo apt install docker-registry) and try again; the package's own "
+                              "service is not used (sudo systemctl disable --now docker-registry)")
         if not started.ok:
             raise StepFailed(node.name, START.step, started.result)
         port = int(started.sections["port"].strip())
