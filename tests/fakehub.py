@@ -189,10 +189,12 @@ def model_entry(name: str, repo: str, revision: str, params_billion: float = 0.0
             "bytes_per_param = 2.0\ntp_by_nodes = { 1 = 1 }\n\n")
 
 
-def local_hosts(path, store, extra: str = ""):
-    """A hosts.toml of this machine alone, its artifact store at ``store``."""
+def local_hosts(path, store, extra: str = "", model_cache=None):
+    """A hosts.toml of this machine alone, its artifact store at ``store``, its Hugging Face cache
+    at ``model_cache`` (default: ``hf`` beside the hosts file)."""
+    cache = model_cache or path.parent / "hf"
     path.write_text(f'[[nodes]]\nname = "here"\nconnection = "local"\n\n[nodes.paths]\n'
-                    f'artifacts = "{store}"\n{extra}')
+                    f'artifacts = "{store}"\nmodel_cache = "{cache}"\n{extra}')
     return path
 
 

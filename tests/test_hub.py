@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,8 +112,9 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path):
             break
         time.sleep(0.05)
     assert partial, "the download never got going"
-    proc.kill()
-    proc.communicate()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the download stops with the command that started it
+    proc.communicate(timeout=60)
+
     hub.bytes_per_second = None
     code, out, err = download(hub, tmp_path, "org/tiny", SHA)
     assert code == 0, err

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from trtllm_deploy.artifact import hub
 from trtllm_deploy.errors import DeployError, InputError
-from trtllm_deploy.hosts import scripts
+from trtllm_deploy.hosts import dockercli, scripts
 from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.runtimes import failures
@@ -79,6 +79,12 @@ def head_image(target: Target, ref: str, needed_for: str | None = None) -> Image
                           "whose Docker engine does not have it\n  what to do: build it there (invoke "
                           "image), push it there, or pass --image REF of an image the head has")
     return None
+
+
+def local_image(ref: str) -> dockercli.LocalImage | None:
+    """The image as this machine's Docker engine has it, if it has one (deploy's push sends an image
+    from here); what engine.build makes runs in the head's (:func:`head_image`)."""
+    return dockercli.inspect_image(ref)
 
 
 # Runs a step in a container and appends its output to the head's log: $1 the log, $2 the step as
