@@ -114,7 +114,6 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path):
     assert partial, "the download never got going"
     proc.send_signal(signal.SIGINT)  # Ctrl-C: the download stops with the command that started it
     proc.communicate(timeout=60)
-
     hub.bytes_per_second = None
     code, out, err = download(hub, tmp_path, "org/tiny", SHA)
     assert code == 0, err
