@@ -46,6 +46,7 @@ class FakeHub:
     corrupt: set[str] = field(default_factory=set)    # files served with one byte changed
     host: str = "127.0.0.1"                           # where it listens
     address: str = "127.0.0.1"                        # where clients reach it (its URL)
+    lfs_at: str | None = None   # LFS files redirect there (as the Hub sends them to its CDN)
 
     def start(self) -> str:
         hub = self
@@ -129,6 +130,12 @@ class FakeHub:
             if data is None:
                 self._json(handler, 404, {"error": "Entry not found"}, head,
                            extra={"X-Error-Code": "EntryNotFound"})
+                return
+            if self.lfs_at and resolve.group(3).endswith(".safetensors"):
+                handler.send_response(302)
+                handler.send_header("Location", f"{self.lfs_at}{url.path}")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
                 return
             self._file(handler, repo, resolve.group(3), data, head)
         else:
