@@ -159,8 +159,8 @@ def test_two_builds_at_once_download_each_file_once(bed, hub, engine):
         assert code == 0, err
         assert json.loads(out)["action"] in ("built", "up to date")
     assert bodies(hub, repo) == {"config.json": 1, "model.safetensors": 1, "tokenizer.json": 1}
-    assert head_sh(bed, f"ls -A {CACHE}/models--org--twice/blobs | grep -v '\\.lock$'").stdout.count(
-        ".part") == 0
+    assert ".part" not in head_sh(bed, f"ls -A {CACHE}/models--org--twice/blobs").stdout
+    assert head_sh(bed, f"ls {CACHE}/.locks/models--org--twice").stdout.count(".lock") == 3
 
 
 @needs_docker

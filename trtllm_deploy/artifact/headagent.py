@@ -6,9 +6,9 @@ python3 and the standard library only (beside manifest.py, whose path it is give
 (``{"root", "revision", "files": [{"path", "size", "sha256", "blob_id", "url"}]}``) and the token
 from ``HF_TOKEN`` in its environment (sent over SSH's encrypted channel, never in argv). Every file
 goes to ``blobs/<sha256 or blob id>`` through ``<blob>.part``, resumed with HTTP Range after an
-interruption, under a lock per blob so that two builds at once download it once; it takes its name
-only once it matches what the Hub lists: the sha256 for LFS files, the git blob id (sha1 of
-``blob SIZE\\0`` and the content) for the others. Then ``snapshots/<revision>/<path>`` links to it,
+interruption, under a lock per blob (where huggingface_hub keeps its own: ``.locks/``) so that two
+builds at once download it once; it takes its name only once it matches what the Hub lists: the
+sha256 for LFS files, the git blob id (sha1 of ``blob SIZE\\0`` and the content) for the others. Then ``snapshots/<revision>/<path>`` links to it,
 the Hub cache layout other Hub tools read. Prints one JSON line per file done, then the report.
 
 ``python3 headagent.py current MANIFEST_PY DIR`` prints the artifact's manifest and its problems.
@@ -159,8 +159,12 @@ def _download(entry: dict, part: str, token: str | None, say) -> None:
 def fetch_file(entry: dict, root: str, snapshot: str, token: str | None, say) -> bool:
     """One file into the cache and its snapshot link; True when it had to be downloaded."""
     blob = os.path.join(root, "blobs", _expected(entry))
+    # Where huggingface_hub keeps its lock on the same blob (``<cache>/.locks/<repo folder>/``), so a
+    # download by the Hub's own tools on the head takes turns with this one too.
+    locks = os.path.join(os.path.dirname(root), ".locks", os.path.basename(root))
+    os.makedirs(locks, exist_ok=True)
     fetched = False
-    with open(blob + ".lock", "w") as lock:
+    with open(os.path.join(locks, _expected(entry) + ".lock"), "w") as lock:
         # One writer per blob: a second build of the same checkpoint waits here, then finds it done.
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (os.path.isfile(blob) and os.path.getsize(blob) == entry["size"]):
