@@ -8,8 +8,9 @@ from ``HF_TOKEN`` in its environment (sent over SSH's encrypted channel, never i
 goes to ``blobs/<sha256 or blob id>`` through ``<blob>.part``, resumed with HTTP Range after an
 interruption, under a lock per blob (where huggingface_hub keeps its own: ``.locks/``) so that two
 builds at once download it once; it takes its name only once it matches what the Hub lists: the
-sha256 for LFS files, the git blob id (sha1 of ``blob SIZE\\0`` and the content) for the others. Then ``snapshots/<revision>/<path>`` links to it,
-the Hub cache layout other Hub tools read. Prints one JSON line per file done, then the report.
+sha256 for LFS files, the git blob id (sha1 of ``blob SIZE\\0`` and the content) for the others.
+Then ``snapshots/<revision>/<path>`` links to it, the Hub cache layout other Hub tools read. Prints
+one JSON line per file done, then the report.
 
 ``python3 headagent.py current MANIFEST_PY DIR`` prints the artifact's manifest and its problems.
 ``python3 headagent.py seal MANIFEST_PY`` reads ``{"scratch", "final", "snapshot", "link", "files",
