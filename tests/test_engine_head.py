@@ -67,7 +67,8 @@ def hub(bed):
 
 @pytest.fixture
 def engine(bed, hub, tmp_path):
-    """``invoke engine.build`` on this machine, its own Hugging Face folders empty and watched."""
+    """``invoke engine.build`` on this machine, its own Hugging Face folders empty and watched, its
+    Docker engine out of reach."""
     models = tmp_path / "models.toml"
     models.write_text("".join(model_entry(name, repo, revision) for name, (repo, revision) in REPOS.items()))
     lock = tmp_path / "lock.toml"
@@ -75,7 +76,8 @@ def engine(bed, hub, tmp_path):
     here = {"home": tmp_path / "hf-home", "cache": tmp_path / "hf-cache"}
     for folder in here.values():
         folder.mkdir()
-    env = hub_env(hub.url, tmp_path, HF_HUB_CACHE=str(here["cache"]))
+    # No Docker engine here either: whatever engine.build asks of Docker, the head's answers.
+    env = hub_env(hub.url, tmp_path, HF_HUB_CACHE=str(here["cache"]), DOCKER_HOST="unix:///nonexistent")
     assert env["HF_HOME"] == str(here["home"])
 
     def start(model: str, token: str | None = None) -> subprocess.Popen:
@@ -137,6 +139,11 @@ def test_the_checkpoint_and_the_artifact_are_on_the_head_and_up_to_date_the_seco
                                "--json"], capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0 and json.loads(verified.stdout)["nodes"]["spark-1"]["ok"], verified.stderr
     assert head_sh(bed, f"ls -A {STORE} | grep '^\\.{name}' || true").stdout == ""  # nothing half-made
+    # The runtime image it records is the one the head's Docker engine has.
+    made = json.loads(head_sh(bed, f"cat {STORE}/{name}/trtllm-deploy-manifest.json").stdout)
+    image = made["provenance"]["image"]
+    assert image["id"] and image["id"] == head_sh(
+        bed, f"docker image inspect --format '{{{{.Id}}}}' {image['ref']}").stdout.strip()
 
     code, out, err = engine("plain")
     assert code == 0 and json.loads(out)["action"] == "up to date", err

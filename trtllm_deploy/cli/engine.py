@@ -143,6 +143,8 @@ def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console.err, transient=True) as bar:
         tasks: dict[str, int] = {}
+        # The head downloads and reports each file when it is done; until then, this says where.
+        bar.add_task(f"{planned.variant.repo} on {cluster.head.name}", total=None)
 
         def follow(path: str, done: int, total: int) -> None:
             if path not in tasks:
