@@ -15,17 +15,15 @@ same inputs with a verified manifest (checked on the head) mean nothing to do.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import secrets as _random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from trtllm_deploy import __version__
-from trtllm_deploy.artifact import convert, fit, headagent, hub, manifest, models, ship
+from trtllm_deploy.artifact import convert, fit, hub, models, ship
 from trtllm_deploy.artifact.verify import VERIFY_TIMEOUT
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts.connections import connect
@@ -222,7 +220,7 @@ def _build(planned: Planned, lockfile: LockFile, head: Node, target: Target, pro
     home = target.home()
     store = expand(head.paths.artifacts, home)
     final = posixpath.join(store, planned.name)
-    agent = _Agent(target)
+    agent = ship.HeadAgent(target)
     current = _current(agent, final, wanted)
     if current is not None:
         return Built(head, final, "up to date", revision, len(current["files"]), current["total_bytes"],
@@ -244,7 +242,7 @@ def _build(planned: Planned, lockfile: LockFile, head: Node, target: Target, pro
                 made = {"quantized": {"from": variant.quantize_from, "with": convert.quantize_inputs(
                     lockfile), "run": convert.quantize(snapshot, scratch, variant.precision, lockfile,
                                                        runner, tools)}}
-        sealed = agent.ask("seal", order={
+        sealed = _ask(agent, "seal", order={
             "scratch": scratch, "final": final, "snapshot": snapshot, "link": not planned.in_image,
             "files": {LLM_API_FILE: yaml.safe_dump(llm_api(planned), sort_keys=True)},
             "provenance": wanted | made | {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
@@ -257,27 +255,17 @@ def _build(planned: Planned, lockfile: LockFile, head: Node, target: Target, pro
                  time.monotonic() - started)
 
 
-class _Agent:
-    """headagent.py on the head, beside the manifest.py it uses; each sent there once."""
-
-    def __init__(self, target: Target):
-        self.target = target
-        self.path = ship.ensure(target, Path(headagent.__file__), "headagent")
-        self.manifest = ship.ensure(target, Path(manifest.__file__), "manifest")
-
-    def ask(self, verb: str, *args: str, order: dict | None = None) -> dict:
-        done = self.target.run(["python3", self.path, verb, self.manifest, *args], timeout=VERIFY_TIMEOUT,
-                               stdin=json.dumps(order) if order is not None else None, check=False)
-        answer = hub.last_answer(self.target, done)
-        if not answer.get("ok"):
-            raise DeployError(f"{self.target.name}: making the artifact failed: {answer.get('error')}")
-        return answer
+def _ask(agent: ship.HeadAgent, verb: str, *args: str, order: dict | None = None) -> dict:
+    answer, _ = agent.run(verb, *args, order=order, timeout=VERIFY_TIMEOUT)
+    if not answer.get("ok"):
+        raise DeployError(f"{agent.target.name}: making the artifact failed: {answer.get('error')}")
+    return answer
 
 
-def _current(agent: _Agent, final: str, wanted: dict) -> dict | None:
+def _current(agent: ship.HeadAgent, final: str, wanted: dict) -> dict | None:
     """The artifact's manifest if it was made from the same inputs and still verifies (checked on
     the head, by its manifest.py)."""
-    answer = agent.ask("current", final)
+    answer = _ask(agent, "current", final)
     found = answer.get("manifest")
     if found is None:
         return None

@@ -13,23 +13,24 @@ target's secret channel, never a command line, and is masked in every message.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import posixpath
 import re
 from pathlib import Path
 
 from trtllm_deploy import secrets
-from trtllm_deploy.artifact import headagent, manifest, ship
+from trtllm_deploy.artifact import ship
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.hosts.local import Local
-from trtllm_deploy.hosts.targets import Target, TargetError, expand
+from trtllm_deploy.hosts.targets import Target, expand
 
 SERVING_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja",
                  "merges.txt", "vocab.txt", "*.model")
 NOT_FOR_SERVING = ("original/*", "*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx", "*.h5", "*.msgpack",
                    "*.ot")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+GATED = ("{repo} is gated or private: accept its terms on the Hub with your account, then export "
+         "HF_TOKEN (or run `hf auth login`) and try again")
 FETCH_TIMEOUT = 24 * 3600.0  # a 100+ GB checkpoint over a slow link; the agent resumes if stopped
 
 
@@ -50,8 +51,7 @@ def _explain(exc: Exception, repo: str, revision: str) -> DeployError:
 
     if isinstance(exc, errors.GatedRepoError) or getattr(getattr(exc, "response", None),
                                                           "status_code", None) == 401:
-        return DeployError(f"{repo} is gated or private: accept its terms on the Hub with your "
-                           "account, then export HF_TOKEN (or run `hf auth login`) and try again")
+        return DeployError(GATED.format(repo=repo))
     if isinstance(exc, errors.RevisionNotFoundError):
         return InputError(f"{repo} has no revision {revision}; check the model's pinned revision")
     if isinstance(exc, errors.RepositoryNotFoundError):
@@ -107,34 +107,19 @@ def fetch_on(target: Target, cache: str, repo: str, revision: str, progress=None
     done_bytes, total_bytes)`` hears of each file done."""
     entries = listing(repo, revision)
     root = repo_folder(expand(cache, target.home()), repo)
-    agent = ship.ensure(target, Path(headagent.__file__), "headagent")
-    checker = ship.ensure(target, Path(manifest.__file__), "manifest")
     secret = token()
-    done = target.run(["python3", agent, "fetch", checker], timeout=FETCH_TIMEOUT, check=False,
-                      stdin=json.dumps({"root": root, "revision": revision, "files": entries}),
-                      secrets={"HF_TOKEN": secret} if secret else None)
-    answer = last_answer(target, done)
-    for line in done.stdout.splitlines()[:-1]:
-        seen = json.loads(line)
+    answer, lines = ship.HeadAgent(target).run(
+        "fetch", order={"root": root, "revision": revision, "files": entries}, timeout=FETCH_TIMEOUT,
+        secrets={"HF_TOKEN": secret} if secret else None)
+    for seen in lines:
         if progress and "file" in seen:
             progress(seen["file"], seen["done"], seen["total"])
     if not answer.get("ok"):
         if answer.get("kind") == "auth":
-            raise DeployError(f"{repo} is gated or private: accept its terms on the Hub with your "
-                              "account, then export HF_TOKEN (or run `hf auth login`) and try again")
+            raise DeployError(GATED.format(repo=repo))
         raise DeployError(f"downloading {repo}@{revision[:12]} on {target.name} failed: "
                           f"{secrets.redact(str(answer.get('error')))}")
     return answer["snapshot"]
-
-
-def last_answer(target: Target, done) -> dict:
-    """The agent's report: the last line it printed, as JSON."""
-    try:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        detail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
-        raise TargetError(target.name, f"the head agent exited with {done.exit_code} and no report: "
-                          f"{detail or 'no output'}") from None
 
 
 def fetch(repo: str, revision: str, cache_dir: Path | None = None, progress=None) -> Path:
