@@ -221,3 +221,40 @@ def test_the_token_reaches_the_hub_as_a_header_and_never_an_argument_on_the_head
     assert not any(TOKEN in s.path for s in hub.seen)
     # Nothing the head keeps names it: its staging folder, the cache and the store.
     assert head_sh(bed, f"grep -rl {TOKEN} ~/.cache ~/trtllm-deploy || true").stdout == ""
+
+
+@needs_docker
+def test_quantizing_runs_in_the_runtime_image_on_the_head(bed, hub, tmp_path):
+    """Model Optimizer's hf_ptq.py (the stand-in's, in a repository on the head) runs in the head's
+    runtime image on its Docker engine; the token reaches the container, never a log or argument."""
+    repo, revision = REPOS["plain"]
+    commit = head_sh(bed, "set -e; rm -rf ~/modelopt; mkdir -p ~/modelopt/examples/llm_ptq; cd ~/modelopt\n"
+                          "printf 'import sys\\n\\n"
+                          "from trtllm_deploy.testbed.standin.build import hf_ptq\\n\\n"
+                          "sys.exit(hf_ptq(sys.argv[1:]))\\n' > examples/llm_ptq/hf_ptq.py\n"
+                          "git init -q . && git add -A && git -c user.name=t -c user.email=t@example.invalid "
+                          "commit -qm hf_ptq && git tag 9.9.9 && git rev-parse HEAD").stdout.strip()
+    home = head_sh(bed, "echo $HOME").stdout.strip()
+    models = tmp_path / "models.toml"
+    models.write_text(model_entry("plain", repo, revision) + '[models.plain.variants.nvfp4]\n'
+                      'quantize_from = "bf16"\nbytes_per_param = 0.6\ntp_by_nodes = { 1 = 1 }\n')
+    lock = tmp_path / "lock.toml"
+    lock.write_text((ROOT / "requirements" / "tensorrt-llm.lock.toml").read_text()
+                    + f'\n[quantize]\nrepository = "file://{home}/modelopt"\nref = "9.9.9"\n'
+                      'calib_size = 16\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "engine.build", "--model", "plain",
+         "--precision", "nvfp4", "--models-file", str(models), "--hosts", str(bed.layout.hosts_file),
+         "--lock", str(lock), "--json"], capture_output=True, text=True, timeout=300,
+        env=hub_env(hub.url, tmp_path, HF_TOKEN=TOKEN, DOCKER_HOST="unix:///nonexistent"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    name = Path(report["path"]).name
+    assert report["node"] == "spark-1" and name.startswith("plain-nvfp4-quantized-tp1-")
+    quant = json.loads(head_sh(bed, f"cat {STORE}/{name}/hf_quant_config.json").stdout)
+    assert quant["quantization"]["quant_algo"] == "NVFP4"
+    made = json.loads(head_sh(bed, f"cat {STORE}/{name}/trtllm-deploy-manifest.json").stdout)
+    assert made["provenance"]["quantized"]["run"]["modelopt"]["commit"] == commit
+    log = head_sh(bed, f"cat {STORE}/.logs/{name}.log").stdout
+    assert "calibrating on 16 samples" in log and TOKEN not in log + done.stdout + done.stderr
+    assert head_sh(bed, "docker ps -a --filter name=trtllm-deploy-make- --format '{{.Names}}'").stdout == ""
