@@ -3,7 +3,9 @@ to download a model snapshot, for tests (tests may not reach the internet; point
 
 It serves repositories the test builds in memory, at fixed commit SHAs, honours ``Range`` (so an
 interrupted download resumes), can demand a token (a gated repository), can slow its responses
-down (so a download can be interrupted), and records every request it saw.
+down (so a download can be interrupted), can break a file off mid-way once (``cut_once``) or serve
+other bytes than it lists (``corrupt``), and records every request it saw. ``host`` "0.0.0.0"
+with ``address`` set lets testbed nodes reach it (their network's gateway is this machine).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +42,11 @@ class FakeHub:
     repos: dict[str, Repo]
     bytes_per_second: float | None = None      # slow the file bodies down
     seen: list[Seen] = field(default_factory=list)
+    cut_once: set[str] = field(default_factory=set)   # files whose next body stops half-way
+    corrupt: set[str] = field(default_factory=set)    # files served with one byte changed
+    host: str = "127.0.0.1"                           # where it listens
+    address: str = "127.0.0.1"                        # where clients reach it (its URL)
+    lfs_at: str | None = None   # LFS files redirect there (as the Hub sends them to its CDN)
 
     def start(self) -> str:
         hub = self
@@ -55,11 +63,11 @@ class FakeHub:
             def do_GET(self):
                 hub._handle(self, head=False)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://{self.address}:{self._server.server_address[1]}"
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -123,6 +131,12 @@ class FakeHub:
                 self._json(handler, 404, {"error": "Entry not found"}, head,
                            extra={"X-Error-Code": "EntryNotFound"})
                 return
+            if self.lfs_at and resolve.group(3).endswith(".safetensors"):
+                handler.send_response(302)
+                handler.send_header("Location", f"{self.lfs_at}{url.path}")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
             self._file(handler, repo, resolve.group(3), data, head)
         else:
             self._json(handler, 404, {"error": "not served here"}, head)
@@ -145,7 +159,12 @@ class FakeHub:
         match = re.match(r"bytes=(\d+)-", handler.headers.get("Range", ""))
         if match and not head:
             start = int(match.group(1))
+        if name in self.corrupt:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
         body = data[start:]
+        cut = not head and name in self.cut_once
+        if cut:
+            self.cut_once.discard(name)
         handler.send_response(206 if start else 200)
         handler.send_header("Content-Type", "application/octet-stream")
         handler.send_header("Content-Length", str(len(body)))
@@ -159,6 +178,12 @@ class FakeHub:
             handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         handler.end_headers()
         if head:
+            return
+        if cut:  # the whole length announced, half of it sent, then the connection drops
+            handler.wfile.write(body[:len(body) // 2])
+            handler.wfile.flush()
+            handler.close_connection = True
+            handler.connection.shutdown(socket.SHUT_RDWR)
             return
         try:
             if not self.bytes_per_second:
@@ -189,10 +214,12 @@ def model_entry(name: str, repo: str, revision: str, params_billion: float = 0.0
             "bytes_per_param = 2.0\ntp_by_nodes = { 1 = 1 }\n\n")
 
 
-def local_hosts(path, store, extra: str = ""):
-    """A hosts.toml of this machine alone, its artifact store at ``store``."""
+def local_hosts(path, store, extra: str = "", model_cache=None):
+    """A hosts.toml of this machine alone, its artifact store at ``store``, its Hugging Face cache
+    at ``model_cache`` (default: ``hf`` beside the hosts file)."""
+    cache = model_cache or path.parent / "hf"
     path.write_text(f'[[nodes]]\nname = "here"\nconnection = "local"\n\n[nodes.paths]\n'
-                    f'artifacts = "{store}"\n{extra}')
+                    f'artifacts = "{store}"\nmodel_cache = "{cache}"\n{extra}')
     return path
 
 

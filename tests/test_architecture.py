@@ -55,6 +55,7 @@ DOCSTRING_ONLY = ("hosts", "source", "runtimes", "artifact", "serving", "measure
 STANDALONE: dict[str, frozenset[str]] = {
     "push/agent.py": frozenset(),          # copied to each node and run with its python3
     "artifact/manifest.py": frozenset(),   # shipped beside the agent, and into the stand-in image
+    "artifact/headagent.py": frozenset(),  # copied to the head: engine.build's download and artifact
     "testbed/standin/": frozenset({".", "mpi4py", "yaml", "trtllm_deploy.artifact.manifest"}),
 }
 

@@ -1,5 +1,6 @@
-"""`invoke engine.plan` / `engine.build` / `engine.verify` end to end, on this machine, against the
-local Hub stand-in (tests/fakehub.py) serving a small checkpoint the test generates."""
+"""`invoke engine.plan` / `engine.build` / `engine.verify` end to end with this machine as the head
+(``connection = "local"``: the same code path as a head over SSH, tests/test_engine_head.py),
+against the local Hub stand-in (tests/fakehub.py) serving a small checkpoint the test generates."""
 
 from __future__ import annotations
 
@@ -49,12 +50,16 @@ def setup(tmp_path):
 
 def test_build_makes_a_whole_verified_artifact_then_is_up_to_date(setup):
     invoke, hub, store, models, tmp_path = setup
-    done = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--store", str(store),
-                  "--json")
+    done = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["action"] == "built" and report["revision"] == SHA
+    assert report["action"] == "built" and report["revision"] == SHA and report["node"] == "here"
     artifact = Path(report["path"])
+    # Downloaded into the head's Hugging Face cache (its paths.model_cache), in the Hub's layout;
+    # nothing in the Hugging Face home of the process that ran invoke.
+    snapshot = tmp_path / "hf" / "hub" / "models--org--tiny" / "snapshots" / SHA
+    assert (snapshot / "model.safetensors").resolve().parent.name == "blobs"
+    assert not (tmp_path / "hf-home").exists()
     assert artifact.parent == store and artifact.name.startswith("tiny-bf16-tp1-")
     names = sorted(p.name for p in artifact.iterdir())
     assert names == ["config.json", "llm-api.yaml", "model.safetensors", "tokenizer.json",
@@ -70,8 +75,7 @@ def test_build_makes_a_whole_verified_artifact_then_is_up_to_date(setup):
     assert not list(store.glob(".*"))  # no half-made artifact left beside it
 
     bodies = [s for s in hub.seen if s.method == "GET" and "/resolve/" in s.path]
-    again = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--store", str(store),
-                   "--json")
+    again = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--json")
     assert json.loads(again.stdout)["action"] == "up to date"
     assert [s for s in hub.seen if s.method == "GET" and "/resolve/" in s.path] == bodies
 
@@ -83,15 +87,14 @@ def test_build_makes_a_whole_verified_artifact_then_is_up_to_date(setup):
     damaged.write_bytes(b'{"version": "2.0", "model": {"type": "BPE"}}')
     refused = invoke("engine.verify", "--name", artifact.name)
     assert refused.returncode == 1 and "tokenizer.json" in refused.stdout + refused.stderr
-    fixed = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--store", str(store),
-                   "--json")
+    fixed = invoke("engine.build", "--model", "tiny", "--models-file", str(models), "--json")
     assert json.loads(fixed.stdout)["action"] == "built"
     assert invoke("engine.verify", "--name", artifact.name).returncode == 0
 
 
 def test_a_plan_that_cannot_fit_is_refused_before_any_download(setup):
     invoke, hub, store, models, _ = setup
-    done = invoke("engine.build", "--model", "huge", "--models-file", str(models), "--store", str(store))
+    done = invoke("engine.build", "--model", "huge", "--models-file", str(models))
     assert done.returncode == 2
     assert "does not fit" in done.stderr and "what to do:" in done.stderr
     assert hub.seen == [] and not store.exists()

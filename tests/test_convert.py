@@ -20,6 +20,7 @@ import yaml
 from fakehub import FakeHub, Repo, hub_env, local_hosts, model_entry
 from trtllm_deploy.artifact import convert, manifest
 from trtllm_deploy.errors import DeployError
+from trtllm_deploy.hosts.local import Local
 from trtllm_deploy.serving import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,9 +86,8 @@ def setup(tmp_path, standin_image):
     env = hub_env(url, tmp_path, HF_TOKEN=TOKEN, HOME=str(tmp_path / "home"))
 
     def invoke(*args: str, lock_path: Path = lock) -> subprocess.CompletedProcess:
-        store_arg = ["--store", str(store)] if args[0] == "engine.build" else []
         return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args,
-                               "--models-file", str(models), *store_arg, "--hosts", str(hosts),
+                               "--models-file", str(models), "--hosts", str(hosts),
                                "--lock", str(lock_path), "--image", standin_image],
                               capture_output=True, text=True, timeout=300, env=env)
 
@@ -213,7 +213,8 @@ def test_tensorrt_engines_are_refused_clearly_when_they_cannot_be_made(setup):
 def test_what_is_looked_for_inside_an_image_is_found_there_and_only_there(standin_image, base_image):
     """The looks inside the runtime image (each a throwaway container): trtllm-build on the PATH, and
     the first convert_checkpoint.py of the examples layouts; an image without them says so."""
-    standin, bare = convert.local_image(standin_image), convert.local_image(base_image)
+    here = Local()
+    standin, bare = convert.head_image(here, standin_image), convert.head_image(here, base_image)
     assert (convert.has_trtllm_build(standin), convert.has_trtllm_build(bare)) == (True, False)
     found = convert.convert_script(standin, "qwen3")
     assert found == f"{convert.EXAMPLES}/models/core/qwen/convert_checkpoint.py"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,8 +112,8 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path):
             break
         time.sleep(0.05)
     assert partial, "the download never got going"
-    proc.kill()
-    proc.communicate()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the download stops with the command that started it
+    proc.communicate(timeout=60)
     hub.bytes_per_second = None
     code, out, err = download(hub, tmp_path, "org/tiny", SHA)
     assert code == 0, err
@@ -121,3 +122,19 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path):
     assert ranged and int(ranged[-1].headers["range"][6:-1]) > 256 * 1024  # went on, not over
     weights = (Path(out) / "model.safetensors").read_bytes()
     assert hashlib.sha256(weights).digest() == hashlib.sha256(WEIGHTS).digest()
+
+
+def test_the_token_follows_no_redirect_to_another_host(hub, tmp_path):
+    """The Hub sends LFS files to its CDN with a signed URL: the token stays with the Hub."""
+    cdn = FakeHub({"org/gated": Repo("org/gated", GATED_SHA, dict(FILES))})
+    hub.lfs_at = cdn.start()
+    try:
+        code, out, err = download(hub, tmp_path, "org/gated", GATED_SHA, token=TOKEN)
+    finally:
+        cdn.stop()
+    assert code == 0, err
+    assert (Path(out) / "model.safetensors").read_bytes() == WEIGHTS
+    moved = [s for s in cdn.seen if s.path.endswith("/model.safetensors")]
+    assert moved and not any("authorization" in s.headers for s in moved)
+    kept = [s for s in hub.seen if s.path.endswith("/config.json")]
+    assert kept and all(s.headers.get("authorization") == f"Bearer {TOKEN}" for s in kept)

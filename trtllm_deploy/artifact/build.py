@@ -1,31 +1,35 @@
-"""``invoke engine.plan`` and ``invoke engine.build``: the deployable artifact, on this machine.
+"""``invoke engine.plan`` and ``invoke engine.build``: the deployable artifact, made on the head.
 
 At every TensorRT-LLM pin the artifact can be what the PyTorch backend serves: the checkpoint's
 files at a pinned Hub revision (or that checkpoint quantized to FP8/NVFP4 with Model Optimizer inside
 the runtime image, when no quantized one is published or ``--quantize`` asks for it), the LLM-API
 YAML that suits DGX Spark, and a manifest (every file's size and hash, plus provenance). At a pin
 that still has ``trtllm-build``, ``--backend tensorrt`` makes TensorRT engines instead (convert.py).
-It is named from model, precision, tp, backend and the TensorRT-LLM lock, made in a hidden folder
-beside its final place and renamed into it whole. The fit check runs before any download; the same
-inputs with a verified manifest mean nothing to do.
+It is named from model, precision, tp, backend and the TensorRT-LLM lock, and made on the head
+(``cluster.head``, this machine when its connection is "local", over SSH otherwise: one code path):
+downloaded into the head's Hugging Face cache, made in a hidden folder of the head's store
+(``paths.artifacts``, where push, launch and engine.verify look) and renamed into place whole, so
+this machine needs no checkpoint disk, Docker or GPU. The fit check runs before any download; the
+same inputs with a verified manifest (checked on the head) mean nothing to do.
 """
 
 from __future__ import annotations
 
-import os
+import posixpath
 import secrets as _random
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from trtllm_deploy import __version__
-from trtllm_deploy.artifact import convert, fit, hub, manifest, models
-from trtllm_deploy.errors import InputError
+from trtllm_deploy.artifact import convert, fit, hub, models, ship
+from trtllm_deploy.artifact.verify import VERIFY_TIMEOUT
+from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.fanout import fan_out
-from trtllm_deploy.hosts.inventory import Cluster
+from trtllm_deploy.hosts.inventory import Cluster, Node
+from trtllm_deploy.hosts.targets import Target, expand
 from trtllm_deploy.source.plan import image_ref
 from trtllm_deploy.source.lock import LockFile
 
@@ -139,7 +143,8 @@ def _quantizing_fits(model: models.Model, variant: models.Variant, node: fit.Nod
 
 @dataclass
 class Built:
-    path: Path
+    node: Node                  # the head, whose store holds the artifact
+    path: str                   # the artifact on the head
     action: str                 # "built" | "up to date"
     revision: str
     files: int
@@ -147,8 +152,9 @@ class Built:
     seconds: float
 
     def as_json(self) -> dict:
-        return {"path": str(self.path), "action": self.action, "revision": self.revision,
-                "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 2)}
+        return {"node": self.node.name, "path": self.path, "action": self.action,
+                "revision": self.revision, "files": self.files, "bytes": self.bytes,
+                "seconds": round(self.seconds, 2)}
 
 
 def llm_api(planned: Planned) -> dict:
@@ -160,7 +166,7 @@ def llm_api(planned: Planned) -> dict:
 
 def provenance(planned: Planned, lockfile: LockFile, revision: str,
                image: convert.Image | None) -> dict:
-    """What the artifact is made of and from. ``image``: the runtime image as this machine has it
+    """What the artifact is made of and from. ``image``: the runtime image as the head has it
     (its ID and digests); a quantized or engine artifact is tied to it, a plain checkpoint is not."""
     lock, variant = lockfile.lock, planned.variant
     made = {}
@@ -178,72 +184,95 @@ def provenance(planned: Planned, lockfile: LockFile, revision: str,
             "llm_api": llm_api(planned), "builder": f"trtllm-deploy {__version__}", **made}
 
 
-def build(planned: Planned, lockfile: LockFile, store: Path, cache_dir: Path | None = None,
-          progress=None, tool_cache: Path | None = None) -> Built:
-    """Fetch, make (assemble, quantize or build engines), write the YAML and the manifest, then
-    rename the artifact into place."""
+def hub_cache(head: Node) -> str:
+    """The head's Hugging Face Hub cache: ``hub/`` in its ``model_cache`` (what ``HF_HOME`` is to
+    huggingface_hub), so the Hub's own tools there find what was downloaded."""
+    return posixpath.join(head.paths.model_cache, "hub")
+
+
+def build(planned: Planned, lockfile: LockFile, head: Node, progress=None,
+          target: Target | None = None) -> Built:
+    """On the head: fetch into its Hub cache, make (assemble, quantize or build engines) in its
+    store, write the YAML and the manifest, then rename the artifact into place there. ``target``
+    reaches the head (default: a connection of its own, closed at the end)."""
+    own = target is None
+    target = target or connect(head)
+    try:
+        return _build(planned, lockfile, head, target, progress)
+    finally:
+        if own:
+            target.close()
+
+
+def _build(planned: Planned, lockfile: LockFile, head: Node, target: Target, progress) -> Built:
     started = time.monotonic()
     planned.fit.require()
     variant = planned.variant
     what = ("quantizing" if variant.quantize_from and planned.backend == "pytorch"
             else "building TensorRT engines")
-    image = convert.local_image(planned.image, needed_for=what if planned.in_image else None)
+    image = convert.head_image(target, planned.image, needed_for=what if planned.in_image else None)
     if planned.backend == "tensorrt" and lockfile.lock.source.trtllm_build is None \
             and not convert.has_trtllm_build(image):
         raise InputError(f"--backend tensorrt: the image {image.reference} has no trtllm-build (the "
                          "TensorRT-engine backend is gone from its TensorRT-LLM); use the PyTorch backend")
     revision = variant.revision or hub.resolve(variant.repo, "main")
     wanted = provenance(planned, lockfile, revision, image)
-    final = store / planned.name
-    current = _current(final, wanted)
+    home = target.home()
+    store = expand(head.paths.artifacts, home)
+    final = posixpath.join(store, planned.name)
+    agent = ship.HeadAgent(target)
+    current = _current(agent, final, wanted)
     if current is not None:
-        return Built(final, "up to date", revision, len(current["files"]), current["total_bytes"],
+        return Built(head, final, "up to date", revision, len(current["files"]), current["total_bytes"],
                      time.monotonic() - started)
-    snapshot = hub.fetch(variant.repo, revision, cache_dir=cache_dir, progress=progress)
-    store.mkdir(parents=True, exist_ok=True)
-    scratch = store / f".{planned.name}.partial-{_random.token_hex(4)}"
-    work = store / f".{planned.name}.work-{_random.token_hex(4)}"
-    log = store / ".logs" / f"{planned.name}.log"
+    snapshot = hub.fetch_on(target, hub_cache(head), variant.repo, revision, progress=progress)
+    scratch = posixpath.join(store, f".{planned.name}.partial-{_random.token_hex(4)}")
+    work = posixpath.join(store, f".{planned.name}.work-{_random.token_hex(4)}")
+    log = posixpath.join(store, ".logs", f"{planned.name}.log")
+    target.run(["mkdir", "-p", store], timeout=60)
     try:
         made = {}
         if planned.in_image:
             runner = convert.Runner(image, log, planned.ulimits)
-            tools = tool_cache or Path(os.path.expanduser("~/.cache/trtllm-deploy"))
             if planned.backend == "tensorrt":
                 made = convert.tensorrt_engines(snapshot, scratch, variant.precision, planned.tp,
                                                 planned.engine, lockfile, runner, work)
             else:
+                tools = posixpath.join(home, ".cache", "trtllm-deploy")
                 made = {"quantized": {"from": variant.quantize_from, "with": convert.quantize_inputs(
                     lockfile), "run": convert.quantize(snapshot, scratch, variant.precision, lockfile,
                                                        runner, tools)}}
-        else:
-            _assemble(snapshot, scratch)
-        (scratch / LLM_API_FILE).write_text(yaml.safe_dump(llm_api(planned), sort_keys=True))
-        made_manifest = manifest.create(scratch, wanted | made | {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        manifest.write(scratch, made_manifest)
-        _swap_into_place(scratch, final)
+        sealed = _ask(agent, "seal", order={
+            "scratch": scratch, "final": final, "snapshot": snapshot, "link": not planned.in_image,
+            "files": {LLM_API_FILE: yaml.safe_dump(llm_api(planned), sort_keys=True)},
+            "provenance": wanted | made | {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}})
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
+        target.run(["rm", "-rf", "--", scratch], timeout=600, check=False)
         raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return Built(final, "built", revision, len(made_manifest["files"]), made_manifest["total_bytes"],
+        target.run(["rm", "-rf", "--", work], timeout=600, check=False)
+    return Built(head, final, "built", revision, sealed["files"], sealed["total_bytes"],
                  time.monotonic() - started)
 
 
-def _current(final: Path, wanted: dict) -> dict | None:
-    """The artifact's manifest if it was made from the same inputs and still verifies."""
-    if not final.is_dir():
-        return None
-    try:
-        found = manifest.load(final)
-    except (manifest.ManifestError, OSError):
+def _ask(agent: ship.HeadAgent, verb: str, *args: str, order: dict | None = None) -> dict:
+    answer, _ = agent.run(verb, *args, order=order, timeout=VERIFY_TIMEOUT)
+    if not answer.get("ok"):
+        raise DeployError(f"{agent.target.name}: making the artifact failed: {answer.get('error')}")
+    return answer
+
+
+def _current(agent: ship.HeadAgent, final: str, wanted: dict) -> dict | None:
+    """The artifact's manifest if it was made from the same inputs and still verifies (checked on
+    the head, by its manifest.py)."""
+    answer = _ask(agent, "current", final)
+    found = answer.get("manifest")
+    if found is None:
         return None
     compared = [key for key in wanted if key not in NOT_COMPARED]
     recorded = found.get("provenance", {})
     same = all(_same(recorded.get(key), wanted[key]) for key in compared)
-    if not same or manifest.verify(final, found):
+    if not same or answer.get("problems"):
         return None
     return found
 
@@ -254,35 +283,3 @@ def _same(recorded, wanted) -> bool:
     if isinstance(recorded, dict) and isinstance(wanted, dict):
         return all(_same(recorded.get(key), value) for key, value in wanted.items())
     return recorded == wanted
-
-
-def _assemble(snapshot: Path, scratch: Path) -> None:
-    """The snapshot's files, hard-linked from the Hub cache's blobs where the filesystem allows
-    (no second copy of 100 GB of weights), copied otherwise."""
-    for source in sorted(snapshot.rglob("*")):
-        if source.is_dir():
-            continue
-        dest = scratch / source.relative_to(snapshot)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        blob = source.resolve()
-        try:
-            os.link(blob, dest)
-        except OSError:
-            shutil.copy2(blob, dest)
-
-
-def _swap_into_place(scratch: Path, final: Path) -> None:
-    """The new artifact takes the name in one rename; an old one is moved aside first and removed
-    after, so the name always holds a whole artifact or none."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{_random.token_hex(4)}")
-        os.rename(final, old)
-    try:
-        os.rename(scratch, final)
-    except BaseException:
-        if old is not None:
-            os.rename(old, final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

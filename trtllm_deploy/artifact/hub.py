@@ -1,31 +1,37 @@
-"""Checkpoints from the Hugging Face Hub, at a pinned revision, through ``huggingface_hub``.
+"""Checkpoints from the Hugging Face Hub, at a pinned revision, downloaded on the head.
 
 Only the files serving needs are fetched (weights as safetensors, configs, tokenizer); PyTorch
-``.bin`` duplicates and ``original/`` folders are not. Downloads go to the Hugging Face cache (so a
-checkpoint already there is reused) and resume where they stopped: huggingface_hub 2.4 restarts an
-interrupted file from its first byte (measured), so the file transfer is ours, with HTTP Range,
-while huggingface_hub lists the files, builds the URLs and the authentication headers.
-``HF_ENDPOINT`` is honoured, as huggingface_hub does. The token comes from ``HF_TOKEN`` or the
-token file ``hf auth login`` writes; it is passed in-process, never on a command line, and is
-masked in every message.
+``.bin`` duplicates and ``original/`` folders are not. This machine lists the files with
+``huggingface_hub`` (metadata: sizes, hashes, URLs, ``HF_ENDPOINT`` honoured); the head downloads
+them into its own Hugging Face cache with headagent.py (so a checkpoint already there is reused,
+and this machine needs no disk for it), resuming where they stopped with HTTP Range
+(huggingface_hub 2.4 restarts an interrupted file from its first byte, measured). The token comes
+from ``HF_TOKEN`` or the token file ``hf auth login`` writes; it reaches the head through the
+target's secret channel, never a command line, and is masked in every message.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
+import posixpath
 import re
 from pathlib import Path
 
-from trtllm_deploy import atomic, secrets
+from trtllm_deploy import secrets
+from trtllm_deploy.artifact import ship
 from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.hosts.local import Local
+from trtllm_deploy.hosts.targets import Target, expand
 
 SERVING_FILES = ("*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja",
                  "merges.txt", "vocab.txt", "*.model")
 NOT_FOR_SERVING = ("original/*", "*.bin", "*.pt", "*.pth", "*.gguf", "*.onnx", "*.h5", "*.msgpack",
                    "*.ot")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+GATED = ("{repo} is gated or private: accept its terms on the Hub with your account, then export "
+         "HF_TOKEN (or run `hf auth login`) and try again")
+FETCH_TIMEOUT = 24 * 3600.0  # a 100+ GB checkpoint over a slow link; the agent resumes if stopped
 
 
 def token() -> str | None:
@@ -45,8 +51,7 @@ def _explain(exc: Exception, repo: str, revision: str) -> DeployError:
 
     if isinstance(exc, errors.GatedRepoError) or getattr(getattr(exc, "response", None),
                                                           "status_code", None) == 401:
-        return DeployError(f"{repo} is gated or private: accept its terms on the Hub with your "
-                           "account, then export HF_TOKEN (or run `hf auth login`) and try again")
+        return DeployError(GATED.format(repo=repo))
     if isinstance(exc, errors.RevisionNotFoundError):
         return InputError(f"{repo} has no revision {revision}; check the model's pinned revision")
     if isinstance(exc, errors.RepositoryNotFoundError):
@@ -66,101 +71,64 @@ def resolve(repo: str, revision: str | None) -> str:
         raise _explain(exc, repo, revision or "main") from None
 
 
-def fetch(repo: str, revision: str, cache_dir: Path | None = None, max_workers: int = 4,
-          progress=None) -> Path:
-    """The snapshot folder of ``repo`` at commit ``revision`` with the files serving needs.
-
-    Files land in the Hugging Face cache layout (``blobs/<etag>``, ``snapshots/<sha>/<path>``), so
-    other Hub tools reuse them and a file already there costs nothing. Each file downloads into
-    ``blobs/<etag>.part`` and continues from there after an interruption (HTTP Range), is checked
-    against its size and, for LFS files, its sha256, and only then takes its name.
-    ``progress(path, done_bytes, total_bytes)`` follows each file.
-    """
+def listing(repo: str, revision: str) -> list[dict]:
+    """What the Hub lists of ``repo`` at commit ``revision`` for serving: each file's path, size,
+    LFS sha256 or git blob id, and its URL (``HF_ENDPOINT`` honoured). Metadata only: nothing is
+    downloaded here."""
     if not _SHA.match(revision):
         raise InputError(f"{repo}: revision {revision!r} is not a commit SHA; pin one (resolve it "
                          "with trtllm_deploy.artifact.hub.resolve) so the download is reproducible")
-    from concurrent.futures import ThreadPoolExecutor
+    from huggingface_hub import HfApi, hf_hub_url
 
-    from huggingface_hub import HfApi, constants
-
-    secret = token()
     try:
         entries = [entry for entry in HfApi().list_repo_tree(repo, revision=revision, recursive=True,
-                                                             token=secret)
+                                                             token=token())
                    if hasattr(entry, "size") and _wanted(entry.path)]
     except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one message
         raise _explain(exc, repo, revision) from None
     if not any(entry.path.endswith(".safetensors") for entry in entries):
         raise DeployError(f"{repo}@{revision[:12]} has no .safetensors weights; serving needs them")
-    root = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
-    snapshot = root / "snapshots" / revision
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hub") as pool:
-        futures = [pool.submit(_fetch_file, repo, revision, entry, root, snapshot, secret, progress)
-                   for entry in entries]
-        for future in futures:
-            future.result()
-    return snapshot
+    return [{"path": entry.path, "size": entry.size, "sha256": entry.lfs.sha256 if entry.lfs else None,
+             "blob_id": entry.blob_id, "url": hf_hub_url(repo, entry.path, revision=revision)}
+            for entry in entries]
+
+
+def repo_folder(cache: str, repo: str) -> str:
+    """The repository's folder in a Hub cache (``HF_HUB_CACHE``: a node's ``model_cache``/hub)."""
+    return posixpath.join(cache, f"models--{repo.replace('/', '--')}")
+
+
+def fetch_on(target: Target, cache: str, repo: str, revision: str, progress=None) -> str:
+    """The snapshot folder of ``repo`` at commit ``revision`` in the Hub cache ``cache`` of the host
+    ``target`` reaches (its path there), with the files serving needs, downloaded there.
+
+    This machine only lists the files; the host's agent (headagent.py) downloads them, the token
+    reaching it through the target's secret channel, never its command line. ``progress(path,
+    done_bytes, total_bytes)`` hears of each file done."""
+    entries = listing(repo, revision)
+    root = repo_folder(expand(cache, target.home()), repo)
+    secret = token()
+    answer, lines = ship.HeadAgent(target).run(
+        "fetch", order={"root": root, "revision": revision, "files": entries}, timeout=FETCH_TIMEOUT,
+        secrets={"HF_TOKEN": secret} if secret else None)
+    for seen in lines:
+        if progress and "file" in seen:
+            progress(seen["file"], seen["done"], seen["total"])
+    if not answer.get("ok"):
+        if answer.get("kind") == "auth":
+            raise DeployError(GATED.format(repo=repo))
+        raise DeployError(f"downloading {repo}@{revision[:12]} on {target.name} failed: "
+                          f"{secrets.redact(str(answer.get('error')))}")
+    return answer["snapshot"]
+
+
+def fetch(repo: str, revision: str, cache_dir: Path | None = None, progress=None) -> Path:
+    """:func:`fetch_on` this machine, into its own Hugging Face cache (or ``cache_dir``)."""
+    from huggingface_hub import constants
+
+    return Path(fetch_on(Local(), str(cache_dir or constants.HF_HUB_CACHE), repo, revision, progress))
 
 
 def _wanted(path: str) -> bool:
     return (any(fnmatch.fnmatch(path, pattern) for pattern in SERVING_FILES)
             and not any(fnmatch.fnmatch(path, pattern) for pattern in NOT_FOR_SERVING))
-
-
-def _fetch_file(repo: str, revision: str, entry, root: Path, snapshot: Path, secret: str | None,
-                progress) -> None:
-    from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    sha256 = entry.lfs.sha256 if entry.lfs else None
-    blob = root / "blobs" / (sha256 or entry.blob_id)
-    if not (blob.exists() and blob.stat().st_size == entry.size):
-        part = blob.with_name(blob.name + ".part")
-        digest = hashlib.sha256()
-        done = part.stat().st_size if part.exists() else 0
-        if done > entry.size:
-            part.unlink()
-            done = 0
-        if sha256 and done:
-            with open(part, "rb") as existing:
-                for chunk in iter(lambda: existing.read(1 << 20), b""):
-                    digest.update(chunk)
-        headers = build_hf_headers(token=secret)
-        if done:
-            headers["Range"] = f"bytes={done}-"
-        url = hf_hub_url(repo, entry.path, revision=revision)
-        try:
-            with get_session().stream("GET", url, headers=headers, follow_redirects=True,
-                                      timeout=60) as answer:
-                if answer.status_code == 200 and done:  # the server ignored the Range: start over
-                    done, digest = 0, hashlib.sha256()
-                    mode = "wb"
-                elif answer.status_code in (200, 206):
-                    mode = "ab" if done else "wb"
-                else:
-                    answer.read()
-                    answer.raise_for_status()
-                with open(part, mode) as sink:
-                    for chunk in answer.iter_bytes(1 << 20):
-                        sink.write(chunk)
-                        digest.update(chunk)
-                        done += len(chunk)
-                        if progress:
-                            progress(entry.path, done, entry.size)
-        except Exception as exc:  # noqa: BLE001 - every Hub failure becomes one message
-            raise _explain(exc, repo, revision) from None
-        if done != entry.size:
-            raise DeployError(f"{repo}: {entry.path} ended at {done} of {entry.size} bytes; run "
-                              "again to continue the download")
-        if sha256 and digest.hexdigest() != sha256:
-            part.unlink()
-            raise DeployError(f"{repo}: {entry.path} does not match the sha256 the Hub lists "
-                              f"({sha256[:12]}…); it was removed, run again to fetch it anew")
-        os.replace(part, blob)
-    link = snapshot / entry.path
-    link.parent.mkdir(parents=True, exist_ok=True)
-    target = os.path.relpath(blob, link.parent)
-    if not (link.is_symlink() and os.readlink(link) == target):
-        with atomic.replacing(link) as temporary:
-            temporary.symlink_to(target)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from invoke import Collection, Context, task
 from invoke.exceptions import Exit
@@ -127,16 +126,16 @@ def plan(c: Context, model: str = "", precision: str = "", tp: int = 0, backend:
     planned.fit.require()
 
 
-@task(help=BUILD_HELP | {"store": "where artifacts are made (default: engines/)"})
+@task(help=BUILD_HELP)
 @user_errors
 def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend: str = "pytorch",
           kv_gb: float = 0.0, quantize: bool = False, image: str = "", max_batch_size: int = 0,
-          max_input_len: int = 0, max_seq_len: int = 0, models_file: str = "", store: str = "engines",
+          max_input_len: int = 0, max_seq_len: int = 0, models_file: str = "",
           hosts: str = "hosts.toml", lock: str = "requirements/tensorrt-llm.lock.toml",
           json: bool = False) -> None:
-    """Make the deployable artifact: checkpoint at its pinned revision (quantized, or TensorRT
-    engines, when asked), LLM-API YAML, manifest."""
-    _, lockfile, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb,
+    """Make the deployable artifact on the head, in its store (paths.artifacts): checkpoint at its
+    pinned revision (quantized, or TensorRT engines, when asked), LLM-API YAML, manifest."""
+    cluster, lockfile, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb,
                                     quantize, image, (max_batch_size, max_input_len, max_seq_len))
     if not json:
         _show_fit(planned)
@@ -144,19 +143,22 @@ def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console.err, transient=True) as bar:
         tasks: dict[str, int] = {}
+        # The head downloads and reports each file when it is done; until then, this says where.
+        bar.add_task(f"{planned.variant.repo} on {cluster.head.name}", total=None)
 
         def follow(path: str, done: int, total: int) -> None:
             if path not in tasks:
                 tasks[path] = bar.add_task(path, total=total)
             bar.update(tasks[path], completed=done)
 
-        with console.err.status(f"making {planned.name} in {planned.image}…") if planned.in_image \
-                else contextlib.nullcontext():
-            built = artifact.build(planned, lockfile, Path(store), progress=follow)
+        with console.err.status(f"making {planned.name} in {planned.image} on {cluster.head.name}…") \
+                if planned.in_image else contextlib.nullcontext():
+            built = artifact.build(planned, lockfile, cluster.head, progress=follow)
     if json:
         console.print_json(planned.as_json() | built.as_json())
         return
-    console.out.print(f"{built.action}: {built.path} ({built.files} files, {console.size(built.bytes)}, "
+    console.out.print(f"{built.action}: {built.node.name}:{built.path} ({built.files} files, "
+                      f"{console.size(built.bytes)}, "
                       f"{planned.variant.repo}@{built.revision[:12]}) in {built.seconds:.1f} s",
                       soft_wrap=True)
 

@@ -20,7 +20,8 @@ from trtllm_deploy.source import lock as locks
     "artifact_dir": "an artifact folder made by engine.build (default: the --model one in --store)",
     "model": "the model whose artifact to serve (default: llama-8b, the small preset)",
     "precision": "its precision (default: the model's default)",
-    "store": "where engine.build made it (default: engines/)",
+    "store": "a folder of artifacts on this machine (default: the head's paths.artifacts, where "
+             "engine.build makes them, when the head is this machine)",
     "port": "the port to serve on (default: 8355)",
     "stall_s": "give up when the runtime's log has not moved for this long (default: 120)",
     "min_rate": "the least tokens/s the answer must come at (default: 1)",
@@ -29,7 +30,7 @@ from trtllm_deploy.source import lock as locks
 })
 @user_errors
 def smoke(c: Context, artifact_dir: str = "", model: str = "llama-8b", precision: str = "",
-          store: str = "engines", port: int = 8355, stall_s: float = 120.0, min_rate: float = 1.0,
+          store: str = "", port: int = 8355, stall_s: float = 120.0, min_rate: float = 1.0,
           models_file: str = "", hosts: str = "hosts.toml",
           lock: str = "requirements/tensorrt-llm.lock.toml", json: bool = False) -> None:
     """Serve the small preset on the head node, ask it one question, check the answer, stop."""
@@ -40,7 +41,10 @@ def smoke(c: Context, artifact_dir: str = "", model: str = "llama-8b", precision
     else:
         request = artifact.Request(model, precision or None, 1)
         planned = artifact.plan(cluster, lockfile, models.load(models_file or None), request)
-        folder = Path(store) / planned.name
+        if not store and cluster.head.connection != "local":
+            raise Exit(f"engine.build made {planned.name} on {cluster.head.name}; smoke serves an "
+                       "artifact from this machine: pass --artifact-dir (or run smoke on the head)", code=2)
+        folder = Path(store or cluster.head.paths.artifacts).expanduser() / planned.name
     if not folder.is_dir():
         raise Exit(f"no artifact at {folder}: make it with `invoke engine.build --model {model}`", code=2)
     with console.err.status(f"smoke test on {cluster.head.name}…"):

@@ -192,12 +192,15 @@ def _engine(cluster, lockfile, catalog, request, state, say) -> Phase:
                                              image=request.image))
     planned.fit.require()
     state["tp"] = planned.tp
-    state["artifact"] = Path(request.store) / planned.name
+    # engine.build makes it in the head's store (paths.artifacts); push sends it from there.
+    state["artifact_node"] = cluster.head
+    state["artifact"] = Path(cluster.head.paths.artifacts).expanduser() / planned.name
     if request.dry_run:
-        return Phase("engine", "would make", f"{planned.name} unless it is up to date "
-                                             f"({planned.fit.sentence})")
-    say(f"making {planned.name}")
-    built = artifact.build(planned, lockfile, Path(request.store))
+        return Phase("engine", "would make", f"{planned.name} on {cluster.head.name} unless it is up "
+                                             f"to date ({planned.fit.sentence})")
+    say(f"making {planned.name} on {cluster.head.name}")
+    built = artifact.build(planned, lockfile, cluster.head)
+    state["artifact"] = Path(built.path)
     return Phase("engine", "up to date" if built.action == "up to date" else "done",
                  f"{planned.name}: {built.action} ({built.files} files)")
 
