@@ -202,6 +202,16 @@ def route_of(plans: GroupResult[NodePlan], src: Source, route: str | None = None
     return chain.describe(src.label, needing(plans), pick_route(plans, route))
 
 
+def expected_bytes(plans: GroupResult[NodePlan], route: str | None = None) -> dict[str, int]:
+    """What each node's link will carry (for a progress bar): along a chain every node receives
+    what any node still needs, in a star its own difference."""
+    if pick_route(plans, route) == "star":
+        return {o.node.name: o.value.artifact.send_bytes for o in plans if o.ok and o.value.artifact}
+    union = sum(r["length"] for r in chain.records(
+        [o.value.artifact for o in plans if o.ok and o.value.artifact]))
+    return {name: union for name in needing(plans)}
+
+
 def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None = None,
          reach: Callable[[Node], Target] = connect, transport: str = "ssh",
          streams: int = files.STREAMS, route: str | None = None,
