@@ -595,10 +595,12 @@ def _tunnel(argv: list) -> tuple:
 
 
 def _stop_tunnel(tunnel) -> None:
-    if tunnel is not None and tunnel.poll() is None:
+    if tunnel is None:
+        return
+    if tunnel.poll() is None:
         tunnel.kill()
-    if tunnel is not None:
-        tunnel.communicate()
+    tunnel.wait()
+    tunnel.stderr.close()
 
 
 def _downstream(to: dict, token: bytes, count: int) -> tuple:
@@ -618,7 +620,7 @@ def _downstream(to: dict, token: bytes, count: int) -> tuple:
                 sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
             except OSError as exc:
                 if tunnel is not None and tunnel.poll() is not None:
-                    said = tunnel.communicate()[1].decode(errors="replace").strip()[-300:]
+                    said = tunnel.stderr.read().decode(errors="replace").strip()[-300:]
                     raise Refused("forward", f"the tunnel to the next node exited: {said}") from None
                 if time.monotonic() > deadline:
                     raise Refused("forward", f"cannot reach the next node at {address}:{port}: "

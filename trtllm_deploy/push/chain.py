@@ -223,7 +223,14 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
     if "error" in answers and not any(m.report and m.report.get("ok") for m in members):
         for m in members:
             m.error = m.error or answers["error"]
-    return answers.get("report", {})
+    said = answers.get("report", {})
+    if sender and not said.get("ok"):
+        # A node cut off at the start says only that nothing came: the sender says why.
+        why = said.get("error") or answers.get("error") or "it ended without a report"
+        for m in members:
+            if m.report and not m.report.get("ok"):
+                m.report["error"] = f"{m.report.get('error')} (the sender on {origin.label}: {why})"
+    return said
 
 
 def _failure(node: Node, name: str, report: dict) -> CheckFailed:
