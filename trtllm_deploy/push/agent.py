@@ -49,6 +49,7 @@ import importlib.util
 import json
 import os
 import queue
+import select
 import shutil
 import socket
 import subprocess
@@ -559,8 +560,9 @@ def _chained(mf, header: dict, control, listen: str, token: bytes, staging: str,
                 forwards = [Forward(sock, timeout) for sock in sockets]
             except Refused as exc:
                 forward = {"forward_error": str(exc)}  # this node still receives for itself
+                say(forward)  # at once: the controller tells the next node to stop waiting
         tick = Ticker("got") if header.get("progress") else None
-        connections = _accept(server, token, count)
+        connections = _accept(server, token, count, control)
         parts = _fabric_streams(connections, staging, files, mf.CHUNK_BYTES, need, forwards, tick)
         if tick:
             tick.flush()
@@ -694,8 +696,10 @@ def _fabric_streams(connections: list, staging: str, files: dict, chunk_bytes: i
     return reports
 
 
-def _accept(server, token: bytes, count: int) -> list:
-    """``count`` connections to ``server`` that each present ``token``; others are closed unread."""
+def _accept(server, token: bytes, count: int, control=None) -> list:
+    """``count`` connections to ``server`` that each present ``token``; others are closed unread.
+    A line on ``control`` meanwhile (``{"stop": why}``: the node before this one cannot reach it)
+    ends the wait at once."""
     address, port = server.getsockname()[:2]
     deadline = time.monotonic() + ACCEPT_TIMEOUT
     accepted: list = []
@@ -706,6 +710,18 @@ def _accept(server, token: bytes, count: int) -> list:
                 conn.close()
             raise Refused("transport", f"no connection with the token reached {address}:{port} "
                                        f"within {ACCEPT_TIMEOUT:g} s; is a firewall in the way?")
+        ready = select.select([server, *([control] if control else [])], [], [], left)[0]
+        if control is not None and control in ready:
+            line = control.readline(1 << 16)
+            if not line:
+                control = None  # its input ended (as today's fabric push ends it): wait on
+                continue
+            why = json.loads(line).get("stop")
+            for conn, _ in accepted:
+                conn.close()
+            raise Refused("transport", f"nothing will come to {address}:{port}: {why}")
+        if server not in ready:
+            continue
         server.settimeout(left)
         try:
             conn, _ = server.accept()

@@ -97,6 +97,7 @@ class Member:
     channel: Channel | None = None
     port: int = 0
     way: str = ""
+    forward_failed: str | None = None  # this node could not reach the next one
     report: dict | None = None
     error: BaseException | None = None
 
@@ -135,20 +136,38 @@ def _secret_then(ch: Channel, secret: bytes, line: dict) -> None:
     ch.write(json.dumps(line, sort_keys=True).encode() + b"\n")
 
 
-def _read(ch: Channel, key: str, progress: Callable[[int], None] | None) -> tuple[dict, tuple]:
-    """An agent's lines to its end: progress lines counted, the last one its report."""
+def _read(ch: Channel, key: str, progress: Callable[[int], None] | None,
+          said_early: Callable[[dict], None] | None = None) -> tuple[dict, tuple]:
+    """An agent's lines to its end: progress lines counted, a forwarding failure passed on at
+    once, the last line its report."""
     report: dict = {}
     for raw in ch.proc.stdout:
         try:
             said = json.loads(raw)
         except ValueError:
             continue
-        if isinstance(said, dict) and set(said) == {key}:
+        if not isinstance(said, dict):
+            continue
+        if set(said) == {key}:
             if progress:
                 progress(int(said[key]))
-        elif isinstance(said, dict):
+        elif set(said) == {"forward_error"}:
+            if said_early:
+                said_early(said)
+        else:
             report = said
     return report, ch.finish(timeout=files.SURVEY_TIMEOUT)
+
+
+def _stop_waiting(live: list[Member], after: Member | None, why: str) -> None:
+    """The node after ``after`` (the first with None) waits for a connection that will not come:
+    tell it so, so that it ends now and is asked again in the next round."""
+    index = live.index(after) + 1 if after else 0
+    if index < len(live):
+        try:
+            live[index].channel.write(json.dumps({"stop": why}).encode() + b"\n")
+        except OSError:
+            pass  # it has ended already
 
 
 def run(origin: Origin, source: Target, members: list[Member], wanted: dict, name: str, *,
@@ -190,14 +209,19 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
     sender = None
     answers: dict = {}
     if live:
-        sender = Channel(source, files.Scripts(source).command("send", origin.root, name))
+        sender = Channel(source, files.Scripts(source).ensure().command("send", origin.root, name))
         _secret_then(sender, secret, {"steps": sent, "streams": count, **extra,
                                       "to": _to(live[0].way, origin.node, live[0])})
 
     def gather(m: Member) -> None:
         tick = (lambda n: progress(m.node.name, n)) if progress else None
+
+        def cut_off(said: dict) -> None:
+            m.forward_failed = str(said["forward_error"])
+            _stop_waiting(live, m, f"{m.node.name} cannot reach it: {m.forward_failed}")
+
         try:
-            report, (code, out, err) = _read(m.channel, "got", tick)
+            report, (code, out, err) = _read(m.channel, "got", tick, cut_off)
             if code == files.MISSING_SCRIPTS:
                 raise TargetError(m.node.name, "the push agent disappeared from the node")
             if "ok" not in report:
@@ -212,6 +236,9 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
             answers["report"], answers["done"] = _read(sender, "sent", None)
         except BaseException as exc:  # noqa: B036 - the members' reports say what it did
             answers["error"] = exc
+        if not answers.get("report", {}).get("ok"):
+            why = answers.get("report", {}).get("error") or answers.get("error")
+            _stop_waiting(live, None, f"the sender on {origin.label} stopped: {why}")
 
     threads = [threading.Thread(target=gather, args=(m,), daemon=True) for m in members]
     if sender:
@@ -231,6 +258,16 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
             if m.report and not m.report.get("ok"):
                 m.report["error"] = f"{m.report.get('error')} (the sender on {origin.label}: {why})"
     return said
+
+
+def _run_or_fail(origin: Origin, source: Target, members: list[Member], *args, **kwargs) -> None:
+    """:func:`run` in a thread of its own: what stops it is every unfinished member's error."""
+    try:
+        run(origin, source, members, *args, **kwargs)
+    except BaseException as exc:  # noqa: B036 - reported per node; Ctrl-C reaches the main thread
+        for m in members:
+            if m.report is None and m.error is None:
+                m.error = exc
 
 
 def _failure(node: Node, name: str, report: dict) -> CheckFailed:
@@ -299,10 +336,10 @@ def push(origin: Origin, source: Target, wanted: dict, name: str,
                     tally[node.name].resumed |= (planned.count("resume") + planned.count("staged")) > 0
                     tally[node.name].exists |= planned.exists
             runs = [[members[n] for n in chain if n in members] for chain in chains]
-            workers = [threading.Thread(target=run, daemon=True, args=(origin, source, chain, wanted,
-                                        name), kwargs={"streams": streams, "fabric": fabric,
-                                                       "progress": progress,
-                                                       "forward_timeout": forward_timeout})
+            workers = [threading.Thread(target=_run_or_fail, daemon=True, args=(origin, source, chain,
+                                        wanted, name), kwargs={"streams": streams, "fabric": fabric,
+                                                               "progress": progress,
+                                                               "forward_timeout": forward_timeout})
                        for chain in runs if chain]
             for worker in workers:
                 worker.start()
@@ -312,6 +349,8 @@ def push(origin: Origin, source: Target, wanted: dict, name: str,
             for target in opened:
                 target.close()
         pending = []
+        if any(m.forward_failed for chain in runs for m in chain):
+            route = "star"  # some node cannot reach the next: the rest straight from the source
         for chain in runs:
             for index, m in enumerate(chain):
                 count = tally[m.node.name]

@@ -167,6 +167,14 @@ class Scripts:
         """The agent's command line, for a channel that streams into it."""
         return RUN_AGENT.argv(self.args(verb, artifacts, name, listen))
 
+    def ensure(self) -> Scripts:
+        """Both on the target, sent if not (for a command that is not asked through :func:`ask`)."""
+        found = self.target.run(["test", "-f", self.remote["manifest"], "-a", "-f", self.remote["agent"]],
+                                timeout=60, check=False)
+        if not found.ok:
+            self.send()
+        return self
+
     def send(self) -> None:
         self.target.run(["mkdir", "-p", "-m", "700", self.directory], timeout=60)
         for key, path in self.local.items():
