@@ -234,6 +234,30 @@ def test_over_fabric_hops_each_node_writes_only_what_it_lacks(bed, tmp_path):
     assert verified(cluster, name, EVERY) == {n: True for n in EVERY}
 
 
+@needs_docker
+def test_a_node_that_cannot_reach_the_next_hands_the_rest_to_the_source(bed, tmp_path):
+    """spark-3 has lost its key (ssh.setup not run there): it takes its own copy, spark-4 is told at
+    once that nothing will come, and spark-4 and spark-5 get the artifact straight from the head
+    in a second round, well before any 30 s wait for a connection."""
+    name = "chain-cut"
+    in_head_store(bed, tmp_path, name, {"a.engine": 3 * MiB, "b.json": 100})
+    cluster = bed.inventory()
+    src = pushing.source_on(cluster.head, name)
+    node_sh(bed, 3, "mv ~/.ssh/id_ed25519 ~/.ssh/id_ed25519.aside")
+    try:
+        started = time.monotonic()
+        result = pushing.push(cluster.nodes, src)
+        took = time.monotonic() - started
+    finally:
+        node_sh(bed, 3, "mv ~/.ssh/id_ed25519.aside ~/.ssh/id_ed25519")
+    assert not result.failed, result.summary()
+    assert {n: result[n].value.received_from for n in WORKERS} == {
+        "spark-2": "spark-1", "spark-3": "spark-2", "spark-4": "spark-1", "spark-5": "spark-1"}
+    assert result["spark-4"].value.artifact.attempts == 2
+    assert took < 25, took
+    assert verified(cluster, name, EVERY) == {n: True for n in EVERY}
+
+
 def _host_pid(bed, index: int, name: str) -> int:
     """This machine's id of the receiving agent on node ``index`` (its container's process)."""
     top = subprocess.run(["docker", "top", bed.layout.container(index), "-eo", "pid,args"],

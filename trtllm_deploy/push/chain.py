@@ -230,6 +230,10 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
             m.report = report
         except BaseException as exc:  # noqa: B036 - kept for this node's outcome
             m.error = exc
+        if m.error is not None or not m.report.get("ok"):
+            # The next node may still wait for this one's connection (a node cut off at the
+            # start passes nothing on): it need not wait out its timeout.
+            _stop_waiting(live, m, f"{m.node.name} stopped: {m.error or m.report.get('error')}")
 
     def gather_sender() -> None:
         try:
