@@ -213,6 +213,14 @@ def test_over_fabric_hops_each_node_writes_only_what_it_lacks(bed, tmp_path):
     manifest.write(root, manifest.create(root, {"model": name}))
     copied_to_head(bed, root)
     src = pushing.source_on(cluster.head, name)
+    # spark-5 was cut off earlier 5 MiB into shard-0: it skips those bytes of the stream the others
+    # need from the start, and writes on from there.
+    prefix = tmp_path / "prefix"
+    prefix.write_bytes((root / "shard-0").read_bytes()[:5 * MiB])
+    node_sh(bed, 5, f"mkdir -p {STORE}/.{name}.push")
+    subprocess.run(["docker", "cp", str(prefix), f"{bed.layout.container(5)}:{STORE}/.{name}.push/shard-0"],
+                   check=True, timeout=60)
+    node_sh(bed, 5, f"chown -R spark {STORE}/.{name}.push", user="root")
 
     for index in range(1, 6):
         node_sh(bed, index, "mv ~/.ssh/id_ed25519 ~/.ssh/id_ed25519.aside")
@@ -230,6 +238,8 @@ def test_over_fabric_hops_each_node_writes_only_what_it_lacks(bed, tmp_path):
     assert result["spark-4"].value.artifact.files_sent == 1  # the one it lacked
     assert result["spark-4"].value.artifact.bytes_skipped == 2 * 17 * MiB
     assert result["spark-3"].value.artifact.files_sent == 3
+    assert result["spark-5"].value.artifact.action == "resumed"
+    assert result["spark-5"].value.artifact.bytes_skipped == 5 * MiB
     assert node_sh(bed, 4, f"stat -c %i {STORE}/{name}/shard-0") == inode  # kept, not rewritten
     assert verified(cluster, name, EVERY) == {n: True for n in EVERY}
 

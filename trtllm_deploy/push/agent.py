@@ -27,9 +27,11 @@ on each record it receives, the same bytes, to the next node while writing its o
 header says ``"forward": true`` and, once every node of the chain listens, one more line on the SSH
 channel says where the next one is (``{"to": {"address" | "tunnel", "port"}}``: plain TCP to a
 fabric address, or through ``ssh -L`` to the next node's loopback). Stream i of a hop goes on as
-stream i of the next. The header's ``need`` (file → offset) says what this node lacks: bytes before
-that offset and files it does not list are passed on, not written. A next node that stops reading
-ends the forwarding only (reported as ``"forward"``); this node goes on receiving for itself.
+stream i of the next. A ``{"stop": why}`` line while a node waits for its upstream's connections
+ends the wait (the node before it could not reach it). The header's ``need`` (file → offset) says
+what this node lacks: bytes before that offset and files it does not list are passed on, not
+written. A next node that stops reading ends the forwarding only (reported as ``"forward"``);
+this node goes on receiving for itself.
 
 ``python3 agent.py send MANIFEST_PY ROOT NAME`` is the chain's first sender, on the node (or this
 machine) whose ``ROOT/NAME`` holds the artifact: the token and a header (the records to send, the

@@ -162,6 +162,8 @@ def _read(ch: Channel, key: str, progress: Callable[[int], None] | None,
 def _stop_waiting(live: list[Member], after: Member | None, why: str) -> None:
     """The node after ``after`` (the first with None) waits for a connection that will not come:
     tell it so, so that it ends now and is asked again in the next round."""
+    if after is not None and after not in live:
+        return  # it never listened, so it was never anyone's upstream
     index = live.index(after) + 1 if after else 0
     if index < len(live):
         try:
@@ -237,7 +239,10 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
 
     def gather_sender() -> None:
         try:
-            answers["report"], answers["done"] = _read(sender, "sent", None)
+            answers["report"], (code, _, err) = _read(sender, "sent", None)
+            if "ok" not in answers["report"]:
+                detail = " ".join(err.strip().splitlines()[-2:]) or f"exit status {code}"
+                answers["report"] = {"ok": False, "error": f"it ended without a report ({detail})"}
         except BaseException as exc:  # noqa: B036 - the members' reports say what it did
             answers["error"] = exc
         if not answers.get("report", {}).get("ok"):
@@ -257,7 +262,7 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
     said = answers.get("report", {})
     if sender and not said.get("ok"):
         # A node cut off at the start says only that nothing came: the sender says why.
-        why = said.get("error") or answers.get("error") or "it ended without a report"
+        why = said.get("error") or answers.get("error")
         for m in members:
             if m.report and not m.report.get("ok"):
                 m.report["error"] = f"{m.report.get('error')} (the sender on {origin.label}: {why})"
