@@ -95,6 +95,19 @@ def test_a_bad_route_is_bad_input():
         pushing.check_route("ring")
 
 
+def test_bad_from_and_route_exit_2_before_any_node_is_touched(tmp_path):
+    hosts = tmp_path / "hosts.toml"  # addresses no test reaches: nothing may be contacted
+    hosts.write_text('[[nodes]]\nname = "spark-1"\naddress = "192.0.2.1"\nrole = "head"\n'
+                     '[[nodes]]\nname = "spark-2"\naddress = "192.0.2.2"\n')
+    for args, words in [(("--from", "spark-9", "--name", "x"), "no node named 'spark-9'"),
+                        (("--from", "head"), "--from NODE: give --name"),
+                        (("--from", "head", "--name", "../x"), "not valid"),
+                        (("--name", "x", "--route", "ring"), "--route 'ring'")]:
+        done = run_push("--hosts", str(hosts), *args, timeout=60)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert words in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+
+
 # --- on a testbed of five nodes -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
