@@ -209,6 +209,33 @@ def test_from_the_head_along_a_chain_of_ssh_tunnels_then_nothing(bed, tmp_path):
 
 
 @needs_docker
+def test_from_this_machine_along_a_chain_and_from_the_head_as_a_star(bed, tmp_path):
+    """The two baselines the fan-out benchmark compares: a folder here sent along the chain (this
+    machine's link carries it once), and the head's store sent to each worker straight."""
+    cluster = bed.inventory()
+    local = tmp_path / "here"
+    root = local / "chain-here"
+    root.mkdir(parents=True)
+    (root / "w.engine").write_bytes(os.urandom(3 * MiB))
+    manifest.write(root, manifest.create(root, {"model": "chain-here"}))
+    result = pushing.push(cluster.nodes, pushing.source(local, "chain-here"), route="chain")
+    assert not result.failed, result.summary()
+    assert [result[n].value.received_from for n in EVERY] == ["this machine", *EVERY[:-1]]
+    assert verified(cluster, "chain-here", EVERY) == {n: True for n in EVERY}
+
+    in_head_store(bed, tmp_path, "chain-star", {"w.engine": 3 * MiB})
+    args = ("--from", "head", "--name", "chain-star", "--hosts", str(bed.layout.hosts_file),
+            "--route", "star")
+    plan = json.loads(run_push(*args, "--dry-run", "--json").stdout)
+    assert plan["route"] == "spark-1 → spark-2, spark-3, spark-4, spark-5"
+    done = run_push(*args, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert all(report["nodes"][w]["received_from"] == "spark-1" for w in WORKERS)
+    assert verified(cluster, "chain-star", EVERY) == {n: True for n in EVERY}
+
+
+@needs_docker
 def test_over_fabric_hops_each_node_writes_only_what_it_lacks(bed, tmp_path):
     """Fabric addresses set: every hop is plain TCP, so the nodes need no SSH to each other (their
     keys are moved away to prove it). spark-4 has the previous version: it passes on every byte
