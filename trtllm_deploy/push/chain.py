@@ -97,6 +97,7 @@ class Member:
     channel: Channel | None = None
     port: int = 0
     way: str = ""
+    got: int = 0  # bytes it said it received, as it went (a failed receive has no total)
     forward_failed: str | None = None  # this node could not reach the next one
     report: dict | None = None
     error: BaseException | None = None
@@ -216,7 +217,10 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
                                       "to": _to(live[0].way, origin.node, live[0])})
 
     def gather(m: Member) -> None:
-        tick = (lambda n: progress(m.node.name, n)) if progress else None
+        def tick(count: int) -> None:
+            m.got += count
+            if progress:
+                progress(m.node.name, count)
 
         def cut_off(said: dict) -> None:
             m.forward_failed = str(said["forward_error"])
@@ -365,7 +369,7 @@ def push(origin: Origin, source: Target, wanted: dict, name: str,
                 count = tally[m.node.name]
                 count.rounds += 1
                 report = m.report or {}
-                count.sent += int(report.get("received", 0))
+                count.sent += int(report.get("received", m.got))
                 count.files += int(report.get("written", 0))
                 if m.error is not None:
                     outcome[m.node.name] = m.error
