@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from trtllm_deploy import console
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import hop
 from trtllm_deploy.hosts.inventory import Node
@@ -387,10 +386,3 @@ def push(origin: Origin, source: Target, wanted: dict, name: str,
                     outcome[m.node.name] = _failure(m.node, name, report)
     return outcome
 
-
-def summary(report: dict) -> str:
-    """A receive's forwarding, in words (for a failure message)."""
-    forward = report.get("forward") or {}
-    if forward.get("ok", True):
-        return ""
-    return f"; {forward.get('error')} ({console.size(forward.get('sent', 0))} passed on)"
