@@ -308,6 +308,26 @@ def test_a_node_that_cannot_reach_the_next_hands_the_rest_to_the_source(bed, tmp
     assert verified(cluster, name, EVERY) == {n: True for n in EVERY}
 
 
+@needs_docker
+def test_a_node_that_cannot_start_receiving_is_left_out_of_the_chain(bed, tmp_path):
+    """spark-3's store is where it may not write: its receive refuses at once, and spark-2 passes
+    the artifact straight on to spark-4 in the same chain."""
+    name = "chain-skip"
+    in_head_store(bed, tmp_path, name, {"w.engine": 2 * MiB})
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(bed.layout.hosts_file.read_text().replace(
+        'name = "spark-3"', 'name = "spark-3"\npaths = { artifacts = "/etc/trtllm-nope/engines" }'))
+    cluster = inventory.load(hosts)
+    result = pushing.push(cluster.nodes, pushing.source_on(cluster.head, name))
+    assert [o.node.name for o in result.failed] == ["spark-3"], result.summary()
+    assert "Permission denied" in result["spark-3"].reason
+    assert {n: result[n].value.received_from for n in ("spark-2", "spark-4", "spark-5")} == {
+        "spark-2": "spark-1", "spark-4": "spark-2", "spark-5": "spark-4"}
+    assert all(result[n].value.artifact.attempts == 1 for n in ("spark-2", "spark-4", "spark-5"))
+    assert verified(cluster, name, ("spark-2", "spark-4", "spark-5")) == {
+        n: True for n in ("spark-2", "spark-4", "spark-5")}
+
+
 def _host_pid(bed, index: int, name: str) -> int:
     """This machine's id of the receiving agent on node ``index`` (its container's process)."""
     top = subprocess.run(["docker", "top", bed.layout.container(index), "-eo", "pid,args"],

@@ -96,6 +96,7 @@ class Member:
     channel: Channel | None = None
     port: int = 0
     way: str = ""
+    upstream: str = ""  # the node (or "this machine") its bytes came from
     got: int = 0  # bytes it said it received, as it went (a failed receive has no total)
     forward_failed: str | None = None  # this node could not reach the next one
     report: dict | None = None
@@ -196,9 +197,14 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
         except OSError:
             pass  # it stopped at once: its report says why
     for m in members:
-        m.port = int(m.channel.answer().get("port", 0))
+        said = m.channel.answer()
+        m.port = int(said.get("port", 0))
+        if "ok" in said:
+            m.report = said  # it refused before listening: that line is its report
     # Each node learns where the next one listens; one that did not start is routed around.
     live = [m for m in members if m.port]
+    for before, m in zip([None, *live[:-1]], live, strict=True):
+        m.upstream = before.node.name if before else origin.label
     for index, m in enumerate(live):
         if m is members[-1]:
             continue  # the last of the chain was told to forward nothing
@@ -227,6 +233,7 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
 
         try:
             report, (code, out, err) = _read(m.channel, "got", tick, cut_off)
+            report = report or m.report or {}
             if code == files.MISSING_SCRIPTS:
                 raise TargetError(m.node.name, "the push agent disappeared from the node")
             if "ok" not in report:
@@ -364,7 +371,7 @@ def push(origin: Origin, source: Target, wanted: dict, name: str,
         if any(m.forward_failed for chain in runs for m in chain):
             route = "star"  # some node cannot reach the next: the rest straight from the source
         for chain in runs:
-            for index, m in enumerate(chain):
+            for m in chain:
                 count = tally[m.node.name]
                 count.rounds += 1
                 report = m.report or {}
@@ -373,13 +380,12 @@ def push(origin: Origin, source: Target, wanted: dict, name: str,
                 if m.error is not None:
                     outcome[m.node.name] = m.error
                 elif report.get("ok"):
-                    upstream = chain[index - 1].node.name if index else origin.label
                     action = ("resumed" if count.resumed else "updated" if count.exists else "sent")
                     outcome[m.node.name] = (files.ArtifactSent(
                         name, action, count.sent, max(0, m.planned.total_bytes - m.planned.send_bytes),
                         count.files, time.monotonic() - started, bool(report.get("atomic")),
                         count.rounds, float(report.get("verify", {}).get("seconds", 0.0)),
-                        int(report.get("streams", 1))), upstream)
+                        int(report.get("streams", 1))), m.upstream)
                 elif report.get("kind") in AGAIN and round_ < rounds:
                     pending.append((m.node, None))  # asked again: it continues where it stopped
                 else:
