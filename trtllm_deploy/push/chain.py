@@ -167,10 +167,7 @@ def _stop_waiting(live: list[Member], after: Member | None, why: str) -> None:
         return  # it never listened, so it was never anyone's upstream
     index = live.index(after) + 1 if after else 0
     if index < len(live):
-        try:
-            live[index].channel.write(json.dumps({"stop": why}).encode() + b"\n")
-        except OSError:
-            pass  # it has ended already
+        live[index].channel.tell(json.dumps({"stop": why}).encode() + b"\n")  # unless it ended
 
 
 def run(origin: Origin, source: Target, members: list[Member], wanted: dict, name: str, *,
@@ -209,11 +206,9 @@ def run(origin: Origin, source: Target, members: list[Member], wanted: dict, nam
         if m is members[-1]:
             continue  # the last of the chain was told to forward nothing
         after = live[index + 1] if index + 1 < len(live) else None
-        try:
-            m.channel.write(json.dumps({"to": _to(after.way, m.node, after) if after else None})
-                            .encode() + b"\n")
-        except OSError:
-            pass  # its report says why it stopped
+        # Unless it has stopped already: then its report says why.
+        m.channel.tell(json.dumps({"to": _to(after.way, m.node, after) if after else None}).encode()
+                       + b"\n")
     sender = None
     answers: dict = {}
     if live:
