@@ -8,6 +8,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from trtllm_deploy import console
 from trtllm_deploy import push as pushing
+from trtllm_deploy.errors import InputError
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
 from trtllm_deploy.hosts import inventory
 
@@ -33,7 +34,7 @@ def _summary_rows(results) -> list[list]:
     rows = []
     for o in results:
         if not o.ok:
-            rows.append([o.node.name, console.status_cell("fail", "FAILED"), "", "", "", "",
+            rows.append([o.node.name, console.status_cell("fail", "FAILED"), "", "", "", "", "",
                          o.reason])
             continue
         r = o.value
@@ -42,8 +43,8 @@ def _summary_rows(results) -> list[list]:
             actions[0] += f" ({r.artifact.streams} streams)"
         rate = f"{console.size(r.bytes_sent / r.seconds)}/s" if r.bytes_sent and r.seconds else "–"
         rows.append([o.node.name, console.status_cell("pass", ", ".join(actions)),
-                     console.size(r.bytes_sent), console.size(r.bytes_skipped), f"{r.seconds:.2f} s",
-                     rate, ""])
+                     r.received_from or "–", console.size(r.bytes_sent), console.size(r.bytes_skipped),
+                     f"{r.seconds:.2f} s", rate, ""])
     return rows
 
 
@@ -52,31 +53,47 @@ def _summary_rows(results) -> list[list]:
             "image": "an image of this machine's Docker engine to send too (only missing layers)",
             "transport": "ssh (default: encrypted) or fabric: the artifact's bytes as plain TCP to each"
                          " node's fabric address, for private direct links (token and checks over SSH)",
-            "streams": "connections per node at once, each taking the next file "
+            "streams": "connections per node (per hop of a chain) at once, each taking the next file "
                        f"(default {pushing.files.STREAMS})",
+            "from": "where the artifact is: this machine's --store (default), or a node's store "
+                    "(its paths.artifacts/NAME): `head` or a node name",
+            "route": "chain (node to node, the default when several nodes need the artifact) or star "
+                     "(every node straight from the source)",
             "hosts": HOSTS_HELP, "nodes": NODES_HELP, "json": JSON_HELP, "dry_run": DRY_RUN_HELP})
 @user_errors
 def push(c: Context, name: str = "", store: str = "engines", image: str = "", hosts: str = "hosts.toml",
          nodes: str = "", transport: str = "ssh", streams: int = pushing.files.STREAMS, json: bool = False,
-         dry_run: bool = False) -> None:
-    """Send every node what it lacks of an artifact and an image, verified there, all at once."""
+         dry_run: bool = False, from_: str = "", route: str = "") -> None:
+    """Send every node what it lacks of an artifact and an image, verified there, node to node."""
     pushing.check_transport(transport)
     pushing.check_streams(streams)
-    src = pushing.source(store, name, image)
-    cluster = inventory.load(hosts)
+    pushing.check_route(route or None)
+    if from_:
+        if not name:
+            raise InputError("--from NODE: give --name, the artifact in that node's store")
+        cluster = inventory.load(hosts)
+        holder = cluster.head if from_ == "head" else cluster.node(from_)
+        src = pushing.source_on(holder, name, image=image)
+    else:
+        src = pushing.source(store, name, image)
+        cluster = inventory.load(hosts)
     selected = cluster.select(nodes)
     what = " and ".join(x for x in (name, image) if x)
     with console.err.status(f"asking {len(selected)} node(s) what they have of {what}…",
                             spinner="dots"):
         plans = pushing.look(selected, src)
+    way = pushing.route_of(plans, src, route or None) if name else None
     if dry_run:
         if json:
             console.print_json({"dry_run": True, "artifact": name or None, "image": image or None,
+                                "from": src.label if name else None, "route": way,
                                 "nodes": {o.node.name: o.value.as_json() if o.ok else
                                           {"ok": False, "error": o.reason} for o in plans}})
         else:
             console.out.print(console.table(f"push: plan for {what} (dry run: nothing will change)",
                                             ["node", "artifact", "image"], _plan_rows(plans)))
+            if way:
+                console.out.print(f"route of {name}: {way}")
         if plans.failed:
             raise Exit(plans.summary(), code=1)
         return
@@ -85,23 +102,25 @@ def push(c: Context, name: str = "", store: str = "engines", image: str = "", ho
                   TransferSpeedColumn(), console=console.err, transient=True,
                   disable=json) as bar:
         tasks = {}
+        carried = pushing.expected_bytes(plans, route or None)
         for o in plans:
             if o.ok and not o.value.up_to_date:
-                total = o.value.artifact.send_bytes if o.value.artifact else 0
-                tasks[o.node.name] = bar.add_task(o.node.name, total=total or None)
+                tasks[o.node.name] = bar.add_task(o.node.name, total=carried.get(o.node.name) or None)
 
         def advance(node: str, count: int) -> None:
             bar.advance(tasks[node], count)
 
-        results = pushing.send(plans, src, progress=advance, transport=transport, streams=streams)
+        results = pushing.send(plans, src, progress=advance, transport=transport, streams=streams,
+                               route=route or None)
     if json:
         console.print_json({"artifact": name or None, "image": image or None,
+                            "from": src.label if name else None, "route": way,
                             "ok": not results.failed,
                             "nodes": {o.node.name: o.value.as_json() if o.ok else
                                       {"ok": False, "error": o.reason} for o in results}})
     else:
-        console.out.print(console.table(f"push: {what}", ["node", "result", "sent", "skipped",
-                                                          "time", "rate", "problem"],
-                                        _summary_rows(results)))
+        console.out.print(console.table(f"push: {what}" + (f" ({way})" if way else ""),
+                                        ["node", "result", "from", "sent", "skipped", "time", "rate",
+                                         "problem"], _summary_rows(results)))
     if results.failed:
         raise Exit(f"push: {results.summary()}", code=1)

@@ -3,6 +3,11 @@
 Look, then act: each node is asked what it has (one command per node for the artifact, one for
 the image), the differences become a :class:`NodePlan` per node, and only then is anything sent.
 A node that lacks the room for its difference stops the push before any byte moves anywhere.
+
+The artifact comes from a folder on this machine (:func:`source`) or from a node's store
+(:func:`source_on`: the head's, where ``engine.build`` writes it). With more than one node to send
+to it goes along a chain (:mod:`push.chain`), so the source's link carries it once; ``route="star"``
+sends to every node straight from the source, as the baseline the fan-out benchmark compares with.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed, InputError
@@ -19,22 +24,35 @@ from trtllm_deploy.hosts.fanout import GroupResult, Outcome, fan_out
 from trtllm_deploy.hosts.inventory import Node
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.targets import Target
-from trtllm_deploy.push import channel, files, layers
+from trtllm_deploy.hosts.local import Local
+from trtllm_deploy.push import chain, channel, files, layers
 
 Progress = Callable[[str, int], None]  # (node name, bytes just sent)
 
 
 @dataclass(frozen=True)
 class Source:
-    """What is pushed: an artifact directory with its manifest, an image of this machine, or both."""
+    """What is pushed: an artifact directory with its manifest (on this machine, or on ``node``:
+    its ``paths.artifacts/NAME``), an image of this machine, or both."""
 
-    artifact: Path | None = None
+    artifact: Path | PurePosixPath | None = None
     wanted: dict | None = None
     image: layers.LocalImage | None = None
+    node: Node | None = None
 
     @property
     def name(self) -> str | None:
         return self.artifact.name if self.artifact else None
+
+    @property
+    def origin(self) -> chain.Origin:
+        if self.node:
+            return chain.Origin(self.node.paths.artifacts, self.node)
+        return chain.Origin(str(Path(self.artifact).resolve().parent))
+
+    @property
+    def label(self) -> str:
+        return self.origin.label
 
 
 def source(store: str | Path = "engines", name: str = "", image: str = "") -> Source:
@@ -61,6 +79,27 @@ def source(store: str | Path = "engines", name: str = "", image: str = "") -> So
     return Source(artifact, wanted, layers.inspect_local(image) if image else None)
 
 
+def source_on(node: Node, name: str, *, reach: Callable[[Node], Target] = connect,
+              image: str = "") -> Source:
+    """The artifact ``name`` in ``node``'s store, its manifest read there (nothing is copied here).
+    A name that is not valid is an InputError; a store without it, or with files that do not match
+    its manifest, is the node's CheckFailed."""
+    verify.check_name(name)
+    target = reach(node)
+    try:
+        answer = files.ask(node, target, files.Scripts(target), "manifest", node.paths.artifacts, name)
+    except CheckFailed as exc:
+        raise CheckFailed(f"{exc}: no artifact {name} with its manifest in {node.name}'s "
+                          f"{node.paths.artifacts}; build it there first (invoke engine.build)") from None
+    finally:
+        target.close()
+    if answer["damaged"]:
+        raise CheckFailed(f"{node.name}: {node.paths.artifacts}/{name} does not match its manifest "
+                          f"({', '.join(answer['damaged'][:3])}: missing or another size); rebuild it")
+    return Source(PurePosixPath(node.paths.artifacts) / name, answer["manifest"],
+                  layers.inspect_local(image) if image else None, node)
+
+
 @dataclass(frozen=True)
 class NodePlan:
     node: str
@@ -83,6 +122,7 @@ class NodePushed:
     artifact: files.ArtifactSent | None
     image: layers.ImageSent | None
     seconds: float
+    received_from: str | None = None  # the artifact's upstream: a node's name or "this machine"
 
     @property
     def bytes_sent(self) -> int:
@@ -93,7 +133,8 @@ class NodePushed:
         return sum(part.bytes_skipped for part in (self.artifact, self.image) if part)
 
     def as_json(self) -> dict:
-        return {"ok": True, "bytes_sent": self.bytes_sent, "bytes_skipped": self.bytes_skipped,
+        return {"ok": True, "received_from": self.received_from,
+                "bytes_sent": self.bytes_sent, "bytes_skipped": self.bytes_skipped,
                 "seconds": round(self.seconds, 3),
                 "rate_bytes_per_s": round(self.bytes_sent / self.seconds) if self.seconds else 0,
                 "artifact": self.artifact.as_json() if self.artifact else None,
@@ -138,51 +179,109 @@ def check_streams(streams: int) -> int:
     return streams
 
 
+def check_route(route: str | None) -> str | None:
+    if route is not None and route not in chain.ROUTES:
+        raise InputError(f"--route {route!r}: use chain (node to node, the default for several nodes)"
+                         " or star (every node straight from the source)")
+    return route
+
+
+def needing(plans: GroupResult[NodePlan]) -> list[str]:
+    """The nodes that lack some of the artifact, in inventory order."""
+    return [o.node.name for o in plans
+            if o.ok and o.value.artifact and not o.value.artifact.up_to_date]
+
+
+def pick_route(plans: GroupResult[NodePlan], route: str | None = None) -> str:
+    """As asked; else a chain when more than one node needs the artifact, a star otherwise."""
+    return check_route(route) or ("chain" if len(needing(plans)) > 1 else "star")
+
+
+def route_of(plans: GroupResult[NodePlan], src: Source, route: str | None = None) -> str:
+    """The artifact's way in words, for --dry-run: ``spark-1 → spark-2 → spark-3``."""
+    return chain.describe(src.label, needing(plans), pick_route(plans, route))
+
+
+def expected_bytes(plans: GroupResult[NodePlan], route: str | None = None) -> dict[str, int]:
+    """What each node's link will carry (for a progress bar): along a chain every node receives
+    what any node still needs, in a star its own difference."""
+    if pick_route(plans, route) == "star":
+        return {o.node.name: o.value.artifact.send_bytes for o in plans if o.ok and o.value.artifact}
+    union = sum(r["length"] for r in chain.records(
+        [o.value.artifact for o in plans if o.ok and o.value.artifact]))
+    return {name: union for name in needing(plans)}
+
+
 def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None = None,
          reach: Callable[[Node], Target] = connect, transport: str = "ssh",
-         streams: int = files.STREAMS) -> GroupResult[NodePushed]:
-    """Apply every node's plan at once; nodes whose look failed keep that failure.
+         streams: int = files.STREAMS, route: str | None = None,
+         forward_timeout: float | None = None) -> GroupResult[NodePushed]:
+    """Apply every node's plan; nodes whose look failed keep that failure.
 
-    Each node's files go over up to ``streams`` connections at once. ``transport="fabric"`` moves
-    the artifact's bytes over plain TCP to each node's fabric address (control, token and verdict
-    stay on SSH); images always go over SSH."""
+    The artifact goes along a chain from its source (see :mod:`push.chain`) when ``route`` is
+    "chain" (the default where more than one node needs it), or from a node's store straight to
+    each node; a star from this machine is the direct transfer, over up to ``streams`` connections
+    per node (``transport="fabric"``: plain TCP to each node's fabric address, control, token and
+    verdict on SSH). Images always go from this machine over SSH."""
     fabric = check_transport(transport) == "fabric"
     check_streams(streams)
+    chosen = pick_route(plans, route)
     by_name = {o.node.name: o for o in plans}
     reachable = [o.node for o in plans if o.ok]
-    with layers.scratch() as folder:
-        saved = layers.SavedImage(src.image, Path(folder)) if src.image else None
+    chained: dict = {}
+    try:
+        if src.artifact and (chosen == "chain" or src.node):
+            source = reach(src.node) if src.node else Local()
+            try:
+                chained = chain.push(src.origin, source, src.wanted, src.name,
+                                     [(o.node, o.value.artifact) for o in plans if o.ok], reach=reach,
+                                     route=chosen, streams=streams, fabric=fabric, progress=progress,
+                                     forward_timeout=forward_timeout)
+            finally:
+                source.close()
+        with layers.scratch() as folder:
+            saved = layers.SavedImage(src.image, Path(folder)) if src.image else None
 
-        def one(node: Node, target: Target) -> NodePushed:
-            started = time.monotonic()
-            planned: NodePlan = by_name[node.name].value
-            count = (lambda n: progress(node.name, n)) if progress else None
-            artifact = image = None
-            if src.artifact:
-                first = (files.Scripts(target), planned.artifact)
-                artifact = files.push(node, target, src.name, src.artifact, src.wanted, first, count,
-                                      fabric=fabric, streams=streams)
-            if saved:
-                image = layers.push(node, target, saved, planned.image, count)
-            return NodePushed(node.name, artifact, image, time.monotonic() - started)
+            def one(node: Node, target: Target) -> NodePushed:
+                started = time.monotonic()
+                planned: NodePlan = by_name[node.name].value
+                count = (lambda n: progress(node.name, n)) if progress else None
+                artifact = image = received_from = None
+                before = 0.0
+                if node.name in chained:
+                    if isinstance(chained[node.name], BaseException):
+                        raise chained[node.name]
+                    artifact, received_from = chained[node.name]
+                    before = artifact.seconds
+                elif src.artifact:
+                    first = (files.Scripts(target), planned.artifact)
+                    artifact = files.push(node, target, src.name, src.artifact, src.wanted, first,
+                                          count, fabric=fabric, streams=streams)
+                    received_from = None if artifact.action == "up to date" else chain.THIS_MACHINE
+                if saved:
+                    image = layers.push(node, target, saved, planned.image, count)
+                return NodePushed(node.name, artifact, image, before + time.monotonic() - started,
+                                  received_from)
 
-        try:
             done = fan_out(reachable, one, reach=reach)
-        except BaseException:
-            channel.stop_all()  # Ctrl-C: the nodes keep what they received, for resuming
-            raise
+    except BaseException:
+        channel.stop_all()  # Ctrl-C: the nodes keep what they received, for resuming
+        raise
     return GroupResult([done[o.node.name] if o.ok else Outcome(o.node, error=o.error) for o in plans])
 
 
 def push(nodes: Sequence[Node], src: Source, *, progress: Progress | None = None,
          reach: Callable[[Node], Target] = connect, transport: str = "ssh",
-         streams: int = files.STREAMS) -> GroupResult[NodePushed]:
+         streams: int = files.STREAMS, route: str | None = None,
+         forward_timeout: float | None = None) -> GroupResult[NodePushed]:
     """Look, check room everywhere, then send: the whole phase, as smoke and launch call it."""
     check_transport(transport)
     check_streams(streams)
+    check_route(route)
     plans = look(nodes, src, reach=reach)
     require_room(plans)
-    return send(plans, src, progress=progress, reach=reach, transport=transport, streams=streams)
+    return send(plans, src, progress=progress, reach=reach, transport=transport, streams=streams,
+                route=route, forward_timeout=forward_timeout)
 
 
 class Counter:

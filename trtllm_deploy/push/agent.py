@@ -21,6 +21,23 @@ before the header on the SSH channel, and the records come over ``streams`` plai
 to ADDRESS, one thread each: the port is told over SSH, and only a connection that presents the
 token is read. Nothing is trusted for being on that connection: every byte is checked against the
 manifest hashes before it becomes current.
+
+Along a chain (push from the head to the workers node to node) every node but the last also passes
+on each record it receives, the same bytes, to the next node while writing its own staging: its
+header says ``"forward": true`` and, once every node of the chain listens, one more line on the SSH
+channel says where the next one is (``{"to": {"address" | "tunnel", "port"}}``: plain TCP to a
+fabric address, or through ``ssh -L`` to the next node's loopback). Stream i of a hop goes on as
+stream i of the next. A ``{"stop": why}`` line while a node waits for its upstream's connections
+ends the wait (the node before it could not reach it). The header's ``need`` (file → offset) says
+what this node lacks: bytes before that offset and files it does not list are passed on, not
+written. A next node that stops reading ends the forwarding only (reported as ``"forward"``);
+this node goes on receiving for itself.
+
+``python3 agent.py send MANIFEST_PY ROOT NAME`` is the chain's first sender, on the node (or this
+machine) whose ``ROOT/NAME`` holds the artifact: the token and a header (the records to send, the
+streams, where the first node is) on stdin, then the files with ``sendfile``, ``{"sent": N}`` lines
+as it goes. ``python3 agent.py manifest MANIFEST_PY ROOT NAME`` prints that folder's manifest and
+the files that do not match its sizes, so a push can start from a node's store.
 """
 
 from __future__ import annotations
@@ -34,8 +51,10 @@ import importlib.util
 import json
 import os
 import queue
+import select
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -47,6 +66,38 @@ LOCK_WAIT = 30.0
 ACCEPT_TIMEOUT = 30.0  # for the pusher to connect to the fabric port
 MAX_STREAMS = 64
 IDLE_TIMEOUT = 300.0  # a fabric connection that stalls this long ends the push, never hangs it
+CONNECT_TIMEOUT = 30.0  # for the next node of a chain (through a tunnel that is still starting)
+FORWARD_TIMEOUT = 60.0  # a next node that takes nothing this long is left behind, not waited for
+TICK = 1 << 20  # bytes between two progress lines
+_said = threading.Lock()
+
+
+def say(answer: dict) -> None:
+    """One JSON line on stdout, whole, whichever thread says it."""
+    with _said:
+        print(json.dumps(answer, sort_keys=True), flush=True)
+
+
+class Ticker:
+    """Progress lines (``{KEY: bytes}``) at most every TICK bytes, from every stream at once."""
+
+    def __init__(self, key: str):
+        self.key, self.pending = key, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, count: int) -> None:
+        with self._lock:
+            self.pending += count
+            if self.pending < TICK:
+                return
+            count, self.pending = self.pending, 0
+        say({self.key: count})
+
+    def flush(self) -> None:
+        with self._lock:
+            count, self.pending = self.pending, 0
+        if count:
+            say({self.key: count})
 
 
 class Refused(Exception):
@@ -188,37 +239,103 @@ class _ChunkHash:
         return hashlib.sha256(b"".join(digests)).hexdigest()
 
 
-def _receive_file(stream, staging: str, record: dict, files: dict, chunk_bytes: int) -> str | None:
-    """Write one record's bytes into staging; the file's hash when it was received whole."""
+WHOLE = object()  # no ``need`` in the header: write every record from where it starts
+
+
+def _receive_file(stream, staging: str, record: dict, files: dict, chunk_bytes: int, own=WHOLE,
+                  forward=None, tick=None) -> str | None:
+    """One record's bytes into staging from ``own`` on (``None``: none of them, this node has the
+    file), each passed on to ``forward`` first; the file's hash when it was written whole."""
     path, offset, length = record["path"], int(record["offset"]), int(record["length"])
     if path not in files or offset < 0 or offset + length != files[path]["size"]:
         raise Refused("protocol", f"unexpected record for {path!r}")
-    full = os.path.join(staging, path)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    if offset:
-        st = os.stat(full) if os.path.isfile(full) else None
-        if st is None or st.st_size < offset or st.st_nlink != 1:
-            raise Refused("protocol", f"{path}: cannot continue at {offset} in staging")
-    elif os.path.lexists(full):
-        os.unlink(full)  # it may be a link to the current version's bytes: write a new file
-    hasher = None if offset else _ChunkHash(chunk_bytes)  # a continued file is hashed from disk
+    own = offset if own is WHOLE else own
+    if own is not None and own < offset:
+        raise Refused("protocol", f"{path}: the stream starts at {offset}, this node has {own}")
+    out = hasher = None
+    if own is not None:
+        full = os.path.join(staging, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if own:
+            st = os.stat(full) if os.path.isfile(full) else None
+            if st is None or st.st_size < own or st.st_nlink != 1:
+                raise Refused("protocol", f"{path}: cannot continue at {own} in staging")
+        elif os.path.lexists(full):
+            os.unlink(full)  # it may be a link to the current version's bytes: write a new file
+        hasher = None if own else _ChunkHash(chunk_bytes)  # a continued file is hashed from disk
+        out = open(full, "r+b" if own else "wb", buffering=0)
+        out.truncate(own)
+        out.seek(own)
+    skip = length if own is None else own - offset  # passed on, not written: this node has them
     buffer = memoryview(bytearray(BLOCK))
-    with open(full, "r+b" if offset else "wb", buffering=0) as out:
-        out.truncate(offset)
-        out.seek(offset)
+    try:
         left = length
         while left:
             got = stream.readinto(buffer[:min(BLOCK, left)])
             if not got:
                 raise Refused("truncated", f"the stream ended inside {path}, "
                                            f"{length - left} of {length} bytes received")
+            if forward:
+                forward.send(buffer[:got])
             view = buffer[:got]
-            while view:  # unbuffered: a full disk raises here, not later at close
-                view = view[out.write(view):]
-            if hasher:
-                hasher.update(buffer[:got])
+            if skip:
+                dropped = min(skip, got)
+                view, skip = view[dropped:], skip - dropped
+            if out:
+                if hasher:
+                    hasher.update(view)
+                while view:  # unbuffered: a full disk raises here, not later at close
+                    view = view[out.write(view):]
             left -= got
+            if tick:
+                tick(got)
+    finally:
+        if out:
+            out.close()
     return hasher.hexdigest() if hasher else None
+
+
+class Forward:
+    """One stream's copy to the next node of a chain. Its failure ends this copy only: the node
+    goes on receiving for itself, and the stream's report says the forwarding failed."""
+
+    def __init__(self, sock, timeout: float = FORWARD_TIMEOUT):
+        self.sock, self.timeout, self.error, self.sent = sock, timeout, None, 0
+        sock.settimeout(timeout)
+
+    def __bool__(self) -> bool:
+        return self.sock is not None
+
+    def send(self, data) -> None:
+        try:
+            self.sock.sendall(data)
+            self.sent += len(data)
+        except OSError as exc:
+            self.fail(exc)
+
+    def fail(self, exc) -> None:
+        self.error = self.error or f"forward failed after {self.sent} bytes: {_why(exc)}"
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def finish(self) -> None:
+        """The end of this stream downstream: wait until the next node has read all of it (then
+        it closes), so that a tunnel is not taken down with bytes still in it."""
+        if self.sock is None:
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while self.sock.recv(1 << 16):
+                pass
+            self.sock.close()
+            self.sock = None
+        except OSError as exc:
+            self.fail(exc)
+
+
+def _why(exc) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 class Receiver:
@@ -226,8 +343,10 @@ class Receiver:
     own as soon as it is complete, while the next one arrives, so that at the end of the stream
     little is left to wait for before the swap."""
 
-    def __init__(self, staging: str, files: dict, chunk_bytes: int):
+    def __init__(self, staging: str, files: dict, chunk_bytes: int, need: dict | None = None,
+                 forward: Forward | None = None, tick=None):
         self.staging, self.files, self.chunk_bytes = staging, files, chunk_bytes
+        self.need, self.forward, self.tick = need, forward, tick
         self.written: list = []
         self.hashed: dict = {}
         self.received = 0
@@ -256,12 +375,22 @@ class Receiver:
         """Records up to the stream's end record, which is returned; the files are synced."""
         try:
             while True:
-                record = _read_line(stream)
+                line = stream.readline(1 << 26)
+                if not line.endswith(b"\n"):
+                    raise Refused("truncated", "the stream ended before its next header")
+                record = json.loads(line)
+                if self.forward:
+                    self.forward.send(line)
                 if record.get("end"):
+                    if self.forward:
+                        self.forward.finish()
                     return record
-                digest = _receive_file(stream, self.staging, record, self.files, self.chunk_bytes)
-                self.written.append(record["path"])
-                self._pending.put(record["path"])
+                own = WHOLE if self.need is None else self.need.get(record["path"])
+                digest = _receive_file(stream, self.staging, record, self.files, self.chunk_bytes,
+                                       own, self.forward, self.tick)
+                if own is not None:
+                    self.written.append(record["path"])
+                    self._pending.put(record["path"])
                 if digest:
                     self.hashed[record["path"]] = digest
                 self.received += int(record["length"])
@@ -272,7 +401,10 @@ class Receiver:
                 raise self._failed[0]
 
     def as_json(self) -> dict:
-        return {"ok": True, "written": self.written, "hashed": self.hashed, "received": self.received}
+        answer = {"ok": True, "written": self.written, "hashed": self.hashed, "received": self.received}
+        if self.forward is not None:
+            answer["forward_error"] = self.forward.error
+        return answer
 
 
 def exchange(staging: str, current: str) -> bool:
@@ -365,7 +497,8 @@ def _commit(mf, artifacts: str, name: str, wanted: dict, parts: list) -> dict:
     atomic = exchange(staging, os.path.join(artifacts, name))
     shutil.rmtree(staging, ignore_errors=True)  # the previous version, no longer served
     return {"ok": True, "received": sum(part["received"] for part in parts), "streams": len(parts),
-            "atomic": atomic, "verify": report.as_json()}
+            "written": sum(len(part["written"]) for part in parts), "atomic": atomic,
+            "verify": report.as_json()}
 
 
 def _failure(exc: BaseException, where: str) -> dict:
@@ -386,7 +519,8 @@ def receive(mf, artifacts: str, name: str, control, listen: str | None = None) -
     Over SSH the records come on ``control`` (this process's standard input) after it says it is
     ready, and the end record brings the reports of the other streams (``part`` processes, each
     its own SSH connection). With ``listen`` they come on ``header["streams"]`` fabric connections,
-    one thread each."""
+    one thread each, and along a chain each is passed on to the next node (see the module's
+    docstring)."""
     token = _token(control) if listen else None
     header = _read_line(control)
     os.makedirs(artifacts, exist_ok=True)
@@ -394,16 +528,117 @@ def receive(mf, artifacts: str, name: str, control, listen: str | None = None) -
     try:
         files, staging = _prepare(mf, artifacts, name, header)
         if listen:
-            parts = _fabric_streams(listen, token, int(header.get("streams", 1)), staging, files,
-                                    mf.CHUNK_BYTES)
-        else:
-            print(json.dumps({"ready": True}), flush=True)
-            receiver = Receiver(staging, files, mf.CHUNK_BYTES)
-            end = receiver.take(control)
-            parts = [receiver.as_json(), *end.get("parts", [])]
+            result = _chained(mf, header, control, listen, token, staging, files)
+            return _commit(mf, artifacts, name, header["manifest"], result[0]) | result[1]
+        print(json.dumps({"ready": True}), flush=True)
+        receiver = Receiver(staging, files, mf.CHUNK_BYTES)
+        end = receiver.take(control)
+        parts = [receiver.as_json(), *end.get("parts", [])]
         return _commit(mf, artifacts, name, header["manifest"], parts)
     finally:
         lock.close()
+
+
+def _chained(mf, header: dict, control, listen: str, token: bytes, staging: str, files: dict):
+    """The fabric streams of one hop, each passed on to the next node where the header says so;
+    (every stream's report, what the forwarding did)."""
+    count = int(header.get("streams", 1))
+    if not 1 <= count <= MAX_STREAMS:
+        raise Refused("protocol", f"{count} streams asked for; 1 to {MAX_STREAMS} are taken")
+    need = header.get("need")
+    if need is not None and any(path not in files for path in need):
+        raise Refused("protocol", "a need for a file the manifest does not list")
+    server = socket.create_server((listen, 0))
+    tunnel = None
+    forwards: list = [None] * count
+    forward = {}
+    try:
+        say({"port": server.getsockname()[1], "pid": os.getpid()})
+        to = _read_line(control).get("to") if header.get("forward") else None
+        if to:  # none where the nodes after this one did not start
+            timeout = float(header.get("forward_timeout", FORWARD_TIMEOUT))
+            try:
+                sockets, tunnel = _downstream(to, token, count)
+                forwards = [Forward(sock, timeout) for sock in sockets]
+            except Refused as exc:
+                forward = {"forward_error": str(exc)}  # this node still receives for itself
+                say(forward)  # at once: the controller tells the next node to stop waiting
+        tick = Ticker("got") if header.get("progress") else None
+        connections = _accept(server, token, count, control)
+        parts = _fabric_streams(connections, staging, files, mf.CHUNK_BYTES, need, forwards, tick)
+        if tick:
+            tick.flush()
+    finally:
+        server.close()
+        for each in forwards:
+            if each:
+                each.fail("this node stopped receiving")
+        _stop_tunnel(tunnel)
+    errors = [part.get("forward_error") for part in parts if part and part.get("forward_error")]
+    if header.get("forward"):
+        error = forward.get("forward_error") or (errors[0] if errors else None)
+        forward = {"forward": {"ok": error is None, "error": error,
+                               "sent": sum(f.sent for f in forwards if f is not None)}}
+    return parts, forward
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _tunnel(argv: list) -> tuple:
+    """``ssh -L 127.0.0.1:0:…`` as the controller gave it, on a free port of this node's loopback
+    instead of 0; (the process, the port)."""
+    port = _free_port()
+    given = [f"127.0.0.1:{port}:" + arg.removeprefix("127.0.0.1:0:")
+             if before == "-L" else arg for before, arg in zip(["", *argv[:-1]], argv, strict=True)]
+    return subprocess.Popen(given, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True), port
+
+
+def _stop_tunnel(tunnel) -> None:
+    if tunnel is None:
+        return
+    if tunnel.poll() is None:
+        tunnel.kill()
+    tunnel.wait()
+    tunnel.stderr.close()
+
+
+def _downstream(to: dict, token: bytes, count: int) -> tuple:
+    """``count`` connections to the next node of a chain, each presenting the token; (the
+    sockets, the tunnel process or None)."""
+    tunnel = None
+    if to.get("tunnel"):
+        tunnel, port = _tunnel(list(to["tunnel"]))
+        address = "127.0.0.1"
+    else:
+        address, port = str(to["address"]), int(to["port"])
+    sockets: list = []
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    try:
+        while len(sockets) < count:
+            try:
+                sock = socket.create_connection((address, port), timeout=CONNECT_TIMEOUT)
+            except OSError as exc:
+                if tunnel is not None and tunnel.poll() is not None:
+                    said = tunnel.stderr.read().decode(errors="replace").strip()[-300:]
+                    raise Refused("forward", f"the tunnel to the next node exited: {said}") from None
+                if time.monotonic() > deadline:
+                    raise Refused("forward", f"cannot reach the next node at {address}:{port}: "
+                                             f"{_why(exc)}") from None
+                time.sleep(0.05)  # the tunnel is still starting: try again until the deadline
+                continue
+            sock.sendall(token + b"\n")
+            sockets.append(sock)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        _stop_tunnel(tunnel)
+        raise
+    return sockets, tunnel
 
 
 def part(mf, artifacts: str, name: str, stream) -> dict:
@@ -435,24 +670,24 @@ def _token(control) -> bytes:
     return token
 
 
-def _fabric_streams(address: str, token: bytes, count: int, staging: str, files: dict,
-                    chunk_bytes: int) -> list:
-    """The fast transport's data: ``count`` connections to ``address`` that present the token
-    this process was given over SSH, each read by its own thread into staging."""
-    if not 1 <= count <= MAX_STREAMS:
-        raise Refused("protocol", f"{count} streams asked for; 1 to {MAX_STREAMS} are taken")
-    connections = _accept(address, token, count)
-    reports: list = [None] * count
+def _fabric_streams(connections: list, staging: str, files: dict, chunk_bytes: int,
+                    need: dict | None = None, forwards: list | None = None, tick=None) -> list:
+    """The fast transport's data: each accepted connection read by its own thread into staging,
+    and passed on by its ``forwards`` entry where there is one."""
+    forwards = forwards or [None] * len(connections)
+    reports: list = [None] * len(connections)
 
     def run(index: int, conn, stream) -> None:
         try:
-            receiver = Receiver(staging, files, chunk_bytes)
+            receiver = Receiver(staging, files, chunk_bytes, need, forwards[index], tick)
             receiver.take(stream)
             reports[index] = receiver.as_json()
         except (Refused, OSError, ValueError, KeyError, TypeError) as exc:
             reports[index] = _failure(exc, staging)
         finally:
             conn.close()
+            if forwards[index]:
+                forwards[index].fail("the stream from upstream stopped")  # the next node sees it end
 
     threads = [threading.Thread(target=run, args=(index, *pair), daemon=True)
                for index, pair in enumerate(connections)]
@@ -463,46 +698,144 @@ def _fabric_streams(address: str, token: bytes, count: int, staging: str, files:
     return reports
 
 
-def _accept(address: str, token: bytes, count: int) -> list:
-    """``count`` connections to ``address`` that each present ``token``; others are closed unread."""
-    server = socket.create_server((address, 0))
-    port = server.getsockname()[1]
-    print(json.dumps({"port": port}), flush=True)
+def _accept(server, token: bytes, count: int, control=None) -> list:
+    """``count`` connections to ``server`` that each present ``token``; others are closed unread.
+    A line on ``control`` meanwhile (``{"stop": why}``: the node before this one cannot reach it)
+    ends the wait at once."""
+    address, port = server.getsockname()[:2]
     deadline = time.monotonic() + ACCEPT_TIMEOUT
     accepted: list = []
-    with server:
-        while len(accepted) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                for conn, _ in accepted:
-                    conn.close()
-                raise Refused("transport", f"no connection with the token reached {address}:{port} "
-                                           f"within {ACCEPT_TIMEOUT:g} s; is a firewall in the way?")
-            server.settimeout(left)
-            try:
-                conn, _ = server.accept()
-            except socket.timeout:
-                continue
-            conn.settimeout(ACCEPT_TIMEOUT)
-            stream = conn.makefile("rb", buffering=BLOCK)
-            try:
-                offered = stream.readline(256).strip()
-            except OSError:
-                offered = b""
-            if hmac.compare_digest(offered, token):
-                conn.settimeout(IDLE_TIMEOUT)
-                accepted.append((conn, stream))
-            else:
+    while len(accepted) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for conn, _ in accepted:
                 conn.close()
+            raise Refused("transport", f"no connection with the token reached {address}:{port} "
+                                       f"within {ACCEPT_TIMEOUT:g} s; is a firewall in the way?")
+        ready = select.select([server, *([control] if control else [])], [], [], left)[0]
+        if control is not None and control in ready:
+            line = control.readline(1 << 16)
+            if not line:
+                control = None  # its input ended (as today's fabric push ends it): wait on
+                continue
+            why = json.loads(line).get("stop")
+            for conn, _ in accepted:
+                conn.close()
+            raise Refused("transport", f"nothing will come to {address}:{port}: {why}")
+        if server not in ready:
+            continue
+        server.settimeout(left)
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            continue
+        conn.settimeout(ACCEPT_TIMEOUT)
+        stream = conn.makefile("rb", buffering=BLOCK)
+        try:
+            offered = stream.readline(256).strip()
+        except OSError:
+            offered = b""
+        if hmac.compare_digest(offered, token):
+            conn.settimeout(IDLE_TIMEOUT)
+            accepted.append((conn, stream))
+        else:
+            conn.close()
     return accepted
+
+
+def send(mf, root: str, name: str, control) -> dict:
+    """The first sender of a chain: ``root/name``'s files as the header's records, over
+    ``streams`` connections to the first node (each taking the next file when it is free)."""
+    token = _token(control)
+    header = _read_line(control)
+    steps = list(header["steps"])
+    checked_paths({"files": {step["path"]: {} for step in steps}}, mf)
+    folder = os.path.join(root, name)
+    count = int(header.get("streams", 1))
+    if not 1 <= count <= MAX_STREAMS:
+        raise Refused("protocol", f"{count} streams asked for; 1 to {MAX_STREAMS} are taken")
+    sockets, tunnel = _downstream(header["to"], token, count)
+    pending = iter(steps)
+    lock = threading.Lock()
+    failures: list = []
+    tick = Ticker("sent")
+    timeout = float(header.get("forward_timeout", FORWARD_TIMEOUT))
+
+    def stream(sock) -> None:
+        forward = Forward(sock, timeout)
+        try:
+            while not failures:
+                with lock:
+                    step = next(pending, None)
+                if step is None:
+                    break
+                _send_file(forward, folder, step, tick)
+            if not failures:
+                forward.send(b'{"end": true}\n')
+                forward.finish()
+        except (OSError, Refused) as exc:
+            forward.fail(exc)
+        if forward.error:
+            failures.append(forward.error)
+
+    threads = [threading.Thread(target=stream, args=(sock,), daemon=True) for sock in sockets]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        _stop_tunnel(tunnel)
+    tick.flush()
+    if failures:
+        return {"ok": False, "kind": "forward", "error": failures[0]}
+    return {"ok": True, "sent": sum(int(step["length"]) for step in steps), "streams": count}
+
+
+def _send_file(forward: Forward, folder: str, step: dict, tick) -> None:
+    path, offset, length = step["path"], int(step["offset"]), int(step["length"])
+    forward.send(json.dumps({"path": path, "offset": offset, "length": length}).encode() + b"\n")
+    with open(os.path.join(folder, path), "rb") as source:
+        end = offset + length
+        while offset < end and forward:
+            try:  # socket.sendfile: os.sendfile that keeps to the socket's timeout
+                done = forward.sock.sendfile(source, offset, min(BLOCK, end - offset))
+            except OSError as exc:
+                forward.fail(exc)
+                break
+            if done == 0:
+                raise Refused("source", f"{path} is shorter than its manifest says")
+            offset += done
+            forward.sent += done
+            tick(done)
+
+
+def source_manifest(mf, root: str, name: str) -> dict:
+    """The manifest of ``root/name`` on this node, and its files that are missing or of another
+    size (a push does not start from a damaged store)."""
+    folder = os.path.join(root, name)
+    try:
+        wanted = mf.load(folder)
+    except mf.ManifestError as exc:
+        raise Refused("manifest", str(exc)) from None
+    files = checked_paths(wanted, mf)
+    damaged = []
+    for path, entry in files.items():
+        full = os.path.join(folder, path)
+        if not os.path.isfile(full) or os.path.getsize(full) != entry["size"]:
+            damaged.append(path)
+    return {"ok": True, "manifest": wanted, "damaged": damaged}
+
+
+VERBS = ("survey", "receive", "part", "send", "manifest")
 
 
 def main(argv: list) -> int:
     listen = None
     if len(argv) == 6 and argv[4] == "--listen":
         listen, argv = argv[5], argv[:4]
-    if len(argv) != 4 or argv[0] not in ("survey", "receive", "part") or (listen and argv[0] != "receive"):
-        print("usage: agent.py survey|receive|part MANIFEST_PY ARTIFACTS NAME [--listen ADDRESS]",
+    if len(argv) != 4 or argv[0] not in VERBS or (listen and argv[0] != "receive"):
+        print(f"usage: agent.py {'|'.join(VERBS)} MANIFEST_PY ARTIFACTS NAME [--listen ADDRESS]",
               file=sys.stderr)
         return 2
     command, manifest_py, artifacts, name = argv
@@ -513,11 +846,15 @@ def main(argv: list) -> int:
             result = survey(mf, artifacts, name, json.load(sys.stdin))
         elif command == "part":
             result = part(mf, artifacts, name, sys.stdin.buffer)
+        elif command == "send":
+            result = send(mf, artifacts, name, sys.stdin.buffer)
+        elif command == "manifest":
+            result = source_manifest(mf, artifacts, name)
         else:
             result = receive(mf, artifacts, name, sys.stdin.buffer, listen)
     except (Refused, OSError, ValueError, KeyError, TypeError) as exc:
         result = _failure(exc, artifacts)
-    print(json.dumps(result, sort_keys=True))
+    say(result)
     return 0 if result["ok"] else 1
 
 

@@ -105,6 +105,17 @@ class Channel:
     def send_file(self, path: str | os.PathLike, offset: int, length: int) -> None:
         self.stdin.send_file(path, offset, length)
 
+    def tell(self, line: bytes) -> bool:
+        """A control line to the command, from any thread, unless its input has ended (False).
+        Through the pipe's file object, never its bare descriptor: once :meth:`finish` has closed
+        it, the number may already belong to another process's pipe."""
+        try:
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+            return True
+        except (ValueError, OSError):
+            return False
+
     def answer(self) -> dict:
         """The command's next line on its standard output, as JSON; {} if it ended or said other."""
         try:

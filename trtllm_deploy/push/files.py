@@ -167,6 +167,14 @@ class Scripts:
         """The agent's command line, for a channel that streams into it."""
         return RUN_AGENT.argv(self.args(verb, artifacts, name, listen))
 
+    def ensure(self) -> Scripts:
+        """Both on the target, sent if not (for a command that is not asked through :func:`ask`)."""
+        found = self.target.run(["test", "-f", self.remote["manifest"], "-a", "-f", self.remote["agent"]],
+                                timeout=60, check=False)
+        if not found.ok:
+            self.send()
+        return self
+
     def send(self) -> None:
         self.target.run(["mkdir", "-p", "-m", "700", self.directory], timeout=60)
         for key, path in self.local.items():
@@ -183,17 +191,24 @@ def _agent_answer(target: Target, code: int, out: str, err: str) -> dict:
     return answer
 
 
-def survey(node: Node, target: Target, scripts: Scripts, name: str, wanted_text: str) -> dict:
-    """The node's answer to "what do you have of this artifact?" (changes nothing there)."""
-    args = scripts.args("survey", node.paths.artifacts, name)
-    done = run_step(target, RUN_AGENT, *args, stdin=wanted_text, check=False)
+def ask(node: Node, target: Target, scripts: Scripts, verb: str, root: str, name: str,
+        stdin: str | None = None) -> dict:
+    """The agent's answer to one question (``survey``, ``manifest``), sending it first if the node
+    lacks this version of it; a refusal is the node's CheckFailed."""
+    args = scripts.args(verb, root, name)
+    done = run_step(target, RUN_AGENT, *args, stdin=stdin, check=False)
     if done.exit_code == MISSING_SCRIPTS:
         scripts.send()
-        done = run_step(target, RUN_AGENT, *args, stdin=wanted_text, check=False)
+        done = run_step(target, RUN_AGENT, *args, stdin=stdin, check=False)
     answer = _agent_answer(target, done.exit_code, done.stdout, done.stderr)
     if not answer.get("ok"):
         raise CheckFailed(f"{node.name}: {answer.get('error')}")
     return answer
+
+
+def survey(node: Node, target: Target, scripts: Scripts, name: str, wanted_text: str) -> dict:
+    """The node's answer to "what do you have of this artifact?" (changes nothing there)."""
+    return ask(node, target, scripts, "survey", node.paths.artifacts, name, wanted_text)
 
 
 def look(node: Node, target: Target, name: str, wanted: dict) -> tuple[Scripts, ArtifactPlan]:
