@@ -119,7 +119,8 @@ def test_bad_input_exits_2(tmp_path):
                         (("--name", "absent"), "no artifact absent"),
                         (("--name", "no-manifest"), "no manifest"),
                         (("--name", "damaged"), "does not match its manifest"),
-                        (("--image", "trtllm-deploy-test/never-built:0"), "not on this machine"),
+                        (("--image", "sha256:" + "0" * 64), "not an image name"),
+                        (("--image", "Bad Name:0"), "not an image name"),
                         (("--name", "damaged", "--streams", "0"), "--streams 0")]:
         done = run_push("--store", str(store), "--hosts", str(hosts), *args)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
@@ -515,6 +516,13 @@ def _build(tag: str, context: Path, base: str, top: bytes) -> None:
 
 
 @needs_docker
+def test_an_image_no_node_has_nor_this_machine_is_named_with_every_node_asked(bed):
+    done = run_push("--image", "trtllm-deploy-test/never-built:0", "--hosts", str(bed.layout.hosts_file))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "no node has the image trtllm-deploy-test/never-built:0" in done.stderr
+    assert "spark-1, spark-2, spark-3" in done.stderr and "invoke image" in done.stderr
+
+
 def test_an_image_sends_only_the_layers_a_node_lacks(bed, base_image, tmp_path):
     tag = f"trtllm-deploy-test/push:{os.getpid()}"
     try:

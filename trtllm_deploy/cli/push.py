@@ -30,6 +30,12 @@ def _cell(up_to_date: bool, text: str):
     return console.status_cell("pass" if up_to_date else "warn", text)
 
 
+def _came_from(result) -> str:
+    """Where a node's bytes came from: the artifact's upstream node, and the image's holder."""
+    parts = [result.received_from or "", f"image: {result.image_from}" if result.image_from else ""]
+    return ", ".join(part for part in parts if part) or "–"
+
+
 def _summary_rows(results) -> list[list]:
     rows = []
     for o in results:
@@ -43,14 +49,16 @@ def _summary_rows(results) -> list[list]:
             actions[0] += f" ({r.artifact.streams} streams)"
         rate = f"{console.size(r.bytes_sent / r.seconds)}/s" if r.bytes_sent and r.seconds else "–"
         rows.append([o.node.name, console.status_cell("pass", ", ".join(actions)),
-                     r.received_from or "–", console.size(r.bytes_sent), console.size(r.bytes_skipped),
+                     _came_from(r), console.size(r.bytes_sent), console.size(r.bytes_skipped),
                      f"{r.seconds:.2f} s", rate, ""])
     return rows
 
 
 @task(help={"name": "the artifact's directory name in --store (sent to paths.artifacts/NAME)",
             "store": "where artifacts are on this machine (default: engines/)",
-            "image": "an image of this machine's Docker engine to send too (only missing layers)",
+            "image": "an image to send too, from the node that holds it (the build node first, then the "
+                     "head, then any) through a registry there; from this machine's engine only "
+                     "where no node has it. Only missing layers travel; ID and labels are checked",
             "transport": "ssh (default: encrypted) or fabric: the artifact's bytes as plain TCP to each"
                          " node's fabric address, for private direct links (token and checks over SSH)",
             "streams": "connections per node (per hop of a chain) at once, each taking the next file "
@@ -68,25 +76,35 @@ def push(c: Context, name: str = "", store: str = "engines", image: str = "", ho
     pushing.check_transport(transport)
     pushing.check_streams(streams)
     pushing.check_route(route or None)
+    if from_ and not name:
+        raise InputError("--from NODE: give --name, the artifact in that node's store")
+    if not name and not image:
+        raise InputError("nothing to push: give --name ARTIFACT, --image REF, or both")
+    local = pushing.source(store, name) if name and not from_ else None  # bad input: exit 2 first
+    if image:
+        pushing.registry.repository_and_tag(image)  # a name a registry can hold, or exit 2 here
+    cluster = inventory.load(hosts)
     if from_:
-        if not name:
-            raise InputError("--from NODE: give --name, the artifact in that node's store")
-        cluster = inventory.load(hosts)
-        holder = cluster.head if from_ == "head" else cluster.node(from_)
-        src = pushing.source_on(holder, name, image=image)
+        src = pushing.source_on(cluster.head if from_ == "head" else cluster.node(from_), name)
     else:
-        src = pushing.source(store, name, image)
-        cluster = inventory.load(hosts)
+        src = local or pushing.Source()
+    if image:
+        with console.err.status(f"looking for {image} on the nodes…", spinner="dots"):
+            src = pushing.with_image(src, pushing.holder.locate(
+                cluster.nodes, image, prefer=(cluster.build_node_name, cluster.head.name)))
     selected = cluster.select(nodes)
     what = " and ".join(x for x in (name, image) if x)
     with console.err.status(f"asking {len(selected)} node(s) what they have of {what}…",
                             spinner="dots"):
         plans = pushing.look(selected, src)
     way = pushing.route_of(plans, src, route or None) if name else None
+    image_way = pushing.image_route_of(plans, src)
     if dry_run:
         if json:
             console.print_json({"dry_run": True, "artifact": name or None, "image": image or None,
                                 "from": src.label if name else None, "route": way,
+                                "image_from": src.image_label if image else None,
+                                "image_route": image_way,
                                 "nodes": {o.node.name: o.value.as_json() if o.ok else
                                           {"ok": False, "error": o.reason} for o in plans}})
         else:
@@ -94,6 +112,8 @@ def push(c: Context, name: str = "", store: str = "engines", image: str = "", ho
                                             ["node", "artifact", "image"], _plan_rows(plans)))
             if way:
                 console.out.print(f"route of {name}: {way}")
+            if image_way:
+                console.out.print(f"route of {image}: {image_way}")
         if plans.failed:
             raise Exit(plans.summary(), code=1)
         return
@@ -115,6 +135,7 @@ def push(c: Context, name: str = "", store: str = "engines", image: str = "", ho
     if json:
         console.print_json({"artifact": name or None, "image": image or None,
                             "from": src.label if name else None, "route": way,
+                            "image_from": src.image_label if image else None, "image_route": image_way,
                             "ok": not results.failed,
                             "nodes": {o.node.name: o.value.as_json() if o.ok else
                                       {"ok": False, "error": o.reason} for o in results}})

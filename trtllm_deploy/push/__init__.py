@@ -8,6 +8,11 @@ The artifact comes from a folder on this machine (:func:`source`) or from a node
 (:func:`source_on`: the head's, where ``engine.build`` writes it). With more than one node to send
 to it goes along a chain (:mod:`push.chain`), so the source's link carries it once; ``route="star"``
 sends to every node straight from the source, as the baseline the fan-out benchmark compares with.
+
+The image comes from the node that holds it (:func:`with_image`, found by :mod:`push.holder`: the
+build node, where ``invoke image`` puts it), through a registry on that node's loopback that the
+others pull from over SSH tunnels (:mod:`push.registry`); only an image that no node holds and
+this machine's engine does goes from here, as thinned ``docker save`` archives (:mod:`push.layers`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from trtllm_deploy.artifact import manifest, verify
@@ -25,7 +31,7 @@ from trtllm_deploy.hosts.inventory import Node
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.targets import Target
 from trtllm_deploy.hosts.local import Local
-from trtllm_deploy.push import chain, channel, files, layers
+from trtllm_deploy.push import chain, channel, files, holder, layers, registry
 
 Progress = Callable[[str, int], None]  # (node name, bytes just sent)
 
@@ -33,12 +39,18 @@ Progress = Callable[[str, int], None]  # (node name, bytes just sent)
 @dataclass(frozen=True)
 class Source:
     """What is pushed: an artifact directory with its manifest (on this machine, or on ``node``:
-    its ``paths.artifacts/NAME``), an image of this machine, or both."""
+    its ``paths.artifacts/NAME``), an image (held by ``image_node``, or by this machine's engine
+    where that is None), or both."""
 
     artifact: Path | PurePosixPath | None = None
     wanted: dict | None = None
     image: layers.LocalImage | None = None
     node: Node | None = None
+    image_node: Node | None = None
+
+    @property
+    def image_label(self) -> str:
+        return self.image_node.name if self.image_node else holder.THIS_MACHINE
 
     @property
     def name(self) -> str | None:
@@ -100,6 +112,11 @@ def source_on(node: Node, name: str, *, reach: Callable[[Node], Target] = connec
                   layers.inspect_local(image) if image else None, node)
 
 
+def with_image(src: Source, holding: holder.Holding) -> Source:
+    """``src`` with the image ``holder.locate`` found, where it found it."""
+    return replace(src, image=holding.image, image_node=holding.node)
+
+
 @dataclass(frozen=True)
 class NodePlan:
     node: str
@@ -123,6 +140,7 @@ class NodePushed:
     image: layers.ImageSent | None
     seconds: float
     received_from: str | None = None  # the artifact's upstream: a node's name or "this machine"
+    image_from: str | None = None     # where the image's layers came from, when any were sent
 
     @property
     def bytes_sent(self) -> int:
@@ -133,7 +151,7 @@ class NodePushed:
         return sum(part.bytes_skipped for part in (self.artifact, self.image) if part)
 
     def as_json(self) -> dict:
-        return {"ok": True, "received_from": self.received_from,
+        return {"ok": True, "received_from": self.received_from, "image_from": self.image_from,
                 "bytes_sent": self.bytes_sent, "bytes_skipped": self.bytes_skipped,
                 "seconds": round(self.seconds, 3),
                 "rate_bytes_per_s": round(self.bytes_sent / self.seconds) if self.seconds else 0,
@@ -202,6 +220,21 @@ def route_of(plans: GroupResult[NodePlan], src: Source, route: str | None = None
     return chain.describe(src.label, needing(plans), pick_route(plans, route))
 
 
+def needing_image(plans: GroupResult[NodePlan]) -> list[str]:
+    """The nodes that lack the image (by ID and labels), in inventory order."""
+    return [o.node.name for o in plans if o.ok and o.value.image and not o.value.image.up_to_date]
+
+
+def image_route_of(plans: GroupResult[NodePlan], src: Source) -> str | None:
+    """The image's way in words: ``spark-1 (registry) → spark-2, spark-3``; None when no node
+    needs it."""
+    names = needing_image(plans)
+    if not src.image or not names:
+        return None
+    how = "registry" if src.image_node else "docker save"
+    return f"{src.image_label} ({how}) → {', '.join(names)}"
+
+
 def expected_bytes(plans: GroupResult[NodePlan], route: str | None = None) -> dict[str, int]:
     """What each node's link will carry (for a progress bar): along a chain every node receives
     what any node still needs, in a star its own difference."""
@@ -222,7 +255,8 @@ def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None
     "chain" (the default where more than one node needs it), or from a node's store straight to
     each node; a star from this machine is the direct transfer, over up to ``streams`` connections
     per node (``transport="fabric"``: plain TCP to each node's fabric address, control, token and
-    verdict on SSH). Images always go from this machine over SSH."""
+    verdict on SSH). The image goes from its holder's registry to every node that lacks it (the
+    registry runs only while some node needs layers), or from this machine's engine over SSH."""
     fabric = check_transport(transport) == "fabric"
     check_streams(streams)
     chosen = pick_route(plans, route)
@@ -239,8 +273,9 @@ def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None
                                      forward_timeout=forward_timeout)
             finally:
                 source.close()
-        with layers.scratch() as folder:
-            saved = layers.SavedImage(src.image, Path(folder)) if src.image else None
+        from_here = src.image is not None and src.image_node is None
+        with layers.scratch() as folder, _serving(src, plans, reach) as served:
+            saved = layers.SavedImage(src.image, Path(folder)) if from_here else None
 
             def one(node: Node, target: Target) -> NodePushed:
                 started = time.monotonic()
@@ -260,14 +295,33 @@ def send(plans: GroupResult[NodePlan], src: Source, *, progress: Progress | None
                     received_from = None if artifact.action == "up to date" else chain.THIS_MACHINE
                 if saved:
                     image = layers.push(node, target, saved, planned.image, count)
+                elif served is not None and planned.image is not None:
+                    image = registry.pull(node, target, served, planned.image, count)
+                elif planned.image is not None:
+                    image = layers.ImageSent(src.image.reference, src.image.id, "up to date", 0, 0, 0, 0.0)
+                image_from = src.image_label if image is not None and image.action != "up to date" else None
                 return NodePushed(node.name, artifact, image, before + time.monotonic() - started,
-                                  received_from)
+                                  received_from, image_from)
 
             done = fan_out(reachable, one, reach=reach)
     except BaseException:
         channel.stop_all()  # Ctrl-C: the nodes keep what they received, for resuming
         raise
     return GroupResult([done[o.node.name] if o.ok else Outcome(o.node, error=o.error) for o in plans])
+
+
+@contextmanager
+def _serving(src: Source, plans: GroupResult[NodePlan], reach: Callable[[Node], Target]):
+    """The image in its holder's registry while the nodes pull, if some node lacks it; else None."""
+    if src.image_node is None or not needing_image(plans):
+        yield None
+        return
+    target = reach(src.image_node)
+    try:
+        with registry.serve(src.image_node, target, src.image) as served:
+            yield served
+    finally:
+        target.close()
 
 
 def push(nodes: Sequence[Node], src: Source, *, progress: Progress | None = None,
