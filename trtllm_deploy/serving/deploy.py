@@ -9,7 +9,6 @@ needed), ``skipped`` (not this deployment's business, with why), or, with ``dry_
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,13 +18,13 @@ from pathlib import Path
 from trtllm_deploy import console, push
 from trtllm_deploy.source import pin as sources
 from trtllm_deploy.artifact import build as artifact
-from trtllm_deploy.artifact import convert, manifest, models
+from trtllm_deploy.artifact import manifest, models
 from trtllm_deploy.errors import CheckFailed, DeployError, InputError
 from trtllm_deploy.hosts import preflight
 from trtllm_deploy.hosts.connections import Connections
 from trtllm_deploy.hosts.inventory import Cluster
 from trtllm_deploy.runtimes import runtime as runtimes
-from trtllm_deploy.serving import clustercheck, containers, gate, jobs, launch
+from trtllm_deploy.serving import clustercheck, containers, delivery, gate, jobs, launch
 from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source.lock import LockFile
@@ -59,10 +58,11 @@ class Phase:
     detail: str
     seconds: float = 0.0
     nodes: dict[str, str] = field(default_factory=dict)   # per-node words, where they differ
+    data: dict = field(default_factory=dict)              # the same for machines, where a phase has it
 
     def as_json(self) -> dict:
         return {"phase": self.name, "action": self.action, "detail": self.detail,
-                "seconds": round(self.seconds, 3), "nodes": self.nodes}
+                "seconds": round(self.seconds, 3), "nodes": self.nodes, **self.data}
 
 
 @dataclass
@@ -215,30 +215,49 @@ def _job_nodes(cluster: Cluster, tp: int) -> Cluster:
     return replace(cluster, nodes=cluster.nodes[:tp])
 
 
+def _source_of(state: dict) -> push.Source:
+    """The artifact as push takes it, read once: from this machine's folder or the head's store."""
+    if "source" not in state:
+        state["source"] = delivery.artifact_source(state["artifact"], state.get("artifact_node"))
+    return state["source"]
+
+
 def _push(cluster, lockfile, catalog, request, state, say) -> Phase:
     nodes = _job_nodes(cluster, state["tp"]).nodes
-    folder: Path = state["artifact"]
-    # The image goes along where this machine has it (it was built here, or loaded here); a node
-    # that has it by ID is not sent a byte.
-    image = state["image"] if convert.local_image(state["image"]) else ""
-    src = push.source(folder.parent, folder.name, image)
+    name = state["artifact"].name
+    try:
+        src = _source_of(state)
+    except CheckFailed:
+        if not request.dry_run:
+            raise
+        return Phase("push", "would send", f"{name} from {cluster.head.name} along a chain to the other "
+                                           "node(s) once engine.build has made it")
+    try:
+        holding = delivery.locate_image(cluster, state["image"])
+    except CheckFailed:
+        if not request.dry_run:
+            raise
+        return Phase("push", "would send", f"{name} ({src.label}) and {state['image']} from "
+                                           f"{cluster.build_node_name} once it is built")
+    src = push.with_image(src, holding)
     plans = push.look(nodes, src)
     plans.raise_for_failures()
     per_node = {o.node.name: "up to date" if o.value.up_to_date else _difference(o.value) for o in plans}
     if all(o.value.up_to_date for o in plans):
-        return Phase("push", "up to date", f"{folder.name}" + (f" and {image}" if image else "")
-                     + f" on {len(nodes)} node(s)", nodes=per_node)
+        return Phase("push", "up to date", f"{name} and {state['image']} on {len(nodes)} node(s)",
+                     nodes=per_node)
+    ways = delivery.routes(plans, src)
     if request.dry_run:
-        return Phase("push", "would send", "to " + ", ".join(n for n, w in per_node.items()
-                                                             if w != "up to date"), nodes=per_node)
+        return Phase("push", "would send", ways, nodes=per_node)
     push.require_room(plans)
-    say("sending what each node lacks")
+    say(f"sending what each node lacks ({ways})")
     sent = push.send(plans, src, transport=request.transport)
     sent.raise_for_failures()
     total = sum(o.value.bytes_sent for o in sent)
-    return Phase("push", "done", f"{console.size(total)} sent", nodes={
-        o.node.name: f"{console.size(o.value.bytes_sent)} sent, {console.size(o.value.bytes_skipped)} "
-                     "already there" for o in sent})
+    told = {o.node.name: delivery.came_from(o.value) for o in sent}
+    return Phase("push", "done", f"{console.size(total)} sent; {ways}",
+                 nodes={node: words for node, (words, _) in told.items()},
+                 data={"from": {node: data for node, (_, data) in told.items()}})
 
 
 def _difference(plan) -> str:
@@ -251,12 +270,11 @@ def _difference(plan) -> str:
 
 
 def _wanted(cluster: Cluster, request: Request, state: dict) -> Deployment:
-    folder: Path = state["artifact"]
-    backend = launch.serve_backend(folder, f"{containers.ARTIFACTS}/{folder.name}")
-    digest = hashlib.sha256((folder / "trtllm-deploy-manifest.json").read_bytes()).hexdigest()
+    src = _source_of(state)
+    backend = runtimes.default().options(delivery.backend(src), f"{containers.ARTIFACTS}/{src.name}")
     return Deployment(job=request.job, runtime=runtimes.default().name, image=state["image"],
-                      artifact=folder.name, tp=state["tp"], port=request.port, backend=backend,
-                      env=request.env, manifest_sha256=digest)
+                      artifact=src.name, tp=state["tp"], port=request.port, backend=backend,
+                      env=request.env, manifest_sha256=delivery.manifest_digest(src))
 
 
 def _serving_as_wanted(cluster: Cluster, wanted: Deployment) -> Deployment | None:
