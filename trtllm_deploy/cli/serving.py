@@ -9,17 +9,33 @@ from pathlib import Path
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from trtllm_deploy import console
+from trtllm_deploy import console, push
 from trtllm_deploy.artifact import verify
+from trtllm_deploy.artifact.manifest import MANIFEST
+from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.cli import (ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP, env_pairs,
                                user_errors)
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
-from trtllm_deploy.serving import containers, gate, jobs, launch, supervise
+from trtllm_deploy.serving import containers, delivery, gate, jobs, launch, supervise
 from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import lock as locks
 
-STORE_HELP = "where engine.build made the artifact, to read its backend (default: engines/)"
+STORE_HELP = ("a folder on this machine holding the artifact, to read its backend from its manifest; "
+              "where it is not there, the head's store is read (default: engines/)")
+
+
+def _backend(cluster, store: Path, artifact: str, runtime: str) -> tuple[str, ...]:
+    """The runtime's options for the artifact, by its manifest: in ``store`` here if it is there,
+    else in the head's store (where engine.build makes it and push puts it)."""
+    inside = f"{containers.ARTIFACTS}/{artifact}"
+    if (store / artifact / MANIFEST).is_file():
+        return launch.serve_backend(store / artifact, inside, runtime)
+    try:
+        format = delivery.backend(push.source_on(cluster.head, artifact))
+    except CheckFailed as exc:
+        raise CheckFailed(f"{exc}; push it to the nodes first (invoke push --name {artifact})") from None
+    return runtimes.get(runtime).options(format, inside)
 
 
 @task(name="launch", iterable=["env"], help={
@@ -41,8 +57,7 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
     cluster = inventory.load(hosts)
     wanted = Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
                         artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
-                        backend=launch.serve_backend(Path(store) / artifact,
-                                                     f"{containers.ARTIFACTS}/{artifact}", runtime),
+                        backend=_backend(cluster, Path(store), artifact, runtime),
                         env=env_pairs(env))
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
