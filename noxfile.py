@@ -152,6 +152,7 @@ BENCHMARKS = {
     "testbed": "benchmarks/testbed_up.py",          # 3-node testbed bring-up, images cached
     "manifest": "benchmarks/manifest_hashing.py",   # manifest create/verify on 4 GiB vs sha256sum
     "push": "benchmarks/push.py",                   # 4 GiB and an image to 2 workers vs scp/rsync/raw TCP
+    "fanout": "benchmarks/fanout.py",               # 4 GiB to 1, 3, 5 sshd workers: star, chain, rsync
     "deploy": "benchmarks/deploy_noop.py",          # deploy with nothing to do on 2, 4 and 6 nodes
     "clients": "benchmarks/bench_clients.py",       # our bench client vs aiperf, guidellm, llama-benchy
 }
