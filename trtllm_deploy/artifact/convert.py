@@ -48,21 +48,10 @@ MAKE_TIMEOUT = 48 * 3600.0  # quantizing a large checkpoint, or building its eng
 
 
 @dataclass(frozen=True)
-class Image:
+class Image(dockercli.LocalImage):
     """The runtime image as the head's Docker engine has it, and the head that has it."""
 
-    target: Target
-    reference: str
-    id: str
-    labels: dict
-    digests: tuple[str, ...] = ()   # repository digests, where it came from a registry
-
-    @property
-    def standin(self) -> bool:
-        return self.labels.get("io.trtllm-deploy.standin") == "true"
-
-    def provenance(self) -> dict:
-        return {"ref": self.reference, "id": self.id, "repo_digests": list(self.digests)}
+    target: Target | None = None
 
 
 def head_image(target: Target, ref: str, needed_for: str | None = None) -> Image | None:
@@ -71,9 +60,7 @@ def head_image(target: Target, ref: str, needed_for: str | None = None) -> Image
     done = target.run(["docker", "image", "inspect", "--format", "{{json .}}", ref], timeout=60,
                       check=False)
     if done.ok:
-        data = json.loads(done.stdout)
-        return Image(target, ref, data["Id"], (data.get("Config") or {}).get("Labels") or {},
-                     tuple(data.get("RepoDigests") or ()))
+        return Image(**vars(dockercli.parse_image(ref, done.stdout)), target=target)
     if needed_for:
         raise DeployError(f"{needed_for} runs inside the runtime image {ref} on the head ({target.name}), "
                           "whose Docker engine does not have it\n  what to do: build it there (invoke "

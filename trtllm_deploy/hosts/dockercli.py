@@ -70,7 +70,12 @@ def inspect_image(reference: str) -> LocalImage | None:
     done = docker("image", "inspect", "--format", "{{json .}}", reference, check=False, timeout=60)
     if done.returncode != 0:
         return None
-    data = json.loads(text(done))
+    return parse_image(reference, text(done))
+
+
+def parse_image(reference: str, inspected: str) -> LocalImage:
+    """``docker image inspect --format '{{json .}}'`` of one image, wherever it ran."""
+    data = json.loads(inspected)
     return LocalImage(reference, data["Id"], (data.get("Config") or {}).get("Labels") or {},
                       tuple((data.get("RootFS") or {}).get("Layers") or ()),
                       tuple(data.get("RepoDigests") or ()))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import hop, scripts
 from trtllm_deploy.hosts.connections import connect
-from trtllm_deploy.hosts.dockercli import LocalImage
+from trtllm_deploy.hosts.dockercli import LocalImage, parse_image
 from trtllm_deploy.hosts.fanout import GroupResult, Outcome, fan_out
 from trtllm_deploy.hosts.inventory import Node
 from trtllm_deploy.hosts.scripts import Script, StepFailed
@@ -207,10 +207,7 @@ def inspect(node: Node, target: Target, reference: str) -> LocalImage:
                           "or pull it there")
     if not ran.ok:
         raise StepFailed(node.name, INSPECT.step, ran.result)
-    data = json.loads(ran.stdout)
-    return LocalImage(reference, data["Id"], (data.get("Config") or {}).get("Labels") or {},
-                      tuple((data.get("RootFS") or {}).get("Layers") or ()),
-                      tuple(data.get("RepoDigests") or ()))
+    return parse_image(reference, ran.stdout)
 
 
 def parse_manifest(text: str, image: LocalImage) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
