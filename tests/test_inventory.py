@@ -89,8 +89,6 @@ BAD = [
     ("not-toml", HEAD + "port = = 22\n", 5, ["not valid TOML"]),
     ("local-node-with-port", '[[nodes]]\nname = "me"\nconnection = "local"\nport = 2222\n', 4,
      ["nodes[0].port", "a local node is not reached over SSH"]),
-    ("local-node-remote-address", '[[nodes]]\nname = "me"\nconnection = "local"\naddress = "192.0.2.9"\n', 4,
-     ["nodes[0].address", "runs on this machine"]),
     ("two-local-nodes", '[[nodes]]\nname = "a"\nconnection = "local"\nrole = "head"\n'
      '[[nodes]]\nname = "b"\nconnection = "local"\n', 5, ["a second local node"]),
     ("build-node-unknown", '[cluster]\nbuild_node = "spark-3"\n' + HEAD + WORKER, 2,
@@ -269,3 +267,12 @@ def test_cli_hosts_show_table_and_json(tmp_path):
     data = json.loads(invoke("hosts.show", "--hosts", str(path), "--json").stdout)
     assert data["head"] == "spark-1"
     assert [n["address"] for n in data["nodes"]] == ["192.0.2.1", "192.0.2.2"]
+
+
+def test_a_local_node_may_say_where_the_other_nodes_reach_it(tmp_path):
+    """Invoke on the head: the others pull the images it holds through this address."""
+    path = tmp_path / "hosts.toml"
+    path.write_text('[[nodes]]\nname = "spark-1"\nconnection = "local"\naddress = "192.0.2.9"\nrole = "head"\n'
+                    '[[nodes]]\nname = "spark-2"\naddress = "192.0.2.10"\n')
+    head = inventory.load(path).head
+    assert head.connection == "local" and head.host == "192.0.2.9" and head.login == "local"

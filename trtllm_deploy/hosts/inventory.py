@@ -288,10 +288,6 @@ def _check_node(raw: dict, node: Node, index: int) -> list[Problem]:
             if key in raw:
                 problems.append(Problem(at + (key,), "a local node is not reached over SSH",
                                         f"remove {key!r}, or set connection = \"ssh\""))
-        if node.address and node.address not in ("localhost", "127.0.0.1", "::1"):
-            problems.append(Problem(at + ("address",),
-                                    f"a local node runs on this machine, not at {node.address!r}",
-                                    "remove the address, or set connection = \"ssh\""))
     if node.connection == "ssh" and node.identity_file:
         identity = Path(os.path.expanduser(node.identity_file))
         if not identity.is_file():

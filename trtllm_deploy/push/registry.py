@@ -291,10 +291,15 @@ def pull(node: Node, target: Target, served: Served, planned: ImagePlan,
             break
     if ran.exit_code == NO_TUNNEL:
         said = ran.stderr.strip().splitlines()[-1:] or ["no answer"]
-        raise CheckFailed(f"{node.name}: cannot open an SSH tunnel to {served.holder.name} "
-                          f"({hop.address(served.holder)}) to pull {image.reference}: {said[0].rstrip('.')}; "
-                          "nodes reach each other with the keys `invoke ssh.setup` gives them: run it "
-                          "and try again")
+        holder = served.holder
+        unnamed = holder.connection == "local" and not holder.address and not holder.fabric.address
+        raise CheckFailed(f"{node.name}: cannot open an SSH tunnel to {holder.name} "
+                          f"({hop.address(holder)}) to pull {image.reference}: {said[0].rstrip('.')}; "
+                          + (f"{holder.name} is this machine (connection = \"local\") and hosts.toml gives "
+                             "no address the other nodes reach it at: add its address there, then run "
+                             "`invoke ssh.setup`" if unnamed else
+                             "nodes reach each other with the keys `invoke ssh.setup` gives them: run it "
+                             "and try again"))
     if not ran.ok:
         raise StepFailed(node.name, PULL.step, ran.result)
     fetched = _pulled(ran.sections.get("pull", ""), served)
