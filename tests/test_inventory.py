@@ -272,7 +272,8 @@ def test_cli_hosts_show_table_and_json(tmp_path):
 def test_a_local_node_may_say_where_the_other_nodes_reach_it(tmp_path):
     """Invoke on the head: the others pull the images it holds through this address."""
     path = tmp_path / "hosts.toml"
-    path.write_text('[[nodes]]\nname = "spark-1"\nconnection = "local"\naddress = "192.0.2.9"\nrole = "head"\n'
+    path.write_text('[[nodes]]\nname = "spark-1"\nconnection = "local"\naddress = "192.0.2.9"\n'
+                    'role = "head"\n'
                     '[[nodes]]\nname = "spark-2"\naddress = "192.0.2.10"\n')
     head = inventory.load(path).head
     assert head.connection == "local" and head.host == "192.0.2.9" and head.login == "local"

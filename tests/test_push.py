@@ -527,8 +527,8 @@ def test_an_image_sends_only_the_layers_a_node_lacks(bed, base_image, tmp_path):
     tag = f"trtllm-deploy-test/push:{os.getpid()}"
     try:
         _build(tag, tmp_path / "v1", base_image, os.urandom(MiB))
-        done = run_push("--image", tag, "--hosts", str(bed.layout.hosts_file), "--nodes",
-                        "spark-1,spark-2", "--json")
+        done = run_push("--image", tag, "--image-from", "here", "--hosts", str(bed.layout.hosts_file),
+                        "--nodes", "spark-1,spark-2", "--json")
         assert done.returncode == 0, done.stdout + done.stderr
         first = json.loads(done.stdout)["nodes"]
         # The base layer is already on the nodes (the stand-in is built on it): two layers go.
@@ -538,8 +538,8 @@ def test_an_image_sends_only_the_layers_a_node_lacks(bed, base_image, tmp_path):
             assert 3 * MiB < first[node]["bytes_sent"] < 4 * MiB
 
         _build(tag, tmp_path / "v2", base_image, os.urandom(MiB))  # only the top layer differs
-        done = run_push("--image", tag, "--hosts", str(bed.layout.hosts_file), "--nodes",
-                        "spark-1,spark-2", "--json")
+        done = run_push("--image", tag, "--image-from", "here", "--hosts", str(bed.layout.hosts_file),
+                        "--nodes", "spark-1,spark-2", "--json")
         assert done.returncode == 0, done.stdout + done.stderr
         second = json.loads(done.stdout)["nodes"]
         local = layers.inspect_local(tag)

@@ -65,13 +65,15 @@ def _summary_rows(results) -> list[list]:
                        f"(default {pushing.files.STREAMS})",
             "from": "where the artifact is: this machine's --store (default), or a node's store "
                     "(its paths.artifacts/NAME): `head` or a node name",
+            "image_from": "where the image is: a node's name, or `here` for this machine's engine "
+                          "(default: found on the nodes, the build node first, else here)",
             "route": "chain (node to node, the default when several nodes need the artifact) or star "
                      "(every node straight from the source)",
             "hosts": HOSTS_HELP, "nodes": NODES_HELP, "json": JSON_HELP, "dry_run": DRY_RUN_HELP})
 @user_errors
 def push(c: Context, name: str = "", store: str = "engines", image: str = "", hosts: str = "hosts.toml",
          nodes: str = "", transport: str = "ssh", streams: int = pushing.files.STREAMS, json: bool = False,
-         dry_run: bool = False, from_: str = "", route: str = "") -> None:
+         dry_run: bool = False, from_: str = "", route: str = "", image_from: str = "") -> None:
     """Send every node what it lacks of an artifact and an image, verified there, node to node."""
     pushing.check_transport(transport)
     pushing.check_streams(streams)
@@ -88,10 +90,14 @@ def push(c: Context, name: str = "", store: str = "engines", image: str = "", ho
         src = pushing.source_on(cluster.head if from_ == "head" else cluster.node(from_), name)
     else:
         src = local or pushing.Source()
+    if image_from and not image:
+        raise InputError("--image-from: give --image REF too")
     if image:
-        with console.err.status(f"looking for {image} on the nodes…", spinner="dots"):
-            src = pushing.with_image(src, pushing.holder.locate(
-                cluster.nodes, image, prefer=(cluster.build_node_name, cluster.head.name)))
+        with console.err.status(f"looking for {image}…", spinner="dots"):
+            holding = (pushing.holder.at(cluster.nodes, image, image_from) if image_from else
+                       pushing.holder.locate(cluster.nodes, image,
+                                             prefer=(cluster.build_node_name, cluster.head.name)))
+        src = pushing.with_image(src, holding)
     selected = cluster.select(nodes)
     what = " and ".join(x for x in (name, image) if x)
     with console.err.status(f"asking {len(selected)} node(s) what they have of {what}…",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import dockercli
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.dockercli import LocalImage
@@ -66,3 +66,27 @@ def locate(nodes: Sequence[Node], reference: str, prefer: Sequence[str] = (), *,
     raise CheckFailed(f"no node has the image {reference}" + (f" (asked {asked})" if asked else "")
                       + (f"; not reached: {'; '.join(unreached)}" if unreached else "")
                       + ", nor this machine: build it on the build node (invoke image) or pull it there")
+
+
+HERE = "here"
+
+
+def at(nodes: Sequence[Node], reference: str, where: str, *,
+       reach: Callable[[Node], Target] = connect) -> Holding:
+    """The image where the user said it is: ``here`` (this machine's engine) or a node's name."""
+    if where == HERE:
+        found = dockercli.inspect_image(reference)
+        if found is None:
+            raise CheckFailed(f"image {reference} is not in this machine's Docker engine (--image-from "
+                              "here); build or pull it here, or leave --image-from out to find it on "
+                              "the nodes")
+        return Holding(found)
+    node = next((n for n in nodes if n.name == where), None)
+    if node is None:
+        raise InputError(f"--image-from {where!r}: no node of that name; use {HERE} or one of "
+                         f"{', '.join(n.name for n in nodes)}")
+    target = reach(node)
+    try:
+        return Holding(registry.inspect(node, target, reference), node)
+    finally:
+        target.close()
