@@ -214,3 +214,15 @@ def test_the_same_deploy_run_inside_spark_1_gives_the_same_result(hub, testbed):
                     "-e", f"PYTHONPATH={INSIDE}/site-packages", container, "python3", "-m", "invoke",
                     "stop", "--job", "hubin", "--hosts", f"{home}/hub-inside/hosts.toml"],
                    capture_output=True, text=True, timeout=300)
+
+
+def test_a_dry_run_that_would_make_the_artifact_says_every_later_phase_waits_for_it(hub):
+    """Nothing made yet: engine.build would make it on the head, push would send it from there."""
+    cluster, hosts, lock, image, folder, env = hub
+    done = run_invoke("deploy", "--model", "llama-8b", "--precision", "nvfp4", "--tp", "3", "--hosts", hosts,
+                      "--lock", str(lock), "--dry-run", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    phases = {phase["phase"]: phase for phase in json.loads(done.stdout)["phases"]}
+    assert phases["engine"]["action"] == "would make" and "on spark-1" in phases["engine"]["detail"]
+    assert phases["push"]["action"] == "would send" and "from spark-1" in phases["push"]["detail"]
+    assert phases["check"]["action"] == "would probe" and phases["launch"]["action"] == "would start"

@@ -290,7 +290,12 @@ def _serving_as_wanted(cluster: Cluster, wanted: Deployment) -> Deployment | Non
 
 
 def _check(cluster, lockfile, catalog, request, state, say) -> Phase:
-    wanted = _wanted(cluster, request, state)
+    try:
+        wanted = _wanted(cluster, request, state)
+    except CheckFailed:
+        if not request.dry_run:
+            raise
+        return Phase("check", "would probe", "every node through mpirun, once the artifact is made")
     state["wanted"] = wanted
     running = _serving_as_wanted(cluster, wanted)
     state["running"] = running
@@ -311,6 +316,8 @@ def _check(cluster, lockfile, catalog, request, state, say) -> Phase:
 
 
 def _launch(cluster, lockfile, catalog, request, state, say) -> Phase:
+    if request.dry_run and "wanted" not in state:
+        return Phase("launch", "would start", f"{request.job}: {state['artifact'].name} once it is made")
     wanted: Deployment = state["wanted"]
     if state.get("running") is not None:
         state["deployment"] = state["running"]
