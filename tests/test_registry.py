@@ -143,11 +143,17 @@ def test_an_image_built_on_spark1_reaches_the_others_then_only_new_layers_travel
         # The ID is the config's digest: it survives a push and a pull through a registry.
         assert (got.id, got.labels, got.diff_ids) == (held.id, held.labels, held.diff_ids)
         assert got.labels["io.trtllm-deploy.test"] == "registry"
-        # The first pull takes the stand-in's layers too: the node got them by `docker load`, and
-        # Docker 20.10 on Linux skips a layer only when it knows it by its registry digest. The
-        # count is docker pull's own (the plan would say 1): what travelled, not what should have.
-        assert (sent.action, sent.layers_sent) == ("pulled", len(held.diff_ids))
-        assert sent.bytes_skipped == 0 and sent.bytes_sent > 20 * MiB
+        # The first pull through a registry takes the stand-in's layers too: the node got them by
+        # `docker load`, and Docker 20.10 on Linux skips a layer only when it knows it by its
+        # registry digest. Where an earlier test of this session already pulled an image on the
+        # stand-in through spark-1's registry (same storage, same digests), the node knows them and
+        # only the new layer travels. The count is docker pull's own, not the plan's: what
+        # travelled, and the bytes are those layers' sizes.
+        assert sent.action == "pulled", sent
+        if sent.layers_sent == len(held.diff_ids):
+            assert sent.bytes_skipped == 0 and sent.bytes_sent > 20 * MiB
+        else:
+            assert sent.layers_sent == 1 and MiB <= sent.bytes_sent < 1.2 * MiB, sent
         print(f"first pull to {name}: {sent.layers_sent} of {len(held.diff_ids)} layers, "
               f"{sent.bytes_sent} bytes sent, {sent.bytes_skipped} skipped, {sent.seconds:.2f} s")
     assert leftovers(testbed_, cluster) == {}

@@ -54,11 +54,11 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
     """Serve an artifact across the nodes: containers, mpirun, ready by progress, a gate prompt."""
     verify.check_name(artifact)
     runtimes.get(runtime)   # a name it does not know is bad input (exit 2)
+    pairs = env_pairs(env)  # bad input too, before any node is asked for the artifact's backend
     cluster = inventory.load(hosts)
     wanted = Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
                         artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
-                        backend=_backend(cluster, Path(store), artifact, runtime),
-                        env=env_pairs(env))
+                        backend=_backend(cluster, Path(store), artifact, runtime), env=pairs)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
         done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
