@@ -159,7 +159,7 @@ if [ -f "$final/$ptq" ] && [ -f "$final/.trtllm-deploy-commit" ]; then
   if [ -z "$want" ] || [ "$head" = "$want" ]; then mark commit; echo "$head"; exit 0; fi
   rm -rf -- "$final"
 fi
-mkdir -p -- "${final%/*}" && scratch=$(mktemp -d "$final.XXXXXX") || exit
+mkdir -p -- "${final%/*}" && scratch=$(mktemp -d -p "${final%/*}") || exit
 trap 'rm -rf -- "$scratch"' EXIT
 g() { git -c protocol.file.allow=always -c advice.detachedHead=false -C "$scratch" "$@"; }
 git init --quiet "$scratch" || exit
