@@ -39,25 +39,20 @@ class Holding:
 def locate(nodes: Sequence[Node], reference: str, prefer: Sequence[str] = (), *,
            reach: Callable[[Node], Target] = connect,
            here: Callable[[str], LocalImage | None] = dockercli.inspect_image) -> Holding:
-    """The holder of ``reference`` among ``nodes`` (``prefer``'s names first), else this machine.
+    """The holder of ``reference`` among ``nodes``: the preferred ones are asked first (one command
+    each, at once), the others only when none of those has it; else this machine.
 
     Raises CheckFailed naming every node asked when nobody has it."""
     registry.repository_and_tag(reference)  # an ID or a malformed name: InputError before anything
-
-    def look(node: Node, target: Target) -> LocalImage | None:
-        try:
-            return registry.inspect(node, target, reference)
-        except CheckFailed as exc:
-            if "is not on" in str(exc):
-                return None
-            raise
-
-    seen = fan_out(tuple(nodes), look, reach=reach)
-    rank = {name: index for index, name in enumerate(prefer)}
-    order = sorted(seen, key=lambda o: rank.get(o.node.name, len(rank)))
-    for outcome in order:
-        if outcome.ok and outcome.value is not None:
-            return Holding(outcome.value, outcome.node)
+    ranked = [node for name in dict.fromkeys(prefer) for node in nodes if node.name == name]
+    seen = []
+    for group in (ranked, [node for node in nodes if node not in ranked]):
+        asked = list(fan_out(tuple(group), lambda node, target: registry.find(node, target, reference),
+                             reach=reach))
+        seen += asked
+        for outcome in asked:  # in the group's order: the build node before the head
+            if outcome.ok and outcome.value is not None:
+                return Holding(outcome.value, outcome.node)
     local = here(reference)
     if local is not None:
         return Holding(local)

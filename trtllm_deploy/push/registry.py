@@ -198,16 +198,24 @@ def repository_and_tag(reference: str) -> tuple[str, str]:
     return f"{NAMESPACE}/{repository}", tag
 
 
-def inspect(node: Node, target: Target, reference: str) -> LocalImage:
-    """The image as the holding node's engine has it."""
+def find(node: Node, target: Target, reference: str) -> LocalImage | None:
+    """The image as ``node``'s engine has it, or None when it has no such image."""
     repository_and_tag(reference)  # an ID or a malformed name is refused before anything runs
     ran = scripts.run(target, INSPECT, reference, check=False)
     if ran.exit_code == 3:
-        raise CheckFailed(f"image {reference} is not on {node.name}: build it there (invoke image) "
-                          "or pull it there")
+        return None
     if not ran.ok:
         raise StepFailed(node.name, INSPECT.step, ran.result)
     return parse_image(reference, ran.stdout)
+
+
+def inspect(node: Node, target: Target, reference: str) -> LocalImage:
+    """The image as the holding node's engine has it; CheckFailed when it is not there."""
+    found = find(node, target, reference)
+    if found is None:
+        raise CheckFailed(f"image {reference} is not on {node.name}: build it there (invoke image) "
+                          "or pull it there")
+    return found
 
 
 def parse_manifest(text: str, image: LocalImage) -> tuple[str, tuple[str, ...], tuple[int, ...]]:
