@@ -17,6 +17,7 @@ this machine's engine does goes from here, as thinned ``docker save`` archives (
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ class Source:
     image: layers.LocalImage | None = None
     node: Node | None = None
     image_node: Node | None = None
+    manifest_sha256: str | None = None  # the manifest file's SHA-256, as launch records it
 
     @property
     def image_label(self) -> str:
@@ -88,7 +90,9 @@ def source(store: str | Path = "engines", name: str = "", image: str = "") -> So
             if not local.is_file() or local.stat().st_size != entry["size"]:
                 raise InputError(f"{local} does not match its manifest (missing or another size); "
                                  "rebuild the artifact (invoke engine.build)")
-    return Source(artifact, wanted, layers.inspect_local(image) if image else None)
+    digest = hashlib.sha256((artifact / manifest.MANIFEST).read_bytes()).hexdigest() if artifact else None
+    return Source(artifact, wanted, layers.inspect_local(image) if image else None,
+                  manifest_sha256=digest)
 
 
 def source_on(node: Node, name: str, *, reach: Callable[[Node], Target] = connect,
@@ -109,7 +113,7 @@ def source_on(node: Node, name: str, *, reach: Callable[[Node], Target] = connec
         raise CheckFailed(f"{node.name}: {node.paths.artifacts}/{name} does not match its manifest "
                           f"({', '.join(answer['damaged'][:3])}: missing or another size); rebuild it")
     return Source(PurePosixPath(node.paths.artifacts) / name, answer["manifest"],
-                  layers.inspect_local(image) if image else None, node)
+                  layers.inspect_local(image) if image else None, node, manifest_sha256=answer["sha256"])
 
 
 def with_image(src: Source, holding: holder.Holding) -> Source:

@@ -824,7 +824,9 @@ def source_manifest(mf, root: str, name: str) -> dict:
         full = os.path.join(folder, path)
         if not os.path.isfile(full) or os.path.getsize(full) != entry["size"]:
             damaged.append(path)
-    return {"ok": True, "manifest": wanted, "damaged": damaged}
+    with open(os.path.join(folder, mf.MANIFEST), "rb") as handle:  # what launch records
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return {"ok": True, "manifest": wanted, "damaged": damaged, "sha256": digest}
 
 
 VERBS = ("survey", "receive", "part", "send", "manifest")

@@ -9,14 +9,10 @@ came from.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from trtllm_deploy import console, push
-from trtllm_deploy.artifact.manifest import MANIFEST
-from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.hosts.targets import expand
 from trtllm_deploy.push import holder
 
 
@@ -26,19 +22,6 @@ def artifact_source(folder: Path, node: Node | None) -> push.Source:
     if node is None:
         return push.source(folder.parent, folder.name)
     return push.source_on(node, folder.name)
-
-
-def manifest_digest(src: push.Source) -> str:
-    """SHA-256 of the artifact's manifest file, read where the artifact is (as launch records it)."""
-    if src.node is None:
-        return hashlib.sha256((Path(src.artifact) / MANIFEST).read_bytes()).hexdigest()
-    target = connect(src.node)
-    try:
-        store = expand(src.node.paths.artifacts, target.home())
-        done = target.run(["sha256sum", f"{store}/{src.name}/{MANIFEST}"], timeout=120)
-        return done.stdout.split()[0]
-    finally:
-        target.close()
 
 
 def backend(src: push.Source) -> str:

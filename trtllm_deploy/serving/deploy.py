@@ -274,7 +274,7 @@ def _wanted(cluster: Cluster, request: Request, state: dict) -> Deployment:
     backend = runtimes.default().options(delivery.backend(src), f"{containers.ARTIFACTS}/{src.name}")
     return Deployment(job=request.job, runtime=runtimes.default().name, image=state["image"],
                       artifact=src.name, tp=state["tp"], port=request.port, backend=backend,
-                      env=request.env, manifest_sha256=delivery.manifest_digest(src))
+                      env=request.env, manifest_sha256=src.manifest_sha256)
 
 
 def _serving_as_wanted(cluster: Cluster, wanted: Deployment) -> Deployment | None:
