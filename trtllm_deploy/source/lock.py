@@ -107,6 +107,12 @@ class Fix(_Table):
     commit: ShortSha | None = None
     pr: Annotated[StrictInt, Field(ge=1)] | None = None
     title: StrictStr | None = None
+    # "any": every deployment needs it (a pin without it is refused). "several": only a deployment
+    # whose tensor-parallel ranks span nodes needs it (a pin without it serves on one node, warned).
+    needed_for: Literal["any", "several"] = "any"
+    # Written by source.update when the pinned history lacks the fix (why: not there, or reverted
+    # by which commit); only a "several" fix may be missing from a lock.
+    missing: StrictStr | None = None
 
     @property
     def name(self) -> str:
@@ -191,6 +197,11 @@ class LockFile:
         name = self.lock.wheel.requirements
         return self.path.parent / name if name else None
 
+    def missing_fixes(self, across_nodes: bool) -> list[Fix]:
+        """The required fixes the pinned tree lacks for a deployment on one node or across nodes."""
+        return [fix for fix in self.lock.fixes if fix.missing
+                and (across_nodes or fix.needed_for == "any")]
+
     def require_resolved(self) -> None:
         """Building and fetching need a commit, a base image and full fix SHAs."""
         lock, problems = self.lock, []
@@ -201,6 +212,8 @@ class LockFile:
             problems.append(Problem(("build",), "no base image yet",
                                     "run `invoke source.update`, or set [build] base_image"))
         for index, fix in enumerate(lock.fixes):
+            if fix.missing:
+                continue  # recorded as absent from the pin (a "several" fix): launch decides
             if not fix.commit or len(fix.commit) != 40:
                 problems.append(Problem(("fixes", index), f"fix {fix.name} has no full commit SHA yet",
                                         "run `invoke source.update` to resolve it"))
@@ -306,8 +319,9 @@ def document(lock: Lock) -> tomlkit.TOMLDocument:
     for runtime, table in lock.runtime_images.items():
         doc[runtime] = _table({"image": table.image})
     if lock.fixes:
-        doc["fixes"] = _tables([{key: getattr(fix, key) for key in ("commit", "pr", "title")}
-                                for fix in lock.fixes])
+        doc["fixes"] = _tables([{"commit": fix.commit, "pr": fix.pr, "title": fix.title,
+                                 "needed_for": None if fix.needed_for == "any" else fix.needed_for,
+                                 "missing": fix.missing} for fix in lock.fixes])
     return doc
 
 
