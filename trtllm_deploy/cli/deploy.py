@@ -76,6 +76,8 @@ def deploy(c: Context, model: str = "", precision: str = "", tp: int = 0, artifa
                                                "dry_run": dry_run})
         return
     show(report, f"deploy on {len(cluster.nodes)} node(s)", dry_run)
+    for line in report.warnings:
+        console.err.print(line, style="yellow", highlight=False, markup=False)
     quiet = all(p.action in ("up to date", "skipped") for p in report.phases[1:-1])
     console.out.print(("up to date: nothing to do; " if quiet and not dry_run else "")
                       + f"{time.monotonic() - started:.1f} s")

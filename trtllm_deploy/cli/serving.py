@@ -19,7 +19,24 @@ from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
 from trtllm_deploy.serving import containers, delivery, gate, jobs, launch, supervise
 from trtllm_deploy.serving.state import Deployment, current, last_good
+from trtllm_deploy.source import digest
 from trtllm_deploy.source import lock as locks
+
+LOCK_HELP = ("the TensorRT-LLM lock: its fixes gate serving across nodes, and an image it pins by digest "
+             "runs as that digest (default: requirements/tensorrt-llm.lock.toml, where it exists)")
+
+
+def _lockfile(lock: str) -> locks.LockFile | None:
+    """The lock given, else the default one where it exists (launch works without one)."""
+    if lock or locks.DEFAULT_PATH.exists():
+        return locks.load(lock or locks.DEFAULT_PATH)
+    return None
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        console.err.print(line, style="yellow", highlight=False, markup=False)
+
 
 STORE_HELP = ("a folder on this machine holding the artifact, to read its backend from its manifest; "
               "where it is not there, the head's store is read (default: engines/)")
@@ -45,24 +62,29 @@ def _backend(cluster, store: Path, artifact: str, runtime: str) -> tuple[str, ..
     "image": "the runtime image (default: hosts.toml container.image)",
     "port": "the HTTP port on the head (default: 8355)", "runtime": runtimes.choices(),
     "env": ENV_HELP, "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
-    "store": STORE_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
+    "store": STORE_HELP, "lock": LOCK_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str = "serve", image: str = "",
             port: int = 8355, runtime: str = runtimes.default().name, env: list[str] | None = None,
-            stall_s: float = 120.0, min_rate: float = 1.0, store: str = "engines", hosts: str = "hosts.toml",
-            json: bool = False) -> None:
+            stall_s: float = 120.0, min_rate: float = 1.0, store: str = "engines", lock: str = "",
+            hosts: str = "hosts.toml", json: bool = False) -> None:
     """Serve an artifact across the nodes: containers, mpirun, ready by progress, a gate prompt."""
     verify.check_name(artifact)
     runtimes.get(runtime)   # a name it does not know is bad input (exit 2)
     pairs = env_pairs(env)  # bad input too, before any node is asked for the artifact's backend
     cluster = inventory.load(hosts)
-    wanted = Deployment(job=job, runtime=runtime, image=image or cluster.head.container.image or "",
-                        artifact=artifact, tp=tp or len(cluster.nodes) // max(pp, 1), pp=pp, port=port,
+    lockfile = _lockfile(lock)
+    tp = tp or len(cluster.nodes) // max(pp, 1)
+    # Refused before any node is asked anything (the artifact's backend included).
+    launch.unfixed(lockfile, runtime, tp * pp)
+    named = digest.pinned_reference(lockfile, image or cluster.head.container.image or "")
+    wanted = Deployment(job=job, runtime=runtime, image=named, artifact=artifact, tp=tp, pp=pp, port=port,
                         backend=_backend(cluster, Path(store), artifact, runtime), env=pairs)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
         done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
-                             report=lambda line: spinner.update(line))
+                             report=lambda line: spinner.update(line), lockfile=lockfile)
+    _warn(done.warnings)
     if json:
         console.print_json(done.as_json())
         return
@@ -206,11 +228,13 @@ def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm
              stall_s: float = 120.0, min_rate: float = 1.0, hosts: str = "hosts.toml",
              json: bool = False) -> None:
     cluster = inventory.load(hosts)
-    image = image or ROLLBACK.image(locks.load(lock))
+    lockfile = locks.load(lock)
+    image = digest.pinned_reference(lockfile, image) if image else ROLLBACK.image(lockfile)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"rolling back to {ROLLBACK.product}…") as spinner:
         done = launch.rollback(cluster, image, Path(tmp), report=lambda line: spinner.update(line),
-                               stall_s=stall_s, min_tokens_per_s=min_rate)
+                               lockfile=lockfile, stall_s=stall_s, min_tokens_per_s=min_rate)
+    _warn(done.warnings)
     if json:
         console.print_json(done.as_json())
         return

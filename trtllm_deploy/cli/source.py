@@ -159,7 +159,7 @@ def build(c: Context, cuda_archs: str = "", jobs: int = 0, hosts: str = "hosts.t
 @user_errors
 def verify(c: Context, hosts: str = "hosts.toml", nodes: str = "",
            lock: str = str(locks.DEFAULT_PATH), json: bool = False) -> None:
-    """Check the image on every node against the lock (present, same lock hash and commit)."""
+    """Check the images on every node against the lock: same lock hash and commit; pinned digests."""
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
     verdicts = images.verify(cluster, lockfile, cluster.select(nodes))
@@ -167,9 +167,10 @@ def verify(c: Context, hosts: str = "hosts.toml", nodes: str = "",
         console.print_json([vars(v) for v in verdicts])
     else:
         console.out.print(console.table(f"image.verify: {images.image_ref(lockfile)}",
-                                        ["node", "image"], [
-            [v.node, console.status_cell("pass" if v.ok else "fail", v.detail)] for v in verdicts]))
-    bad = [v.node for v in verdicts if not v.ok]
+                                        ["node", "image", "verdict"], [
+            [v.node, v.image, console.status_cell("pass" if v.ok else "fail", v.detail)]
+            for v in verdicts]))
+    bad = sorted({v.node for v in verdicts if not v.ok})
     if bad:
         raise Exit(f"image.verify: {len(bad)} node(s) differ from the lock: {', '.join(bad)}", code=1)
 

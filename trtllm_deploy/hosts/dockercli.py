@@ -53,7 +53,8 @@ class LocalImage:
     id: str
     labels: dict
     diff_ids: tuple[str, ...]       # its layers, bottom first
-    digests: tuple[str, ...] = ()   # repository digests, where it came from a registry
+    digests: tuple[str, ...] = ()   # repository digests (NAME@sha256:…), where it came from a registry
+    tags: tuple[str, ...] = ()      # the names it answers to (NAME:TAG)
 
     @property
     def standin(self) -> bool:
@@ -78,4 +79,4 @@ def parse_image(reference: str, inspected: str) -> LocalImage:
     data = json.loads(inspected)
     return LocalImage(reference, data["Id"], (data.get("Config") or {}).get("Labels") or {},
                       tuple((data.get("RootFS") or {}).get("Layers") or ()),
-                      tuple(data.get("RepoDigests") or ()))
+                      tuple(data.get("RepoDigests") or ()), tuple(data.get("RepoTags") or ()))

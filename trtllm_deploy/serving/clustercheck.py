@@ -5,6 +5,10 @@ The job's containers start on every node (trtllm_deploy/serving/containers.py), 
 same everywhere (image, TensorRT-LLM, artifact manifest, driver, GPU) against the majority, what
 is each node's own (its fabric variables and interfaces) against hosts.toml. The containers are
 removed afterwards, whatever happened.
+
+With the lock, two checks come first and need no container: an image named by digest must be that
+digest on every node (trtllm_deploy/source/digest.py; a node whose tag moved is drift, and the probe
+does not run), and the pin must have the fixes a job across this many nodes needs (launch.unfixed).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from trtllm_deploy.artifact.verify import check_name
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts.inventory import Cluster
 from trtllm_deploy.runtimes import runtime
-from trtllm_deploy.serving import containers, fabric, probe
+from trtllm_deploy.serving import containers, fabric, launch, probe
+from trtllm_deploy.source import digest
+from trtllm_deploy.source.lock import LockFile
 
 JOB = "check"
 TIMEOUT_S = 180.0
@@ -113,14 +119,20 @@ class CheckReport:
     problems: dict[str, list[str]]
     nodes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    digests: list[digest.Verdict] = field(default_factory=list)   # the image named by digest, per node
+    fixes: str | None = None          # why the pin cannot serve across these nodes
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.drifts and not any(self.problems.values())
+        return (not self.drifts and not any(self.problems.values()) and self.fixes is None
+                and all(verdict.ok for verdict in self.digests))
 
     def as_json(self) -> dict:
         return {"ok": self.ok, "nodes": self.nodes, "drift": [d.as_json() for d in self.drifts],
-                "problems": self.problems, "ranks": self.ranks, "seconds": round(self.seconds, 2)}
+                "problems": self.problems, "digests": [v.as_json() for v in self.digests],
+                "fixes": self.fixes, "warnings": self.warnings, "ranks": self.ranks,
+                "seconds": round(self.seconds, 2)}
 
 
 def evaluate(cluster: Cluster, gathered: dict) -> CheckReport:
@@ -135,15 +147,37 @@ def evaluate(cluster: Cluster, gathered: dict) -> CheckReport:
     return CheckReport(ranks, compare(values), problems, nodes)
 
 
+def lock_checks(cluster: Cluster, image: str | None, lockfile: LockFile | None) -> CheckReport:
+    """What is judged before any container starts: the pin's fixes for a job on these nodes, and
+    the image (``image``, else the head's container.image) where it is named by digest."""
+    report = CheckReport([], [], {}, [node.name for node in cluster.nodes])
+    try:
+        report.warnings = launch.unfixed(lockfile, runtime.default().name, len(cluster.nodes))
+    except CheckFailed as refused:
+        report.fixes = str(refused)
+    reference = digest.pinned_reference(lockfile, image or cluster.head.container.image or "")
+    pin = digest.pin_of(reference) if reference else None
+    if pin is not None:
+        report.digests = digest.look(list(cluster.nodes), pin)
+    return report
+
+
 def run(cluster: Cluster, image: str | None = None, artifact: str | None = None,
-        timeout: float = TIMEOUT_S) -> CheckReport:
-    """Start the check's containers, run the probe across all nodes, judge, remove the containers."""
+        timeout: float = TIMEOUT_S, lockfile: LockFile | None = None) -> CheckReport:
+    """Judge the lock's part (:func:`lock_checks`); then, unless the image is not the pinned one
+    somewhere, start the check's containers, run the probe across all nodes, judge, remove them."""
     import time
 
     if artifact:
         check_name(artifact)
     started = time.monotonic()
-    job = containers.Job(JOB, image=image, artifact=artifact)
+    first = lock_checks(cluster, image, lockfile)
+    if not all(verdict.ok for verdict in first.digests):
+        first.seconds = time.monotonic() - started
+        return first  # the probe would not run the pinned image everywhere: nothing is started
+    pinned = tuple(sorted((v.node, v.image_id) for v in first.digests if v.image_id))
+    job = containers.Job(JOB, image=first.digests[0].image if first.digests else image,
+                         artifact=artifact, pinned=pinned)
     manifest = f"{containers.ARTIFACTS}/{artifact}/{MANIFEST}" if artifact else None
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-check-") as tmp:
         try:
@@ -166,6 +200,7 @@ def run(cluster: Cluster, image: str | None = None, artifact: str | None = None,
         raise CheckFailed(f"the probe did not report (mpirun exited with {done.exit_code}):\n    {tail}"
                           ) from None
     report = evaluate(cluster, gathered)
+    report.digests, report.fixes, report.warnings = first.digests, first.fixes, first.warnings
     for outcome in stopped:
         if not outcome.ok or not outcome.value.clean:
             report.problems.setdefault(outcome.node.name, []).append(

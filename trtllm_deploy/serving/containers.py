@@ -66,6 +66,9 @@ class Job:
     agent_key: str = DEFAULT_KEY   # on the head; mpirun authenticates with it through the agent
     env: tuple[tuple[str, str], ...] = ()  # the same on every node (e.g. STANDIN_* settings)
     runtime: runtimes.Runtime = field(default_factory=runtimes.default)   # what the container will run
+    # Node → the image ID it runs, where ``image`` names a digest (trtllm_deploy/source/digest.py:
+    # the pinned image, verified on that node); a node not listed runs what the name gives.
+    pinned: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not JOB_NAME.match(self.name or ""):
@@ -105,12 +108,17 @@ def node_env(node: Node, job: Job, image_id: str, labels: dict[str, str]) -> dic
     return env
 
 
-def _image(node: Node, job: Job) -> str:
-    """The job's image on ``node``: the one the job names, else the node's container.image."""
+def _named(node: Node, job: Job) -> str:
+    """The job's image on ``node`` as the user names it: the job's, else the node's container.image."""
     image = job.image or node.container.image
     if not image:
         raise InputError(f"{node.name}: no runtime image: set container.image in hosts.toml or pass --image")
     return image
+
+
+def _image(node: Node, job: Job) -> str:
+    """What ``docker run`` is given on ``node``: the pinned image's ID there, else the name."""
+    return dict(job.pinned).get(node.name) or _named(node, job)
 
 
 def run_argv(cluster: Cluster, node: Node, job: Job, facts: survey.Facts) -> list[str]:
@@ -119,7 +127,7 @@ def run_argv(cluster: Cluster, node: Node, job: Job, facts: survey.Facts) -> lis
     directory = job_dir(node, facts.home, job.name)
     env = node_env(node, job, facts.image_id or "", facts.image_labels)
     labels = {LABEL_JOB: job.name, LABEL_ROLE: "head" if node.is_head else "worker",
-              LABEL_NODE: node.name, LABEL_ARTIFACT: job.artifact or "", LABEL_IMAGE: image,
+              LABEL_NODE: node.name, LABEL_ARTIFACT: job.artifact or "", LABEL_IMAGE: _named(node, job),
               LABEL_IMAGE_ID: facts.image_id or ""}
     artifacts = expand(node.paths.artifacts, facts.home)
     argv = ["docker", "run", "--detach", "--name", container_name(cluster, job.name),
@@ -272,7 +280,7 @@ def up(cluster: Cluster, job: Job, tmp: Path) -> GroupResult[Started]:
         target, _image(node, job), container_name(cluster, job.name)))
     for outcome in facts:
         if outcome.ok and outcome.value.image_id is None:
-            raise CheckFailed(f"{outcome.node.name} has no image {_image(outcome.node, job)}:"
+            raise CheckFailed(f"{outcome.node.name} has no image {_named(outcome.node, job)}:"
                               " load it first (invoke push)")
     facts.raise_for_failures()
 

@@ -26,6 +26,7 @@ from trtllm_deploy.hosts.inventory import Cluster
 from trtllm_deploy.runtimes import runtime as runtimes
 from trtllm_deploy.serving import clustercheck, containers, delivery, gate, jobs, launch
 from trtllm_deploy.serving.state import Deployment, current, last_good
+from trtllm_deploy.source import digest
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source.lock import LockFile
 
@@ -70,6 +71,7 @@ class Report:
     phases: list[Phase] = field(default_factory=list)
     deployment: Deployment | None = None
     failed: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -77,7 +79,8 @@ class Report:
 
     def as_json(self) -> dict:
         return {"ok": self.ok, "failed": self.failed, "phases": [p.as_json() for p in self.phases],
-                "deployment": self.deployment.as_json() if self.deployment else None}
+                "deployment": self.deployment.as_json() if self.deployment else None,
+                "warnings": self.warnings}
 
 
 Progress = Callable[[str, str], None]   # (phase, what it is doing now)
@@ -92,6 +95,12 @@ def run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request: 
         raise InputError("deploy needs exactly one of --model (engine.build makes the artifact) or "
                          "--artifact-dir (an artifact made already)")
     push.check_transport(request.transport)
+    # A job across nodes on a pin without a multi-node fix is refused before any node is touched,
+    # where the tp is known already (given, or in the artifact's manifest); else once engine plans it.
+    known_tp = request.tp or (_manifest_tp(Path(request.artifact_dir)) if request.artifact_dir
+                              and (Path(request.artifact_dir) / manifest.MANIFEST).is_file() else None)
+    if known_tp:
+        launch.unfixed(lockfile, runtimes.default().name, known_tp)
     with Connections() as shared:  # one SSH connection per node for every phase, closed at the end
         return _run(shared.share(cluster), lockfile, catalog, request, progress)
 
@@ -99,7 +108,7 @@ def run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request: 
 def _run(cluster: Cluster, lockfile: LockFile, catalog: models.Catalog, request: Request,
          progress: Progress) -> Report:
     report = Report()
-    state: dict = {}
+    state: dict = {"warnings": report.warnings}
     steps = {"preflight": _preflight, "source": _source, "image": _image, "engine": _engine,
              "push": _push, "check": _check, "launch": _launch, "verify": _verify}
     for name in PHASES:
@@ -162,7 +171,7 @@ def _source(cluster, lockfile, catalog, request, state, say) -> Phase:
 
 def _image(cluster, lockfile, catalog, request, state, say) -> Phase:
     named = _named_image(cluster, request)
-    state["image"] = named or images.image_ref(lockfile)
+    state["image"] = digest.pinned_reference(lockfile, named) if named else images.image_ref(lockfile)
     if named:
         return Phase("image", "skipped", f"using {named} as named; push checks it on every node")
     tree = state.get("tree")
@@ -191,6 +200,7 @@ def _engine(cluster, lockfile, catalog, request, state, say) -> Phase:
                             artifact.Request(request.model, request.precision, request.tp,
                                              image=request.image))
     planned.fit.require()
+    launch.unfixed(lockfile, runtimes.default().name, planned.tp)   # before anything is made
     state["tp"] = planned.tp
     # engine.build makes it in the head's store (paths.artifacts); push sends it from there.
     state["artifact_node"] = cluster.head
@@ -309,6 +319,7 @@ def _check(cluster, lockfile, catalog, request, state, say) -> Phase:
     if not checked.ok:
         lines = [f"  {d.as_json()}" for d in checked.drifts]
         lines += [f"  {node}: {'; '.join(p)}" for node, p in checked.problems.items() if p]
+        lines += [f"  {v.node}: {v.detail}" for v in checked.digests if not v.ok]
         raise CheckFailed("the nodes disagree (drift) or have problems; nothing was launched:\n"
                           + "\n".join(lines))
     return Phase("check", "done", f"{len(checked.nodes)} rank(s) agree: image, TensorRT-LLM, manifest, "
@@ -324,25 +335,30 @@ def _launch(cluster, lockfile, catalog, request, state, say) -> Phase:
         return Phase("launch", "up to date", f"{wanted.job} is serving")
     if request.dry_run:
         previous = current(cluster)
+        warnings = launch.unfixed(lockfile, wanted.runtime, wanted.ranks)
+        state["warnings"].extend(warnings)
         return Phase("launch", "would start", f"{wanted.job}: {wanted.artifact} with tp {wanted.tp}"
-                     + (f", after stopping {previous.job}" if previous else ""))
+                     + (f", after stopping {previous.job}" if previous else "")
+                     + "".join(f"\n{line}" for line in warnings))
     good = last_good(cluster)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp:
         try:
             done = launch.launch(cluster, wanted, Path(tmp), stall_s=request.stall_s,
-                                 min_tokens_per_s=request.min_tokens_per_s, report=say)
+                                 min_tokens_per_s=request.min_tokens_per_s, report=say, lockfile=lockfile)
         except DeployError as failure:
             if request.on_failure != "rollback" or good is None or good == wanted:
                 raise
             say(f"the new deployment failed its gate; returning to {good.job}")
             back = launch.launch(cluster, good, Path(tmp), stall_s=request.stall_s,
-                                 min_tokens_per_s=request.min_tokens_per_s, report=say)
+                                 min_tokens_per_s=request.min_tokens_per_s, report=say, lockfile=lockfile)
             state["deployment"] = back.deployment
             raise CheckFailed(f"{failure}\n  rolled back: {good.job} ({good.artifact}) serves again") \
                 from None
     state["deployment"], state["gate"] = done.deployment, done.tokens_per_s
+    state["warnings"].extend(done.warnings)
     return Phase("launch", "done", f"{wanted.job} ready after {done.ready_s:.0f} s, gate "
-                                   f"{done.tokens_per_s:.1f} tokens/s")
+                                   f"{done.tokens_per_s:.1f} tokens/s"
+                 + "".join(f"\n{line}" for line in done.warnings))
 
 
 def _verify(cluster, lockfile, catalog, request, state, say) -> Phase:

@@ -32,6 +32,8 @@ from trtllm_deploy.runtimes.runtime import FORMATS, Serve
 from trtllm_deploy.serving import containers
 from trtllm_deploy.serving.gate import ask, wait_ready
 from trtllm_deploy.serving.state import Deployment, current, last_good, record
+from trtllm_deploy.source import digest
+from trtllm_deploy.source.lock import LockFile
 
 # Programs mpirun starts (argv, not scripts run on a node): each rank records its pid, then becomes
 # the program with its output in its own log file; mpirun itself, detached in the head's container,
@@ -82,6 +84,28 @@ def job_cluster(cluster: Cluster, deployment: Deployment) -> Cluster:
     return replace(cluster, nodes=chosen)
 
 
+def unfixed(lockfile: LockFile | None, serves: str, nodes: int) -> list[str]:
+    """The lock's fixes against a job of runtime ``serves`` on ``nodes`` node(s), before anything
+    runs: refused (CheckFailed) when its ranks span nodes and the pin lacks a fix that needs; for
+    one node, a warning per fix it lacks. The fixes are TensorRT-LLM's, so they bind only the
+    runtime the lock pins (the default one), not the rollback runtime's own image."""
+    if lockfile is None or serves != runtime.default().name:
+        return []
+    across = nodes > 1
+    missing = lockfile.missing_fixes(across)
+    if across and missing:
+        lines = "\n".join(f"  {fix.name}: {fix.missing}" for fix in missing)
+        raise CheckFailed(
+            f"refused: this deployment's ranks span {nodes} nodes, and the TensorRT-LLM pinned by "
+            f"{lockfile.path} lacks {len(missing)} fix(es) that serving across nodes needs; nothing "
+            f"was started on any node:\n{lines}\n  what to do: pin a release that contains them "
+            "(`invoke source.update --ref <tag>`, then invoke image), or serve on one node (--tp 1)")
+    return [f"warning: the pinned TensorRT-LLM lacks {fix.name} ({fix.missing}); it is needed only "
+            "across nodes, so this one-node deployment goes ahead; pin a release with it "
+            "(`invoke source.update --ref <tag>`) before serving across nodes"
+            for fix in lockfile.missing_fixes(True) if fix not in missing]
+
+
 @dataclass
 class Launched:
     deployment: Deployment
@@ -89,20 +113,28 @@ class Launched:
     answer: str = ""
     tokens_per_s: float = 0.0
     containers: dict[str, str] = field(default_factory=dict)  # node -> started/replaced/kept
+    warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict:
         return {"deployment": self.deployment.as_json(), "ready_s": round(self.ready_s, 2),
                 "answer": self.answer, "tokens_per_s": round(self.tokens_per_s, 2),
-                "containers": self.containers}
+                "containers": self.containers, "warnings": self.warnings}
 
 
 def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: float = 120.0,
-           min_tokens_per_s: float = 1.0, report=lambda line: None) -> Launched:
+           min_tokens_per_s: float = 1.0, report=lambda line: None,
+           lockfile: LockFile | None = None) -> Launched:
     """Start ``deployment`` and gate it; on any failure its job is removed from every node (and the
-    failure raised, explained from the ranks' logs)."""
+    failure raised, explained from the ranks' logs). With ``lockfile``, a job across nodes on a pin
+    that lacks a multi-node fix is refused first, and an image named by digest runs as the pinned
+    image on every node (refused where a node has another)."""
     nodes = job_cluster(cluster, deployment)
+    warnings = unfixed(lockfile, deployment.runtime, len(nodes.nodes))
+    for line in warnings:
+        report(line)
+    pinned = digest.resolve(nodes, deployment.image) if deployment.image else {}
     job = containers.Job(deployment.job, deployment.image, deployment.artifact, env=deployment.env,
-                         runtime=runtime.get(deployment.runtime))
+                         runtime=runtime.get(deployment.runtime), pinned=tuple(sorted(pinned.items())))
     report(f"starting the runtime containers of {deployment.job} on {len(nodes.nodes)} node(s)")
     # The new job's containers start (idle) while the previous deployment still serves; a start
     # that fails anywhere is removed everywhere and leaves the previous one serving.
@@ -122,7 +154,8 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
                          image_id=image_ids.pop() if len(image_ids) == 1 else None,
                          manifest_sha256=deployment.manifest_sha256 or _manifest_hash(head, deployment),
                          started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    result = Launched(deployment, containers={o.node.name: o.value.action for o in started})
+    result = Launched(deployment, containers={o.node.name: o.value.action for o in started},
+                      warnings=warnings)
     record(cluster, current=deployment)
     try:
         report(f"mpirun: {deployment.ranks} rank(s) of {deployment.runtime}")
@@ -185,7 +218,8 @@ def stop(cluster: Cluster, job: str):
     return stopped
 
 
-def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None, **gate) -> Launched:
+def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None,
+             lockfile: LockFile | None = None, **gate) -> Launched:
     """Stop the deployment and serve the same checkpoint with the rollback runtime from ``image``,
     gated the same way."""
     to = runtime.rollback()
@@ -204,4 +238,4 @@ def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None, 
     target = replace(source, job=f"{source.job[:39 - len(to.name)]}-{to.name}", runtime=to.name, image=image,
                      backend=to.options(format, inside), image_id=None, manifest_sha256=None, started=None)
     report(f"rollback: serving {source.artifact} with {to.product} ({image}) instead of {source.job}")
-    return launch(cluster, target, tmp, report=report, **gate)
+    return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)

@@ -23,7 +23,7 @@ from trtllm_deploy.hosts.scripts import Script
 from trtllm_deploy.hosts.shell import join
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.targets import Target, expand
-from trtllm_deploy.source import buildlog, make, release, wheel
+from trtllm_deploy.source import buildlog, digest, make, release, wheel
 from trtllm_deploy.source.lock import LockFile
 from trtllm_deploy.source.plan import (LABEL_ARCHS, LABEL_KIND, LABEL_LOCK, BuildPlan, image_ref,
                                        labels_on)
@@ -166,7 +166,9 @@ class Verdict:
 
 def verify(cluster: Cluster, lockfile: LockFile, nodes=None,
            reach: Callable[[Node], Target] = connect) -> list[Verdict]:
-    """Every node's image against the lock: present, and labelled with this lock's hash and commit."""
+    """Every node's image against the lock: present, and labelled with this lock's hash and commit;
+    then every image the lock names by digest (:mod:`.digest`): that digest on each node, or the
+    same image ID as a node that has it, else drift."""
     image = image_ref(lockfile)
     expected = {LABEL_LOCK: lockfile.hash}
     if lockfile.lock.build.kind == "source":
@@ -184,6 +186,11 @@ def verify(cluster: Cluster, lockfile: LockFile, nodes=None,
         return Verdict(node.name, image, True, f"{got.get(LABEL_KIND)}: commit {revision[:12]}, "
                        f"CUDA_ARCHS {got.get(LABEL_ARCHS) or 'the release default'}")
 
-    results = fan_out(nodes or cluster.nodes, check, reach=reach)
-    return [outcome.value if outcome.ok else Verdict(outcome.node.name, image, False, outcome.reason)
-            for outcome in results]
+    chosen = list(nodes or cluster.nodes)
+    results = fan_out(chosen, check, reach=reach)
+    verdicts = [outcome.value if outcome.ok else Verdict(outcome.node.name, image, False, outcome.reason)
+                for outcome in results]
+    for pin in digest.pins(lockfile):
+        verdicts += [Verdict(seen.node, pin.reference, seen.ok, f"{pin.what}: {seen.state}: {seen.detail}")
+                     for seen in digest.look(chosen, pin, reach)]
+    return verdicts
