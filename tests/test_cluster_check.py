@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from trtllm_deploy.cli import cluster as cluster_cli
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.serving import clustercheck, probe
+from trtllm_deploy.source import lock as locks
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
@@ -125,6 +127,24 @@ def test_each_nodes_own_checks(three):
     assert report.problems["s3"] == ["interface eth0 is down"]
     missing = clustercheck.evaluate(three, {"ranks": [_rank(0, "s1"), _rank(1, "s2")]})
     assert missing.problems["s3"] == ["no rank reported from this node"]
+
+
+UNFIXED = ('[source]\nrepository = "https://github.com/NVIDIA/TensorRT-LLM.git"\n[build]\nkind = "source"\n'
+           '[[fixes]]\npr = 12902\nneeded_for = "several"\nmissing = "not in the pinned history"\n')
+
+
+def test_a_pin_without_a_multi_node_fix_fails_the_check_across_nodes_and_warns_on_one(three, tmp_path):
+    """Judged before any container starts (the nodes here, 192.0.2.x, are never reached)."""
+    lock = tmp_path / "lock.toml"
+    lock.write_text(UNFIXED)
+    lockfile = locks.load(lock)
+    across = clustercheck.lock_checks(three, "x:1", lockfile)
+    assert not across.ok and "(#12902): not in the pinned history" in across.fixes
+    assert across.digests == [] and across.as_json()["fixes"] == across.fixes
+    one = clustercheck.lock_checks(replace(three, nodes=three.nodes[:1]), "x:1", lockfile)
+    assert one.ok and one.fixes is None and "(#12902)" in one.warnings[0]
+    lock.write_text(UNFIXED.replace('missing = "not in the pinned history"\n', ""))
+    assert clustercheck.lock_checks(three, "x:1", locks.load(lock)).ok
 
 
 # --- on the testbed, through the task ------------------------------------------------------------

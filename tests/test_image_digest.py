@@ -157,9 +157,9 @@ def test_a_pin_with_every_fix_is_unchanged(tmp_path):
 
 
 def test_deploy_dry_run_across_nodes_is_refused_before_any_node_is_asked(tmp_path):
-    """192.0.2.0/24 is never reached: a node asked anything would fail preflight instead."""
+    """The nodes are a closed port on loopback: a node asked anything would fail preflight instead."""
     hosts = tmp_path / "hosts.toml"
-    hosts.write_text("".join(f'[[nodes]]\nname = "s{i}"\naddress = "192.0.2.{i}"\n'
+    hosts.write_text("".join(f'[[nodes]]\nname = "s{i}"\naddress = "127.0.0.{i}"\nport = 1\n'
                              + ('role = "head"\n' if i == 1 else "") for i in (1, 2)))
     lock = tmp_path / "lock.toml"
     lock.write_text(_lock(tmp_path, SEVERAL).path.read_text())

@@ -228,3 +228,47 @@ def test_a_new_job_that_cannot_start_leaves_the_previous_one_serving(bed, home):
         assert running_anywhere(bed, "tbnew") == []
     finally:
         launch.stop(bed, "tbold")
+
+
+# A lock whose pin lacks a fix that only serving across nodes needs (source.update records why).
+UNFIXED_LOCK = """[source]
+repository = "https://github.com/NVIDIA/TensorRT-LLM.git"
+[build]
+kind = "source"
+[[fixes]]
+pr = 12902
+title = "multi-node NCCL on GB10"
+needed_for = "several"
+missing = "not in the pinned history"
+"""
+
+
+def _launch_cli(bed, home, tmp_path, *args):
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(Path(bed.source).read_text())
+    lock = tmp_path / "lock.toml"
+    lock.write_text(UNFIXED_LOCK)
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "launch",
+                           "--artifact", ARTIFACT, "--env", "STANDIN_LOAD_SECONDS=1", "--lock", str(lock),
+                           "--hosts", str(hosts), *args], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HOME": str(home / "home"), "COLUMNS": "200"})
+
+
+def test_a_pin_without_a_multi_node_fix_refuses_tp_across_nodes_with_nothing_started(bed, home, tmp_path):
+    done = _launch_cli(bed, home, tmp_path, "--tp", "2", "--job", "tbunfixed", "--port", "8369")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ranks span 2 nodes" in done.stderr and "(#12902) multi-node NCCL on GB10" in done.stderr
+    assert "invoke source.update --ref <tag>" in done.stderr and "Traceback" not in done.stderr
+    assert running_anywhere(bed, "tbunfixed") == [] and state.current(bed) is None
+
+
+def test_a_pin_without_a_multi_node_fix_serves_on_one_node_with_a_warning(bed, home, tmp_path):
+    done = _launch_cli(bed, home, tmp_path, "--tp", "1", "--job", "tbone", "--port", "8369", "--json")
+    try:
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["deployment"]["nodes"] == ["spark-1"]
+        assert "warning: the pinned TensorRT-LLM lacks (#12902)" in done.stderr
+        assert "one-node deployment goes ahead" in done.stderr
+    finally:
+        launch.stop(bed, "tbone")
+    assert running_anywhere(bed, "tbone") == []

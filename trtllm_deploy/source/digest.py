@@ -31,7 +31,7 @@ GOOD = (PINNED, SAME_ID)
 
 @dataclass(frozen=True)
 class Pin:
-    """One image the lock names by digest: ``what`` says where (``[vllm] image``)."""
+    """One image the lock names by digest: ``what`` says where (``[NAME] image``)."""
 
     what: str
     reference: str
