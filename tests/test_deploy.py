@@ -178,6 +178,30 @@ def test_ctrl_c_during_deploy_leaves_nothing_half_done_and_a_rerun_continues(bed
     assert job_containers(cluster) == []
 
 
+def test_a_pin_without_a_multi_node_fix_refuses_tp_across_nodes_and_plans_one_node_with_a_warning(bed):
+    cluster, folder, hosts, work = bed
+    lock = work / "unfixed.lock.toml"
+    lock.write_text('[source]\nrepository = "https://github.com/NVIDIA/TensorRT-LLM.git"\n[build]\n'
+                    'kind = "source"\n[[fixes]]\npr = 12902\ntitle = "multi-node NCCL on GB10"\n'
+                    'needed_for = "several"\nmissing = "not in the pinned history"\n')
+    argv = [arg if arg != "3" else "2" for arg in invoke_argv(bed, "--lock", str(lock), job="tbfix")]
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=environment(work))
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "ranks span 2 nodes" in refused.stderr and "(#12902) multi-node NCCL on GB10" in refused.stderr
+    assert "preflight" not in refused.stderr and "Traceback" not in refused.stderr
+    assert job_containers(cluster) == []
+    one = [arg if arg != "3" else "1" for arg in invoke_argv(bed, "--lock", str(lock), "--dry-run", "--json",
+                                                             job="tbfix")]
+    planned = subprocess.run(one, capture_output=True, text=True, timeout=300, env=environment(work))
+    assert planned.returncode == 0, planned.stderr
+    report = json.loads(planned.stdout)
+    [warning] = report["warnings"]
+    assert "(#12902)" in warning and "one-node deployment goes ahead" in warning
+    launch_phase = next(phase for phase in report["phases"] if phase["phase"] == "launch")
+    assert launch_phase["action"] == "would start" and "(#12902)" in launch_phase["detail"]
+    assert job_containers(cluster) == []
+
+
 @pytest.mark.parametrize("task", [("deploy", "--artifact-dir", "engines/none"),
                                   ("launch", "--artifact", "none")])
 def test_an_env_option_without_a_value_is_bad_input_before_any_node_is_touched(task, tmp_path):
