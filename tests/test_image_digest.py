@@ -311,21 +311,27 @@ def test_cluster_check_reports_the_drift_before_starting_anything(moved, tmp_pat
 @needs_docker
 def test_the_pinned_image_runs_where_the_tag_moved_and_a_drifted_node_refuses_the_job(moved, tmp_path,
                                                                                       monkeypatch):
-    """spark-1's tag is the new image, but it keeps the pinned digest: the job's container there runs
-    the pinned image (by its ID), as the probe inside it says. spark-3 has only the new one: a job
-    on it is refused, nothing started."""
+    """spark-3 has only the moved tag: a job on it is refused, nothing started. Then it loads the
+    pinned image (docker load: no registry digest), and a job on spark-1 (whose tag moved, but which
+    keeps the pinned digest) and spark-3 runs the pinned image on both, as the probe inside says."""
     cluster, _, tag, pushed, lockfile = moved
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     reference = f"{tag}@{pushed['a']}"
     pinned_id = _sh(cluster, "spark-2", "docker image inspect --format '{{.Id}}' \"$1\"", reference).strip()
     assert _sh(cluster, "spark-1", "docker image inspect --format '{{.Id}}' \"$1\"", tag).strip() != pinned_id
-    two = replace(cluster, nodes=cluster.nodes[:2])
-    checked = clustercheck.run(two, image=tag, lockfile=lockfile)   # the tag: the lock's digest runs
-    assert checked.ok, checked.as_json()
-    assert [rank["image"]["id"] for rank in checked.ranks] == [pinned_id, pinned_id]
     wanted = state.Deployment(job="tbdigest", runtime="trtllm", image=reference, artifact="none", tp=3,
                               port=8368)
     with pytest.raises(CheckFailed, match="is not the pinned image on spark-3; nothing was started"):
         launch.launch(cluster, wanted, tmp_path / "tmp")
     for outcome in containers.status(cluster, "tbdigest"):
         assert outcome.value == []
+    _sh(cluster, "spark-3", 'docker rmi -f "$1" >/dev/null', tag)
+    saved = subprocess.run(["docker", "exec", cluster_container(moved, "spark-2"), "docker", "save", tag],
+                           capture_output=True, timeout=300, check=True).stdout
+    subprocess.run(["docker", "exec", "-i", cluster_container(moved, "spark-3"), "docker", "load", "-q"],
+                   input=saved, capture_output=True, timeout=300, check=True)
+    pair = replace(cluster, nodes=(cluster.node("spark-1"), cluster.node("spark-3")))
+    checked = clustercheck.run(pair, image=tag, lockfile=lockfile)   # the tag: the lock's digest runs
+    assert checked.ok, checked.as_json()
+    assert {v.node: v.state for v in checked.digests} == {"spark-1": digest.PINNED, "spark-3": digest.SAME_ID}
+    assert [rank["image"]["id"] for rank in checked.ranks] == [pinned_id, pinned_id]

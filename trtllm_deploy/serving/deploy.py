@@ -171,7 +171,10 @@ def _source(cluster, lockfile, catalog, request, state, say) -> Phase:
 
 def _image(cluster, lockfile, catalog, request, state, say) -> Phase:
     named = _named_image(cluster, request)
-    state["image"] = digest.pinned_reference(lockfile, named) if named else images.image_ref(lockfile)
+    state["image"] = named or images.image_ref(lockfile)
+    # Pushed by its name (a node that loads it keeps the ID, not the registry digest); run as the
+    # digest the lock pins for that name, so a tag that moved since does not change what serves.
+    state["run_image"] = digest.pinned_reference(lockfile, state["image"])
     if named:
         return Phase("image", "skipped", f"using {named} as named; push checks it on every node")
     tree = state.get("tree")
@@ -282,7 +285,7 @@ def _difference(plan) -> str:
 def _wanted(cluster: Cluster, request: Request, state: dict) -> Deployment:
     src = _source_of(state)
     backend = runtimes.default().options(delivery.backend(src), f"{containers.ARTIFACTS}/{src.name}")
-    return Deployment(job=request.job, runtime=runtimes.default().name, image=state["image"],
+    return Deployment(job=request.job, runtime=runtimes.default().name, image=state["run_image"],
                       artifact=src.name, tp=state["tp"], port=request.port, backend=backend,
                       env=request.env, manifest_sha256=src.manifest_sha256)
 
