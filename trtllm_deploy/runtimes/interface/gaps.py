@@ -3,7 +3,6 @@ the project's own generators) and what a pinned TensorRT-LLM lacks of it (:func:
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
 from trtllm_deploy.runtimes.interface.cli import UsageError
@@ -74,14 +73,23 @@ class Gap:
         return f"{what} {self.name}: {self.problem.rstrip('.')} in the pinned {self.pin} (used by {places})"
 
 
+def _plain(name: str) -> str:
+    """A spelling without its dashes, underscores and case: what a rename keeps."""
+    return name.lstrip("-").replace("-", "").replace("_", "").lower()
+
+
 def _renamed_flag(flag: str, by_flag: dict) -> str | None:
-    """The spelling of the option with the same parameter name, else a close one."""
+    """The spelling of the option with the same parameter name, else one that differs only in
+    dashes, underscores or case."""
     dest = flag.lstrip("-").replace("-", "_")
     for option in by_flag.values():
         if option.name == dest:
             return option.flags[0]
-    close = difflib.get_close_matches(flag, list(by_flag), n=1, cutoff=0.8)
-    return close[0] if close else None
+    return next((known for known in by_flag if _plain(known) == _plain(flag)), None)
+
+
+def _renamed_key(key: str, allowed) -> str | None:
+    return next((known for known in allowed if _plain(known) == _plain(key)), None)
 
 
 def gaps(usage: Usage, interface: Interface) -> list[Gap]:
@@ -107,9 +115,8 @@ def gaps(usage: Usage, interface: Interface) -> list[Gap]:
         for problem in interface.args.validate(mapping, backend):
             text = problem.message
             if problem.type == "extra_forbidden":
-                close = difflib.get_close_matches(problem.location[-1], list(allowed), n=1, cutoff=0.8) \
-                    if len(problem.location) == 1 else []
-                text = f"renamed to {close[0]}" if close else "missing"
+                renamed = _renamed_key(problem.location[-1], allowed) if len(problem.location) == 1 else None
+                text = f"renamed to {renamed}" if renamed else "missing"
             keys.setdefault((problem.where, text), []).append(where)
     for (name, problem), where in sorted(keys.items()):
         found.append(Gap("key", name, problem, tuple(dict.fromkeys(where)), interface.name))
