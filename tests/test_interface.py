@@ -267,6 +267,14 @@ def test_a_wrong_flag_in_a_generated_command_is_a_gap_naming_it(monkeypatch):
     assert "runtimes/trtllm.py program()" in text
 
 
+@pytest.mark.parametrize("where, argv", [pytest.param(*USED.commands[0], id="launch")])
+def test_a_command_line_the_pin_refuses_names_the_flag_and_the_pin(where, argv):
+    assert PINNED.check_command(argv, where) == []
+    found = PINNED.check_command([*argv, "--tp-size", "2"], where)
+    assert len(found) == 1 and found[0].startswith(f"{where}: trtllm-serve serve: No such option: --tp-size ")
+    assert "--tp_size" in found[0] and found[0].endswith(f"(the pinned {PINNED.name})")
+
+
 def without_option(name: str) -> str:
     """The pinned trtllm_serve_cli.yaml with one option of `serve` deleted."""
     data = yaml.safe_load(PINNED.files["trtllm_serve_cli.yaml"])
