@@ -18,7 +18,8 @@ import trtllm_repo
 from trtllm_repo import FILE_PROTOCOL_ENV, Upstream, checkout, make_upstream, remove_build_images
 
 BASE = "trtllm-deploy/base:bookworm"  # named in the tree only; the tests without Docker never use it
-ROLES = ("old", "fix_a", "fix_b_unmerged", "submodule_bump", "removal", "tagged", "tip")
+ROLES = ("old", "fix_a", "fix_b_unmerged", "submodule_bump", "removal", "tagged", "tip", "emoji_fix",
+         "revert_a", "reapply_a", "revert_emoji")
 
 
 def git(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> str:

@@ -6,6 +6,7 @@ git and the git-lfs storage layout, with reproducible SHAs (fixed authors and da
     root/TensorRT-LLM.git   main:  old ─ fix_a ─ submodule_bump ─ removal ─ tagged ─ tip
                                              └─ fix_b_unmerged          (feature/unmerged-fix)
                                    tag v1.3.0rc1 (annotated) on "tagged"
+                            tip ─ emoji_fix ─ revert_a ─ reapply_a ─ revert_emoji   (feature/reverts)
     root/cutlass.git        the submodule 3rdparty/cutlass, URL "../cutlass.git" in .gitmodules
 
 Consumers clone with ``file://`` URLs (``Upstream.url``) and need two things a GitHub clone does not:
@@ -38,6 +39,11 @@ SUBMODULE_NAME = "cutlass.git"
 SUBMODULE_PATH = "3rdparty/cutlass"
 SIDE_BRANCH = "feature/unmerged-fix"
 TAG = "v1.3.0rc1"
+REVERTS_BRANCH = "feature/reverts"
+# A required fix whose subject is not ASCII (an emoji outside the Basic Multilingual Plane, accents,
+# a right-to-left word): what the lock must write and read back unchanged.
+EMOJI_SUBJECT = ("🐛 [None][fix] Skip NCCL window registration on SM121 — «ünïcödé» שלום 𝄞 "
+                 "(#15559)")
 LFS_PATH = "cpp/tensorrt_llm/kernels/lib/libfake_kernels.a"
 VERSION_FILE = "tensorrt_llm/version.py"
 TRTLLM_BUILD_FILE = "tensorrt_llm/commands/build.py"
@@ -329,6 +335,11 @@ class Upstream:
     tagged: str               # the commit the annotated tag points at
     tip: str                  # main's head
     fix_b_unmerged: str       # on SIDE_BRANCH only (its parent is fix_a); never an ancestor of main
+    # On REVERTS_BRANCH, after the tip, each the child of the one before:
+    emoji_fix: str            # a fix for PR #15559 whose subject is EMOJI_SUBJECT
+    revert_a: str             # reverts fix_a the way `git revert` and GitHub do (subject and body)
+    reapply_a: str            # reverts revert_a: fix_a's change is back
+    revert_emoji: str         # reverts emoji_fix by subject only (no "This reverts commit" body)
     tag_object: str           # the annotated tag object's own SHA
     submodule_at_old: str
     submodule_at_tip: str
@@ -336,6 +347,7 @@ class Upstream:
     tag: str = TAG
     branch: str = "main"
     side_branch: str = SIDE_BRANCH
+    reverts_branch: str = REVERTS_BRANCH
     submodule_path: str = SUBMODULE_PATH
     lfs_path: str = LFS_PATH
     versions: dict[str, str] = field(default_factory=dict)   # role -> __version__ at that commit
@@ -409,7 +421,7 @@ class _Builder:
 
     def commit(self, subject: str, date: str, parent: str | None, ref: str | None = "refs/heads/main",
                files: dict[str, str | bytes | None] | None = None,
-               gitlinks: dict[str, str] | None = None) -> str:
+               gitlinks: dict[str, str] | None = None, body: str | None = None) -> str:
         self.write(files or {})
         self.git("add", "--all")  # would drop a gitlink (no checkout of it here): set them again
         self.gitlinks.update(gitlinks or {})
@@ -417,7 +429,7 @@ class _Builder:
             self.git("update-index", "--add", "--cacheinfo", f"160000,{sha},{path}")
         tree = self.git("write-tree")
         sha = self.git("commit-tree", tree, *(["-p", parent] if parent else []), "-m", subject,
-                       date=date)
+                       *(["-m", body] if body else []), date=date)
         if ref:
             self.git("update-ref", ref, sha)
         return sha
@@ -515,10 +527,26 @@ def make_upstream(root: Path, *, base_image: str) -> Upstream:
                      "1.3.0rc2")
         upstream.git("tag", "--annotate", TAG, "-m", f"TensorRT-LLM {TAG}", tagged,
                      date=_dates("2026-03-03"))
+        # Reverts as upstream writes them: `git revert` (GitHub's revert button) gives the subject
+        # 'Revert "<subject>"' and the body "This reverts commit <sha>."; the squash merge of the
+        # revert's own PR appends "(#N)" to the subject.
+        branch = f"refs/heads/{REVERTS_BRANCH}"
+        emoji = commit("emoji_fix", EMOJI_SUBJECT, "2026-03-20", tip, "1.3.0rc2", ref=branch,
+                       files={"tensorrt_llm/_torch/distributed/nccl_window.py": "REGISTER = False\n"})
+        revert_a = commit("revert_a", f'Revert "{subjects["fix_a"]}" (#11300)', "2026-03-23", emoji,
+                          "1.3.0rc2", ref=branch, body=f"This reverts commit {fix_a}.",
+                          files={"tensorrt_llm/_torch/distributed/ops.py": ALLREDUCE_BEFORE})
+        reapply_a = commit("reapply_a", f'Revert "{subjects["revert_a"]}" (#11400)', "2026-03-25",
+                           revert_a, "1.3.0rc2", ref=branch, body=f"This reverts commit {revert_a}.",
+                           files={"tensorrt_llm/_torch/distributed/ops.py": ALLREDUCE_AFTER})
+        revert_emoji = commit("revert_emoji", f'Revert "{EMOJI_SUBJECT}" (#11500)', "2026-03-27",
+                              reapply_a, "1.3.0rc2", ref=branch,
+                              files={"tensorrt_llm/_torch/distributed/nccl_window.py": None})
         tag_object = upstream.git("rev-parse", f"refs/tags/{TAG}")
         return Upstream(root=root, repo=repo, submodule_repo=submodule_repo, base_image=base_image,
                         old=old, fix_a=fix_a, submodule_bump=bump, removal=removal, tagged=tagged,
-                        tip=tip, fix_b_unmerged=fix_b, tag_object=tag_object,
+                        tip=tip, fix_b_unmerged=fix_b, tag_object=tag_object, emoji_fix=emoji,
+                        revert_a=revert_a, reapply_a=reapply_a, revert_emoji=revert_emoji,
                         submodule_at_old=sub_old, submodule_at_tip=sub_tip, lfs_content=content,
                         versions=versions, subjects=subjects)
     finally:

@@ -35,6 +35,8 @@ def update(c: Context, ref: str = "", repository: str = "", base_image: str = ""
     with console.err.status(f"resolving {ref or 'the locked ref'} on {cluster.build_node.name}…"):
         report = phase.update(cluster, Path(lock), ref or None, repository or None,
                               base_image or None, dry_run)
+    for warning in report.warnings:  # before the output, where a script's reader sees it too
+        console.err.print(f"warning: {warning}", soft_wrap=True, markup=False)
     if json:
         console.print_json(report.as_json() | {"dry_run": dry_run})
         return
@@ -45,10 +47,16 @@ def update(c: Context, ref: str = "", repository: str = "", base_image: str = ""
         ["version", after.version or "?"], ["date", after.date or "?"],
         ["trtllm-build in the tree", "yes" if after.trtllm_build else "no (PyTorch backend only)"],
         ["submodules", str(len(after.submodules))], ["base image", report.after.build.base_image],
-        ["required fixes", f"{report.fixes_checked} verified as ancestors"],
-        ["lock hash", locks.lock_hash(report.after)[:16]]]))
+        ["required fixes", _fixes_row(report.after.fixes)],
+        ["lock hash", (report.after.lock_hash or "")[:16]]]))
     console.out.print("up to date: the lock already says this" if not report.changed else
                       ("dry run: the lock was not written" if dry_run else f"wrote {lock}"))
+
+
+def _fixes_row(fixes: list[locks.Fix]) -> str:
+    missing = [fix for fix in fixes if fix.missing]
+    present = f"{len(fixes) - len(missing)} verified in the pinned history"
+    return present + (f"; {len(missing)} missing (serves on one node only)" if missing else "")
 
 
 @task(default=True, help={"hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
@@ -60,6 +68,8 @@ def fetch(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_P
     lockfile = locks.load(lock)
     with console.err.status(f"checking the tree on {cluster.build_node.name}…"):
         report = phase.fetch(cluster, lockfile)
+    for warning in report.warnings:
+        console.err.print(f"warning: {warning}", soft_wrap=True, markup=False)
     if json:
         console.print_json(report.as_json())
         return

@@ -2,7 +2,9 @@
 
 ``requirements/tensorrt-llm.lock.toml`` is written by ``invoke source.update`` and committed by the
 user. Everything that decides what the image contains is in it, and its hash (``lock_hash``) is
-the label an image carries: the same hash on a node means the same build, so nothing to do.
+the label an image carries: the same hash on a node means the same build, so nothing to do. The
+lock records that hash itself, so that :func:`check_offline` (``nox -s lock -- --check``) catches
+a hand edit or a stale lock without a build node.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
                       ValidationError)
 
 from trtllm_deploy import atomic
+from trtllm_deploy.errors import InputError
 from trtllm_deploy.tomlsource import (Problem, TomlFileError, commented, matching, problems_from, read,
                                       rewrite)
 
@@ -29,6 +32,8 @@ KINDS = ("source", "release", "wheel")
 RESERVED_OPTIONS = ("CUDA_ARCHS", "IMAGE_NAME", "IMAGE_TAG", "IMAGE_WITH_TAG", "DOCKER_BUILD_OPTS")
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"@sha256:(?![0-9a-f]{64}$)")
 _MAKE_VAR = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _ARCH = re.compile(r"^(native|\d{2,3}[af]?(-real)?)$")
 
@@ -149,6 +154,9 @@ class Lock(_Table):
     model_config = ConfigDict(extra="allow", frozen=True)
     __pydantic_extra__: dict[str, RuntimeImage] = Field(init=False)
 
+    # The hash of what decides the image, as source.update computed it (see lock_hash()).
+    lock_hash: Annotated[StrictStr, matching(_SHA256.pattern, "expected a SHA-256: 64 lowercase hex "
+                                             "characters (invoke source.update writes it)")] | None = None
     source: Source
     build: Build
     release: Release = Release()
@@ -244,6 +252,11 @@ def load(path: str | os.PathLike = DEFAULT_PATH) -> LockFile:
     return LockFile(source, lock)
 
 
+def digest(text: str | None) -> str | None:
+    """The SHA-256 of a file's text as :func:`lock_hash` takes it (the wheel kind's requirements)."""
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+
+
 def lock_hash(lock: Lock, requirements_digest: str | None = None) -> str:
     """The hash of what decides the image's contents (not dates, the ref asked for, or job count);
     for the wheel kind, the requirements file's content too."""
@@ -269,6 +282,10 @@ def lock_hash(lock: Lock, requirements_digest: str | None = None) -> str:
 HEADER = """\
 # The TensorRT-LLM this project builds and serves. Written by `invoke source.update`; commit it.
 # Edit [build], [release], [wheel] and [[fixes]] by hand if you must, then run source.update again.
+# lock_hash: the SHA-256 of what decides the image (kind, base image, CUDA_ARCHS, make target and
+# options, and the repository, commit and submodules, the release image, or the wheel and its
+# requirements), the label images carry. `nox -s lock -- --check` recomputes it: a value edited
+# by hand since source.update wrote the lock fails the check.
 """
 
 
@@ -296,6 +313,9 @@ def document(lock: Lock) -> tomlkit.TOMLDocument:
     for line in HEADER.splitlines():
         doc.add(tomlkit.comment(line.removeprefix("# ")))
     doc.add(tomlkit.nl())
+    if lock.lock_hash:
+        doc["lock_hash"] = lock.lock_hash
+        doc.add(tomlkit.nl())
     source = lock.source
     doc["source"] = _table({key: getattr(source, key) for key in
                             ("repository", "ref", "commit", "version", "date", "trtllm_build")})
@@ -335,3 +355,94 @@ def write(path: Path, lock: Lock) -> None:
     """Rewrite the lock file keeping its comments, atomically (a crash leaves the old one or the
     new one)."""
     atomic.write_text(path, dumps(lock, path.read_text() if path.exists() else None))
+
+
+# --- checked without a build node (nox -s lock -- --check) --------------------------------------
+
+def check_offline(path: str | os.PathLike = DEFAULT_PATH) -> list[Problem]:
+    """What is wrong with the lock, found without a build node or the network: it loads, the
+    recorded ``lock_hash`` is the hash of its contents, and what ``source.update`` resolves from a
+    pinned commit is resolved and consistent with it."""
+    source = Path(path)
+    try:
+        lockfile = load(source)
+    except LockError as exc:
+        return list(exc.problems)
+    except InputError as exc:  # not TOML at all: the message already says where
+        return [Problem((), str(exc).split("\n", 1)[0].removeprefix(f"{source}: "),
+                        "fix the syntax; see https://toml.io for the format")]
+    lock, problems = lockfile.lock, []
+    update = "run `invoke source.update` on the build node and commit the lock it writes"
+    computed = lockfile.hash
+    if lock.lock_hash is None:
+        problems.append(Problem((), f"no lock_hash recorded (its contents hash to {computed})",
+                                f"{update}, or add at the top: lock_hash = \"{computed}\""))
+    elif lock.lock_hash != computed:
+        problems.append(Problem(("lock_hash",), f"the recorded hash is not the hash of the lock's "
+                                f"contents ({computed}): a value that decides the image was "
+                                "edited after source.update wrote it",
+                                f"{update}, or undo the edit"))
+    pinned = lock.source.commit
+    if pinned:
+        for index, fix in enumerate(lock.fixes):
+            if fix.missing:
+                if fix.needed_for == "any":
+                    problems.append(Problem(("fixes", index, "missing"), f"fix {fix.name} is needed by "
+                                            "every deployment, but the lock records it as missing "
+                                            f"from {pinned[:12]} ({fix.missing})",
+                                            "pin a commit that has it (source.update refuses one "
+                                            "without it), or drop the fix"))
+            elif not fix.commit or not _SHA.match(fix.commit):
+                problems.append(Problem(("fixes", index), f"fix {fix.name} has no full commit SHA, "
+                                        f"though commit {pinned[:12]} is pinned: it was not checked "
+                                        "against the pin", update))
+    else:
+        # (trtllm_build may be written ahead of a pin: whether the tree still has trtllm-build is
+        # known from upstream's own documents; source.update derives it again.)
+        for key in ("version", "date"):
+            if getattr(lock.source, key) is not None:
+                problems.append(Problem(("source", key), f"{key} is recorded but no commit is pinned "
+                                        "(source.update records both from one commit)", update))
+        if lock.source.submodules:
+            problems.append(Problem(("source", "submodules"), "submodule commits are recorded but no "
+                                    "commit is pinned", update))
+        for index, fix in enumerate(lock.fixes):
+            if fix.missing:
+                problems.append(Problem(("fixes", index, "missing"), "recorded as missing from a pin, "
+                                        "but no commit is pinned", update))
+    images = [(("build", "base_image"), lock.build.base_image), (("release", "image"), lock.release.image),
+              *[((runtime, "image"), table.image) for runtime, table in lock.runtime_images.items()]]
+    for where, image in images:
+        if image and _DIGEST.search(image):
+            problems.append(Problem(where, f"{image!r}: a digest is sha256: and 64 lowercase hex "
+                                    "characters", "copy it again from `docker buildx imagetools "
+                                    "inspect` or `docker image inspect`"))
+    requirements = lockfile.requirements_path
+    if requirements and not requirements.exists():
+        problems.append(Problem(("wheel", "requirements"), f"{requirements} does not exist",
+                                f"{update} (it writes the requirements file too)"))
+    return problems
+
+
+def check_report(path: str | os.PathLike = DEFAULT_PATH) -> str | None:
+    """:func:`check_offline`'s problems as ``file:line: key: message`` lines, or None."""
+    source = Path(path)
+    problems = check_offline(source)
+    if not problems:
+        return None
+    text = source.read_text(encoding="utf-8", errors="replace") if source.exists() else ""
+    return str(LockError(source, text, problems))
+
+
+if __name__ == "__main__":  # nox -s lock -- --check: python -m trtllm_deploy.source.lock --check PATH
+    import sys
+
+    failed = False
+    for name in [arg for arg in sys.argv[1:] if arg != "--check"] or [str(DEFAULT_PATH)]:
+        report = check_report(name)
+        if report:
+            print(report, file=sys.stderr)
+            failed = True
+        else:
+            print(f"{name}: consistent (lock_hash {load(name).hash[:16]})")
+    sys.exit(1 if failed else 0)

@@ -33,6 +33,7 @@ class UpdateReport:
     after: locks.Lock
     changed: bool
     fixes_checked: int
+    warnings: list[str] = field(default_factory=list)   # e.g. a fix only several nodes need, missing
 
     def as_json(self) -> dict:
         source = self.after.source
@@ -41,7 +42,8 @@ class UpdateReport:
                 "ref": source.ref, "version": source.version, "trtllm_build": source.trtllm_build,
                 "submodules": {s.path: s.commit for s in source.submodules},
                 "base_image": self.after.build.base_image, "fixes_verified": self.fixes_checked,
-                "lock_hash": locks.lock_hash(self.after)}
+                "lock_hash": self.after.lock_hash, "warnings": self.warnings,
+                "missing_fixes": {fix.name: fix.missing for fix in self.after.fixes if fix.missing}}
 
 
 def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str | None = None,
@@ -61,8 +63,8 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
             raise DeployError(f"{repository} advertises {commit} for {ref!r} but will not serve it")
         described = tree.describe(commit)
         after = lock_from(described, before, repository, ref, base_image)
-        fixes, missing = tree.resolve_fixes(commit, after.fixes)
-        require_fixes(missing, commit)
+        fixes = tree.resolve_fixes(commit, after.fixes)
+        warnings = require_fixes(fixes, commit)
         after = after.model_copy(update={"fixes": fixes})
         requirements = None
         if after.build.kind == "wheel":
@@ -84,6 +86,7 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
             if derived:
                 build = build.model_copy(update={"cuda_archs": derived})
         after = after.model_copy(update={"build": build})
+        after = after.model_copy(update={"lock_hash": locks.lock_hash(after, locks.digest(requirements))})
     finally:
         target.close()
     written = path.parent / after.wheel.requirements if requirements else None
@@ -93,7 +96,7 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
         if written:
             atomic.write_text(written, requirements)
         locks.write(path, after)
-    return UpdateReport(path, before, after, changed, len(after.fixes))
+    return UpdateReport(path, before, after, changed, len(after.fixes), warnings)
 
 
 def derive_cuda_archs(cluster: Cluster) -> str | None:
@@ -126,11 +129,12 @@ class FetchReport:
     trtllm_build: bool = False
     version: str | None = None
     ccache: bool = False
+    warnings: list[str] = field(default_factory=list)   # a fix only several nodes need, missing
 
     def as_json(self) -> dict:
         return {"node": self.node, "directory": self.directory, "commit": self.commit,
                 "action": self.action, "reasons": self.reasons, "trtllm_build": self.trtllm_build,
-                "version": self.version, "ccache": self.ccache}
+                "version": self.version, "ccache": self.ccache, "warnings": self.warnings}
 
 
 def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
@@ -142,11 +146,11 @@ def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
         tree = checkout_for(cluster, target, source.repository)
         state = tree.state(source)
         if state.matches(source.commit):
-            require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes)[1], source.commit)
+            warnings = require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes), source.commit)
             described = tree.describe(source.commit)
             return FetchReport(cluster.build_node.name, tree.directory, source.commit, "up to date",
                                trtllm_build=described.trtllm_build, version=described.version,
-                               ccache=described.ccache)
+                               ccache=described.ccache, warnings=warnings)
         reasons = _why_not(state, source.commit)
         tree.ensure_repository()
         tree.check_out(source)
@@ -157,11 +161,11 @@ def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
             raise locks.LockError(lockfile.path, lockfile.path.read_text(), [locks.Problem(
                 ("source",), "after the checkout the tree still differs from the lock: "
                 + "; ".join(_why_not(after, source.commit)), "see the build node's tree")])
-        require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes)[1], source.commit)
+        warnings = require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes), source.commit)
     finally:
         target.close()
     return FetchReport(cluster.build_node.name, tree.directory, source.commit, "fetched", reasons,
-                       described.trtllm_build, described.version, described.ccache)
+                       described.trtllm_build, described.version, described.ccache, warnings)
 
 
 def _why_not(state, commit: str) -> list[str]:
