@@ -275,3 +275,71 @@ def test_the_quantize_table_survives_a_rewrite_and_leaves_the_image_hash_alone(t
     path.write_text(path.read_text().replace("calib_size = 64", "calib_size = 0"))
     with pytest.raises(locks.LockError, match="quantize.calib_size"):
         locks.load(path)
+
+
+# --- the offline check (nox -s lock -- --check) --------------------------------------------------
+
+def hashed(text: str, tmp_path: Path) -> str:
+    """``text`` with the lock_hash of its contents recorded at the top, as source.update writes it."""
+    computed = locks.load(write(tmp_path, text)).hash
+    return f'lock_hash = "{computed}"\n\n' + text
+
+
+def test_a_consistent_lock_passes_the_offline_check(tmp_path):
+    path = write(tmp_path, hashed(GOOD, tmp_path))
+    assert locks.check_offline(path) == []
+    assert locks.load(path).lock.lock_hash == locks.load(path).hash
+
+
+def test_the_shipped_lock_passes_the_offline_check():
+    shipped = ROOT / locks.DEFAULT_PATH
+    assert locks.check_offline(shipped) == []
+    lock = locks.load(shipped).lock
+    several = {fix.pr for fix in lock.fixes if fix.needed_for == "several"}
+    assert several == {12902, 15559}  # issue #12715's multi-node fixes (docs/SOURCES.md)
+    assert {fix.pr for fix in lock.fixes if fix.needed_for == "any"} == {7937}
+
+
+@pytest.mark.parametrize("edit, line, words", [
+    (lambda t: t.replace('cuda_archs = "121-real"', 'cuda_archs = "120-real"'), 1,
+     ["lock_hash", "not the hash of the lock's contents"]),
+    (lambda t: t.replace(f'commit = "{SHA}"', f'commit = "{OTHER}"', 1), 1, ["lock_hash", "edited"]),
+    (lambda t: t.split("\n", 2)[2], None, ["no lock_hash recorded"]),
+    (lambda t: t.replace(f'commit = "{OTHER}"\npr = 8803', "pr = 8803"), 18,
+     ["fixes[0]", "no full commit SHA", "not checked against the pin"]),
+    (lambda t: t.replace("pr = 8803", 'pr = 8803\nmissing = "not in the history"'), 21,
+     ["needed by every deployment", "missing"]),
+    (lambda t: t.split("\n", 2)[2].replace(f'commit = "{SHA}"\n', "", 1), 4,
+     ["source.version", "no commit is pinned", "no lock_hash recorded"]),
+    (lambda t: t.replace("pytorch:25.10-py3", "pytorch:25.10-py3@sha256:abc"), 1, ["lock_hash"]),
+    (lambda t: t.replace('lock_hash = "', 'lock_hash = "x'), 1, ["64 lowercase hex"]),
+    (lambda t: t.replace("[build]", "[build\n"), 13, ["not valid TOML"]),
+], ids=["edited-archs", "edited-commit", "no-hash", "fix-unresolved", "any-fix-missing", "version-unpinned",
+        "bad-digest", "bad-hash", "not-toml"])
+def test_a_hand_broken_or_stale_lock_fails_the_offline_check_with_its_line(tmp_path, edit, line, words):
+    path = write(tmp_path, edit(hashed(GOOD, tmp_path)))
+    problems = locks.check_offline(path)
+    assert problems
+    report = locks.check_report(path)
+    for word in words:
+        assert word in report
+    if line:
+        assert f"{path}:{line}:" in report
+    assert "what to do:" in report
+
+
+def test_a_malformed_digest_is_named(tmp_path):
+    text = GOOD.replace("pytorch:25.10-py3", "pytorch:25.10-py3@sha256:abc")
+    report = locks.check_report(write(tmp_path, hashed(text, tmp_path)))
+    assert "build.base_image" in report and "64 lowercase hex" in report
+
+
+def test_the_offline_check_as_nox_runs_it_exits_1_on_a_broken_lock(tmp_path):
+    good = write(tmp_path, hashed(GOOD, tmp_path))
+    command = [sys.executable, "-m", "trtllm_deploy.source.lock", "--check"]
+    done = subprocess.run([*command, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    good.write_text(good.read_text().replace('"121-real"', '"120-real"'))
+    done = subprocess.run([*command, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 1 and f"{good}:1: lock_hash:" in done.stderr
+    assert "Traceback" not in done.stderr

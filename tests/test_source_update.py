@@ -242,3 +242,15 @@ def test_dry_run_writes_nothing_and_reports_the_hash(upstream, hosts, tmp_path):
     report = update(hosts, lock, upstream.tip, dry_run=True)
     assert report.changed and lock.read_text() == before
     assert report.after.lock_hash == locks.lock_hash(report.after)
+
+
+def test_a_unicode_subject_read_over_ssh_round_trips_too(upstream, sshd, tmp_path):
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[cluster]\nname = "test"\n\n' + sshd.node_toml("builder") +
+                     f'\n[nodes.paths]\nbuild = "{tmp_path / "build"}"\nstate = "{tmp_path / "state"}"\n')
+    lock = write_lock(tmp_path, lock_text(upstream, ANY_8803 + SEVERAL))
+    report = update(hosts, lock, upstream.revert_emoji)
+    text = lock.read_bytes().decode("utf-8")
+    fix = tomllib.loads(text)["fixes"][1]
+    assert fix["title"] == EMOJI_SUBJECT and EMOJI_SUBJECT in fix["missing"]
+    assert locks.load(lock).lock == report.after

@@ -85,6 +85,29 @@ def test_main_is_linear_and_the_side_branch_forks_at_fix_a(upstream):
         upstream.subjects["fix_b_unmerged"]
 
 
+def test_the_reverts_branch_reverts_as_upstream_does(upstream):
+    branch = bare(upstream, "rev-list", f"refs/heads/{upstream.reverts_branch}").split()
+    assert branch[:5] == [upstream.revert_emoji, upstream.reapply_a, upstream.revert_a, upstream.emoji_fix,
+                          upstream.tip]
+
+    def message(role: str) -> str:
+        return bare(upstream, "log", "-1", "--format=%B", upstream.commit(role))
+
+    # git revert's subject and body, with the squash merge's "(#N)" after the subject.
+    assert message("revert_a") == (f'Revert "{upstream.subjects["fix_a"]}" (#11300)\n\n'
+                                   f"This reverts commit {upstream.fix_a}.")
+    assert message("reapply_a") == (f'Revert "{upstream.subjects["revert_a"]}" (#11400)\n\n'
+                                    f"This reverts commit {upstream.revert_a}.")
+    assert message("revert_emoji") == f'Revert "{trtllm_repo.EMOJI_SUBJECT}" (#11500)'
+    assert message("emoji_fix") == trtllm_repo.EMOJI_SUBJECT
+    assert any(ord(c) > 0xFFFF for c in trtllm_repo.EMOJI_SUBJECT)  # beyond the BMP
+    ops = "tensorrt_llm/_torch/distributed/ops.py"
+    contents = {role: bare(upstream, "show", f"{upstream.commit(role)}:{ops}") + "\n"
+                for role in ("fix_a", "revert_a", "reapply_a")}
+    assert contents == {"fix_a": trtllm_repo.ALLREDUCE_AFTER, "revert_a": trtllm_repo.ALLREDUCE_BEFORE,
+                        "reapply_a": trtllm_repo.ALLREDUCE_AFTER}
+
+
 @pytest.mark.parametrize("role, has_trtllm_build", [
     ("old", True), ("fix_a", True), ("submodule_bump", True), ("removal", False), ("tip", False)])
 def test_trtllm_build_exists_until_the_engine_backend_is_removed(upstream, role, has_trtllm_build):
