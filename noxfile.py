@@ -97,7 +97,7 @@ def trtllm_lock(session: nox.Session) -> None:
     """Check the TensorRT-LLM lock offline: its lock_hash matches its contents, fixes are resolved."""
     install(session, "host")
     # file:line messages for a hand-broken or stale lock; `invoke source.update` is the remedy.
-    session.run("python", "-m", "trtllm_deploy.source.lock", "--check",
+    session.run("python", "-m", "trtllm_deploy.source.lockcheck", "--check",
                 *(session.posargs or [str(TRTLLM_LOCK)]))
 
 

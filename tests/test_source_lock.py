@@ -13,6 +13,7 @@ from trtllm_deploy.errors import DeployError
 from trtllm_deploy.source import cuda, wheel
 from trtllm_deploy.source import make, plan
 from trtllm_deploy.source import lock as locks
+from trtllm_deploy.source import lockcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "a" * 40
@@ -287,13 +288,13 @@ def hashed(text: str, tmp_path: Path) -> str:
 
 def test_a_consistent_lock_passes_the_offline_check(tmp_path):
     path = write(tmp_path, hashed(GOOD, tmp_path))
-    assert locks.check_offline(path) == []
+    assert lockcheck.check_offline(path) == []
     assert locks.load(path).lock.lock_hash == locks.load(path).hash
 
 
 def test_the_shipped_lock_passes_the_offline_check():
     shipped = ROOT / locks.DEFAULT_PATH
-    assert locks.check_offline(shipped) == []
+    assert lockcheck.check_offline(shipped) == []
     lock = locks.load(shipped).lock
     several = {fix.pr for fix in lock.fixes if fix.needed_for == "several"}
     assert several == {12902, 15559}  # issue #12715's multi-node fixes (docs/SOURCES.md)
@@ -318,9 +319,9 @@ def test_the_shipped_lock_passes_the_offline_check():
         "bad-digest", "bad-hash", "not-toml"])
 def test_a_hand_broken_or_stale_lock_fails_the_offline_check_with_its_line(tmp_path, edit, line, words):
     path = write(tmp_path, edit(hashed(GOOD, tmp_path)))
-    problems = locks.check_offline(path)
+    problems = lockcheck.check_offline(path)
     assert problems
-    report = locks.check_report(path)
+    report = lockcheck.check_report(path)
     for word in words:
         assert word in report
     if line:
@@ -330,13 +331,13 @@ def test_a_hand_broken_or_stale_lock_fails_the_offline_check_with_its_line(tmp_p
 
 def test_a_malformed_digest_is_named(tmp_path):
     text = GOOD.replace("pytorch:25.10-py3", "pytorch:25.10-py3@sha256:abc")
-    report = locks.check_report(write(tmp_path, hashed(text, tmp_path)))
+    report = lockcheck.check_report(write(tmp_path, hashed(text, tmp_path)))
     assert "build.base_image" in report and "64 lowercase hex" in report
 
 
 def test_the_offline_check_as_nox_runs_it_exits_1_on_a_broken_lock(tmp_path):
     good = write(tmp_path, hashed(GOOD, tmp_path))
-    command = [sys.executable, "-m", "trtllm_deploy.source.lock", "--check"]
+    command = [sys.executable, "-m", "trtllm_deploy.source.lockcheck", "--check"]
     done = subprocess.run([*command, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
     good.write_text(good.read_text().replace('"121-real"', '"120-real"'))
