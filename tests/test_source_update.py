@@ -16,13 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from trtllm_deploy.cli.pinned_interface import ProjectInterface
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.local import Local
 from trtllm_deploy.source import advise, pin
 from trtllm_deploy.source import lock as locks
+from trtllm_deploy.source import lockcheck
 from trtllm_deploy.source.tree import Checkout, reverts
-from trtllm_repo import EMOJI_SUBJECT, Upstream, make_upstream
+from trtllm_deploy.runtimes import interface
+from trtllm_repo import DROPPED_FLAG, EMOJI_SUBJECT, INTERFACE_DATA, Upstream, make_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "example.invalid/pytorch:25.10-py3"
@@ -59,7 +62,8 @@ def write_lock(tmp_path: Path, text: str) -> Path:
 
 
 def update(hosts: Path, lock: Path, ref: str | None = None, **kwargs) -> pin.UpdateReport:
-    return pin.update(inventory.load(hosts), lock, ref, **kwargs)
+    """pin.update as `invoke source.update` runs it (the project's interface checked)."""
+    return pin.update(inventory.load(hosts), lock, ref, interface=ProjectInterface(), **kwargs)
 
 
 def invoke(*args: str) -> subprocess.CompletedProcess:
@@ -97,7 +101,7 @@ def test_a_revert_of_the_revert_brings_the_fix_back(upstream, hosts, tmp_path, r
     report = update(hosts, lock, upstream.commit(ref))
     fix = locks.load(lock).lock.fixes[0]
     assert (fix.commit, fix.missing) == (upstream.fix_a, None)
-    assert report.warnings == []
+    assert not [warning for warning in report.warnings if "one node" in warning]
 
 
 CHAIN = {"f" * 40: (0, "[None][fix] Disable symmetric all-reduce on GB10 (#12902)")}
@@ -150,7 +154,7 @@ def test_a_fix_only_several_nodes_need_is_recorded_missing_with_a_warning(upstre
     assert "warning: serves on one node only" in done.stderr and "#15559" in done.stderr
     assert lockfile.missing_fixes(across_nodes=True) == [fix]
     assert lockfile.missing_fixes(across_nodes=False) == []
-    assert locks.check_offline(lock) == []  # a "several" fix may be recorded missing
+    assert lockcheck.check_offline(lock) == []  # a "several" fix may be recorded missing
 
 
 def test_fetch_and_advise_judge_the_fixes_as_update_does(upstream, hosts, tmp_path):
@@ -233,7 +237,7 @@ def test_an_update_that_moves_the_commit_keeps_every_comment(upstream, hosts, tm
     assert written.index("# between the fixes: keep this") < written.index("pr = 15559")
     assert written.index("# the hang we saw in March") < written.index("pr = 8803")
     assert locks.load(lock).lock == report.after
-    assert locks.check_offline(lock) == []
+    assert lockcheck.check_offline(lock) == []
 
 
 def test_dry_run_writes_nothing_and_reports_the_hash(upstream, hosts, tmp_path):
@@ -254,3 +258,63 @@ def test_a_unicode_subject_read_over_ssh_round_trips_too(upstream, sshd, tmp_pat
     fix = tomllib.loads(text)["fixes"][1]
     assert fix["title"] == EMOJI_SUBJECT and EMOJI_SUBJECT in fix["missing"]
     assert locks.load(lock).lock == report.after
+
+
+# --- the interface of the new pin --------------------------------------------------------------
+
+def shipped_lock(upstream: Upstream, tmp_path: Path) -> Path:
+    """The project's own lock, pointed at the stand-in repository (and pinned to its tip, where the
+    shipped lock pins nothing yet)."""
+    text = (ROOT / locks.DEFAULT_PATH).read_text(encoding="utf-8").replace(
+        "https://github.com/NVIDIA/TensorRT-LLM.git", upstream.url)
+    return write_lock(tmp_path, text)
+
+
+def test_an_update_to_a_pin_that_lacks_a_flag_the_project_uses_is_refused_naming_it(upstream, hosts,
+                                                                                   tmp_path):
+    lock = shipped_lock(upstream, tmp_path)
+    before = lock.read_text()
+    done = invoke("source.update", "--hosts", str(hosts), "--lock", str(lock), "--ref", upstream.lacks_flag,
+                  "--dry-run")
+    assert done.returncode == 1, done.stderr
+    assert f"trtllm-serve flag {DROPPED_FLAG}: " in done.stderr
+    assert f"TensorRT-LLM {upstream.versions['lacks_flag']}" in done.stderr   # the pinned version
+    assert "runtimes/trtllm.py program()" in done.stderr                      # where it is used
+    assert "--accept-interface-changes" in done.stderr and "Traceback" not in done.stderr
+    assert lock.read_text() == before
+    # The commit before it has every flag: the same update goes through (the fixes only several
+    # nodes need are not in the stand-in: warned, not refused).
+    done = invoke("source.update", "--hosts", str(hosts), "--lock", str(lock), "--ref", upstream.gpt_oss,
+                  "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "serves on one node only" in done.stderr and "interface" not in done.stderr
+    accepted = invoke("source.update", "--hosts", str(hosts), "--lock", str(lock), "--ref",
+                      upstream.lacks_flag, "--dry-run", "--accept-interface-changes", "--json")
+    assert accepted.returncode == 0, accepted.stderr
+    assert f"accepted interface change: trtllm-serve flag {DROPPED_FLAG}" in accepted.stderr
+    assert lock.read_text() == before   # a dry run
+
+
+def test_a_written_pin_records_its_interface_beside_the_lock(upstream, hosts, tmp_path):
+    lock = write_lock(tmp_path, lock_text(upstream))
+    recorded = pin.interface_dir(lock)
+    assert recorded == tmp_path / "interface" / "tensorrt-llm"
+    report = update(hosts, lock, upstream.lacks_flag, accept_interface_changes=True)
+    assert report.interface_data == recorded and report.interface_gaps
+    data = interface.load(recorded)
+    assert (data.commit, data.version) == (upstream.lacks_flag, upstream.versions["lacks_flag"])
+    assert DROPPED_FLAG not in data.cli.by_flag("serve")
+    # Back to a commit with the interface as the project records it: the same files again.
+    report = update(hosts, lock, upstream.gpt_oss)
+    assert report.interface_gaps == [] and interface.load(recorded).commit == upstream.gpt_oss
+    for name in ("trtllm_serve_cli.yaml", "llm.yaml", "llm_committed.yaml", "llm_args_models.json"):
+        assert (recorded / name).read_text() == (INTERFACE_DATA / name).read_text(), name
+    # Nothing to record again for the same commit.
+    assert update(hosts, lock, upstream.gpt_oss).interface_data is None
+
+
+def test_a_pin_whose_tree_does_not_say_its_interface_is_warned_not_refused(upstream, hosts, tmp_path):
+    lock = write_lock(tmp_path, lock_text(upstream))
+    report = update(hosts, lock, upstream.old)   # before the references were in the tree
+    assert any("was not checked" in warning for warning in report.warnings)
+    assert report.interface_data is None and not pin.interface_dir(lock).exists()
