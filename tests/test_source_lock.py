@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import tomllib
 import sys
 from pathlib import Path
 
@@ -344,3 +345,35 @@ def test_the_offline_check_as_nox_runs_it_exits_1_on_a_broken_lock(tmp_path):
     done = subprocess.run([*command, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 1 and f"{good}:1: lock_hash:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+UNICODE = {
+    "emoji": "🐛 [None][fix] Skip NCCL window registration on SM121 (#15559)",
+    "beyond-bmp": "𝄞 𝕋𝕖𝕟𝕤𝕠𝕣 \U0010FFFD",
+    "combining": "e\u0301 n\u0303 (decomposed accents)",
+    "right-to-left": "שלום עולם — مرحبا",
+    "cjk": "修复多节点挂起问题",
+    "control": "tab\there, escape \x1b, delete \x7f, nul \x00",
+    "c1-and-separators": "next line \x85, line separator \u2028, paragraph \u2029, bom \ufeff",
+    "quotes": "she said \"it's fixed\" \\ '''twice''' \"\"\"",
+}
+
+
+@pytest.mark.parametrize("text", UNICODE.values(), ids=UNICODE.keys())
+def test_any_unicode_in_a_fix_round_trips_through_tomllib(tmp_path, text):
+    """The lock was once written with JSON's escapes (json.dumps), which spell a character beyond
+    the Basic Multilingual Plane as a UTF-16 surrogate pair, "\\ud83d\\udc1b", and TOML allows only
+    scalar values in escapes: tomllib refused the lock ("Escaped character is not a Unicode scalar
+    value"). Written with tomlkit (tomlsource.rewrite), the character is written as itself."""
+    lock = locks.load(write(tmp_path, GOOD)).lock
+    missing = f'reverted by {OTHER[:12]} "Revert \\"{text}\\""'
+    changed = lock.model_copy(update={"fixes": [lock.fixes[0].model_copy(update={
+        "title": text, "needed_for": "several", "missing": missing})]})
+    path = write(tmp_path, COMMENTED)
+    for previous in (None, path.read_text(encoding="utf-8")):   # a new file, and written into one
+        written = locks.dumps(changed, previous)
+        back = tomllib.loads(written)["fixes"][0]
+        assert (back["title"], back["missing"]) == (changed.fixes[0].title, changed.fixes[0].missing)
+    locks.write(path, changed)
+    assert locks.load(path).lock == changed
+    assert "# the hang we saw in March" in path.read_text(encoding="utf-8")
