@@ -50,13 +50,19 @@ SHELL_ALLOWED: dict[str, frozenset[str] | None] = {
 }
 SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash"}
 DOCSTRING_ONLY = ("hosts", "source", "runtimes", "artifact", "serving", "measure", "testbed")
+INTERFACE_MODULES = ("trtllm_deploy.runtimes.interface", *(
+    f"trtllm_deploy.runtimes.interface.{name}"
+    for name in ("args", "argsource", "cli", "extract", "gaps", "pinned")))
 # Files shipped where the package is not installed: what each may import besides the standard
 # library (a name ending in "." admits its own folder's relative imports).
 STANDALONE: dict[str, frozenset[str]] = {
     "push/agent.py": frozenset(),          # copied to each node and run with its python3
     "artifact/manifest.py": frozenset(),   # shipped beside the agent, and into the stand-in image
     "artifact/headagent.py": frozenset(),  # copied to the head: engine.build's download and artifact
-    "testbed/standin/": frozenset({".", "mpi4py", "yaml", "trtllm_deploy.artifact.manifest"}),
+    "testbed/standin/": frozenset({".", "mpi4py", "yaml", "trtllm_deploy.artifact.manifest",
+                                   *INTERFACE_MODULES}),
+    # Copied into the stand-in image too: the pinned interface the stand-in takes exactly.
+    "runtimes/interface/": frozenset({".", "yaml", *INTERFACE_MODULES}),
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from trtllm_deploy.artifact import manifest as manifests
+from trtllm_deploy.runtimes import interface
 from trtllm_deploy.testbed.standin import artifact, cli, faults, llmapi
 from trtllm_deploy.testbed.standin import vllm as standin_vllm
 from trtllm_deploy.testbed.standin.engine import VOCABULARY, expected_words
@@ -27,6 +28,7 @@ from trtllm_deploy.testbed.standin.faults import Fault
 from trtllm_deploy.testbed.standin.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+PINNED = interface.load()   # the pinned TensorRT-LLM's interface, which the stand-in takes
 FAST = {"STANDIN_LOAD_SECONDS": "0", "STANDIN_TOKENS_PER_S": "400"}
 
 
@@ -188,7 +190,8 @@ def streamed_words(events: list[dict]) -> list[str]:
     pytest.param(["/m", "--config", "a.yml"], {"extra_llm_api_options": "a.yml"}, id="config"),
     pytest.param(["/m", "--extra_llm_api_options", "a.yml"], {"extra_llm_api_options": "a.yml"},
                  id="extra-llm-api-options"),
-    pytest.param(["/m", "--backend", "trt"], {"backend": "tensorrt"}, id="trt-alias"),
+    pytest.param(["/m", "--hf_revision", "abc", "--no-telemetry"], {"revision": "abc", "telemetry": False},
+                 id="alias-and-off-flag"),
     pytest.param(["/m", "--kv_cache_free_gpu_memory_fraction", "0.8", "--gpus_per_node", "1"],
                  {"free_gpu_memory_fraction": 0.8, "gpus_per_node": 1}, id="kv-fraction-and-gpus"),
     pytest.param(["/m", "--trust_remote_code", "--max_seq_len", "4096", "--max_num_tokens", "2048"],
@@ -211,7 +214,8 @@ def test_serve_options(args, expected):
     pytest.param(["/m", "--port", "http"], "Invalid value for '--port': 'http' is not a valid integer.",
                  id="bad-integer"),
     pytest.param(["/m", "--backend", "onnx"], "Invalid value for '--backend': 'onnx' is not one of "
-                 "'pytorch', 'tensorrt', '_autodeploy'.", id="bad-choice"),
+                 + ", ".join(repr(choice) for choice in PINNED.cli.options()["backend"].choices) + ".",
+                 id="bad-choice"),
     pytest.param(["/m", "--port"], "Option '--port' requires an argument.", id="missing-value"),
     pytest.param(["/m", "--trust_remote_code=1"], "Option '--trust_remote_code' does not take a value.",
                  id="flag-with-value"),
@@ -307,7 +311,7 @@ def test_options_file_with_the_common_keys_is_accepted(tmp_path):
                   "  Extra inputs are not permitted [type=extra_forbidden, input_value=True, "
                   "input_type=bool]"],
                  id="unknown-top-level-key"),
-    pytest.param("cuda_graph_config: {enable_padding: true, padding: 8}\nmax_batch_size: 0\n",
+    pytest.param("cuda_graph_config: {enable_padding: true, padding: 8}\nmax_batch_size: many\n",
                  ["2 validation errors for TorchLlmArgs", "max_batch_size", "cuda_graph_config.padding"],
                  id="unknown-nested-key-and-bad-integer"),
     pytest.param("kv_cache_config: {free_gpu_memory_fraction: 1.5}\n",

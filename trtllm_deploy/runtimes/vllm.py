@@ -7,6 +7,9 @@ Its image is the lock's ``[vllm] image``, else NVIDIA's DGX Spark playbook image
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from trtllm_deploy.runtimes.interface import ROOT, argsource
 from trtllm_deploy.runtimes.runtime import Runtime, Serve
 from trtllm_deploy.source.lock import LockFile
 
@@ -25,6 +28,29 @@ def program(serve: Serve) -> list[str]:
             "--pipeline-parallel-size", str(serve.pp), "--distributed-executor-backend", "mp",
             "--nnodes", str(serve.ranks), "--master-addr", serve.head,
             "--master-port", str(MASTER_PORT), "--host", "0.0.0.0", "--port", str(serve.port)]
+
+
+# `vllm serve`'s options at the pinned vLLM (the stand-in takes exactly these), read from vLLM's
+# source by runtimes/interface/argsource.py: the parser's files, the dataclasses typing them, the
+# config modules their defaults point into.
+SERVE_OPTIONS = Path("requirements/interface/vllm/serve_options.json")
+PARSER_SOURCES = ("vllm/entrypoints/openai/cli_args.py", "vllm/engine/arg_utils.py",
+                  "vllm/entrypoints/cli/serve.py")
+ARG_CLASSES = ("FrontendArgs", "BaseFrontendArgs", "AsyncEngineArgs", "EngineArgs")
+CONFIG_SOURCES = "vllm/config/"
+
+
+def serve_options(texts: dict[str, str | None], version: str) -> dict:
+    """serve_options.json's content from vLLM's source texts at ``version`` (path → text)."""
+    table = argsource.extract(texts, PARSER_SOURCES, ARG_CLASSES, CONFIG_SOURCES, "FrontendArgs")
+    return {"version": version, **table}
+
+
+def write_serve_options(texts: dict[str, str | None], version: str, where: str) -> None:
+    """Record `vllm serve`'s options at ``version``; ``where`` says what the texts were read from."""
+    path = ROOT / SERVE_OPTIONS
+    argsource.write(path, serve_options(texts, version), path.with_name("SOURCES.md"),
+                    f"the options of `vllm serve` in vLLM {version} ({where})")
 
 
 def image(lockfile: LockFile) -> str:

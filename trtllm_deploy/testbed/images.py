@@ -64,7 +64,8 @@ NODE = ImageSpec("trtllm-deploy/testbed-node", "docker/testbed-node", ("docker/t
                  "testbed node image")
 STANDIN = ImageSpec("trtllm-deploy/standin", "docker/standin",
                     ("docker/standin", "requirements/container.txt", "trtllm_deploy/testbed/standin",
-                     "trtllm_deploy/artifact/manifest.py"),
+                     "trtllm_deploy/artifact/manifest.py", "trtllm_deploy/runtimes/__init__.py",
+                     "trtllm_deploy/runtimes/interface", "requirements/interface"),
                     "stand-in runtime image")
 
 

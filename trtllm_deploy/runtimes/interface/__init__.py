@@ -6,8 +6,9 @@ LLM-API's arguments, taken from TensorRT-LLM's own tree at the locked commit.
 ``tensorrt_llm/llmapi/llm_args.py`` by :mod:`.extract`, and ``sources.json`` / ``SOURCES.md`` saying
 which commit and version they come from. :func:`load` reads that folder; :func:`from_sources` makes
 the same from file texts at a commit (what ``source.update`` has from the build node's checkout) and
-:func:`write` records them. :func:`used` collects every flag and key the project's own generators
-emit; :func:`gaps` says which of them a pin lacks or renamed.
+:func:`write` records them. :func:`gaps` says which flags and keys of a :class:`Usage` a pin lacks
+or renamed; trtllm_deploy/cli/usage.py's ``used()`` fills one by calling the project's generators
+(it sits in the top layer, as they live in every layer).
 
 The stand-in imports this package inside its image (cli, args): keep those modules' imports to the
 standard library and PyYAML.
@@ -19,16 +20,16 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.runtimes.interface import extract
 from trtllm_deploy.runtimes.interface.args import ArgsReference, Problem, report
 from trtllm_deploy.runtimes.interface.cli import CliOption, CliReference, UsageError
-from trtllm_deploy.runtimes.interface.usage import Gap, Usage, gaps, served_formats, used
+from trtllm_deploy.runtimes.interface.gaps import Gap, Usage, gaps
+from trtllm_deploy.runtimes.interface.pinned import Interface
 
 __all__ = ["REFERENCE_PATHS", "MODEL_BASES", "UPSTREAM_PATHS", "DEFAULT_DIR", "ROOT", "Interface", "load",
-           "from_sources", "write", "Usage", "used", "served_formats", "Gap", "gaps", "CliReference",
+           "from_sources", "write", "Usage", "Gap", "gaps", "CliReference",
            "CliOption", "ArgsReference", "Problem", "UsageError", "report", "InterfaceDataError"]
 
 # The data file → where it comes from in the TensorRT-LLM tree.
@@ -51,46 +52,6 @@ MODELS_JSON = "llm_args_models.json"
 
 class InterfaceDataError(ValueError):
     """The interface data (a folder, or upstream texts) is missing or unreadable; says which file."""
-
-
-@dataclass
-class Interface:
-    """TensorRT-LLM's interface at one commit."""
-
-    version: str
-    commit: str
-    cli: CliReference | None            # None: that commit has no trtllm_serve_cli.yaml
-    args: ArgsReference
-    repository: str = ""
-    files: dict[str, str | None] = field(default_factory=dict, repr=False)   # data file → its text
-
-    @property
-    def name(self) -> str:
-        """How messages name the pin: ``TensorRT-LLM 1.3.0rc13 (commit 0123456789ab)``."""
-        commit = f" (commit {self.commit[:12]})" if self.commit else ""
-        return f"TensorRT-LLM {self.version or 'of unknown version'}{commit}"
-
-    def backends(self) -> tuple[str, ...]:
-        """``trtllm-serve --backend``'s choices at this pin (empty: no reference to say)."""
-        if self.cli is None:
-            return ()
-        option = self.cli.options("serve").get("backend")
-        return option.choices or () if option else ()
-
-    def check_options(self, mapping: dict, where: str, backend: str = "pytorch") -> list[str]:
-        """``mapping``'s problems as LLM-API options, each naming the key, ``where`` and the pin."""
-        return [f"{where}: LLM-API key {problem.where!r}: {problem.message} [type={problem.type}] "
-                f"at the pinned {self.name}" for problem in self.args.validate(mapping, backend)]
-
-    def check_command(self, argv: list[str], where: str, command: str = "serve") -> list[str]:
-        """``trtllm-serve`` arguments (after the subcommand) refused by the pinned parser."""
-        if self.cli is None:
-            return []
-        try:
-            self.cli.parse(argv, command)
-        except UsageError as error:
-            return [f"{where}: trtllm-serve {command}: {error} (the pinned {self.name})"]
-        return []
 
 
 def _read_optional(path: Path) -> str | None:
@@ -150,12 +111,14 @@ def from_sources(texts: dict[str, str | None], version: str, commit: str) -> Int
     return Interface(version, commit, cli, args, "", files)
 
 
-def sources_markdown(interface: Interface) -> str:
+def sources_markdown(interface: Interface, read_at: dict[str, str] | None = None, notes: str = "") -> str:
+    read_at = read_at or {}
     lines = ["# Where these files come from", "",
-             f"TensorRT-LLM {interface.version} at commit `{interface.commit}` of {interface.repository}.",
+             f"The interface of TensorRT-LLM {interface.version} (commit `{interface.commit}`) of "
+             f"{interface.repository}.",
              "Written by trtllm_deploy.runtimes.interface.write (`invoke source.update` on the build node "
              "refreshes them from its checkout at the locked commit); do not edit by hand.", "",
-             "| file | upstream path | how |", "| --- | --- | --- |"]
+             "| file | upstream path | read at commit | how |", "| --- | --- | --- | --- |"]
     for name, path in REFERENCE_PATHS.items():
         if name == MODELS_JSON:
             how = f"extracted (ast, never imported) from {path} and {MODEL_BASES}"
@@ -163,14 +126,18 @@ def sources_markdown(interface: Interface) -> str:
             how = "absent at this commit"
         else:
             how = "verbatim"
-        lines.append(f"| {name} | {path} | {how} |")
+        lines.append(f"| {name} | {path} | `{read_at.get(name, interface.commit)}` | {how} |")
+    if notes:
+        lines += ["", notes.strip()]
     return "\n".join(lines) + "\n"
 
 
 def write(directory: Path | str, texts: dict[str, str | None], version: str, commit: str,
-          repository: str) -> None:
+          repository: str, *, read_at: dict[str, str] | None = None, notes: str = "") -> None:
     """Record the interface at ``commit`` in ``directory``: the data files, sources.json and
-    SOURCES.md, all replacing the folder's old content at once (a new folder renamed into place)."""
+    SOURCES.md, all replacing the folder's old content at once (a new folder renamed into place).
+    ``read_at``: data file → the commit its text was read at, where that is not ``commit`` (data
+    recorded without a checkout); ``notes``: said at the end of SOURCES.md."""
     interface = from_sources(texts, version, commit)
     interface.repository = repository
     folder = Path(directory)
@@ -187,8 +154,8 @@ def write(directory: Path | str, texts: dict[str, str | None], version: str, com
             {"repository": repository, "commit": commit, "version": version,
              "files": {name: path for name, path in REFERENCE_PATHS.items()
                        if interface.files.get(name) is not None},
-             "model_bases": MODEL_BASES}, indent=1) + "\n", encoding="utf-8")
-        (fresh / "SOURCES.md").write_text(sources_markdown(interface), encoding="utf-8")
+             "read_at": read_at or {}, "model_bases": MODEL_BASES}, indent=1) + "\n", encoding="utf-8")
+        (fresh / "SOURCES.md").write_text(sources_markdown(interface, read_at, notes), encoding="utf-8")
         for path in fresh.iterdir():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -1,15 +1,15 @@
-"""``vllm serve``'s options at the pinned vLLM, read from vLLM's source text, and a parser for them.
+"""A Python program's argparse options, read from its source text, and a parser made from them.
 
-vLLM builds the serve parser in ``vllm/entrypoints/openai/cli_args.py`` (``make_arg_parser``: the
-positional ``model_tag``, a few literal ``add_argument`` calls, and one ``--field-name`` per field
-of the ``FrontendArgs`` dataclass) and ``vllm/engine/arg_utils.py`` (``EngineArgs.add_cli_args``:
-``add_argument("--name", "-alias", **group_kwargs["name"])``, typed by ``EngineArgs``' fields).
-:func:`extract` reads those files with :mod:`ast` (never importing vLLM) into ``serve_options.json``:
-each option's flags, kind (int, float, str, bool, json), choices, nargs and action. Booleans are
-``--x`` / ``--no-x`` (argparse's BooleanOptionalAction, as vLLM's ``get_kwargs`` makes them), and
-vLLM's FlexibleArgumentParser takes ``--a_b`` for ``--a-b``.
-
-The stand-in builds its argparse parser from this file inside its image: standard library only.
+For programs whose parser is assembled from dataclasses (one ``--field-name`` per field) and
+``add_argument`` calls, some of the form ``add_argument("--name", "-alias", **group_kwargs["name"])``
+typed by the dataclass field of that name: :func:`extract` reads the given source files with
+:mod:`ast` (never importing them) into a JSON-ready table of each option's flags, kind (int, float,
+str, bool, json), choices, nargs, action and default. A bool field becomes ``--x`` / ``--no-x``
+(argparse's BooleanOptionalAction); a list field ``nargs="+"``; a Literal field its choices; a
+default written as ``SomeConfig.field`` is that config class's (the ``configs`` sources).
+:class:`ArgsTable` puts those options on an argparse parser. runtimes/ modules name the program,
+its files and classes; the stand-in builds its parsers from the tables inside its image, so this
+module uses the standard library only.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 from pathlib import Path
 
-SOURCES = ("vllm/entrypoints/openai/cli_args.py", "vllm/engine/arg_utils.py", "vllm/entrypoints/cli/serve.py")
-CONFIGS = "vllm/config/"   # the config dataclasses EngineArgs' defaults point into
-DATACLASSES = ("FrontendArgs", "BaseFrontendArgs", "EngineArgs", "AsyncEngineArgs")
-DEFAULT_DIR = Path("requirements/interface/vllm")
-DATA = "serve_options.json"
 KINDS = {"int": "int", "float": "float", "str": "str", "bool": "bool", "Path": "str"}
 
 
@@ -38,7 +34,7 @@ def _name(node: ast.expr) -> str:
 
 
 def _kind(annotation: ast.expr | None) -> tuple[str, list | None, str | None]:
-    """(kind, choices, nargs) for a dataclass field's annotation, as vLLM's get_kwargs turns it."""
+    """(kind, choices, nargs) for a dataclass field's annotation, as the parser is made from it."""
     if annotation is None:
         return "str", None, None
     if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
@@ -73,7 +69,7 @@ def _kind(annotation: ast.expr | None) -> tuple[str, list | None, str | None]:
 
 
 def _of_union(parts: list[ast.expr]) -> tuple[str, list | None, str | None]:
-    """vLLM's get_kwargs on a union: a list member makes it ``nargs="+"``; one member is itself."""
+    """A union: a list member makes it ``nargs="+"``; a single member is itself."""
     if len(parts) == 1:
         return _kind(parts[0])
     listed = [p for p in parts if _name(p) in ("list", "List")]
@@ -88,9 +84,10 @@ def _union(node: ast.expr) -> list[ast.expr]:
     return [node]
 
 
-def _fields(tree: ast.Module, wanted=DATACLASSES, configs: dict | None = None) -> dict[str, dict[str, dict]]:
-    """The dataclasses ``wanted``: field → {kind, choices, nargs, default}, bases first. A default
-    written as ``SomeConfig.field`` is that config's (``configs``: fields of vllm/config/)."""
+def _fields(tree: ast.Module, wanted: tuple[str, ...] | None,
+            configs: dict | None = None) -> dict[str, dict[str, dict]]:
+    """The dataclasses ``wanted`` (None: all): field → {kind, choices, nargs, default}, bases first.
+    A default written as ``SomeConfig.field`` is that config's field's (``configs``)."""
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     found: dict[str, dict[str, dict]] = {}
 
@@ -136,35 +133,41 @@ def _literal(node: ast.expr):
     return list(value) if isinstance(value, (tuple, set)) else value
 
 
-def extract(texts: dict[str, str | None]) -> dict:
-    """serve_options.json's content from vLLM's source texts (path → text; None: absent)."""
+def extract(texts: dict[str, str | None], parsers: tuple[str, ...], dataclasses: tuple[str, ...],
+            configs: str, loop_class: str) -> dict:
+    """The options table from source texts (path → text; None: absent). ``parsers``: the files whose
+    ``add_argument`` calls make the parser, in order; ``dataclasses``: the classes typing them (a
+    field of an earlier class wins); ``configs``: the path prefix of
+    the config modules defaults point into; ``loop_class``: the dataclass whose every field is added
+    as ``--field-name``."""
     trees = {path: ast.parse(text, filename=path) for path, text in texts.items() if text is not None}
-    configs: dict[str, dict] = {}
+    known: dict[str, dict] = {}
     for path, tree in trees.items():
-        if path.startswith(CONFIGS):
-            configs.update(_fields(tree, None))
+        if path.startswith(configs):
+            known.update(_fields(tree, None))
     fields: dict[str, dict] = {}
     for path, tree in trees.items():
-        if not path.startswith(CONFIGS):
-            for name, table in _fields(tree, DATACLASSES, configs).items():
+        if not path.startswith(configs):
+            for name, table in _fields(tree, dataclasses, known).items():
                 fields.setdefault(name, table)
-    engine = fields.get("AsyncEngineArgs") or fields.get("EngineArgs", {})
-    frontend = fields.get("FrontendArgs", {})
+    typed: dict[str, dict] = {}
+    for name in dataclasses:
+        for field_name, field in fields.get(name, {}).items():
+            typed.setdefault(field_name, field)
     options: dict[str, dict] = {}
     positionals: list[str] = []
-    for path in SOURCES:
+    for path in parsers:
         tree = trees.get(path)
         if tree is None:
             continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and _name(node.func) == "add_argument":
-                _add(node, options, positionals, engine, frontend)
-    for name, field in frontend.items():   # make_arg_parser's loop: one --field-name per field
+                _add(node, options, positionals, typed)
+    for name, field in fields.get(loop_class, {}).items():   # the loop: one --field-name per field
         flag = f"--{name.replace('_', '-')}"
         if not any(flag in option["flags"] for option in options.values()):
             options[name] = _option([flag], field, {})
-    return {"sources": sorted(trees), "positionals": positionals,
-            "options": dict(sorted(options.items()))}
+    return {"sources": sorted(trees), "positionals": positionals, "options": dict(sorted(options.items()))}
 
 
 def _option(flags: list[str], field: dict, given: dict) -> dict:
@@ -188,7 +191,7 @@ def _option(flags: list[str], field: dict, given: dict) -> dict:
             "nargs": nargs, "action": action or "store", "default": default}
 
 
-def _add(node: ast.Call, options: dict, positionals: list, engine: dict, frontend: dict) -> None:
+def _add(node: ast.Call, options: dict, positionals: list, typed: dict) -> None:
     names = [arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
     if not names:
         return
@@ -218,35 +221,30 @@ def _add(node: ast.Call, options: dict, positionals: list, engine: dict, fronten
                 given[keyword.arg] = value
     long = next((name for name in names if name.startswith("--")), names[0])
     dest = given.pop("dest", None) or field_name or long.lstrip("-").replace("-", "_")
-    field = engine.get(field_name or dest) or frontend.get(field_name or dest) or {}
+    field = typed.get(field_name or dest) or {}
     options[dest] = _option(names, field, given)
 
 
-class VllmReference:
-    """The ``vllm serve`` options of serve_options.json, as an argparse parser."""
+class ArgsTable:
+    """An options table (what :func:`extract` makes) as argparse options."""
 
-    def __init__(self, data: dict, version: str = ""):
+    def __init__(self, data: dict):
         self.data = data
-        self.version = version
+        self.version = str(data.get("version", ""))
         self.options: dict[str, dict] = data.get("options", {})
 
     @classmethod
-    def load(cls, directory: Path | str = DEFAULT_DIR) -> VllmReference:
-        from trtllm_deploy.runtimes.interface import ROOT, InterfaceDataError
-
-        folder = Path(directory)
-        folder = folder if folder.is_absolute() else ROOT / folder
+    def load(cls, path: Path) -> ArgsTable:
         try:
-            data = json.loads((folder / DATA).read_text(encoding="utf-8"))
+            return cls(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as error:
-            raise InterfaceDataError(f"{folder / DATA}: cannot read it ({error})") from None
-        return cls(data, str(data.get("version", "")))
+            raise ValueError(f"{path}: cannot read the options table ({error})") from None
 
     def flags(self) -> set[str]:
         return {flag for option in self.options.values() for flag in option["flags"]}
 
     def add_to(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        """Every option (and the positional) on ``parser``, defaults as vLLM's."""
+        """Every option (and the first positional, optional) on ``parser``, with their defaults."""
         parser.add_argument(*(self.data.get("positionals") or ["model_tag"])[:1], nargs="?")
         types = {"int": int, "float": float}
         for dest, option in self.options.items():
@@ -283,20 +281,15 @@ def underscores_to_dashes(arg: str) -> str:
     return name.replace("_", "-") + equals + value
 
 
-def write(directory: Path | str, texts: dict[str, str | None], version: str, repository: str,
-          where: str) -> None:
-    """serve_options.json (with the version) and SOURCES.md in ``directory``; ``where`` says where the
-    texts were read (a tag, a commit, a source distribution)."""
-    from trtllm_deploy.atomic import write_text
-    from trtllm_deploy.runtimes.interface import ROOT
-
-    folder = Path(directory)
-    folder = folder if folder.is_absolute() else ROOT / folder
-    data = {"version": version, **extract(texts)}
-    write_text(folder / DATA, json.dumps(data, indent=1) + "\n")
-    lines = ["# Where these files come from", "",
-             f"`{DATA}`: the options of `vllm serve` in vLLM {version} ({repository}, {where}),",
-             "extracted by trtllm_deploy.runtimes.interface.vllm (ast over the source text, vLLM is never",
-             "imported) from:", ""]
-    lines += [f"- {path}" for path in data["sources"]]
-    write_text(folder / "SOURCES.md", "\n".join(lines) + "\n")
+def write(path: Path, data: dict, sources_md: Path, title: str) -> None:
+    """The table as JSON at ``path`` and a SOURCES.md beside it listing where it was read; each file
+    written beside its place and renamed over it."""
+    lines = ["# Where these files come from", "", f"`{path.name}`: {title}, extracted by",
+             "trtllm_deploy.runtimes.interface.argsource (ast over the source text, never imported)",
+             "from:", ""]
+    lines += [f"- {source}" for source in data["sources"]]
+    for target, text in ((path, json.dumps(data, indent=1) + "\n"), (sources_md, "\n".join(lines) + "\n")):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, target)
