@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trtllm_deploy.runtimes import interface
-from trtllm_deploy.runtimes.interface import served_formats, used
+from trtllm_deploy.cli.usage import served_formats, used
 
 
 class ProjectInterface:
