@@ -21,6 +21,8 @@ ROOT = Path(__file__).parent
 REQUIREMENTS = ROOT / "requirements"
 # Order matters: a layer is compiled against the pins of the layers before it (-c host.txt).
 LOCKS = ("host", "test", "lint", "container", "nox")
+# Written by `invoke source.update`, not pip-compile; `lock -- --check` checks it offline.
+TRTLLM_LOCK = REQUIREMENTS / "tensorrt-llm.lock.toml"
 
 # The locks must name only what PyPI serves, with every file's hash, whatever this machine's pip
 # configuration adds (local wheel folders, extra indexes).
@@ -70,6 +72,8 @@ def lock(session: nox.Session) -> None:
     else:  # the very first compile has no lock to install pip-tools from
         session.run_install("python", "-m", "pip", "install", "--quiet", "pip-tools")
     check = "--check" in session.posargs
+    if check:  # the TensorRT-LLM lock too, in a session with the package's own requirements
+        session.notify("trtllm_lock", [str(TRTLLM_LOCK)])
     stale = []
     for name in LOCKS:
         target = REQUIREMENTS / f"{name}.txt"
@@ -86,6 +90,15 @@ def lock(session: nox.Session) -> None:
                 stale.append(target.name)
     if stale:
         session.error(f"stale lockfiles: {', '.join(stale)}; run `nox -s lock` and commit them")
+
+
+@nox.session(default=False)
+def trtllm_lock(session: nox.Session) -> None:
+    """Check the TensorRT-LLM lock offline: its lock_hash matches its contents, fixes are resolved."""
+    install(session, "host")
+    # file:line messages for a hand-broken or stale lock; `invoke source.update` is the remedy.
+    session.run("python", "-m", "trtllm_deploy.source.lockcheck", "--check",
+                *(session.posargs or [str(TRTLLM_LOCK)]))
 
 
 @nox.session(tags=["ci"])
@@ -118,7 +131,7 @@ def build(session: nox.Session) -> None:
     """The pinned TensorRT-LLM source build on the build node (args go to invoke, e.g. --hosts)."""
     install(session, "host")
     lock = next((Path(arg.split("=", 1)[1]) for arg in session.posargs if arg.startswith("--lock=")),
-                REQUIREMENTS / "tensorrt-llm.lock.toml")
+                TRTLLM_LOCK)
     pinned = Pinned.from_lock(lock)
     if pinned is None:
         session.error(f"{lock} pins no commit yet: run `invoke source.update` and commit the lock")

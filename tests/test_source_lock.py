@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import tomllib
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from trtllm_deploy.errors import DeployError
 from trtllm_deploy.source import cuda, wheel
 from trtllm_deploy.source import make, plan
 from trtllm_deploy.source import lock as locks
+from trtllm_deploy.source import lockcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "a" * 40
@@ -275,3 +277,103 @@ def test_the_quantize_table_survives_a_rewrite_and_leaves_the_image_hash_alone(t
     path.write_text(path.read_text().replace("calib_size = 64", "calib_size = 0"))
     with pytest.raises(locks.LockError, match="quantize.calib_size"):
         locks.load(path)
+
+
+# --- the offline check (nox -s lock -- --check) --------------------------------------------------
+
+def hashed(text: str, tmp_path: Path) -> str:
+    """``text`` with the lock_hash of its contents recorded at the top, as source.update writes it."""
+    computed = locks.load(write(tmp_path, text)).hash
+    return f'lock_hash = "{computed}"\n\n' + text
+
+
+def test_a_consistent_lock_passes_the_offline_check(tmp_path):
+    path = write(tmp_path, hashed(GOOD, tmp_path))
+    assert lockcheck.check_offline(path) == []
+    assert locks.load(path).lock.lock_hash == locks.load(path).hash
+
+
+def test_the_shipped_lock_passes_the_offline_check():
+    shipped = ROOT / locks.DEFAULT_PATH
+    assert lockcheck.check_offline(shipped) == []
+    lock = locks.load(shipped).lock
+    several = {fix.pr for fix in lock.fixes if fix.needed_for == "several"}
+    assert several == {12902, 15559}  # issue #12715's multi-node fixes (docs/SOURCES.md)
+    assert {fix.pr for fix in lock.fixes if fix.needed_for == "any"} == {7937}
+
+
+@pytest.mark.parametrize("edit, line, words", [
+    (lambda t: t.replace('cuda_archs = "121-real"', 'cuda_archs = "120-real"'), 1,
+     ["lock_hash", "not the hash of the lock's contents"]),
+    (lambda t: t.replace(f'commit = "{SHA}"', f'commit = "{OTHER}"', 1), 1, ["lock_hash", "edited"]),
+    (lambda t: t.split("\n", 2)[2], None, ["no lock_hash recorded"]),
+    (lambda t: t.replace(f'commit = "{OTHER}"\npr = 8803', "pr = 8803"), 18,
+     ["fixes[0]", "no full commit SHA", "not checked against the pin"]),
+    (lambda t: t.replace("pr = 8803", 'pr = 8803\nmissing = "not in the history"'), 21,
+     ["needed by every deployment", "missing"]),
+    (lambda t: t.split("\n", 2)[2].replace(f'commit = "{SHA}"\n', "", 1), 4,
+     ["source.version", "no commit is pinned", "no lock_hash recorded"]),
+    (lambda t: t.replace("pytorch:25.10-py3", "pytorch:25.10-py3@sha256:abc"), 1, ["lock_hash"]),
+    (lambda t: t.replace('lock_hash = "', 'lock_hash = "x'), 1, ["64 lowercase hex"]),
+    (lambda t: t.replace("[build]", "[build\n"), 13, ["not valid TOML"]),
+], ids=["edited-archs", "edited-commit", "no-hash", "fix-unresolved", "any-fix-missing", "version-unpinned",
+        "bad-digest", "bad-hash", "not-toml"])
+def test_a_hand_broken_or_stale_lock_fails_the_offline_check_with_its_line(tmp_path, edit, line, words):
+    path = write(tmp_path, edit(hashed(GOOD, tmp_path)))
+    problems = lockcheck.check_offline(path)
+    assert problems
+    report = lockcheck.check_report(path)
+    for word in words:
+        assert word in report
+    if line:
+        assert f"{path}:{line}:" in report
+    assert "what to do:" in report
+
+
+def test_a_malformed_digest_is_named(tmp_path):
+    text = GOOD.replace("pytorch:25.10-py3", "pytorch:25.10-py3@sha256:abc")
+    report = lockcheck.check_report(write(tmp_path, hashed(text, tmp_path)))
+    assert "build.base_image" in report and "64 lowercase hex" in report
+
+
+def test_the_offline_check_as_nox_runs_it_exits_1_on_a_broken_lock(tmp_path):
+    good = write(tmp_path, hashed(GOOD, tmp_path))
+    command = [sys.executable, "-m", "trtllm_deploy.source.lockcheck", "--check"]
+    done = subprocess.run([*command, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    good.write_text(good.read_text().replace('"121-real"', '"120-real"'))
+    done = subprocess.run([*command, str(good)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 1 and f"{good}:1: lock_hash:" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+UNICODE = {
+    "emoji": "🐛 [None][fix] Skip NCCL window registration on SM121 (#15559)",
+    "beyond-bmp": "𝄞 𝕋𝕖𝕟𝕤𝕠𝕣 \U0010FFFD",
+    "combining": "e\u0301 n\u0303 (decomposed accents)",
+    "right-to-left": "שלום עולם — مرحبا",
+    "cjk": "修复多节点挂起问题",
+    "control": "tab\there, escape \x1b, delete \x7f, nul \x00",
+    "c1-and-separators": "next line \x85, line separator \u2028, paragraph \u2029, bom \ufeff",
+    "quotes": "she said \"it's fixed\" \\ '''twice''' \"\"\"",
+}
+
+
+@pytest.mark.parametrize("text", UNICODE.values(), ids=UNICODE.keys())
+def test_any_unicode_in_a_fix_round_trips_through_tomllib(tmp_path, text):
+    """The lock was once written with JSON's escapes (json.dumps), which spell a character beyond
+    the Basic Multilingual Plane as a UTF-16 surrogate pair, "\\ud83d\\udc1b", and TOML allows only
+    scalar values in escapes: tomllib refused the lock ("Escaped character is not a Unicode scalar
+    value"). Written with tomlkit (tomlsource.rewrite), the character is written as itself."""
+    lock = locks.load(write(tmp_path, GOOD)).lock
+    missing = f'reverted by {OTHER[:12]} "Revert \\"{text}\\""'
+    changed = lock.model_copy(update={"fixes": [lock.fixes[0].model_copy(update={
+        "title": text, "needed_for": "several", "missing": missing})]})
+    path = write(tmp_path, COMMENTED)
+    for previous in (None, path.read_text(encoding="utf-8")):   # a new file, and written into one
+        written = locks.dumps(changed, previous)
+        back = tomllib.loads(written)["fixes"][0]
+        assert (back["title"], back["missing"]) == (changed.fixes[0].title, changed.fixes[0].missing)
+    locks.write(path, changed)
+    assert locks.load(path).lock == changed
+    assert "# the hang we saw in March" in path.read_text(encoding="utf-8")

@@ -4,6 +4,7 @@ that really builds, records what it was given, and fails on demand."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,12 +14,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 import trtllm_repo
 from trtllm_repo import FILE_PROTOCOL_ENV, Upstream, checkout, make_upstream, remove_build_images
 
 BASE = "trtllm-deploy/base:bookworm"  # named in the tree only; the tests without Docker never use it
-ROLES = ("old", "fix_a", "fix_b_unmerged", "submodule_bump", "removal", "tagged", "tip")
+ROLES = ("old", "fix_a", "fix_b_unmerged", "submodule_bump", "removal", "tagged", "tip", "emoji_fix",
+         "revert_a", "reapply_a", "revert_emoji", "gpt_oss", "lacks_flag")
 
 
 def git(*args: str, cwd: Path | None = None, check: bool = True, env: dict | None = None) -> str:
@@ -82,6 +85,51 @@ def test_main_is_linear_and_the_side_branch_forks_at_fix_a(upstream):
     assert "(#8803)" in bare(upstream, "log", "-1", "--format=%s", upstream.fix_a)
     assert bare(upstream, "log", "-1", "--format=%s", upstream.fix_b_unmerged) == \
         upstream.subjects["fix_b_unmerged"]
+
+
+def test_the_reverts_branch_reverts_as_upstream_does(upstream):
+    branch = bare(upstream, "rev-list", f"refs/heads/{upstream.reverts_branch}").split()
+    assert branch[:5] == [upstream.revert_emoji, upstream.reapply_a, upstream.revert_a, upstream.emoji_fix,
+                          upstream.tip]
+
+    def message(role: str) -> str:
+        return bare(upstream, "log", "-1", "--format=%B", upstream.commit(role))
+
+    # git revert's subject and body, with the squash merge's "(#N)" after the subject.
+    assert message("revert_a") == (f'Revert "{upstream.subjects["fix_a"]}" (#11300)\n\n'
+                                   f"This reverts commit {upstream.fix_a}.")
+    assert message("reapply_a") == (f'Revert "{upstream.subjects["revert_a"]}" (#11400)\n\n'
+                                    f"This reverts commit {upstream.revert_a}.")
+    assert message("revert_emoji") == f'Revert "{trtllm_repo.EMOJI_SUBJECT}" (#11500)'
+    assert message("emoji_fix") == trtllm_repo.EMOJI_SUBJECT
+    assert any(ord(c) > 0xFFFF for c in trtllm_repo.EMOJI_SUBJECT)  # beyond the BMP
+    ops = "tensorrt_llm/_torch/distributed/ops.py"
+    contents = {role: bare(upstream, "show", f"{upstream.commit(role)}:{ops}") + "\n"
+                for role in ("fix_a", "revert_a", "reapply_a")}
+    assert contents == {"fix_a": trtllm_repo.ALLREDUCE_AFTER, "revert_a": trtllm_repo.ALLREDUCE_BEFORE,
+                        "reapply_a": trtllm_repo.ALLREDUCE_AFTER}
+
+
+def test_the_interface_references_are_made_from_the_projects_own_data(upstream):
+    from trtllm_deploy.runtimes.interface import REFERENCE_PATHS, extract
+
+    files = trtllm_repo.interface_files()
+    assert files, f"no interface data in {trtllm_repo.INTERFACE_DATA} to make the references from"
+    # The stand-in llm_args.py reads back, through the project's extractor, as the recorded data.
+    main = REFERENCE_PATHS["llm_args_models.json"]
+    recorded = json.loads((trtllm_repo.INTERFACE_DATA / "llm_args_models.json").read_text())
+    assert extract.models({main: files[main]}, main) == recorded
+    for role in ("removal", "tip", "gpt_oss", "lacks_flag"):
+        for path, text in files.items():
+            blob = bare(upstream, "show", f"{upstream.commit(role)}:{path}") + "\n"
+            assert (blob == text) is not (role == "lacks_flag" and path.endswith("trtllm_serve_cli.yaml"))
+    assert bare(upstream, "cat-file", "-e", f"{upstream.submodule_bump}:{main}", check=False).returncode != 0
+    serve_cli = REFERENCE_PATHS["trtllm_serve_cli.yaml"]
+    serve = yaml.safe_load(bare(upstream, "show", f"{upstream.lacks_flag}:{serve_cli}"))
+    pinned = yaml.safe_load(files[serve_cli])
+    flags = {name: option["flags"] for name, option in pinned["commands"]["serve"]["options"].items()}
+    dropped = [name for name, names in flags.items() if trtllm_repo.DROPPED_FLAG in names]
+    assert len(dropped) == 1 and set(serve["commands"]["serve"]["options"]) == set(flags) - set(dropped)
 
 
 @pytest.mark.parametrize("role, has_trtllm_build", [

@@ -6,6 +6,14 @@ git and the git-lfs storage layout, with reproducible SHAs (fixed authors and da
     root/TensorRT-LLM.git   main:  old ─ fix_a ─ submodule_bump ─ removal ─ tagged ─ tip
                                              └─ fix_b_unmerged          (feature/unmerged-fix)
                                    tag v1.3.0rc1 (annotated) on "tagged"
+                            tip ─ emoji_fix ─ revert_a ─ reapply_a ─ revert_emoji   (feature/reverts)
+                            tip ─ gpt_oss ─ lacks_flag                            (feature/interface-change)
+
+From "removal" on, the tree has TensorRT-LLM's interface references where upstream keeps them
+(tests/unittest/api_stability/..., tensorrt_llm/llmapi/llm_args.py), made from the project's own
+recorded data (requirements/interface/tensorrt-llm/, see ``interface_files``); "lacks_flag"'s
+trtllm-serve reference has lost the option of ``--pp_size``, which the project passes. "gpt_oss" merges #7937,
+so the shipped lock's required fixes are all there except the ones only several nodes need.
     root/cutlass.git        the submodule 3rdparty/cutlass, URL "../cutlass.git" in .gitmodules
 
 Consumers clone with ``file://`` URLs (``Upstream.url``) and need two things a GitHub clone does not:
@@ -25,6 +33,7 @@ image FROM the given base (see MAKEFILE and BUILD_SCRIPT below for variables and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -38,6 +47,15 @@ SUBMODULE_NAME = "cutlass.git"
 SUBMODULE_PATH = "3rdparty/cutlass"
 SIDE_BRANCH = "feature/unmerged-fix"
 TAG = "v1.3.0rc1"
+REVERTS_BRANCH = "feature/reverts"
+INTERFACE_BRANCH = "feature/interface-change"
+# The project's record of the pinned TensorRT-LLM's interface, from which the stand-in's are made.
+INTERFACE_DATA = Path(__file__).resolve().parents[1] / "requirements" / "interface" / "tensorrt-llm"
+DROPPED_FLAG = "--pp_size"   # lacks_flag's trtllm-serve reference no longer has the option of this flag
+# A required fix whose subject is not ASCII (an emoji outside the Basic Multilingual Plane, accents,
+# a right-to-left word): what the lock must write and read back unchanged.
+EMOJI_SUBJECT = ("🐛 [None][fix] Skip NCCL window registration on SM121 — «ünïcödé» שלום 𝄞 "
+                 "(#15559)")
 LFS_PATH = "cpp/tensorrt_llm/kernels/lib/libfake_kernels.a"
 VERSION_FILE = "tensorrt_llm/version.py"
 TRTLLM_BUILD_FILE = "tensorrt_llm/commands/build.py"
@@ -310,6 +328,74 @@ def split_image(reference: str) -> tuple[str, str]:
     return name_tag[:colon], name_tag[colon + 1:] + at + digest
 
 
+def interface_files(data: Path = INTERFACE_DATA) -> dict[str, str]:
+    """Upstream path → text of TensorRT-LLM's interface references for the stand-in tree, made from
+    the project's recorded data: the api_stability references as recorded, and an llm_args.py
+    written from ``llm_args_models.json`` that the project's extractor reads back as that same
+    data (tests/test_trtllm_repo.py checks it). Empty where the data is not there."""
+    from trtllm_deploy.runtimes.interface import REFERENCE_PATHS
+
+    files = {}
+    for name, upstream in REFERENCE_PATHS.items():
+        path = data / name
+        if not path.exists():
+            continue
+        text = path.read_text(encoding="utf-8")
+        files[upstream] = llm_args_source(json.loads(text)) if name.endswith(".json") else text
+    return files
+
+
+def llm_args_source(extracted: dict) -> str:
+    """Python source whose classes have exactly the fields, defaults, bounds and aliases that
+    ``extracted`` (an ``llm_args_models.json``) records: a stand-in for llm_args.py."""
+    lines = ['"""LLM-API arguments (stand-in written by trtllm-deploy\'s tests from its recorded '
+             'interface data; not NVIDIA\'s code)."""', ""]
+    for name, expression in extracted.get("aliases", {}).items():
+        lines.append(f"{name} = {expression}")
+    for name, values in extracted.get("enums", {}).items():
+        lines += ["", "", f"class {name}(str, Enum):"]
+        lines += [f"    MEMBER_{index} = {value!r}" for index, value in enumerate(values)] or ["    pass"]
+    for name, model in extracted.get("models", {}).items():
+        bases = ", ".join(model.get("bases") or ["BaseModel"])
+        lines += ["", "", f"class {name}({bases}):",
+                  f"    model_config = ConfigDict(extra={model['extra']!r})"]
+        for field_name, entry in model["fields"].items():
+            lines.append(f"    {field_name}: {entry['annotation']}{_field_value(entry)}")
+    return "\n".join(lines) + "\n"
+
+
+def _field_value(field: dict) -> str:
+    def literal(value) -> str:
+        return value["expr"] if isinstance(value, dict) and set(value) == {"expr"} else repr(value)
+
+    extras = []
+    if field.get("aliases"):
+        extras.append("validation_alias=AliasChoices(" + ", ".join(map(repr, field["aliases"])) + ")")
+    extras += [f"{bound}={field[bound]!r}" for bound in ("gt", "ge", "lt", "le") if bound in field]
+    if "status" in field:
+        extras.append(f"status={field['status']!r}")
+    if "default_factory" in field:
+        return " = Field(" + ", ".join([f"default_factory={field['default_factory']}", *extras]) + ")"
+    if field["required"]:
+        return " = Field(" + ", ".join(["...", *extras]) + ")" if extras else ""
+    if extras:
+        return " = Field(" + ", ".join([f"default={literal(field['default'])}", *extras]) + ")"
+    return f" = {literal(field['default'])}"
+
+
+def without_option(reference: str, flag: str, command: str = "serve") -> str:
+    """A trtllm-serve reference (trtllm_serve_cli.yaml) without ``command``'s option that has
+    ``flag`` among its flags, as when upstream removes an option."""
+    import yaml
+
+    data = yaml.safe_load(reference)
+    options = data["commands"][command]["options"]
+    (name,) = [name for name, option in options.items() if flag in option.get("flags", ())]
+    del options[name]
+    return (f"# trtllm_serve_cli.yaml without {name} ({flag}), by trtllm-deploy's tests\n"
+            + yaml.safe_dump(data, sort_keys=False))
+
+
 # ---------------------------------------------------------------------------------------------
 # The history
 
@@ -329,6 +415,14 @@ class Upstream:
     tagged: str               # the commit the annotated tag points at
     tip: str                  # main's head
     fix_b_unmerged: str       # on SIDE_BRANCH only (its parent is fix_a); never an ancestor of main
+    # On REVERTS_BRANCH, after the tip, each the child of the one before:
+    emoji_fix: str            # a fix for PR #15559 whose subject is EMOJI_SUBJECT
+    revert_a: str             # reverts fix_a the way `git revert` and GitHub do (subject and body)
+    reapply_a: str            # reverts revert_a: fix_a's change is back
+    revert_emoji: str         # reverts emoji_fix by subject only (no "This reverts commit" body)
+    # On INTERFACE_BRANCH after the tip (None where the project has no interface data):
+    gpt_oss: str | None       # #7937, the shipped lock's required fix; the interface as recorded
+    lacks_flag: str | None    # its trtllm-serve reference lacks the option of DROPPED_FLAG
     tag_object: str           # the annotated tag object's own SHA
     submodule_at_old: str
     submodule_at_tip: str
@@ -336,6 +430,8 @@ class Upstream:
     tag: str = TAG
     branch: str = "main"
     side_branch: str = SIDE_BRANCH
+    reverts_branch: str = REVERTS_BRANCH
+    interface_branch: str = INTERFACE_BRANCH
     submodule_path: str = SUBMODULE_PATH
     lfs_path: str = LFS_PATH
     versions: dict[str, str] = field(default_factory=dict)   # role -> __version__ at that commit
@@ -409,7 +505,7 @@ class _Builder:
 
     def commit(self, subject: str, date: str, parent: str | None, ref: str | None = "refs/heads/main",
                files: dict[str, str | bytes | None] | None = None,
-               gitlinks: dict[str, str] | None = None) -> str:
+               gitlinks: dict[str, str] | None = None, body: str | None = None) -> str:
         self.write(files or {})
         self.git("add", "--all")  # would drop a gitlink (no checkout of it here): set them again
         self.gitlinks.update(gitlinks or {})
@@ -417,7 +513,7 @@ class _Builder:
             self.git("update-index", "--add", "--cacheinfo", f"160000,{sha},{path}")
         tree = self.git("write-tree")
         sha = self.git("commit-tree", tree, *(["-p", parent] if parent else []), "-m", subject,
-                       date=date)
+                       *(["-m", body] if body else []), date=date)
         if ref:
             self.git("update-ref", ref, sha)
         return sha
@@ -505,20 +601,50 @@ def make_upstream(root: Path, *, base_image: str) -> Upstream:
         upstream.write({"tensorrt_llm/_torch/models/sm121.py": None})  # not on main
         bump = commit("submodule_bump", "[None][chore] Update cutlass to v4.3.0 (#9100)",
                       "2025-12-01", fix_a, "1.2.0rc1", gitlinks={SUBMODULE_PATH: sub_tip})
+        interface = interface_files()
         removal = commit("removal", "[TRTLLM-9000][chore] Remove the TensorRT engine backend "
                          "(#10800)", "2026-02-16", bump, "1.3.0rc0",
                          files={TRTLLM_BUILD_FILE: None, CONVERT_CHECKPOINT_FILE: None,
-                                "setup.py": _setup_py(trtllm_build=False)})
+                                "setup.py": _setup_py(trtllm_build=False), **interface})
         tagged = commit("tagged", "[None][chore] Bump version to 1.3.0rc1 (#11000)", "2026-03-02",
                         removal, "1.3.0rc1")
         tip = commit("tip", "[None][chore] Bump version to 1.3.0rc2 (#11200)", "2026-03-16", tagged,
                      "1.3.0rc2")
         upstream.git("tag", "--annotate", TAG, "-m", f"TensorRT-LLM {TAG}", tagged,
                      date=_dates("2026-03-03"))
+        # Reverts as upstream writes them: `git revert` (GitHub's revert button) gives the subject
+        # 'Revert "<subject>"' and the body "This reverts commit <sha>."; the squash merge of the
+        # revert's own PR appends "(#N)" to the subject.
+        branch = f"refs/heads/{REVERTS_BRANCH}"
+        emoji = commit("emoji_fix", EMOJI_SUBJECT, "2026-03-20", tip, "1.3.0rc2", ref=branch,
+                       files={"tensorrt_llm/_torch/distributed/nccl_window.py": "REGISTER = False\n"})
+        revert_a = commit("revert_a", f'Revert "{subjects["fix_a"]}" (#11300)', "2026-03-23", emoji,
+                          "1.3.0rc2", ref=branch, body=f"This reverts commit {fix_a}.",
+                          files={"tensorrt_llm/_torch/distributed/ops.py": ALLREDUCE_BEFORE})
+        reapply_a = commit("reapply_a", f'Revert "{subjects["revert_a"]}" (#11400)', "2026-03-25",
+                           revert_a, "1.3.0rc2", ref=branch, body=f"This reverts commit {revert_a}.",
+                           files={"tensorrt_llm/_torch/distributed/ops.py": ALLREDUCE_AFTER})
+        revert_emoji = commit("revert_emoji", f'Revert "{EMOJI_SUBJECT}" (#11500)', "2026-03-27",
+                              reapply_a, "1.3.0rc2", ref=branch,
+                              files={"tensorrt_llm/_torch/distributed/nccl_window.py": None})
+        gpt_oss = lacks_flag = None
+        serve_cli = next((path for path in interface if path.endswith("trtllm_serve_cli.yaml")), None)
+        if serve_cli:
+            # The work tree is the tip's again (revert_emoji undid the last of the branch).
+            branch = f"refs/heads/{INTERFACE_BRANCH}"
+            gpt_oss = commit("gpt_oss", "[None][feat] GPT-OSS Sm120/Sm121 Support (#7937)", "2026-03-30",
+                             tip, "1.3.0rc3", ref=branch,
+                             files={"tensorrt_llm/_torch/models/sm121.py":
+                                    '"""SM121 kernels (stand-in)."""\n'})
+            lacks_flag = commit("lacks_flag", f"[None][feat] Drop trtllm-serve {DROPPED_FLAG} (#11600)",
+                                "2026-04-01", gpt_oss, "1.3.0rc3", ref=branch,
+                                files={serve_cli: without_option(interface[serve_cli], DROPPED_FLAG)})
         tag_object = upstream.git("rev-parse", f"refs/tags/{TAG}")
         return Upstream(root=root, repo=repo, submodule_repo=submodule_repo, base_image=base_image,
                         old=old, fix_a=fix_a, submodule_bump=bump, removal=removal, tagged=tagged,
-                        tip=tip, fix_b_unmerged=fix_b, tag_object=tag_object,
+                        tip=tip, fix_b_unmerged=fix_b, tag_object=tag_object, emoji_fix=emoji,
+                        revert_a=revert_a, reapply_a=reapply_a, revert_emoji=revert_emoji,
+                        gpt_oss=gpt_oss, lacks_flag=lacks_flag,
                         submodule_at_old=sub_old, submodule_at_tip=sub_tip, lfs_content=content,
                         versions=versions, subjects=subjects)
     finally:

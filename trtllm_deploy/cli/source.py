@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from trtllm_deploy import console
 from trtllm_deploy.source import pin as phase
 from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.cli.pinned_interface import ProjectInterface
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
 from trtllm_deploy.source import advise as advisor
@@ -25,16 +26,22 @@ ROLLBACK = runtimes.rollback()   # the choice when no TensorRT-LLM option is usa
             "repository": "git URL of TensorRT-LLM (default: the lock's, else NVIDIA/TensorRT-LLM)",
             "base_image": "base image for the build (default: the lock's, else what the tree names)",
             "hosts": HOSTS_HELP, "lock": LOCK_HELP, "dry_run": "show the new lock, do not write it",
+            "accept_interface_changes": "pin a commit whose trtllm-serve flags or LLM-API keys lack "
+                                        "some the project uses (listed; refused without this)",
             "json": JSON_HELP})
 @user_errors
 def update(c: Context, ref: str = "", repository: str = "", base_image: str = "",
            hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_PATH), dry_run: bool = False,
-           json: bool = False) -> None:
-    """Pin TensorRT-LLM: resolve a ref to a commit, record its submodules, check the fixes."""
+           accept_interface_changes: bool = False, json: bool = False) -> None:
+    """Pin TensorRT-LLM: resolve a ref to a commit, record its submodules, check fixes and interface."""
     cluster = inventory.load(hosts)
     with console.err.status(f"resolving {ref or 'the locked ref'} on {cluster.build_node.name}…"):
-        report = phase.update(cluster, Path(lock), ref or None, repository or None,
-                              base_image or None, dry_run)
+        report = phase.update(cluster, Path(lock), ref or None, repository or None, base_image or None,
+                              dry_run, ProjectInterface(), accept_interface_changes)
+    for gap in report.interface_gaps:
+        console.err.print(f"warning: accepted interface change: {gap}", soft_wrap=True, markup=False)
+    for warning in report.warnings:  # before the output, where a script's reader sees it too
+        console.err.print(f"warning: {warning}", soft_wrap=True, markup=False)
     if json:
         console.print_json(report.as_json() | {"dry_run": dry_run})
         return
@@ -45,10 +52,18 @@ def update(c: Context, ref: str = "", repository: str = "", base_image: str = ""
         ["version", after.version or "?"], ["date", after.date or "?"],
         ["trtllm-build in the tree", "yes" if after.trtllm_build else "no (PyTorch backend only)"],
         ["submodules", str(len(after.submodules))], ["base image", report.after.build.base_image],
-        ["required fixes", f"{report.fixes_checked} verified as ancestors"],
-        ["lock hash", locks.lock_hash(report.after)[:16]]]))
+        ["required fixes", _fixes_row(report.after.fixes)],
+        ["lock hash", (report.after.lock_hash or "")[:16]]]))
     console.out.print("up to date: the lock already says this" if not report.changed else
                       ("dry run: the lock was not written" if dry_run else f"wrote {lock}"))
+    if report.interface_data:
+        console.out.print(f"recorded the pinned interface in {report.interface_data}")
+
+
+def _fixes_row(fixes: list[locks.Fix]) -> str:
+    missing = [fix for fix in fixes if fix.missing]
+    present = f"{len(fixes) - len(missing)} verified in the pinned history"
+    return present + (f"; {len(missing)} missing (serves on one node only)" if missing else "")
 
 
 @task(default=True, help={"hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
@@ -60,6 +75,8 @@ def fetch(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_P
     lockfile = locks.load(lock)
     with console.err.status(f"checking the tree on {cluster.build_node.name}…"):
         report = phase.fetch(cluster, lockfile)
+    for warning in report.warnings:
+        console.err.print(f"warning: {warning}", soft_wrap=True, markup=False)
     if json:
         console.print_json(report.as_json())
         return

@@ -26,7 +26,7 @@ from trtllm_deploy.source.pin import checkout_for
 from trtllm_deploy.source.plan import look
 from trtllm_deploy.source.release import RELEASE_ARCHS
 from trtllm_deploy.source.lock import Fix, LockFile
-from trtllm_deploy.source.tree import Checkout
+from trtllm_deploy.source.tree import Checkout, missing_from
 
 # $1 a folder that may not exist yet: the bytes free on the file system it would be made on.
 FREE_BYTES = Script("measure the free space for the build",
@@ -64,13 +64,19 @@ PREFERENCE = ("release", "wheel", "source")   # cheapest first; the rollback run
 
 def _fixes_in(tree: Checkout | None, commit: str | None, fixes: list[Fix],
               what: str) -> tuple[bool | None, str]:
+    """Usable when every fix any deployment needs is there, as source.update and source judge it;
+    one that only a deployment across nodes needs, missing, is said, not refused."""
     if not fixes:
         return True, "none required"
     if tree is None or not commit:
         return None, f"unknown: {what}"
-    _, missing = tree.resolve_fixes(commit, fixes)
+    missing = missing_from(tree.resolve_fixes(commit, fixes))
+    refused = [fix for fix in missing if fix.needed_for == "any"]
+    if refused:
+        return False, "missing " + ", ".join(f"{fix.name} ({fix.missing})" for fix in refused)
     if missing:
-        return False, "missing " + ", ".join(fix.name for fix, _ in missing)
+        return True, ("serves on one node only: missing "
+                      + ", ".join(f"{fix.name} ({fix.missing})" for fix in missing))
     return True, f"all {len(fixes)} present"
 
 

@@ -2,7 +2,9 @@
 
 ``requirements/tensorrt-llm.lock.toml`` is written by ``invoke source.update`` and committed by the
 user. Everything that decides what the image contains is in it, and its hash (``lock_hash``) is
-the label an image carries: the same hash on a node means the same build, so nothing to do.
+the label an image carries: the same hash on a node means the same build, so nothing to do. The
+lock records that hash itself, so that ``nox -s lock -- --check`` (:mod:`.lockcheck`) catches a
+hand edit or a stale lock without a build node.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ KINDS = ("source", "release", "wheel")
 RESERVED_OPTIONS = ("CUDA_ARCHS", "IMAGE_NAME", "IMAGE_TAG", "IMAGE_WITH_TAG", "DOCKER_BUILD_OPTS")
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MAKE_VAR = re.compile(r"^[A-Z][A-Z0-9_]*$")
 _ARCH = re.compile(r"^(native|\d{2,3}[af]?(-real)?)$")
 
@@ -149,6 +152,9 @@ class Lock(_Table):
     model_config = ConfigDict(extra="allow", frozen=True)
     __pydantic_extra__: dict[str, RuntimeImage] = Field(init=False)
 
+    # The hash of what decides the image, as source.update computed it (see lock_hash()).
+    lock_hash: Annotated[StrictStr, matching(_SHA256.pattern, "expected a SHA-256: 64 lowercase hex "
+                                             "characters (invoke source.update writes it)")] | None = None
     source: Source
     build: Build
     release: Release = Release()
@@ -244,6 +250,11 @@ def load(path: str | os.PathLike = DEFAULT_PATH) -> LockFile:
     return LockFile(source, lock)
 
 
+def digest(text: str | None) -> str | None:
+    """The SHA-256 of a file's text as :func:`lock_hash` takes it (the wheel kind's requirements)."""
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+
+
 def lock_hash(lock: Lock, requirements_digest: str | None = None) -> str:
     """The hash of what decides the image's contents (not dates, the ref asked for, or job count);
     for the wheel kind, the requirements file's content too."""
@@ -269,6 +280,10 @@ def lock_hash(lock: Lock, requirements_digest: str | None = None) -> str:
 HEADER = """\
 # The TensorRT-LLM this project builds and serves. Written by `invoke source.update`; commit it.
 # Edit [build], [release], [wheel] and [[fixes]] by hand if you must, then run source.update again.
+# lock_hash: the SHA-256 of what decides the image (kind, base image, CUDA_ARCHS, make target and
+# options, and the repository, commit and submodules, the release image, or the wheel and its
+# requirements), the label images carry. `nox -s lock -- --check` recomputes it: a value edited
+# by hand since source.update wrote the lock fails the check.
 """
 
 
@@ -296,6 +311,9 @@ def document(lock: Lock) -> tomlkit.TOMLDocument:
     for line in HEADER.splitlines():
         doc.add(tomlkit.comment(line.removeprefix("# ")))
     doc.add(tomlkit.nl())
+    if lock.lock_hash:
+        doc["lock_hash"] = lock.lock_hash
+        doc.add(tomlkit.nl())
     source = lock.source
     doc["source"] = _table({key: getattr(source, key) for key in
                             ("repository", "ref", "commit", "version", "date", "trtllm_build")})
@@ -335,3 +353,4 @@ def write(path: Path, lock: Lock) -> None:
     """Rewrite the lock file keeping its comments, atomically (a crash leaves the old one or the
     new one)."""
     atomic.write_text(path, dumps(lock, path.read_text() if path.exists() else None))
+

@@ -7,9 +7,10 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from trtllm_deploy import atomic
-from trtllm_deploy.errors import DeployError
+from trtllm_deploy.errors import CheckFailed, DeployError
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster
 from trtllm_deploy.hosts.connections import connect
@@ -33,6 +34,9 @@ class UpdateReport:
     after: locks.Lock
     changed: bool
     fixes_checked: int
+    warnings: list[str] = field(default_factory=list)   # e.g. a fix only several nodes need, missing
+    interface_gaps: list[str] = field(default_factory=list)   # accepted with --accept-interface-changes
+    interface_data: Path | None = None   # the folder refreshed from the checkout, where it was
 
     def as_json(self) -> dict:
         source = self.after.source
@@ -41,13 +45,44 @@ class UpdateReport:
                 "ref": source.ref, "version": source.version, "trtllm_build": source.trtllm_build,
                 "submodules": {s.path: s.commit for s in source.submodules},
                 "base_image": self.after.build.base_image, "fixes_verified": self.fixes_checked,
-                "lock_hash": locks.lock_hash(self.after)}
+                "lock_hash": self.after.lock_hash, "warnings": self.warnings,
+                "missing_fixes": {fix.name: fix.missing for fix in self.after.fixes if fix.missing},
+                "interface_gaps": self.interface_gaps,
+                "interface_data": str(self.interface_data) if self.interface_data else None}
+
+
+class InterfaceCheck(Protocol):
+    """What source.update asks of the project about a new commit's interface (the serving
+    runtimes and the project's own generators know it; see cli/pinned_interface.py)."""
+
+    paths: tuple[str, ...]   # the files of the TensorRT-LLM tree that say the interface
+
+    def gaps(self, texts: dict[str, str | None], version: str, commit: str,
+             trtllm_build: bool | None) -> tuple[list[str], list[str]]:
+        """(every flag or key the project uses that the commit lacks, what could not be checked)"""
+
+    def record(self, directory: Path, texts: dict[str, str | None], version: str, commit: str,
+               repository: str) -> bool:
+        """Make ``directory`` the commit's recorded interface; False where the texts cannot say it."""
+
+    def recorded_commit(self, directory: Path) -> str | None:
+        """The commit whose interface ``directory`` holds, or None."""
+
+
+def interface_dir(lock_path: Path) -> Path:
+    """Where the pinned TensorRT-LLM's interface data lives beside a lock: for the project's own
+    ``requirements/tensorrt-llm.lock.toml``, ``requirements/interface/tensorrt-llm``."""
+    return lock_path.resolve().parent / "interface" / "tensorrt-llm"
 
 
 def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str | None = None,
-           base_image: str | None = None, dry_run: bool = False) -> UpdateReport:
-    """Resolve ``ref`` to a SHA on the build node, describe that commit, check the required fixes,
-    and rewrite the lock (like pip-compile: kept choices stay, facts are refreshed)."""
+           base_image: str | None = None, dry_run: bool = False,
+           interface: InterfaceCheck | None = None, accept_interface_changes: bool = False) -> UpdateReport:
+    """Resolve ``ref`` to a SHA on the build node, describe that commit, check the required fixes
+    and (given ``interface``) that the commit's interface has every flag and key the project uses,
+    and rewrite the lock (like pip-compile: kept choices stay, facts are refreshed). A commit that
+    lacks a fix every deployment needs, or a flag or key the project uses (unless
+    ``accept_interface_changes``), is refused with every reason at once and nothing written."""
     before = locks.load(path).lock if path.exists() else None
     repository = repository or (before.source.repository if before else
                                 "https://github.com/NVIDIA/TensorRT-LLM.git")
@@ -61,8 +96,20 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
             raise DeployError(f"{repository} advertises {commit} for {ref!r} but will not serve it")
         described = tree.describe(commit)
         after = lock_from(described, before, repository, ref, base_image)
-        fixes, missing = tree.resolve_fixes(commit, after.fixes)
-        require_fixes(missing, commit)
+        fixes = tree.resolve_fixes(commit, after.fixes)
+        texts = {upstream: tree.read(commit, upstream) for upstream in interface.paths} if interface else {}
+        refused, warnings, gaps = [], [], []
+        try:   # every reason to refuse the pin at once: the fixes it lacks and the interface
+            warnings += require_fixes(fixes, commit)
+        except CheckFailed as error:
+            refused.append(str(error))
+        if interface:
+            gaps, unchecked = interface.gaps(texts, described.version or "", commit, described.trtllm_build)
+            warnings += unchecked
+            if gaps and not accept_interface_changes:
+                refused.append(refuse_interface(gaps, described))
+        if refused:
+            raise CheckFailed("\n".join(refused))
         after = after.model_copy(update={"fixes": fixes})
         requirements = None
         if after.build.kind == "wheel":
@@ -84,16 +131,32 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
             if derived:
                 build = build.model_copy(update={"cuda_archs": derived})
         after = after.model_copy(update={"build": build})
+        after = after.model_copy(update={"lock_hash": locks.lock_hash(after, locks.digest(requirements))})
     finally:
         target.close()
     written = path.parent / after.wheel.requirements if requirements else None
     changed = before != after or bool(written and (not written.exists()
                                                    or written.read_text() != requirements))
-    if changed and not dry_run:
-        if written:
-            atomic.write_text(written, requirements)
-        locks.write(path, after)
-    return UpdateReport(path, before, after, changed, len(after.fixes))
+    refreshed = None
+    if not dry_run:
+        if changed:
+            if written:
+                atomic.write_text(written, requirements)
+            locks.write(path, after)
+        source, folder = after.source, interface_dir(path)
+        if interface and interface.recorded_commit(folder) != source.commit and interface.record(
+                folder, texts, source.version or "", source.commit, source.repository):
+            refreshed = folder
+    return UpdateReport(path, before, after, changed, len(after.fixes), warnings, gaps, refreshed)
+
+
+def refuse_interface(gaps: list[str], described) -> str:
+    lines = [f"{len(gaps)} flag(s) or key(s) the project uses are not in TensorRT-LLM "
+             f"{described.version or '?'} at {described.commit[:12]}:"]
+    lines += [f"  {gap}" for gap in gaps]
+    lines.append("  what to do: keep the pin you have, update the project for the new interface, or "
+                 "pass --accept-interface-changes to pin it anyway (the lock was not written)")
+    return "\n".join(lines)
 
 
 def derive_cuda_archs(cluster: Cluster) -> str | None:
@@ -126,11 +189,12 @@ class FetchReport:
     trtllm_build: bool = False
     version: str | None = None
     ccache: bool = False
+    warnings: list[str] = field(default_factory=list)   # a fix only several nodes need, missing
 
     def as_json(self) -> dict:
         return {"node": self.node, "directory": self.directory, "commit": self.commit,
                 "action": self.action, "reasons": self.reasons, "trtllm_build": self.trtllm_build,
-                "version": self.version, "ccache": self.ccache}
+                "version": self.version, "ccache": self.ccache, "warnings": self.warnings}
 
 
 def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
@@ -142,11 +206,11 @@ def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
         tree = checkout_for(cluster, target, source.repository)
         state = tree.state(source)
         if state.matches(source.commit):
-            require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes)[1], source.commit)
+            warnings = require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes), source.commit)
             described = tree.describe(source.commit)
             return FetchReport(cluster.build_node.name, tree.directory, source.commit, "up to date",
                                trtllm_build=described.trtllm_build, version=described.version,
-                               ccache=described.ccache)
+                               ccache=described.ccache, warnings=warnings)
         reasons = _why_not(state, source.commit)
         tree.ensure_repository()
         tree.check_out(source)
@@ -157,11 +221,11 @@ def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
             raise locks.LockError(lockfile.path, lockfile.path.read_text(), [locks.Problem(
                 ("source",), "after the checkout the tree still differs from the lock: "
                 + "; ".join(_why_not(after, source.commit)), "see the build node's tree")])
-        require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes)[1], source.commit)
+        warnings = require_fixes(tree.resolve_fixes(source.commit, lockfile.lock.fixes), source.commit)
     finally:
         target.close()
     return FetchReport(cluster.build_node.name, tree.directory, source.commit, "fetched", reasons,
-                       described.trtllm_build, described.version, described.ccache)
+                       described.trtllm_build, described.version, described.ccache, warnings)
 
 
 def _why_not(state, commit: str) -> list[str]:

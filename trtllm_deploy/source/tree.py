@@ -137,40 +137,78 @@ class Checkout:
         return Described(commit, version.group(1) if version else None, date, has_build,
                          submodules, base, "ccache" in dockerfile.stdout if dockerfile.ok else False)
 
-    def resolve_fixes(self, commit: str, fixes) -> tuple[list[Fix], list[tuple[Fix, str]]]:
-        """Each required fix as a full SHA and its subject, and those not in ``commit``'s history.
+    def read(self, commit: str, path: str) -> str | None:
+        """The text of ``path`` at ``commit``, or None where that commit has no such file."""
+        if not self.git("cat-file", "-e", f"{commit}:{path}", check=False, timeout=60).ok:
+            return None
+        return self.git("show", f"{commit}:{path}", timeout=60).stdout
+
+    def resolve_fixes(self, commit: str, fixes) -> list[Fix]:
+        """Each required fix as checked against ``commit``'s history, in the order given: found,
+        it carries its full SHA (and the commit's subject where no title was given) and no
+        ``missing``; not found, or reverted later in that history, ``missing`` says why.
 
         A fix given by PR number is looked up in the pinned history itself (``(#N)`` in the
         subject, as upstream's squash merges write it); found there, it is an ancestor."""
-        resolved, missing = [], []
+        checked = []
         for fix in fixes:
+            fix = fix.model_copy(update={"missing": None})
             if fix.commit:
                 if not self.fetch(fix.commit) and len(fix.commit) == 40:
-                    missing.append((fix, f"not found in {self.repository}"))
+                    checked.append(fix.model_copy(update={"missing": f"not found in {self.repository}"}))
                     continue
                 full = self.git("rev-parse", "--verify", "--quiet", f"{fix.commit}^{{commit}}",
                                 check=False, timeout=60)
                 if not full.ok:
-                    missing.append((fix, f"not found in {self.repository}"))
+                    checked.append(fix.model_copy(update={"missing": f"not found in {self.repository}"}))
                     continue
                 sha = full.stdout.strip()
                 inside = self.git("merge-base", "--is-ancestor", sha, commit, check=False, timeout=300)
                 if inside.exit_code == 1:
-                    missing.append((fix, f"not in the history of {commit[:12]}"))
+                    checked.append(fix.model_copy(update={
+                        "missing": f"not in the history of {commit[:12]}"}))
                     continue
                 if not inside.ok:
                     raise DeployError(f"git merge-base failed: {inside.stderr.strip()}")
             else:
                 found = self.git("log", "--format=%H%x09%s", "--fixed-strings",
                                  f"--grep=(#{fix.pr})", commit, timeout=600).stdout.splitlines()
-                found = [line for line in found if not line.split("\t", 1)[1].startswith("Revert")]
+                # The PR's own commit: its number in the subject, and not a revert of it.
+                found = [line for line in found if "\t" in line and f"(#{fix.pr})" in line.split("\t", 1)[1]
+                         and not line.split("\t", 1)[1].startswith("Revert")]
                 if not found:
-                    missing.append((fix, f"no commit for PR #{fix.pr} in the history of {commit[:12]}"))
+                    checked.append(fix.model_copy(update={
+                        "missing": f"no commit for PR #{fix.pr} in the history of {commit[:12]}"}))
                     continue
                 sha = found[-1].split("\t", 1)[0]  # the oldest: the merge, not a later cherry-pick
             subject = self.git("show", "-s", "--format=%s", sha, timeout=60).stdout.strip()
-            resolved.append(fix.model_copy(update={"commit": sha, "title": fix.title or subject}))
-        return resolved, missing
+            fix = fix.model_copy(update={"commit": sha, "title": fix.title or subject})
+            revert = self.reverted(sha, subject, fix.pr, commit)
+            if revert:
+                fix = fix.model_copy(update={
+                    "missing": f'reverted by {revert[0][:12]} "{revert[1]}" in the history of {commit[:12]}'})
+            checked.append(fix)
+        return checked
+
+    def reverted(self, sha: str, subject: str, pr: int | None, commit: str) -> tuple[str, str] | None:
+        """The revert commit (SHA, subject) that leaves ``sha``'s change undone at ``commit``, or
+        None where it stands (never reverted, or reverted and then brought back)."""
+        listing = self.git("log", "--reverse", "--topo-order", "--format=%H%x1f%s%x1f%b%x1e",
+                           "--grep=^Revert", f"{sha}..{commit}", timeout=600).stdout
+        chain = {sha: (0, subject)}   # the fix and each revert in its chain: depth, subject
+        last = None
+        for record in listing.split("\x1e"):
+            fields = record.strip("\n").split("\x1f", 2)
+            if len(fields) != 3 or not fields[1].startswith("Revert"):
+                continue
+            revert, revert_subject, body = fields
+            target = reverts(revert_subject, body, chain, sha, pr)
+            if target is not None:
+                chain[revert] = (chain[target][0] + 1, revert_subject)
+                last = revert
+        if last is not None and chain[last][0] % 2 == 1:
+            return last, chain[last][1]
+        return None
 
     # --- the working tree --------------------------------------------------------------------
 
@@ -228,11 +266,53 @@ def lock_from(described: Described, lock: Lock | None, repository: str, ref: str
     return Lock(source=source, build=Build(base_image=base))
 
 
-def require_fixes(missing: list[tuple[Fix, str]], commit: str) -> None:
-    if missing:
-        lines = [f"{len(missing)} required fix(es) missing from {commit[:12]}:"]
-        lines += [f"  {fix.name}: {why}" for fix, why in missing]
+# `git revert` writes "This reverts commit <sha>." in the body; GitHub's revert button and a squash
+# merge give the subject 'Revert "<the reverted subject>" (#<the revert's PR>)'.
+_REVERTS_COMMIT = re.compile(r"This reverts commit ([0-9a-f]{7,40})")
+_REVERT_SUBJECT = re.compile(r'^Revert "(.*)"(?: \(#\d+\))?$')
+
+
+def reverts(subject: str, body: str, chain: dict[str, tuple[int, str]], fix: str,
+            pr: int | None) -> str | None:
+    """Which commit of ``chain`` (the fix, and the reverts of it seen so far) the revert commit
+    with ``subject`` and ``body`` undoes, or None if it undoes none of them."""
+    for named in _REVERTS_COMMIT.findall(body):
+        for sha in chain:
+            if sha.startswith(named):
+                return sha
+    quoted = _REVERT_SUBJECT.match(subject)
+    if not quoted:
+        return None
+    inner = quoted.group(1)
+    for sha, (_, reverted_subject) in reversed(chain.items()):  # the newest first
+        if inner == reverted_subject:
+            return sha
+    # The reverted PR's number in the quoted subject (its title edited since).
+    if pr and not inner.startswith("Revert") and f"(#{pr})" in inner:
+        return fix
+    return None
+
+
+def missing_from(fixes: list[Fix]) -> list[Fix]:
+    return [fix for fix in fixes if fix.missing]
+
+
+def one_node_only(fixes: list[Fix]) -> list[str]:
+    """A warning for each fix a pin lacks that only a deployment across nodes needs."""
+    return [f"serves on one node only: {fix.name} is missing ({fix.missing}); tensor parallelism "
+            "across nodes is refused on this pin" for fix in fixes
+            if fix.missing and fix.needed_for == "several"]
+
+
+def require_fixes(fixes: list[Fix], commit: str) -> list[str]:
+    """Refuse a pin that lacks a fix every deployment needs; the warnings for those that only a
+    deployment across nodes needs (the pin serves on one node)."""
+    refused = [fix for fix in fixes if fix.missing and fix.needed_for == "any"]
+    if refused:
+        lines = [f"{len(refused)} required fix(es) missing from {commit[:12]}:"]
+        lines += [f"  {fix.name}: {fix.missing}" for fix in refused]
         lines.append("  what to do: pin a later commit (invoke source.update --ref main), or drop "
                      "the fix from [[fixes]] if you know you do not need it")
         raise CheckFailed("\n".join(lines))
+    return one_node_only(fixes)
 
