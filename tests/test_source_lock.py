@@ -308,7 +308,7 @@ def test_the_shipped_lock_passes_the_offline_check():
     (lambda t: t.replace(f'commit = "{SHA}"', f'commit = "{OTHER}"', 1), 1, ["lock_hash", "edited"]),
     (lambda t: t.split("\n", 2)[2], None, ["no lock_hash recorded"]),
     (lambda t: t.replace(f'commit = "{OTHER}"\npr = 8803', "pr = 8803"), 18,
-     ["fixes[0]", "no full commit SHA", "not checked against the pin"]),
+     ["fixes[0]", "no commit SHA", "not checked against the pin"]),
     (lambda t: t.replace("pr = 8803", 'pr = 8803\nmissing = "not in the history"'), 21,
      ["needed by every deployment", "missing"]),
     (lambda t: t.split("\n", 2)[2].replace(f'commit = "{SHA}"\n', "", 1), 4,

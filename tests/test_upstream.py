@@ -259,13 +259,14 @@ def test_offline_with_nothing_cached_exits_1(monkeypatch, github, tmp_path, lock
 
 
 def test_the_shipped_lock_and_track_list(monkeypatch, github, tmp_path, capsys):
-    """The project's own lock (no commit pinned; release image 1.3.0rc13) and requirements/upstream.toml."""
+    """The project's own lock (v1.3.0rc26 pinned) and requirements/upstream.toml."""
     shipped = locks.load(locks.DEFAULT_PATH)
     report = upstream.check(shipped, upstream.load_tracked(None), _api(github, tmp_path))
-    assert report.pinned_commit is None and report.main_ahead_of_pin is None
-    # The newest recorded release, 1.3.0rc1, is older than the pinned image's 1.3.0rc13.
+    assert report.pinned_commit == shipped.lock.source.commit == "c295dd9fca143a3fdd2769617699fdd4d4a93eb5"
+    assert report.main_ahead_of_pin is None          # no recorded comparison with that commit: a 404
+    # The newest recorded release, 1.3.0rc1, is older than the pinned 1.3.0rc26.
     assert [r.newer_than_pin for r in report.releases] == [False, False]
-    assert report.compared_with == "1.3.0rc13 ([release] image)"
+    assert report.compared_with == "1.3.0rc26 ([source] version)"
     states = {item.number: (item.required, item.state) for item in report.items}
     assert states[7937] == (True, "merged") and states[8474] == (False, "open")
     assert states[8803] == (False, "not found")           # not among the recordings: a real 404

@@ -13,7 +13,9 @@ from pathlib import Path
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.source.lock import DEFAULT_PATH, LockError, Problem, load
 
-_FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+# A fix needs its commit when one is pinned: the full SHA source.update reads from the repository,
+# or an abbreviated one recorded from a public list of upstream's commits (building needs the full one).
+_SHA = re.compile(r"^[0-9a-f]{7,40}$")
 _DIGEST = re.compile(r"@sha256:(?![0-9a-f]{64}$)")   # a digest that is not sha256: and 64 hex
 
 
@@ -50,8 +52,8 @@ def check_offline(path: str | os.PathLike = DEFAULT_PATH) -> list[Problem]:
                                             f"from {pinned[:12]} ({fix.missing})",
                                             "pin a commit that has it (source.update refuses one "
                                             "without it), or drop the fix"))
-            elif not fix.commit or not _FULL_SHA.match(fix.commit):
-                problems.append(Problem(("fixes", index), f"fix {fix.name} has no full commit SHA, "
+            elif not fix.commit or not _SHA.match(fix.commit):
+                problems.append(Problem(("fixes", index), f"fix {fix.name} has no commit SHA, "
                                         f"though commit {pinned[:12]} is pinned: it was not checked "
                                         "against the pin", update))
     else:

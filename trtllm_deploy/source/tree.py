@@ -153,42 +153,50 @@ class Checkout:
         checked = []
         for fix in fixes:
             fix = fix.model_copy(update={"missing": None})
-            if fix.commit:
-                if not self.fetch(fix.commit) and len(fix.commit) == 40:
-                    checked.append(fix.model_copy(update={"missing": f"not found in {self.repository}"}))
-                    continue
-                full = self.git("rev-parse", "--verify", "--quiet", f"{fix.commit}^{{commit}}",
-                                check=False, timeout=60)
-                if not full.ok:
-                    checked.append(fix.model_copy(update={"missing": f"not found in {self.repository}"}))
-                    continue
-                sha = full.stdout.strip()
-                inside = self.git("merge-base", "--is-ancestor", sha, commit, check=False, timeout=300)
-                if inside.exit_code == 1:
-                    checked.append(fix.model_copy(update={
-                        "missing": f"not in the history of {commit[:12]}"}))
-                    continue
-                if not inside.ok:
-                    raise DeployError(f"git merge-base failed: {inside.stderr.strip()}")
-            else:
-                found = self.git("log", "--format=%H%x09%s", "--fixed-strings",
-                                 f"--grep=(#{fix.pr})", commit, timeout=600).stdout.splitlines()
-                # The PR's own commit: its number in the subject, and not a revert of it.
-                found = [line for line in found if "\t" in line and f"(#{fix.pr})" in line.split("\t", 1)[1]
-                         and not line.split("\t", 1)[1].startswith("Revert")]
-                if not found:
-                    checked.append(fix.model_copy(update={
-                        "missing": f"no commit for PR #{fix.pr} in the history of {commit[:12]}"}))
-                    continue
-                sha = found[-1].split("\t", 1)[0]  # the oldest: the merge, not a later cherry-pick
+            sha, why = self._by_commit(fix.commit, commit) if fix.commit else (None, None)
+            if sha is None and fix.pr:
+                # No recorded SHA, or one this history lacks (a cherry-pick onto a release branch,
+                # a mirror's rewritten history): the PR's own commit in this history, by number.
+                sha, also = self._by_pr(fix.pr, commit)
+                why = also if why is None else f"{why}; {also}"
+            if sha is None:
+                checked.append(fix.model_copy(update={"missing": why}))
+                continue
             subject = self.git("show", "-s", "--format=%s", sha, timeout=60).stdout.strip()
-            fix = fix.model_copy(update={"commit": sha, "title": fix.title or subject})
+            moved = bool(fix.commit) and not sha.startswith(fix.commit)   # found by PR instead
+            fix = fix.model_copy(update={"commit": sha, "title": subject if moved else fix.title or subject})
             revert = self.reverted(sha, subject, fix.pr, commit)
             if revert:
                 fix = fix.model_copy(update={
                     "missing": f'reverted by {revert[0][:12]} "{revert[1]}" in the history of {commit[:12]}'})
             checked.append(fix)
         return checked
+
+    def _by_commit(self, given: str, commit: str) -> tuple[str | None, str | None]:
+        """``given`` (full or abbreviated) as a full SHA in ``commit``'s history, or None and why."""
+        if not self.fetch(given) and len(given) == 40:
+            return None, f"{given[:12]} not found in {self.repository}"
+        full = self.git("rev-parse", "--verify", "--quiet", f"{given}^{{commit}}", check=False, timeout=60)
+        if not full.ok:
+            return None, f"{given[:12]} not found in {self.repository}"
+        sha = full.stdout.strip()
+        inside = self.git("merge-base", "--is-ancestor", sha, commit, check=False, timeout=300)
+        if inside.exit_code == 1:
+            return None, f"{given[:12]} not in the history of {commit[:12]}"
+        if not inside.ok:
+            raise DeployError(f"git merge-base failed: {inside.stderr.strip()}")
+        return sha, None
+
+    def _by_pr(self, pr: int, commit: str) -> tuple[str | None, str | None]:
+        """The commit of PR ``pr`` in ``commit``'s history (its number in the subject, not a revert
+        of it), or None and why."""
+        found = self.git("log", "--format=%H%x09%s", "--fixed-strings", f"--grep=(#{pr})", commit,
+                         timeout=600).stdout.splitlines()
+        found = [line for line in found if "\t" in line and f"(#{pr})" in line.split("\t", 1)[1]
+                 and not line.split("\t", 1)[1].startswith("Revert")]
+        if not found:
+            return None, f"no commit for PR #{pr} in the history of {commit[:12]}"
+        return found[-1].split("\t", 1)[0], None   # the oldest: the merge, not a later cherry-pick
 
     def reverted(self, sha: str, subject: str, pr: int | None, commit: str) -> tuple[str, str] | None:
         """The revert commit (SHA, subject) that leaves ``sha``'s change undone at ``commit``, or
