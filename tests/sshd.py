@@ -40,10 +40,11 @@ class SSHDError(RuntimeError):
 
 
 def _toml_string(value: object) -> str:
-    """A TOML basic string (JSON's escaping is a subset TOML accepts)."""
-    import json
+    """A TOML basic string. Not JSON's escaping: it writes a character beyond the Basic Multilingual
+    Plane as a surrogate pair (\\ud83d\\udc1b), which TOML refuses."""
+    import tomlkit
 
-    return json.dumps(str(value))
+    return tomlkit.string(str(value)).as_string()
 
 
 def free_port(address: str = "127.0.0.1") -> int:

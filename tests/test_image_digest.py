@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import tomlkit
 
 from conftest import docker_unusable
 from trtllm_deploy.errors import CheckFailed
@@ -227,8 +228,9 @@ def moved(testbed, tmp_path_factory):
             tunnel = hop.tunnel_argv(holder, port, port)
             _sh(cluster, puller, PULL_THROUGH, tag, str(port), *tunnel)
         lock = tmp_path_factory.mktemp("lock") / "lock.toml"
-        lock.write_text(Path(ROOT / "requirements/tensorrt-llm.lock.toml").read_text()
-                        + f'\n[vllm]\nimage = "{tag}@{pushed["a"]}"\n')
+        shipped = tomlkit.parse(Path(ROOT / "requirements/tensorrt-llm.lock.toml").read_text())
+        shipped.setdefault("vllm", tomlkit.table())["image"] = f"{tag}@{pushed['a']}"
+        lock.write_text(tomlkit.dumps(shipped))
         yield cluster, bed, tag, pushed, locks.load(lock)
     finally:
         scripts.run(target, registry.STOP, run, "-")

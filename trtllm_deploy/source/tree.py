@@ -319,8 +319,9 @@ def require_fixes(fixes: list[Fix], commit: str) -> list[str]:
     if refused:
         lines = [f"{len(refused)} required fix(es) missing from {commit[:12]}:"]
         lines += [f"  {fix.name}: {fix.missing}" for fix in refused]
-        lines.append("  what to do: pin a later commit (invoke source.update --ref main), or drop "
-                     "the fix from [[fixes]] if you know you do not need it")
+        lines.append("  what to do: pin a release tag that holds it (invoke source.update --ref vX.Y.Z; "
+                     "invoke upstream says which releases hold the fixes), or drop the fix from "
+                     "[[fixes]] if you know you do not need it")
         raise CheckFailed("\n".join(lines))
     return one_node_only(fixes)
 
