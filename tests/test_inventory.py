@@ -103,6 +103,22 @@ BAD = [
     ("bool-as-string", '[preflight]\nrequire_nvidia_runtime = "yes"\n' + HEAD, 2,
      ["preflight.require_nvidia_runtime", "a boolean"]),
     ("cluster-not-table", 'cluster = "lab"\n' + HEAD, 1, ["cluster", "expected a table"]),
+    ("duplicate-fabric-address", HEAD + '[nodes.fabric]\naddress = "10.0.0.1"\n'
+     + WORKER + '[nodes.fabric]\naddress = "10.0.0.1"\n', 12,
+     ["nodes[1].fabric.address", "duplicate fabric address 10.0.0.1", "'spark-1'", "its own fabric link"]),
+    ("duplicate-fabric-address-ipv6-spellings", HEAD + '[nodes.fabric]\naddress = "fd00::1"\n'
+     + WORKER + '[nodes.fabric]\naddress = "FD00:0::1"\n', 12,
+     ["nodes[1].fabric.address", "duplicate fabric address FD00:0::1"]),
+    ("duplicate-address-ipv6-spellings", HEAD.replace('"192.0.2.1"', '"::1"')
+     + WORKER.replace('"192.0.2.2"', '"0:0::1"'), 7, ["nodes[1].address", "duplicate address [0:0::1]:22"]),
+    ("user-empty", HEAD + 'user = ""\n', 5, ["nodes[0].user", "empty", "leave `user` out"]),
+    ("user-empty-in-defaults", '[defaults]\nuser = ""\n' + HEAD, 2, ["defaults.user", "empty"]),
+    ("user-with-host", HEAD + 'user = "nvidia@spark-1"\n', 5,
+     ["nodes[0].user", "a login name", "'nvidia@spark-1'", "`address`"]),
+    ("user-with-space", HEAD + 'user = "nv idia"\n', 5, ["nodes[0].user", "a login name"]),
+    ("user-starting-with-dash", HEAD + 'user = "-oProxyCommand=x"\n', 5, ["nodes[0].user", "a login name"]),
+    ("user-too-long", HEAD + f'user = "{"u" * 33}"\n', 5, ["nodes[0].user", "1-32"]),
+    ("user-not-a-string", HEAD + "user = 1000\n", 5, ["nodes[0].user", "a string"]),
 ]
 
 
@@ -277,3 +293,13 @@ def test_a_local_node_may_say_where_the_other_nodes_reach_it(tmp_path):
                     '[[nodes]]\nname = "spark-2"\naddress = "192.0.2.10"\n')
     head = inventory.load(path).head
     assert head.connection == "local" and head.host == "192.0.2.9" and head.login == "local"
+
+
+def test_ipv6_addresses_and_plain_login_names_are_accepted(tmp_path):
+    text = (HEAD.replace('"192.0.2.1"', '"fd00::1"') + 'user = "nvidia"\n[nodes.fabric]\naddress = "fd01::1"\n'
+            + WORKER.replace('"192.0.2.2"', '"fd00::2"') + 'user = "_svc.deploy-1"\n'
+            + '[nodes.fabric]\naddress = "fe80::2%enp1s0f1np1"\n')
+    cluster = inventory.load(write(tmp_path, text))
+    assert [n.host for n in cluster.nodes] == ["fd00::1", "fd00::2"]
+    assert [n.fabric.address for n in cluster.nodes] == ["fd01::1", "fe80::2%enp1s0f1np1"]
+    assert [n.user for n in cluster.nodes] == ["nvidia", "_svc.deploy-1"]

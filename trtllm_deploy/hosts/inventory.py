@@ -19,6 +19,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
 
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, merge, problems_from, read
+from trtllm_deploy.urls import host_port
 
 DEFAULT_PATH = "hosts.toml"
 
@@ -51,6 +52,29 @@ def _address(value: str) -> str:
     if 0 < len(host) <= 253 and all(map(_LABEL.match, labels)) and not labels[-1].isdigit():
         return value
     raise ValueError("expected an IP address or a host name (letters, digits, '-' and '.')")
+
+
+# A login name as useradd takes it (letters, digits, '_', '-', '.'; not starting with '-' or a digit);
+# "nvidia@spark-1" or "me " would otherwise reach ssh as a user that cannot exist.
+_LOGIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+
+
+def _login(value: str) -> str:
+    if not value:
+        raise ValueError("expected a login name, and this one is empty; leave `user` out to log in as"
+                         " the user running trtllm-deploy")
+    if not _LOGIN.match(value):
+        raise ValueError("expected a login name: 1-32 letters, digits, '_', '-' or '.', starting with a"
+                         " letter or '_' (the address goes in `address`, the port in `port`)")
+    return value
+
+
+def _same_address(value: str) -> str:
+    """An address as two spellings of one machine compare (``::1`` and ``0::1``, any case)."""
+    try:
+        return ipaddress.ip_address(value).compressed
+    except ValueError:
+        return value.lower().rstrip(".")
 
 
 def _interface(value: str) -> str:
@@ -87,6 +111,7 @@ def _env_name(value: str) -> str:
 
 NodeName = Annotated[StrictStr, AfterValidator(_node_name)]
 Address = Annotated[StrictStr, AfterValidator(_address)]
+Login = Annotated[StrictStr, AfterValidator(_login)]
 Interface = Annotated[StrictStr, AfterValidator(_interface)]
 RdmaDevice = Annotated[StrictStr, matching(
     _RDMA.pattern, "expected an RDMA device name as `ibdev2netdev` shows it (e.g. rocep1s0f1)")]
@@ -135,7 +160,7 @@ class NodeSettings(_Table):
     """What ``[defaults]`` may set for every node and each ``[[nodes]]`` entry may override."""
 
     connection: Literal["ssh", "local"] = "ssh"
-    user: StrictStr | None = None
+    user: Login | None = None
     port: Port = 22
     identity_file: StrictStr | None = None
     known_hosts: StrictStr = "~/.ssh/known_hosts"
@@ -350,6 +375,7 @@ def _check_cluster(top: _File, nodes: list[Node]) -> list[Problem]:
     problems = []
     seen_names: dict[str, int] = {}
     seen_places: dict[tuple, int] = {}
+    seen_fabric: dict[str, int] = {}
     for index, node in enumerate(nodes):
         if node.name in seen_names:
             problems.append(Problem(("nodes", index, "name"),
@@ -357,14 +383,25 @@ def _check_cluster(top: _File, nodes: list[Node]) -> list[Problem]:
                                     f" (also nodes[{seen_names[node.name]}])",
                                     "give every node its own name"))
         seen_names.setdefault(node.name, index)
-        place = ("local",) if node.connection == "local" else (node.host.lower(), node.port)
+        place = ("local",) if node.connection == "local" else (_same_address(node.host), node.port)
         if place in seen_places:
             what = "a second local node" if place == ("local",) else (
-                f"duplicate address {node.host}:{node.port}")
+                f"duplicate address {host_port(node.host, node.port)}")
             problems.append(Problem(("nodes", index, "address"),
                                     f"{what} (also nodes[{seen_places[place]}]): two entries for one machine",
                                     "list each machine once"))
         seen_places.setdefault(place, index)
+        if node.fabric.address is not None:
+            fabric = _same_address(node.fabric.address)
+            if fabric in seen_fabric:
+                other = nodes[seen_fabric[fabric]].name
+                problems.append(Problem(("nodes", index, "fabric", "address"),
+                                        f"duplicate fabric address {node.fabric.address} (also {other!r},"
+                                        f" nodes[{seen_fabric[fabric]}]): the nodes would send each"
+                                        " other's traffic to one machine",
+                                        "give each node the address of its own fabric link (ip -br addr"
+                                        " on the node shows it), or remove fabric.address"))
+            seen_fabric.setdefault(fabric, index)
     heads = [index for index, node in enumerate(nodes) if node.is_head]
     if len(nodes) > 1 and not heads:
         problems.append(Problem(("nodes",), "no node has role = \"head\"",
