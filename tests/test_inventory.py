@@ -296,7 +296,8 @@ def test_a_local_node_may_say_where_the_other_nodes_reach_it(tmp_path):
 
 
 def test_ipv6_addresses_and_plain_login_names_are_accepted(tmp_path):
-    text = (HEAD.replace('"192.0.2.1"', '"fd00::1"') + 'user = "nvidia"\n[nodes.fabric]\naddress = "fd01::1"\n'
+    text = (HEAD.replace('"192.0.2.1"', '"fd00::1"') + 'user = "nvidia"\n'
+            + '[nodes.fabric]\naddress = "fd01::1"\n'
             + WORKER.replace('"192.0.2.2"', '"fd00::2"') + 'user = "_svc.deploy-1"\n'
             + '[nodes.fabric]\naddress = "fe80::2%enp1s0f1np1"\n')
     cluster = inventory.load(write(tmp_path, text))

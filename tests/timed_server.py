@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="processes sharing the listening socket (default 2): a burst of 64 requests "
                              "is read and answered in parallel, each process with its own GIL")
     args = parser.parse_args(argv)
-    listener = socket.create_server((args.host, args.port), backlog=1024)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # --host ::1 too
+    listener = socket.create_server((args.host, args.port), family=family, backlog=1024)
     print(f"PORT {listener.getsockname()[1]}", flush=True)
     children = []
     for _ in range(args.workers - 1):

@@ -21,6 +21,7 @@ from trtllm_deploy.serving import containers, delivery, gate, jobs, launch, supe
 from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import lock as locks
+from trtllm_deploy.urls import http_url
 
 LOCK_HELP = ("the TensorRT-LLM lock: its fixes gate serving across nodes, and an image it pins by digest "
              "runs as that digest (default: requirements/tensorrt-llm.lock.toml, where it exists)")
@@ -91,7 +92,7 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
     console.out.print(console.table(f"launch: {job}", ["", "value"], [
         ["serving", f"{done.deployment.artifact} ({done.deployment.runtime}, tp {done.deployment.tp}"
                     f" x pp {done.deployment.pp}) on {', '.join(done.deployment.nodes)}"],
-        ["endpoint", f"http://{cluster.head.host}:{port}/v1"],
+        ["endpoint", http_url(cluster.head.host, port, "/v1")],
         ["containers", ", ".join(f"{n}: {a}" for n, a in done.containers.items())],
         ["ready", f"after {done.ready_s:.0f} s"],
         ["gate", f"{done.tokens_per_s:.1f} tokens/s: {done.answer[:60]!r}"]]))
@@ -150,7 +151,7 @@ def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fa
     healthy = gate.serving(nodes.head, deployment)
     wrong = jobs.trouble(looks, deployment, nodes.head.name)
     report = {"job": deployment.job, "deployed": True, "healthy": healthy and wrong is None,
-              "trouble": wrong, "endpoint": f"http://{nodes.head.host}:{deployment.port}/v1",
+              "trouble": wrong, "endpoint": http_url(nodes.head.host, deployment.port, "/v1"),
               "deployment": deployment.as_json(),
               "nodes": {name: {"container": seen.container,
                                "ranks": {rank: "alive" if alive else "dead"
@@ -238,9 +239,10 @@ def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm
     if json:
         console.print_json(done.as_json())
         return
+    where = http_url(cluster.head.host, done.deployment.port, "/v1")
     console.out.print(f"{ROLLBACK.product} serves {done.deployment.artifact} on "
-                      f"{', '.join(done.deployment.nodes)} at http://{cluster.head.host}:"
-                      f"{done.deployment.port}/v1 (gate: {done.tokens_per_s:.1f} tokens/s)")
+                      f"{', '.join(done.deployment.nodes)} at {where}"
+                      f" (gate: {done.tokens_per_s:.1f} tokens/s)")
 
 
 # The task's first line for `invoke --list`, naming the runtimes from their records.

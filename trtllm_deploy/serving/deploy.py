@@ -29,6 +29,7 @@ from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source.lock import LockFile
+from trtllm_deploy.urls import http_url
 
 PHASES = ("preflight", "source", "image", "engine", "push", "check", "launch", "verify")
 POLICIES = ("stop", "rollback")
@@ -372,7 +373,7 @@ def _verify(cluster, lockfile, catalog, request, state, say) -> Phase:
         return Phase("verify", "would ask", "the fixed prompt at temperature 0")
     deployment: Deployment = state["deployment"]
     head = launch.job_cluster(cluster, deployment).head
-    where = f"http://{head.host}:{deployment.port}/v1"
+    where = http_url(head.host, deployment.port, "/v1")
     if "gate" in state:
         return Phase("verify", "done", f"{where} passed launch's gate at {state['gate']:.1f} tokens/s")
     answer, _, rate = gate.ask(head, deployment.port)

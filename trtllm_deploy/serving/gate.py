@@ -18,6 +18,7 @@ from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.runtimes import runtime
 from trtllm_deploy.serving import jobs
 from trtllm_deploy.serving.state import Deployment
+from trtllm_deploy.urls import http_url
 
 PROMPT = "The capital of France is"
 
@@ -25,7 +26,7 @@ PROMPT = "The capital of France is"
 def healthy(node: Node, port: int, timeout: float = 3.0, path: str = "/health") -> bool:
     """Whether the endpoint on ``node`` answers ``path`` (its runtime's health check) with 200."""
     try:
-        with urllib.request.urlopen(f"http://{node.host}:{port}{path}", timeout=timeout) as answer:
+        with urllib.request.urlopen(http_url(node.host, port, path), timeout=timeout) as answer:
             return answer.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -68,11 +69,11 @@ def ask(node: Node, port: int, max_tokens: int = 16, timeout: float = 300.0,
         models: str = "/v1/models") -> Answer:
     """The fixed prompt at temperature 0: the answer, its tokens and their rate (the gate of launch,
     deploy's verify and smoke). ``models`` is where the runtime lists the model it serves."""
-    with urllib.request.urlopen(f"http://{node.host}:{port}{models}", timeout=10) as answer:
+    with urllib.request.urlopen(http_url(node.host, port, models), timeout=10) as answer:
         model = json.load(answer)["data"][0]["id"]
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
                        "temperature": 0}).encode()
-    request = urllib.request.Request(f"http://{node.host}:{port}/v1/completions", data=body,
+    request = urllib.request.Request(http_url(node.host, port, "/v1/completions"), data=body,
                                      headers={"Content-Type": "application/json"})
     started = time.monotonic()
     with urllib.request.urlopen(request, timeout=timeout) as answer:

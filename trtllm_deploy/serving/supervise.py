@@ -22,6 +22,7 @@ from trtllm_deploy.hosts.inventory import Cluster, Node
 from trtllm_deploy.runtimes import runtime
 from trtllm_deploy.serving import jobs, launch, state
 from trtllm_deploy.serving.state import Deployment
+from trtllm_deploy.urls import http_url
 
 POLICIES = ("stop", "restart", "rollback")
 
@@ -41,7 +42,7 @@ class HangProbe:
     """One 1-token completion in flight at a time; how long the current one has waited."""
 
     def __init__(self, node: Node, port: int, timeout: float = 600.0, models: str = "/v1/models"):
-        self.url = f"http://{node.host}:{port}"
+        self.url = http_url(node.host, port)
         self.models = models
         self.timeout = timeout
         self.sent_at: float | None = None

@@ -22,6 +22,7 @@ from trtllm_deploy.serving import deploy, launch
 from trtllm_deploy.source import lock as locks
 from trtllm_deploy.testbed import artifact as tiny
 from trtllm_deploy.testbed import cluster as testbeds
+from trtllm_deploy.urls import http_url
 
 NAME = "demo"
 SUBNET = "10.213.8.0/24"
@@ -107,7 +108,7 @@ def run(workdir: Path, nodes: int = 3, keep: bool = False, requests: int = 16, c
         report("deploy again: nothing should be done")
         again = deploy.run(cluster, lockfile, catalog, request, say)
         report(f"benchmark: {requests} requests")
-        url = f"http://{cluster.head.host}:{request.port}"
+        url = http_url(cluster.head.host, request.port)
         measured = bench(url, f"/artifacts/{folder.name}", requests, concurrency)
     except BaseException:
         if not keep:

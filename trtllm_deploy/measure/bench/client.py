@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.urls import host_port, http_url
 
 
 class _PollClock(selectors.DefaultSelector):
@@ -104,7 +105,7 @@ class Endpoint:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}{self.base}"
+        return http_url(self.host, self.port, self.base)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Sample:
 
 def request_bytes(endpoint: Endpoint, path: str, body: dict) -> bytes:
     payload = json.dumps(body, separators=(",", ":")).encode()
-    head = (f"POST {endpoint.base}{path} HTTP/1.1\r\nHost: {endpoint.host}:{endpoint.port}\r\n"
+    head = (f"POST {endpoint.base}{path} HTTP/1.1\r\nHost: {host_port(endpoint.host, endpoint.port)}\r\n"
             "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n")
     return head.encode() + payload
