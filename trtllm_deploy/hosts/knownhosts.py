@@ -4,7 +4,7 @@ The SSH target checks the key a node offers with :func:`judge`, ``ssh.setup`` pl
 with :func:`pins` and :func:`judge`, and the containers' rsh agent gets the lines that pin each
 node from :func:`pins`. The rules are OpenSSH's: hashed names (``|1|salt|hmac``), ``[host]:port``
 off port 22, patterns with ``*``, ``?`` and ``!``, several keys per host, ``@revoked`` keys refused,
-``@cert-authority`` lines pinning no key of their own.
+``@cert-authority`` lines trusting the host certificates their CA signed (:func:`judge_certificate`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import os
 import re
+import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,9 @@ _KEY_FIELDS = re.compile(r"(?:^|\s)((?:ssh|ecdsa-sha2|sk)-[A-Za-z0-9@._-]+)\s+([
 
 # What judge() finds of an offered key.
 PINNED, REVOKED, CHANGED, UNKNOWN = "pinned", "revoked", "changed", "unknown"
+# What judge_certificate() finds of an offered host certificate besides REVOKED and UNKNOWN.
+CERTIFIED, INVALID = "certified", "invalid"
+CERT_SUFFIX = "-cert-v01@openssh.com"
 
 
 @dataclass(frozen=True)
@@ -160,3 +165,119 @@ def changed_key_message(name: str, known_hosts, pinned: str, offered: str,
         f" node was reinstalled, remove the old key (ssh-keygen -R '{name}' -f"
         f" {known_hosts}) and trust the new one after checking its fingerprint."
     )
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """The fields of an OpenSSH certificate (PROTOCOL.certkeys) that decide whether to trust it."""
+
+    type: str              # ssh-ed25519-cert-v01@openssh.com
+    key: PublicKey         # the certified key
+    kind: int              # 1 user, 2 host
+    key_id: str
+    principals: list[str]
+    valid_after: int
+    valid_before: int
+    critical: bytes        # packed critical options; none are defined for host certificates
+    authority: PublicKey   # the CA key that signed it
+    signed: bytes          # what the signature covers
+    signature: bytes
+
+
+def _read(blob: bytes, at: int) -> tuple[bytes, int]:
+    (size,) = struct.unpack_from(">I", blob, at)
+    end = at + 4 + size
+    if end > len(blob):
+        raise ValueError("a field runs past the end of the certificate")
+    return blob[at + 4:end], end
+
+
+def parse_certificate(blob: bytes) -> Certificate:
+    """An OpenSSH certificate from its wire form; ValueError where it is not one."""
+    try:
+        raw_type, at = _read(blob, 0)
+        cert_type = raw_type.decode()
+        if not cert_type.endswith(CERT_SUFFIX):
+            raise ValueError(f"{cert_type} is not a certificate type")
+        key_type = cert_type[: -len(CERT_SUFFIX)]
+        _, at = _read(blob, at)  # nonce
+        # The certified key's own fields: one string for ed25519, e and n for RSA, curve and point
+        # for ECDSA; re-encoded as the plain public key they make.
+        count = {"ssh-ed25519": 1, "ssh-rsa": 2}.get(key_type, 2 if key_type.startswith("ecdsa-") else 0)
+        if not count:
+            raise ValueError(f"certificates of {key_type} keys are not understood here")
+        start = at
+        for _ in range(count):
+            _, at = _read(blob, at)
+        plain = struct.pack(">I", len(raw_type) - len(CERT_SUFFIX)) + key_type.encode() + blob[start:at]
+        _serial, kind = struct.unpack_from(">QI", blob, at)
+        at += 12
+        key_id, at = _read(blob, at)
+        packed, at = _read(blob, at)
+        principals, inner = [], 0
+        while inner < len(packed):
+            name, inner = _read(packed, inner)
+            principals.append(name.decode())
+        valid_after, valid_before = struct.unpack_from(">QQ", blob, at)
+        at += 16
+        critical, at = _read(blob, at)
+        _, at = _read(blob, at)  # extensions
+        _, at = _read(blob, at)  # reserved
+        authority, at = _read(blob, at)
+        signed = blob[:at]
+        signature, at = _read(blob, at)
+        ca_type, _ = _read(authority, 0)
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a readable certificate ({exc})") from None
+    return Certificate(cert_type, PublicKey(key_type, base64.b64encode(plain).decode()), kind,
+                       key_id.decode(errors="replace"), principals, valid_after, valid_before, critical,
+                       PublicKey(ca_type.decode(), base64.b64encode(authority).decode()), signed, signature)
+
+
+def _signature_holds(cert: Certificate) -> bool:
+    import paramiko
+    from paramiko.message import Message
+
+    try:
+        ca = paramiko.PKey.from_type_string(cert.authority.type, base64.b64decode(cert.authority.body))
+        return bool(ca.verify_ssh_sig(cert.signed, Message(cert.signature)))
+    except Exception:  # an unknown CA key type or a malformed signature verifies nothing
+        return False
+
+
+def judge_certificate(found: Pins, blob: bytes, host: str, now: float | None = None) -> tuple[str, str]:
+    """What known_hosts makes of a host certificate a node offers, as OpenSSH does: the verdict
+    (:data:`CERTIFIED`, :data:`REVOKED`, :data:`INVALID`, or :data:`UNKNOWN` where no
+    ``@cert-authority`` line for this host names its CA) and, unless certified, why.
+
+    ``host`` is the address the certificate's principals must name (no port)."""
+    try:
+        cert = parse_certificate(blob)
+    except ValueError as exc:
+        return INVALID, str(exc)
+    if cert.key in found.revoked:
+        return REVOKED, f"its key {cert.key.shown} is marked @revoked"
+    if cert.authority in found.revoked:
+        return REVOKED, f"its CA {cert.authority.shown} is marked @revoked"
+    if cert.authority not in found.authorities:
+        return UNKNOWN, f"it is signed by {cert.authority.shown}, which no @cert-authority line names"
+    if cert.kind != 2:
+        return INVALID, f"certificate {cert.key_id!r} is a user certificate, not a host certificate"
+    if not _signature_holds(cert):
+        return INVALID, f"the CA's signature on certificate {cert.key_id!r} does not verify"
+    now = time.time() if now is None else now
+    if not cert.valid_after <= now < cert.valid_before:
+        when = "not yet valid" if now < cert.valid_after else "expired"
+        return INVALID, (f"certificate {cert.key_id!r} is {when} (valid "
+                         f"{_when(cert.valid_after)} to {_when(cert.valid_before)})")
+    if cert.principals and host not in cert.principals:
+        return INVALID, (f"certificate {cert.key_id!r} names {', '.join(cert.principals)}, not {host}")
+    if cert.critical:
+        return INVALID, f"certificate {cert.key_id!r} has critical options, which no host certificate may"
+    return CERTIFIED, ""
+
+
+def _when(seconds: int) -> str:
+    if seconds >= 2**63:
+        return "forever"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))

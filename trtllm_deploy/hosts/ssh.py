@@ -46,6 +46,20 @@ def _unpinned_algorithms(pinned: knownhosts.Pins) -> list[str]:
     return unpinned if len(unpinned) < len(offered) else []
 
 
+def _certificate_transport(sock, **kwargs):
+    """A Paramiko transport that asks for host certificates first (their types ahead of the plain
+    ones, as OpenSSH does where known_hosts has an ``@cert-authority`` line for the host)."""
+    import paramiko
+
+    transport = paramiko.Transport(sock, **kwargs)
+    options = transport.get_security_options()
+    plain = list(options.key_types)
+    certs = [name + knownhosts.CERT_SUFFIX for name in plain
+             if name + knownhosts.CERT_SUFFIX in transport._key_info]
+    options.key_types = certs + plain
+    return transport
+
+
 def _block_reading_remote():
     from fabric.runners import Remote
 
@@ -99,7 +113,11 @@ class SSH(scripts.AsksForHome):
             # Paramiko is given no keys of its own, so every offered key comes here and is judged
             # by the same rules as everywhere else (knownhosts).
             def missing_host_key(self, client, hostname, key):
-                target._check_host_key(pinned, knownhosts.PublicKey.of(key))
+                blob = getattr(key, "public_blob", None)
+                if blob is not None and blob.key_type.endswith(knownhosts.CERT_SUFFIX):
+                    target._check_certificate(pinned, key, blob.key_blob)
+                else:
+                    target._check_host_key(pinned, knownhosts.PublicKey.of(key))
 
         connect_kwargs: dict = {  # the TCP connect timeout is Connection's connect_timeout
             "banner_timeout": node.connect_timeout,
@@ -107,6 +125,8 @@ class SSH(scripts.AsksForHome):
             "channel_timeout": node.connect_timeout,
             "disabled_algorithms": {"keys": _unpinned_algorithms(pinned)},
         }
+        if pinned.authorities:  # a host certificate signed by a pinned CA is trusted: ask for one
+            connect_kwargs["transport_factory"] = _certificate_transport
         if node.identity_file:
             connect_kwargs.update(key_filename=[os.path.expanduser(node.identity_file)],
                                   allow_agent=False, look_for_keys=False)
@@ -176,13 +196,34 @@ class SSH(scripts.AsksForHome):
             raise HostKeyRejected(self.name, knownhosts.changed_key_message(
                 name, self.known_hosts, knownhosts.rivals(pinned, offered)[0].shown, offered.shown))
         kind = offered.short_type
+        authorities = (
+            f" {self.known_hosts} trusts host certificates signed by"
+            f" {', '.join(ca.shown for ca in pinned.authorities)} for {name}, but the node offered"
+            " no certificate of that CA (is HostCertificate set in its sshd_config?)."
+        ) if pinned.authorities else ""
         raise HostKeyRejected(self.name, (
-            f"host key of {name} is not in {self.known_hosts}: {offered.shown}."
+            f"host key of {name} is not in {self.known_hosts}: {offered.shown}.{authorities}"
             " It was refused. Compare it with the node's own fingerprint"
             f" (on the node: ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub);"
             f" if they match, trust it with: ssh-keyscan -p {node.port} -t {kind}"
             f" {node.host} >> {self.known_hosts}"
         ))
+
+    def _check_certificate(self, pinned: knownhosts.Pins, key, blob: bytes) -> None:
+        """Return if a pinned ``@cert-authority`` signed the host certificate the node offered, for
+        this address and now; refuse it otherwise, saying why. A certificate of no pinned CA leaves
+        its key to be judged as a plain key (OpenSSH does the same)."""
+        verdict, why = knownhosts.judge_certificate(pinned, blob, self.node.host)
+        if verdict == knownhosts.CERTIFIED:
+            return
+        if verdict == knownhosts.UNKNOWN:
+            return self._check_host_key(pinned, knownhosts.PublicKey.of(key))
+        what = "marked @revoked" if verdict == knownhosts.REVOKED else "not valid"
+        raise HostKeyRejected(self.name, (
+            f"the host certificate of {self.host_name} is {what}: {why} ({self.known_hosts})."
+            " It was refused. Have the node's host key signed again for this address"
+            f" (ssh-keygen -s CA_KEY -h -I {self.node.name} -n {self.node.host}"
+            " /etc/ssh/ssh_host_ed25519_key.pub) or pin its plain key instead."))
 
     def run(self, argv, *, env=None, cwd=None, timeout=None, stdin=None, secrets=None,
             check=True) -> Result:
