@@ -1,7 +1,8 @@
 """Host and port as URLs and messages write them: an IPv6 literal goes in brackets (RFC 3986 §3.2.2).
 
 ``http://fd00::1:8000`` is no URL at all (urllib reads port ``:1:8000``); every place that builds a
-URL or names an address with its port goes through :func:`host_port` or :func:`http_url`.
+URL or names an address with its port goes through :func:`host_port` or :func:`http_url`, and
+:func:`same_address` says when two spellings are one machine.
 """
 
 from __future__ import annotations
@@ -35,3 +36,11 @@ def host_port(host: str, port: int) -> str:
 def http_url(host: str, port: int, path: str = "") -> str:
     """``http://host:port/path``, the host bracketed where it is an IPv6 literal."""
     return f"http://{host_port(host, port)}{path}"
+
+
+def same_address(host: str) -> str:
+    """``host`` as two spellings of one machine compare equal (``fd00::1``, ``FD00:0::1``; any case)."""
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host.lower().rstrip(".")

@@ -19,7 +19,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
 
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, merge, problems_from, read
-from trtllm_deploy.urls import host_port
+from trtllm_deploy.urls import host_port, same_address
 
 DEFAULT_PATH = "hosts.toml"
 
@@ -51,30 +51,8 @@ def _address(value: str) -> str:
     # An all-digit last label is a mistyped IPv4 address (192.0.2.300), not a host name.
     if 0 < len(host) <= 253 and all(map(_LABEL.match, labels)) and not labels[-1].isdigit():
         return value
-    raise ValueError("expected an IP address or a host name (letters, digits, '-' and '.')")
-
-
-# A login name as useradd takes it (letters, digits, '_', '-', '.'; not starting with '-' or a digit);
-# "nvidia@spark-1" or "me " would otherwise reach ssh as a user that cannot exist.
-_LOGIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
-
-
-def _login(value: str) -> str:
-    if not value:
-        raise ValueError("expected a login name, and this one is empty; leave `user` out to log in as"
-                         " the user running trtllm-deploy")
-    if not _LOGIN.match(value):
-        raise ValueError("expected a login name: 1-32 letters, digits, '_', '-' or '.', starting with a"
-                         " letter or '_' (the address goes in `address`, the port in `port`)")
-    return value
-
-
-def _same_address(value: str) -> str:
-    """An address as two spellings of one machine compare (``::1`` and ``0::1``, any case)."""
-    try:
-        return ipaddress.ip_address(value).compressed
-    except ValueError:
-        return value.lower().rstrip(".")
+    raise ValueError("expected an IP address or a host name (letters, digits, '-' and '.');"
+                     " an IPv6 address goes without brackets or port: fd00::1")
 
 
 def _interface(value: str) -> str:
@@ -111,7 +89,10 @@ def _env_name(value: str) -> str:
 
 NodeName = Annotated[StrictStr, AfterValidator(_node_name)]
 Address = Annotated[StrictStr, AfterValidator(_address)]
-Login = Annotated[StrictStr, AfterValidator(_login)]
+# As useradd takes it: "nvidia@spark-1", "" or "-oX" would reach ssh as a user that cannot exist.
+Login = Annotated[StrictStr, matching(
+    r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$", "expected a login name: 1-32 letters, digits, '_', '-' or '.',"
+    " starting with a letter or '_' (the address goes in `address`; leave `user` out to log in as you)")]
 Interface = Annotated[StrictStr, AfterValidator(_interface)]
 RdmaDevice = Annotated[StrictStr, matching(
     _RDMA.pattern, "expected an RDMA device name as `ibdev2netdev` shows it (e.g. rocep1s0f1)")]
@@ -383,7 +364,7 @@ def _check_cluster(top: _File, nodes: list[Node]) -> list[Problem]:
                                     f" (also nodes[{seen_names[node.name]}])",
                                     "give every node its own name"))
         seen_names.setdefault(node.name, index)
-        place = ("local",) if node.connection == "local" else (_same_address(node.host), node.port)
+        place = ("local",) if node.connection == "local" else (same_address(node.host), node.port)
         if place in seen_places:
             what = "a second local node" if place == ("local",) else (
                 f"duplicate address {host_port(node.host, node.port)}")
@@ -392,7 +373,7 @@ def _check_cluster(top: _File, nodes: list[Node]) -> list[Problem]:
                                     "list each machine once"))
         seen_places.setdefault(place, index)
         if node.fabric.address is not None:
-            fabric = _same_address(node.fabric.address)
+            fabric = same_address(node.fabric.address)
             if fabric in seen_fabric:
                 other = nodes[seen_fabric[fabric]].name
                 problems.append(Problem(("nodes", index, "fabric", "address"),
