@@ -108,3 +108,22 @@ def test_bench_streams_from_a_server_at_an_ipv6_address():
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_ssh_reaches_a_node_at_an_ipv6_address(tmp_path, make_node):
+    # The management side of an IPv6 address: hosts.toml takes it, known_hosts names it
+    # [::1]:port, and the SSH target connects and checks the key under that name.
+    from conftest import _require_sshd
+    from sshd import start_sshd
+
+    from trtllm_deploy.hosts.ssh import SSH
+
+    _require_sshd()
+    server = start_sshd(tmp_path / "sshd6", address="::1")
+    target = SSH(make_node(server))
+    try:
+        assert target.host_name == f"[::1]:{server.port}"
+        assert target.run(["echo", "over", "ipv6"]).stdout.strip() == "over ipv6"
+    finally:
+        target.close()
+        server.stop()
