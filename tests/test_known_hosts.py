@@ -126,3 +126,20 @@ def test_a_forged_signature_is_refused(tmp_path):
     found = knownhosts.pins(f"@cert-authority * {public_key(ca)}\n", "127.0.0.1")
     assert knownhosts.judge_certificate(found, bytes(blob), "127.0.0.1")[0] == knownhosts.INVALID
     assert knownhosts.judge_certificate(found, bytes(blob)[:-2], "127.0.0.1")[0] == knownhosts.INVALID
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "rsa", "ecdsa"])
+@pytest.mark.parametrize("ca_type", ["ed25519", "rsa", "ecdsa"])
+def test_certificates_of_every_key_type_are_read_and_verified(tmp_path, key_type, ca_type):
+    def make(path: Path, kind: str) -> Path:
+        subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "", "-f", str(path)], check=True)
+        return path
+
+    ca, host_key = make(tmp_path / "ca", ca_type), make(tmp_path / "host", key_type)
+    cert_line = sign(ca, host_key, principals="spark-1,10.0.0.1").read_text().split()
+    cert = knownhosts.parse_certificate(base64.b64decode(cert_line[1]))
+    assert cert.type == cert_line[0] and cert.kind == 2 and cert.principals == ["spark-1", "10.0.0.1"]
+    assert cert.key.line == public_key(host_key) and cert.authority.line == public_key(ca)
+    found = knownhosts.pins(f"@cert-authority * {public_key(ca)}\n", "10.0.0.1")
+    assert knownhosts.judge_certificate(found, base64.b64decode(cert_line[1]), "10.0.0.1") == (
+        knownhosts.CERTIFIED, "")
