@@ -235,8 +235,8 @@ class Actions:
     """What handling does to the cluster; tests of the policies pass their own."""
 
     stop: Callable = launch.stop
-    launch: Callable = launch.launch
     roll_back: Callable = launch.roll_back
+    launch: Callable = launch.launch   # last: the field's name hides the module below it
 
 
 def handle(cluster: Cluster, deployment: Deployment, failure: Failure, policy: str, tmp,
