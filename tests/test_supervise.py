@@ -100,9 +100,9 @@ def start_slow(checkpoint_dir, env=None) -> Server:
 
 
 def long_streams(port: int, count: int, tokens: int) -> list[threading.Thread]:
-    threads = [threading.Thread(target=stream, args=(port, "/v1/completions",
-                                                     {"model": "m", "prompt": f"long {i}", "max_tokens": tokens}),
-                                kwargs={"timeout": 120}, daemon=True) for i in range(count)]
+    asks = [{"model": "m", "prompt": f"long {i}", "max_tokens": tokens} for i in range(count)]
+    threads = [threading.Thread(target=stream, args=(port, "/v1/completions", ask),
+                                kwargs={"timeout": 120}, daemon=True) for ask in asks]
     for thread in threads:
         thread.start()
     return threads
@@ -261,6 +261,11 @@ def test_passing_the_gate_is_not_good_and_rollback_takes_the_newest_good_that_di
     # The same deployment promoted again moves up instead of being listed twice.
     state.promote(cluster, older)
     assert state.good(cluster) == [older, FAILING]
+    # Another job name or port is the same deployment again; another environment is not.
+    renamed = Deployment(job="serve2", runtime="trtllm", image="trt:0", artifact="model-a", tp=2, port=9000)
+    assert state.rollback_target(cluster, renamed) == FAILING
+    assert not state.differs(renamed, older) and state.differs(renamed, FAILING)
+    assert state.differs(older, Deployment(**{**older.as_json(), "env": (("STANDIN_FAULT", "oom"),)}))
 
 
 def test_roll_back_with_no_good_deployment_and_no_fallback_image_stops_saying_why(cluster):

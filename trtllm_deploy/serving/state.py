@@ -19,7 +19,9 @@ from trtllm_deploy.hosts.inventory import Cluster
 
 STATE_DIR = "~/.local/state/trtllm-deploy/clusters"   # <cluster name>/deployments.json
 KEEP_GOOD = 5
-SERVES = ("artifact", "image", "runtime")   # what a rollback target must differ in
+# What a rollback target must differ in: what runs (artifact, image, runtime) and how (parallelism,
+# options, environment); a deployment that differs only in its job name or port is the same again.
+SERVES = ("artifact", "image", "runtime", "tp", "pp", "backend", "env")
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,10 @@ def promote(cluster: Cluster, deployment: Deployment) -> None:
 
 
 def differs(one: Deployment, other: Deployment) -> bool:
-    """Whether the two serve something different: artifact, image or runtime."""
+    """Whether the two run something different (SERVES: artifact, image, runtime, their options)."""
     return any(getattr(one, key) != getattr(other, key) for key in SERVES)
 
 
 def rollback_target(cluster: Cluster, failing: Deployment) -> Deployment | None:
-    """The newest good deployment that differs from ``failing`` (artifact, image or runtime)."""
+    """The newest good deployment that differs from ``failing`` in what it runs (SERVES)."""
     return next((d for d in good(cluster) if differs(d, failing)), None)
