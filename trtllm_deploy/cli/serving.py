@@ -22,6 +22,7 @@ from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import lock as locks
 
+ROLLBACK = runtimes.rollback()
 LOCK_HELP = ("the TensorRT-LLM lock: its fixes gate serving across nodes, and an image it pins by digest "
              "runs as that digest (default: requirements/tensorrt-llm.lock.toml, where it exists)")
 
@@ -100,7 +101,8 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
 @task(name="supervise", help={
             "on_failure": "stop (default); restart (backing off, until --restarts failures within "
                           "--restart-window-min make a crash loop, then rollback); or rollback (to the "
-                          "last deployment that served well and differs, else the lock's vLLM fallback)",
+                          "last deployment that served well and differs, else the lock's "
+                          f"{ROLLBACK.product} fallback)",
             "interval": "seconds between looks (default: 1)",
             "hang_s": "no progress this long (no iteration, no token) while a request waits and every "
                       "rank lives is a hang (default: 8)",
@@ -229,9 +231,6 @@ def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fals
     console.out.print(console.table(f"stop: {name}", ["node", "removed", "still running"], [
         [n, ", ".join(info["removed"]) or "-", ", ".join(info["leftovers"]) or "nothing"]
         for n, info in report["nodes"].items()]))
-
-
-ROLLBACK = runtimes.rollback()
 
 
 @task(help={"image": f"the {ROLLBACK.product} image where it falls back to {ROLLBACK.product} (default: "

@@ -5,7 +5,7 @@ acts and reports one of: ``done`` (it changed something), ``up to date`` (the fa
 needed), ``skipped`` (not this deployment's business, with why), or, with ``dry_run``, what it
 ``would`` do per node. A failure stops the pipeline with the phase named; with
 ``on_failure="rollback"`` a deployment that fails its gate is rolled back (launch.roll_back: the last
-deployment that served healthily and differs from it, else the vLLM fallback the lock pins).
+deployment that served healthily and differs from it, else the fallback runtime the lock pins).
 """
 
 from __future__ import annotations
