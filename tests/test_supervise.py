@@ -4,10 +4,13 @@ process saturated at max_batch_size 2), restart's crash-loop limit, and the one 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +20,8 @@ from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.serving import launch, state, supervise
 from trtllm_deploy.serving.state import Deployment
 from trtllm_deploy.serving.supervise import CrashLoop, Failure, Seen
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class DrivenClock(supervise.Clock):
@@ -275,3 +280,13 @@ def test_roll_back_with_no_good_deployment_and_no_fallback_image_stops_saying_wh
     vllm = Deployment(job="serve-vllm", runtime="vllm", image="vllm:1", artifact="model-a", tp=2)
     with pytest.raises(CheckFailed, match="already runs vLLM"):
         launch.roll_back(cluster, vllm, "/tmp", image="vllm:2")
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param(["--restarts", "0"], "--restarts must be at least 1", id="restarts"),
+    pytest.param(["--on-failure", "again"], "expected one of stop, restart, rollback", id="policy"),
+])
+def test_bad_supervise_flags_are_refused_with_exit_2(args, message):
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "supervise", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
