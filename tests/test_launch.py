@@ -4,6 +4,7 @@ across the runtime containers, the stand-in runtime (every token an allreduce ov
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import subprocess
 import sys
@@ -157,8 +158,8 @@ def test_a_saturated_server_is_busy_not_stuck_for_60_s(bed, home):
             try:
                 with urllib.request.urlopen(request, timeout=150) as answer:
                     answer.read()
-            except OSError:
-                pass
+            except (OSError, http.client.HTTPException, ValueError):
+                pass   # cut short when the job is stopped at the end
 
         for _ in range(2):
             threading.Thread(target=long_stream, daemon=True).start()
@@ -177,7 +178,7 @@ def test_a_hung_rank_is_detected_by_a_request_that_gets_no_answer(bed, home):
         failure = supervise.watch(bed, state.current(bed), interval=1.0, hang_s=4.0, duration=60)
         assert failure is not None and failure.kind == "hang", failure
         # Every rank alive the whole time: only the unanswered request could have found it.
-        assert "while every rank and mpirun are alive" in failure.what
+        assert "every rank and mpirun are alive" in failure.what
         handled = supervise.handle(bed, state.current(bed), failure, "stop", home / "tmp2")
         assert handled.stopped and handled.relaunched is None
     finally:
