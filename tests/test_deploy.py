@@ -137,10 +137,30 @@ def test_an_unreachable_worker_stops_deploy_at_preflight_with_nothing_changed(be
     assert job_containers(cluster) == []
 
 
+def supervised_until_good(bed, job: str) -> None:
+    """``invoke supervise`` (a real one) watches until it records ``job`` as good, then Ctrl-C."""
+    cluster, _, hosts, work = bed
+    recorded = work / "home/.local/state/trtllm-deploy/clusters" / cluster.name / "deployments.json"
+    process = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "supervise",
+                                "--good-after-s", "3", "--hosts", str(hosts)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=environment(work))
+    try:
+        deadline = time.monotonic() + 120
+        while job not in [d["job"] for d in json.loads(recorded.read_text()).get("good", [])]:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "supervise never recorded the deployment as good"
+            time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+
+
 def test_a_gate_that_fails_rolls_back_to_the_last_known_good(bed):
     cluster, *_ = bed
     try:
         assert phases(deploy(bed, "--json", job="tbgood"))["launch"] == "done"
+        # Passing its gate does not make it good; serving well under supervision for a while does.
+        supervised_until_good(bed, "tbgood")
         bad = deploy(bed, "--on-failure", "rollback", "--env", "STANDIN_FAULT=oom@1", "--stall-s", "30",
                      job="tbbad")
         assert bad.returncode == 1, bad.stdout

@@ -23,6 +23,7 @@ from trtllm_deploy.source import digest
 from trtllm_deploy.source import lock as locks
 from trtllm_deploy.urls import http_url
 
+ROLLBACK = runtimes.rollback()
 LOCK_HELP = ("the TensorRT-LLM lock: its fixes gate serving across nodes, and an image it pins by digest "
              "runs as that digest (default: requirements/tensorrt-llm.lock.toml, where it exists)")
 
@@ -99,36 +100,53 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
 
 
 @task(name="supervise", help={
-            "on_failure": "stop (default), restart, or rollback (to the last known good deployment)",
+            "on_failure": "stop (default); restart (backing off, until --restarts failures within "
+                          "--restart-window-min make a crash loop, then rollback); or rollback (to the "
+                          "last deployment that served well and differs, else the lock's "
+                          f"{ROLLBACK.product} fallback)",
             "interval": "seconds between looks (default: 1)",
-            "hang_s": "a request unanswered this long while every rank lives is a hang (default: 8)",
-            "hosts": HOSTS_HELP, "json": JSON_HELP})
+            "hang_s": "no progress this long (no iteration, no token) while a request waits and every "
+                      "rank lives is a hang (default: 8)",
+            "good_after_s": "watched healthy this long, the deployment is recorded as good, a rollback "
+                            "target (default: 300)",
+            "restarts": "restart gives up after this many failures ... (default: 3)",
+            "restart_window_min": "... within this many minutes (default: 10)",
+            "lock": LOCK_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang_s: float = 8.0,
-               hosts: str = "hosts.toml", json: bool = False) -> None:
+               good_after_s: float = supervise.GOOD_AFTER_S, restarts: int = 3,
+               restart_window_min: float = 10.0, lock: str = "", hosts: str = "hosts.toml",
+               json: bool = False) -> None:
     """Watch the current deployment; on a dead rank, dead mpirun or hang: explain, tear down, apply
     the policy, and watch again. Ctrl-C stops watching (the deployment keeps serving)."""
     if on_failure not in supervise.POLICIES:
         raise Exit(f"--on-failure {on_failure!r}: expected one of {', '.join(supervise.POLICIES)}", code=2)
+    if restarts < 1 or restart_window_min <= 0:
+        raise Exit("--restarts must be at least 1 and --restart-window-min above 0", code=2)
     cluster = inventory.load(hosts)
+    lockfile = _lockfile(lock)
+    loop = supervise.CrashLoop(limit=restarts, window_s=restart_window_min * 60)
     while True:
         deployment = current(cluster)
         if deployment is None:
             raise Exit("supervise: nothing is deployed (invoke launch)", code=1)
         console.err.print(f"supervising {deployment.job} on {', '.join(deployment.nodes)}")
         try:
-            failure = supervise.watch(cluster, deployment, interval=interval, hang_s=hang_s)
+            failure = supervise.watch(cluster, deployment, interval=interval, hang_s=hang_s,
+                                      good_after_s=good_after_s,
+                                      on_good=supervise.promote(cluster, deployment))
         except KeyboardInterrupt:
             console.err.print("stopped watching; the deployment keeps serving")
             return
         console.err.print(failure.explanation)
         with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp:
             handled = supervise.handle(cluster, deployment, failure, on_failure, Path(tmp),
-                                       report=console.err.print)
+                                       report=console.err.print, loop=loop, lockfile=lockfile)
         if json:
             console.print_json(handled.as_json())
         if handled.relaunched is None:
-            raise Exit(f"supervise: {deployment.job} failed ({failure.what}) and was stopped", code=1)
+            raise Exit(f"supervise: {deployment.job} failed ({handled.failure.what}) and was stopped: "
+                       f"{handled.gave_up}", code=1)
 
 
 @task(help={"job": "the job (default: the current deployment)", "hosts": HOSTS_HELP, "json": JSON_HELP})
@@ -216,10 +234,8 @@ def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fals
         for n, info in report["nodes"].items()]))
 
 
-ROLLBACK = runtimes.rollback()
-
-
-@task(help={"image": f"the {ROLLBACK.product} image (default: the lock's [{ROLLBACK.name}] image)",
+@task(help={"image": f"the {ROLLBACK.product} image where it falls back to {ROLLBACK.product} (default: "
+                     f"the lock's [{ROLLBACK.name}] image)",
             "lock": f"the lock that pins the {ROLLBACK.product} image (default: "
                     "requirements/tensorrt-llm.lock.toml)",
             "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
@@ -230,21 +246,24 @@ def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm
              json: bool = False) -> None:
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
-    image = digest.pinned_reference(lockfile, image) if image else ROLLBACK.image(lockfile)
+    failing = current(cluster) or last_good(cluster)
+    if failing is None:
+        raise Exit("rollback: nothing is deployed or recorded, so there is nothing to roll back from", code=2)
+    image = digest.pinned_reference(lockfile, image) if image else None
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
-            console.err.status(f"rolling back to {ROLLBACK.product}…") as spinner:
-        done = launch.rollback(cluster, image, Path(tmp), report=lambda line: spinner.update(line),
-                               lockfile=lockfile, stall_s=stall_s, min_tokens_per_s=min_rate)
+            console.err.status(f"rolling back from {failing.job}…") as spinner:
+        done = launch.roll_back(cluster, failing, Path(tmp), report=lambda line: spinner.update(line),
+                                lockfile=lockfile, image=image, stall_s=stall_s, min_tokens_per_s=min_rate)
     _warn(done.warnings)
     if json:
         console.print_json(done.as_json())
         return
     where = http_url(cluster.head.host, done.deployment.port, "/v1")
-    console.out.print(f"{ROLLBACK.product} serves {done.deployment.artifact} on "
-                      f"{', '.join(done.deployment.nodes)} at {where}"
-                      f" (gate: {done.tokens_per_s:.1f} tokens/s)")
+    console.out.print(f"{runtimes.get(done.deployment.runtime).product} serves {done.deployment.artifact} "
+                      f"on {', '.join(done.deployment.nodes)} at {where} "
+                      f"(gate: {done.tokens_per_s:.1f} tokens/s)")
 
 
-# The task's first line for `invoke --list`, naming the runtimes from their records.
-rollback.__doc__ = (f"Stop {runtimes.default().product} and serve the same model with {ROLLBACK.product} "
-                    "(its pinned image), health gated.")
+# The task's first line for `invoke --list`.
+rollback.__doc__ = (f"Roll back: to the last deployment that served well and differs from this one, else "
+                    f"{ROLLBACK.product} on the same model (the lock's image), health gated.")

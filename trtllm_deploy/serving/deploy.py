@@ -4,7 +4,8 @@ preflight → source → image → engine → push → check → launch → veri
 acts and reports one of: ``done`` (it changed something), ``up to date`` (the facts say nothing is
 needed), ``skipped`` (not this deployment's business, with why), or, with ``dry_run``, what it
 ``would`` do per node. A failure stops the pipeline with the phase named; with
-``on_failure="rollback"`` a deployment that fails its gate is replaced by the last known good one.
+``on_failure="rollback"`` a deployment that fails its gate is rolled back (launch.roll_back: the last
+deployment that served healthily and differs from it, else the fallback runtime the lock pins).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from trtllm_deploy.hosts.connections import Connections
 from trtllm_deploy.hosts.inventory import Cluster
 from trtllm_deploy.runtimes import runtime as runtimes
 from trtllm_deploy.serving import clustercheck, containers, delivery, gate, jobs, launch
-from trtllm_deploy.serving.state import Deployment, current, last_good
+from trtllm_deploy.serving.state import Deployment, current
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import image as images
 from trtllm_deploy.source.lock import LockFile
@@ -344,20 +345,22 @@ def _launch(cluster, lockfile, catalog, request, state, say) -> Phase:
         return Phase("launch", "would start", f"{wanted.job}: {wanted.artifact} with tp {wanted.tp}"
                      + (f", after stopping {previous.job}" if previous else "")
                      + "".join(f"\n{line}" for line in warnings))
-    good = last_good(cluster)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp:
         try:
             done = launch.launch(cluster, wanted, Path(tmp), stall_s=request.stall_s,
                                  min_tokens_per_s=request.min_tokens_per_s, report=say, lockfile=lockfile)
         except DeployError as failure:
-            if request.on_failure != "rollback" or good is None or good == wanted:
+            if request.on_failure != "rollback":
                 raise
-            say(f"the new deployment failed its gate; returning to {good.job}")
-            back = launch.launch(cluster, good, Path(tmp), stall_s=request.stall_s,
-                                 min_tokens_per_s=request.min_tokens_per_s, report=say, lockfile=lockfile)
+            say("the new deployment failed its gate; rolling back")
+            try:
+                back = launch.roll_back(cluster, wanted, Path(tmp), report=say, lockfile=lockfile,
+                                        stall_s=request.stall_s, min_tokens_per_s=request.min_tokens_per_s)
+            except DeployError as exc:
+                raise CheckFailed(f"{failure}\n  not rolled back: {exc}") from None
             state["deployment"] = back.deployment
-            raise CheckFailed(f"{failure}\n  rolled back: {good.job} ({good.artifact}) serves again") \
-                from None
+            raise CheckFailed(f"{failure}\n  rolled back: {back.deployment.job} ({back.deployment.runtime}, "
+                              f"{back.deployment.artifact}) serves again") from None
     state["deployment"], state["gate"] = done.deployment, done.tokens_per_s
     state["warnings"].extend(done.warnings)
     return Phase("launch", "done", f"{wanted.job} ready after {done.ready_s:.0f} s, gate "

@@ -8,8 +8,9 @@ node's job log folder. It is ready when it passes the gate (gate.py).
 
 Before the previous deployment is stopped, everything that can be checked is: the new image is on
 every node and the containers start; only then is the old job stopped and the new one launched (a
-DGX Spark has no memory for two large models at once). The last deployment that passed its gate is
-recorded on this machine as *last known good* (state.py), for rollback.
+DGX Spark has no memory for two large models at once). Passing the gate makes a deployment current,
+not good: good is what supervise saw serve healthily for a while (state.py). ``roll_back`` is the
+one meaning of rollback for deploy, supervise and ``invoke rollback``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from trtllm_deploy.runtimes import runtime
 from trtllm_deploy.runtimes.runtime import FORMATS, Serve
 from trtllm_deploy.serving import containers
 from trtllm_deploy.serving.gate import ask, wait_ready
-from trtllm_deploy.serving.state import Deployment, current, last_good, record
+from trtllm_deploy.serving.state import Deployment, current, last_good, record, rollback_target
 from trtllm_deploy.source import digest
 from trtllm_deploy.source.lock import LockFile
 
@@ -173,7 +174,7 @@ def launch(cluster: Cluster, deployment: Deployment, tmp: Path, *, stall_s: floa
         stop(cluster, deployment.job)
         record(cluster, current=None)
         raise
-    record(cluster, current=deployment, last_good=deployment)
+    record(cluster, current=deployment)
     return result
 
 
@@ -218,12 +219,37 @@ def stop(cluster: Cluster, job: str):
     return stopped
 
 
-def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None,
-             lockfile: LockFile | None = None, **gate) -> Launched:
-    """Stop the deployment and serve the same checkpoint with the rollback runtime from ``image``,
-    gated the same way."""
+def roll_back(cluster: Cluster, failing: Deployment, tmp: Path, report=lambda line: None,
+              lockfile: LockFile | None = None, image: str | None = None, **gate) -> Launched:
+    """Rollback, one meaning everywhere: the newest deployment that served healthily for a while and
+    differs from ``failing`` (artifact, image or runtime); where none does, ``failing``'s artifact
+    with the fallback runtime (its image: ``image``, else the lock's); else CheckFailed, saying why."""
+    target = rollback_target(cluster, failing)
+    if target is not None:
+        report(f"rollback: launching {target.job} ({target.runtime}, {target.artifact}, {target.image}), "
+               f"the last deployment that served well and differs from {failing.job}")
+        return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)
     to = runtime.rollback()
-    source = current(cluster) or last_good(cluster)
+    image = image or (lockfile.lock.runtime_image(to.name) if lockfile is not None else None)
+    why = "no deployment that served healthily for a while differs from it"
+    if failing.runtime == to.name:
+        raise CheckFailed(f"nothing to roll back to from {failing.job}: {why}, and it already runs "
+                          f"{to.product}, the fallback")
+    if not image:
+        raise CheckFailed(f"nothing to roll back to from {failing.job}: {why}, and the lock has no "
+                          f"[{to.name}] image for the {to.product} fallback")
+    try:
+        return rollback(cluster, image, tmp, report=report, lockfile=lockfile, source=failing, **gate)
+    except InputError as exc:
+        raise CheckFailed(f"nothing to roll back to from {failing.job}: {why}, and {exc}") from None
+
+
+def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None,
+             lockfile: LockFile | None = None, source: Deployment | None = None, **gate) -> Launched:
+    """Stop the deployment and serve the same checkpoint (``source``'s, else the current or last
+    good deployment's) with the rollback runtime from ``image``, gated the same way."""
+    to = runtime.rollback()
+    source = source or current(cluster) or last_good(cluster)
     if source is None:
         raise InputError(f"rollback: nothing is deployed or recorded, so there is no model to serve with "
                          f"{to.product}")

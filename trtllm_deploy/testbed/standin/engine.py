@@ -8,9 +8,11 @@ ranks run :func:`follow`.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import queue
+import threading
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -86,6 +88,19 @@ class Engine:
         self.inbox: queue.Queue[Generation] = queue.Queue()
         self.tokens_done = 0
         self.alive = True
+        # Iteration stats as trtllm-serve's GET /metrics returns them: each call takes the ones
+        # recorded since the last (a bounded queue, as iter_stats_max_iterations bounds the real one).
+        self.iterations = 0
+        self._stats: collections.deque[dict] = collections.deque(maxlen=1000)
+        self._stats_lock = threading.Lock()
+        self._completed = 0
+
+    def take_stats(self) -> list[dict]:
+        """The iteration stats recorded since the last call (thread-safe)."""
+        with self._stats_lock:
+            taken = list(self._stats)
+            self._stats.clear()
+        return taken
 
     def submit(self, generation: Generation) -> None:
         self.inbox.put(generation)
@@ -104,7 +119,9 @@ class Engine:
                 now = time.monotonic()
                 due = max(due, now)  # after an idle spell, no burst of catch-up steps
                 time.sleep(due - now)
+                before = len(active)
                 self._step(active)
+                self._record(before, len(active), time.monotonic() - now)
                 due += interval
             self.world.bcast_ints(array("q", [SHUTDOWN, self.tokens_done, 0]), HEADER)
             self.world.finalize()
@@ -112,6 +129,17 @@ class Engine:
             self.alive = False
             for generation in active + _drain(self.inbox):
                 generation.events.put(("error", "the engine has stopped"))
+
+    def _record(self, scheduled: int, still_active: int, seconds: float) -> None:
+        """One iteration's stats, with the field names of TensorRT-LLM's IterationStats JSON."""
+        self.iterations += 1
+        self._completed = scheduled - still_active
+        stat = {"timestamp": time.strftime("%m-%d-%Y %H:%M:%S"), "iter": self.iterations,
+                "iterLatencyMS": round(seconds * 1000, 3), "numActiveRequests": scheduled,
+                "numQueuedRequests": self.inbox.qsize(), "numCompletedRequests": self._completed,
+                "maxNumActiveRequests": self.max_batch_size}
+        with self._stats_lock:
+            self._stats.append(stat)
 
     def _admit(self, active: list[Generation], wait: bool) -> None:
         try:

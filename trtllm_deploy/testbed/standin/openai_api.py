@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP surface that rank 0 serves, with the shapes the real servers use.
 
-``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and ``POST /v1/chat/completions``,
-streamed as server-sent events (``data: {...}`` ... ``data: [DONE]``) or not. Requests are parsed
-here and handed to the engine; the HTTP threads never talk MPI.
+``GET /health``, ``GET /v1/models``, ``GET /metrics`` (the iteration stats since the last call, as
+trtllm-serve returns them), ``POST /v1/completions`` and ``POST /v1/chat/completions``, streamed as
+server-sent events (``data: {...}`` ... ``data: [DONE]``) or not. Requests are parsed here and handed
+to the engine; the HTTP threads never talk MPI.
 """
 
 from __future__ import annotations
@@ -194,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
                      "runtime": self.model.runtime, "root": self.model.metadata.get("path"),
                      "max_model_len": self.model.max_seq_len, "metadata": self.model.metadata}
             self._send(200, {"object": "list", "data": [entry]})
+        elif path == "/metrics":
+            self._send_list(self.engine.take_stats())
         elif path in self.POST_ROUTES:
             self._send(405, error_body(f"{path} takes POST", 405))
         else:
@@ -263,6 +266,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
+
+    def _send_list(self, items: list) -> None:
+        data = json.dumps(items).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _send(self, status: int, payload: dict | None) -> None:
         data = b"" if payload is None else json.dumps(payload).encode()
