@@ -37,7 +37,7 @@ LLM_API_FILE = "llm-api.yaml"
 BACKENDS = ("pytorch", "tensorrt")
 # LLM-API keys only the PyTorch backend takes; an engine artifact's YAML leaves them out.
 PYTORCH_ONLY = ("cuda_graph_config", "disable_overlap_scheduler", "moe_config", "attn_backend",
-                "torch_compile_config", "print_iter_log")
+                "torch_compile_config", "print_iter_log", "enable_iter_perf_stats")
 # What an artifact's provenance records but "up to date" does not compare: a checkpoint served by
 # the PyTorch backend does not change when the image does.
 NOT_COMPARED = ("created", "image")
