@@ -106,6 +106,20 @@ def sshd_node(sshd, hosts_file) -> inventory.Node:
     return cluster.head
 
 
+def past_the_clock_tick(*roots: Path) -> None:
+    """Return once the file system's clock has moved past the ctime of every file under ``roots``:
+    a file written now is newer than all of them (what the manifest's cache requires before it
+    trusts a file), found by writing a probe until its ctime says so rather than sleeping."""
+    newest = max(p.lstat().st_ctime_ns for root in roots for p in [root, *root.rglob("*")])
+    probe = roots[0].parent / f".clock-probe-{os.getpid()}"
+    for _ in range(1_000_000):
+        probe.write_bytes(b"")
+        if probe.stat().st_ctime_ns > newest:
+            probe.unlink()
+            return
+    raise AssertionError(f"the file system clock under {roots[0].parent} did not move")
+
+
 # --- Docker, the images and the testbed (the same code as `invoke testbed.*`) -----------------
 
 @functools.lru_cache(maxsize=1)
