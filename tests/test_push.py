@@ -301,19 +301,29 @@ def test_several_streams_per_node_stop_together_and_resume_each_file(bed, tmp_pa
     kill, seen = _kill_channels_after(0)
     by_thread: dict = {}
     lock = threading.Lock()
+    all_four = threading.Barrier(4, timeout=60)
+
+    # The node reads a stream in blocks of agent.BLOCK and writes each block once it is whole:
+    # each stream stops past its first block, so that block's landing shows in the node's file.
+    first = agent.BLOCK + MiB
+
+    def landed() -> bool:
+        """Every stream's file holds its first block in the node's staging."""
+        sizes = node_sh(bed, 2, "cd ~/trtllm-deploy/engines/.push-streams.push 2>/dev/null && "
+                                "stat -c '%s' model-* 2>/dev/null || true").split()
+        return len(sizes) == 4 and all(int(size) >= agent.BLOCK for size in sizes)
 
     def progress(name: str, count: int) -> None:
-        """Each stream waits after its first MiB until all four have one; then the link drops."""
-        with lock:
-            mine = by_thread[threading.get_ident()] = by_thread.get(threading.get_ident(), 0) + count
-        if mine < MiB:
-            return
-        deadline = time.monotonic() + 30
-        while sum(sent >= MiB for sent in by_thread.values()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with lock:
+        """Each stream waits past its first block until all four are; then the link drops."""
+        mine = by_thread[threading.get_ident()] = by_thread.get(threading.get_ident(), 0) + count
+        if mine - count >= first or mine < first:
+            return  # only as this stream passes its first block
+        all_four.wait()
+        with lock:  # the others wait here while the first of them waits for the node, then kills
             if not seen["killed"]:
-                time.sleep(1)  # what is in flight lands on the node; every stream is waiting here
+                deadline = time.monotonic() + 60
+                while not landed():  # each look is a `docker exec`: no sleep between them
+                    assert time.monotonic() < deadline, "the first block of each stream never landed"
                 kill(name, count)
 
     broken = pushing.push([node], src, progress=progress, streams=4)
