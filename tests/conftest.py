@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sshd as sshd_module
+from ci_skips import pytest_runtest_makereport  # noqa: F401 - under CI=true a skip fails
 from sshd import SSHServer, start_sshd, write_hosts
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.hosts import inventory
@@ -105,6 +106,20 @@ def sshd_node(sshd, hosts_file) -> inventory.Node:
     return cluster.head
 
 
+def past_the_clock_tick(*roots: Path) -> None:
+    """Return once the file system's clock has moved past the ctime of every file under ``roots``:
+    a file written now is newer than all of them (what the manifest's cache requires before it
+    trusts a file), found by writing a probe until its ctime says so rather than sleeping."""
+    newest = max(p.lstat().st_ctime_ns for root in roots for p in [root, *root.rglob("*")])
+    probe = roots[0].parent / f".clock-probe-{os.getpid()}"
+    for _ in range(1_000_000):
+        probe.write_bytes(b"")
+        if probe.stat().st_ctime_ns > newest:
+            probe.unlink()
+            return
+    raise AssertionError(f"the file system clock under {roots[0].parent} did not move")
+
+
 # --- Docker, the images and the testbed (the same code as `invoke testbed.*`) -----------------
 
 @functools.lru_cache(maxsize=1)
@@ -117,12 +132,18 @@ def docker_unusable() -> str | None:
     return None
 
 
+# Tests reach no outside host: the base is made here with debootstrap from the Debian mirror,
+# never pulled from Docker Hub ("auto" would try `docker pull debian:bookworm-slim` first). A
+# developer with an image of their own names it in TRTLLM_DEPLOY_TEST_BASE.
+TEST_BASE = os.environ.get("TRTLLM_DEPLOY_TEST_BASE", "debootstrap")
+
+
 @pytest.fixture(scope="session")
 def base_image() -> str:
-    """The Debian bookworm base every test image builds on (made with debootstrap on CI)."""
+    """The Debian bookworm base every test image builds on (made with debootstrap)."""
     if docker_unusable():
         pytest.skip(docker_unusable())
-    return images.resolve_base(os.environ.get("TRTLLM_DEPLOY_TEST_BASE", "auto"), report=_log)
+    return images.resolve_base(TEST_BASE, report=_log)
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +154,7 @@ def standin_image(base_image, tmp_path_factory) -> str:
 
 
 def start_testbed(state_dir: Path, nodes: int, name: str, runtime: bool = True,
-                  base: str = "auto") -> tuple[cluster.Testbed, cluster.UpReport]:
+                  base: str = TEST_BASE) -> tuple[cluster.Testbed, cluster.UpReport]:
     """A testbed of its own for a test run: the first free subnet of 10.213.100-199.0/24."""
     for third in range(100, 200):
         layout = cluster.Layout(name=name, nodes=nodes, subnet=f"10.213.{third}.0/24",

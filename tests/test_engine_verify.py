@@ -6,11 +6,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import past_the_clock_tick
 from trtllm_deploy.artifact import manifest, verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def run_verify(hosts: Path, *args: str) -> subprocess.CompletedProcess:
 def two_nodes(sshd_factory, hosts_file):
     servers = [sshd_factory(), sshd_factory()]
     roots = [make_artifact(server.home) for server in servers]
-    time.sleep(0.05)  # past the file system clock tick, so the first verification may be cached
+    past_the_clock_tick(*roots)  # so that the first verification may be cached
     return hosts_file(servers), roots, servers
 
 

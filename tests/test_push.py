@@ -98,6 +98,15 @@ def test_the_reason_a_push_failed_is_the_stream_that_failed_not_the_ones_it_cut(
     assert agent._commit(None, "/nonexistent", "x", {}, parts) == FULL
 
 
+def test_the_sender_takes_a_parts_reason_when_the_receive_could_not_hear_it():
+    """The receive's own report is cut or missing (it never got the end record with the parts'
+    reports): a part's own reason, as its channel brought it back, is the push's reason."""
+    assert files._reason_in([{"ok": True}, CUT, FULL]) == FULL
+    assert files._reason_in([CUT, {"ok": True}]) is None and files._reason_in(None) is None
+    assert files._report_in('{"ready": true}\n' + json.dumps(FULL) + "\n") == FULL
+    assert files._report_in("ssh: connect to host x: Connection reset\n") is None
+
+
 def test_layer_chains_and_node_facts():
     chains = layers.chain_ids(["sha256:a", "sha256:b"])
     assert chains[0] == "sha256:a" and chains[1].startswith("sha256:") and len(chains[1]) == 71
@@ -292,19 +301,29 @@ def test_several_streams_per_node_stop_together_and_resume_each_file(bed, tmp_pa
     kill, seen = _kill_channels_after(0)
     by_thread: dict = {}
     lock = threading.Lock()
+    all_four = threading.Barrier(4, timeout=60)
+
+    # The node reads a stream in blocks of agent.BLOCK and writes each block once it is whole:
+    # each stream stops past its first block, so that block's landing shows in the node's file.
+    first = agent.BLOCK + MiB
+
+    def landed() -> bool:
+        """Every stream's file holds its first block in the node's staging."""
+        sizes = node_sh(bed, 2, "cd ~/trtllm-deploy/engines/.push-streams.push 2>/dev/null && "
+                                "stat -c '%s' model-* 2>/dev/null || true").split()
+        return len(sizes) == 4 and all(int(size) >= agent.BLOCK for size in sizes)
 
     def progress(name: str, count: int) -> None:
-        """Each stream waits after its first MiB until all four have one; then the link drops."""
-        with lock:
-            mine = by_thread[threading.get_ident()] = by_thread.get(threading.get_ident(), 0) + count
-        if mine < MiB:
-            return
-        deadline = time.monotonic() + 30
-        while sum(sent >= MiB for sent in by_thread.values()) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with lock:
+        """Each stream waits past its first block until all four are; then the link drops."""
+        mine = by_thread[threading.get_ident()] = by_thread.get(threading.get_ident(), 0) + count
+        if mine - count >= first or mine < first:
+            return  # only as this stream passes its first block
+        all_four.wait()
+        with lock:  # the others wait here while the first of them waits for the node, then kills
             if not seen["killed"]:
-                time.sleep(1)  # what is in flight lands on the node; every stream is waiting here
+                deadline = time.monotonic() + 60
+                while not landed():  # each look is a `docker exec`: no sleep between them
+                    assert time.monotonic() < deadline, "the first block of each stream never landed"
                 kill(name, count)
 
     broken = pushing.push([node], src, progress=progress, streams=4)
@@ -488,6 +507,50 @@ def test_a_full_disk_is_a_clear_error_before_and_during_sending(bed, tmp_path):
         assert "filled up" in reason and "No space left" in reason, reason
     finally:
         node_sh(bed, 2, "umount /srv/small", user="root")
+
+
+@needs_docker
+def test_a_full_disk_is_named_when_the_stream_that_hit_it_lost_its_report(bed, tmp_path):
+    """The interleaving that lost the reason, forced: the receive has its whole file, a part
+    fills the disk and its report never comes back (its channel torn down), so the end record
+    says only that the part was cut. The node looks at its disk and says it filled up."""
+    store = tmp_path / "engines"
+    make_artifact(store, "push-lost", {"a": MiB, "b": 24 * MiB})
+    _small_disk(bed, 3, "/srv/lost", "16m")
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(bed.layout.hosts_file.read_text().replace(
+        'name = "spark-3"', 'name = "spark-3"\npaths = { artifacts = "/srv/lost/engines" }'))
+    node = inventory.load(hosts).node("spark-3")
+    wanted = pushing.source(store, "push-lost").wanted
+    target = connect(node)
+    try:
+        scripts, _ = files.look(node, target, "push-lost", wanted)
+        receive = channel.Channel(target, scripts.command("receive", node.paths.artifacts, "push-lost"))
+        receive.write(json.dumps({"manifest": wanted, "link": [], "streams": 2}).encode() + b"\n")
+        assert receive.answer() == {"ready": True}
+        receive.write(json.dumps({"path": "a", "offset": 0, "length": MiB}).encode() + b"\n")
+        receive.send_file(store / "push-lost" / "a", 0, MiB)
+        landed = "stat -c %s /srv/lost/engines/.push-lost.push/a 2>/dev/null || echo 0"
+        deadline = time.monotonic() + 60
+        while int(node_sh(bed, 3, landed)) < MiB:  # the receive holds all of its file first
+            assert time.monotonic() < deadline, "the receive's file never landed"
+        part = channel.Channel(target, scripts.command("part", node.paths.artifacts, "push-lost"))
+        part.write(json.dumps({"manifest": wanted}).encode() + b"\n")
+        part.write(json.dumps({"path": "b", "offset": 0, "length": 24 * MiB}).encode() + b"\n")
+        try:
+            part.send_file(store / "push-lost" / "b", 0, 24 * MiB)  # 16 MiB of disk: it stops
+        except BrokenPipeError:
+            pass
+        part.kill()  # its report is lost: to the sender, the stream was only cut
+        cut = {"ok": False, "kind": "truncated", "error": "a stream of the push stopped"}
+        receive.write(json.dumps({"end": True, "parts": [cut]}).encode() + b"\n")
+        code, out, _ = receive.finish(timeout=60)
+    finally:
+        target.close()
+        node_sh(bed, 3, "umount /srv/lost", user="root")
+    answer = json.loads(out.splitlines()[-1])
+    assert code == 1 and answer["kind"] == "full", answer
+    assert "No space left on device" in answer["error"], answer
 
 
 @needs_docker

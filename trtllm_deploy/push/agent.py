@@ -478,7 +478,13 @@ def _commit(mf, artifacts: str, name: str, wanted: dict, parts: list) -> dict:
     if failed:
         # One stream's failure (a full disk) ends the others mid-stream: report its reason, not
         # theirs. What was received stays in staging, for the next push to continue.
-        return min(failed, key=lambda part: part.get("kind") == "truncated")
+        chosen = min(failed, key=lambda part: part.get("kind") == "truncated")
+        if chosen.get("kind") == "truncated":
+            # Every stream says only that it was cut: the one that hit the full disk may have had
+            # its report lost on the way back (its SSH channel torn down with it), so this node
+            # looks at its own disk before blaming the link.
+            return _no_room(artifacts, name, wanted) or chosen
+        return chosen
     if any(part is None for part in parts):
         return {"ok": False, "kind": "protocol", "error": "a stream ended without a report"}
     staging = staging_of(artifacts, name)
@@ -499,6 +505,29 @@ def _commit(mf, artifacts: str, name: str, wanted: dict, parts: list) -> dict:
     return {"ok": True, "received": sum(part["received"] for part in parts), "streams": len(parts),
             "written": sum(len(part["written"]) for part in parts), "atomic": atomic,
             "verify": report.as_json()}
+
+
+def _no_room(artifacts: str, name: str, wanted: dict) -> dict | None:
+    """A "full" report when the disk under staging cannot hold what staging still lacks of the
+    manifest's files, else None."""
+    staging = staging_of(artifacts, name)
+    try:
+        disk = os.statvfs(staging)
+        missing = 0
+        for path, entry in (wanted.get("files") or {}).items():
+            try:
+                have = os.stat(os.path.join(staging, path)).st_size
+            except FileNotFoundError:
+                have = 0
+            missing += max(0, int(entry["size"]) - have)
+    except (OSError, TypeError, ValueError, KeyError, AttributeError):
+        return None
+    free = disk.f_bavail * disk.f_frsize
+    if missing == 0 or free >= missing:
+        return None
+    return {"ok": False, "kind": "full",
+            "error": f"{staging}: {os.strerror(errno.ENOSPC)} ({free} bytes free, {missing} bytes of "
+                     "the manifest's files still to receive)"}
 
 
 def _failure(exc: BaseException, where: str) -> dict:

@@ -94,6 +94,7 @@ class Channel:
             _open.add(self.proc)
         self.stdin = Sink(self.proc.stdin.fileno(), self.meter, target.name)
         self._sockets: list[socket.socket] = []
+        self.output: tuple[int, str, str] | None = None  # what finish() got, even where it raised
 
     @property
     def sent(self) -> int:
@@ -158,10 +159,11 @@ class Channel:
             for sock in self._sockets:
                 sock.close()
         code = self.proc.returncode
+        self.output = (code, out.decode(errors="replace"), err.decode(errors="replace"))
         if code == 255 and isinstance(self.target, SSH):
             raise Unreachable(self.target.name, f"ssh to {self.target.node.login} failed: "
                               f"{err.decode(errors='replace').strip()[-500:]}")
-        return code, out.decode(errors="replace"), err.decode(errors="replace")
+        return self.output
 
     def kill(self) -> None:
         for sock in self._sockets:
