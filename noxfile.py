@@ -150,7 +150,9 @@ def smoke(session: nox.Session) -> None:
     install(session, "host")
     state = Path(tempfile.mkdtemp(prefix="trtllm-deploy-smoke-"))
     testbed = ["--name", "smoke", "--state-dir", str(state)]
-    session.run("invoke", "testbed.up", "--nodes", "1", "--subnet", SMOKE_SUBNET, *testbed)
+    # The debootstrap base: CI never reaches for Docker Hub (TRTLLM_DEPLOY_TEST_BASE names another).
+    base = os.environ.get("TRTLLM_DEPLOY_TEST_BASE", "debootstrap")
+    session.run("invoke", "testbed.up", "--nodes", "1", "--subnet", SMOKE_SUBNET, "--base", base, *testbed)
     try:
         folder = state / "artifact" / "testbed-tiny-bf16-tp1"
         session.run("python", "-m", "trtllm_deploy.testbed.artifact", str(folder))
