@@ -272,3 +272,25 @@ def test_a_pin_without_a_multi_node_fix_serves_on_one_node_with_a_warning(bed, h
     finally:
         launch.stop(bed, "tbone")
     assert running_anywhere(bed, "tbone") == []
+
+
+SECRET = "hf_" + "q" * 30
+
+
+@pytest.mark.parametrize("task", ["launch", "deploy"])
+@pytest.mark.parametrize("name", ["HF_TOKEN", "my_api_key", "AWS_SECRET_ACCESS_KEY"])
+def test_a_secret_in_env_is_refused_before_anything_runs(task, name, sshd_factory, hosts_file, tmp_path):
+    """``--env HF_TOKEN=…`` would land on docker run's command line and in the state file: refused with
+    exit 2 and the way to pass it, and no node is even reached (its sshd accepts no login)."""
+    server = sshd_factory()
+    hosts = hosts_file([server])
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), task,
+                           "--artifact" if task == "launch" else "--model",
+                           ARTIFACT if task == "launch" else "llama-8b", "--env", "STANDIN_LOAD_SECONDS=1",
+                           "--env", f"{name}={SECRET}", "--hosts", str(hosts)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{name} is a secret" in done.stderr and f"export {name}=" in done.stderr, done.stderr
+    assert "standard input" in done.stderr and "Traceback" not in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert "Accepted publickey" not in server.log and not list(tmp_path.glob("*.json"))
