@@ -11,6 +11,7 @@ from typing import Callable
 
 from invoke.exceptions import Exit
 
+from trtllm_deploy.dryrun import Plan
 from trtllm_deploy.errors import DeployError, InputError
 from trtllm_deploy.secrets import looks_secret
 
@@ -41,6 +42,19 @@ def env_pairs(pairs: list[str] | None) -> tuple[tuple[str, str], ...]:
                 " secrets it needs to a node on the SSH channel's standard input, never on a command line")
         env.append((key, value))
     return tuple(env)
+
+
+def show_plan(plan: Plan, json: bool = False) -> None:
+    """Print a ``--dry-run`` plan (as data with ``--json``), and say that nothing changed."""
+    from trtllm_deploy import console
+
+    if json:
+        console.print_json(plan.as_json())
+        return
+    console.out.print(console.table(f"{plan.task} (dry run: nothing changed)", ["node", "would"],
+                                    [[node, what] for node, what in plan.steps]))
+    for note in plan.notes:
+        console.out.print(note, highlight=False, markup=False, soft_wrap=True)
 
 
 def user_errors(body: Callable) -> Callable:

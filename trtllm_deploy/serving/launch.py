@@ -222,6 +222,15 @@ def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None,
              lockfile: LockFile | None = None, **gate) -> Launched:
     """Stop the deployment and serve the same checkpoint with the rollback runtime from ``image``,
     gated the same way."""
+    source, target = rollback_target(cluster, image)
+    report(f"rollback: serving {source.artifact} with {runtime.rollback().product} ({image}) instead of "
+           f"{source.job}")
+    return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)
+
+
+def rollback_target(cluster: Cluster, image: str) -> tuple[Deployment, Deployment]:
+    """The deployment rolled back from (the current one, else the last good) and the one that
+    :func:`rollback` launches instead; refused (InputError) where there is none to serve with it."""
     to = runtime.rollback()
     source = current(cluster) or last_good(cluster)
     if source is None:
@@ -237,5 +246,4 @@ def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None,
     inside = f"{containers.ARTIFACTS}/{source.artifact}"
     target = replace(source, job=f"{source.job[:39 - len(to.name)]}-{to.name}", runtime=to.name, image=image,
                      backend=to.options(format, inside), image_id=None, manifest_sha256=None, started=None)
-    report(f"rollback: serving {source.artifact} with {to.product} ({image}) instead of {source.job}")
-    return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)
+    return source, target
