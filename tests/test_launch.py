@@ -368,3 +368,38 @@ def test_rollback_and_supervise_dry_runs_plan_from_the_record(two_sshd, tmp_path
     nothing = _cli(tmp_path, hosts, "rollback", "--image", "vllm-img:1", "--lock", str(ROOT / "requirements" /
                    "tensorrt-llm.lock.toml"), "--dry-run")
     assert nothing.returncode == 2 and "nothing is deployed or recorded" in nothing.stderr
+
+
+def test_dry_runs_against_a_serving_job_change_nothing_on_the_testbed(bed, home, tmp_path):
+    """stop, rollback, supervise and another launch, each --dry-run, while a job serves: it keeps
+    serving, the same containers run, no vLLM job appears, and the record is unchanged."""
+    wanted = deployment(bed, job="tbdry", port=8368)
+    launch.launch(bed, wanted, home / "tmp")
+    try:
+        before, containers_before = state.state(bed), running_anywhere(bed, "tbdry")
+        hosts = tmp_path / "hosts.toml"
+        hosts.write_text(Path(bed.source).read_text())
+
+        def invoke(*args):
+            done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args,
+                                   "--dry-run", "--json", "--hosts", str(hosts)], capture_output=True,
+                                  text=True, timeout=300, env={**__import__("os").environ,
+                                                               "HOME": str(home / "home")})
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        stopping = invoke("stop")
+        removed = f"remove {bed.head.container.name}-tbdry (running)"
+        assert {step["node"]: step["action"] for step in stopping["steps"]} == {
+            name: removed for name in ("spark-1", "spark-2", "spark-3")}
+        assert invoke("rollback", "--image", bed.head.container.image)["steps"][0]["action"].startswith(
+            f"start container {bed.head.container.name}-tbdry-vllm")
+        assert "remove the job from every node and stop" in invoke("supervise")["notes"][0]
+        assert invoke("launch", "--artifact", ARTIFACT, "--job", "tbdry2", "--port", "8368",
+                      "--store", str(tiny_folder(bed).parent))["task"] == "launch"
+        assert answers(bed, 8368) and state.state(bed) == before
+        assert running_anywhere(bed, "tbdry") == containers_before
+        assert running_anywhere(bed, "tbdry-vllm") == running_anywhere(bed, "tbdry2") == []
+    finally:
+        launch.stop(bed, "tbdry")
+    assert running_anywhere(bed, "tbdry") == []
