@@ -4,6 +4,7 @@ machine without a GPU goes, then every task for real across the testbed's three 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -405,3 +406,22 @@ def test_bundle_holds_the_nodes_and_logs_but_no_planted_secret(bed, tmp_path):
     for secret in ("AbCdEfGhIjKlMnOpQrSt", "b3BlbnNzaC1rZXktdjEAAAAABG5vbmU"):
         assert secret not in everything
     assert oct(out.stat().st_mode & 0o777) == "0o600"
+
+
+def test_profile_dry_run_shows_the_command_and_runs_nothing(sshd_factory, hosts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))   # this machine's record: none
+    server = sshd_factory(home=True)
+    out = tmp_path / "profiled"
+    done = _invoke(hosts_file([server]), tmp_path, "diagnose.profile", "--program", "python3 -c pass",
+                   "--seconds", "7", "--out", str(out), "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["task"] == "diagnose.profile" and plan["dry_run"]
+    (node, command), (here, fetch) = [(s["node"], s["action"]) for s in plan["steps"]]
+    assert node == "node-0" and command.startswith("nsys profile ") and "--duration 7" in command
+    assert command.split(" (")[0].endswith("python3 -c pass")
+    assert here == "this machine" and str(out) in fetch
+    assert not out.exists() and "Accepted publickey" not in server.log
+    # Without --program it profiles the deployment: with none recorded, the same refusal as a real run.
+    nothing = _invoke(hosts_file([server]), tmp_path, "diagnose.profile", "--dry-run")
+    assert nothing.returncode == 1 and "nothing to profile" in nothing.stderr

@@ -258,3 +258,24 @@ def test_quantizing_runs_in_the_runtime_image_on_the_head(bed, hub, tmp_path):
     log = head_sh(bed, f"cat {STORE}/.logs/{name}.log").stdout
     assert "calibrating on 16 samples" in log and TOKEN not in log + done.stdout + done.stderr
     assert head_sh(bed, "docker ps -a --filter name=trtllm-deploy-make- --format '{{.Names}}'").stdout == ""
+
+
+def test_build_dry_run_plans_on_the_head_and_writes_nothing(sshd_factory, hosts_file, tmp_path):
+    """The plan reads the node's memory (a look) and writes nothing there: no download, no artifact."""
+    server = sshd_factory(home=True)
+    models = tmp_path / "models.toml"
+    models.write_text(model_entry("tiny", "org/tiny", sha("tiny")))
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "engine.build",
+                           "--model", "tiny", "--models-file", str(models), "--hosts",
+                           str(hosts_file([server])), "--lock", str(ROOT / "requirements" /
+                           "tensorrt-llm.lock.toml"), "--dry-run", "--json"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HOME": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent"})
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["dry_run"] and plan["task"] == "engine.build" and plan["artifact"]
+    actions = [step["action"] for step in plan["steps"] if step["node"] == "node-0"]
+    assert actions[0].startswith(f"download {plan['repo']} @ ")
+    assert f"make {plan['artifact']} in" in actions[-1]
+    assert "Accepted publickey" in server.log                 # it looked ...
+    assert list(server.home.iterdir()) == []                  # ... and wrote nothing

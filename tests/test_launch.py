@@ -306,3 +306,135 @@ def test_a_pin_without_a_multi_node_fix_serves_on_one_node_with_a_warning(bed, h
     finally:
         launch.stop(bed, "tbone")
     assert running_anywhere(bed, "tbone") == []
+
+
+SECRET = "hf_" + "q" * 30
+
+
+@pytest.mark.parametrize("task", ["launch", "deploy"])
+@pytest.mark.parametrize("name", ["HF_TOKEN", "my_api_key", "AWS_SECRET_ACCESS_KEY"])
+def test_a_secret_in_env_is_refused_before_anything_runs(task, name, sshd_factory, hosts_file, tmp_path):
+    """``--env HF_TOKEN=…`` would land on docker run's command line and in the state file: refused with
+    exit 2 and the way to pass it, and no node is even reached (its sshd accepts no login)."""
+    server = sshd_factory()
+    hosts = hosts_file([server])
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), task,
+                           "--artifact" if task == "launch" else "--model",
+                           ARTIFACT if task == "launch" else "llama-8b", "--env", "STANDIN_LOAD_SECONDS=1",
+                           "--env", f"{name}={SECRET}", "--hosts", str(hosts)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{name} is a secret" in done.stderr and f"export {name}=" in done.stderr, done.stderr
+    assert "standard input" in done.stderr and "Traceback" not in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert "Accepted publickey" not in server.log and not list(tmp_path.glob("*.json"))
+
+
+def _cli(tmp_path, hosts, *args):
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args,
+                           "--hosts", str(hosts)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**__import__("os").environ, "HOME": str(tmp_path / "home"), "COLUMNS": "200",
+                               "DOCKER_HOST": "unix:///nonexistent"})
+
+
+@pytest.fixture
+def two_sshd(sshd_factory, hosts_file, tmp_path, monkeypatch):
+    """Two real nodes (sshd) and this machine's record of the cluster in a HOME of the test's own."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    servers = [sshd_factory(), sshd_factory()]
+    hosts = hosts_file(servers)
+    return servers, hosts, __import__("trtllm_deploy.hosts.inventory", fromlist=["load"]).load(hosts)
+
+
+def _untouched(servers, tmp_path, before: dict) -> None:
+    """No node was logged in to (so no container and no file there), and the record is as it was."""
+    for server in servers:
+        assert "Accepted publickey" not in server.log
+    from trtllm_deploy.serving import state as states
+    assert states.state(__import__("trtllm_deploy.hosts.inventory", fromlist=["load"]).load(
+        tmp_path / "hosts.toml")) == before
+
+
+def test_launch_dry_run_plans_each_node_and_changes_nothing(two_sshd, tmp_path):
+    servers, hosts, cluster = two_sshd
+    tiny.make(tmp_path / "engines" / ARTIFACT)
+    running = deployment(cluster, job="old", port=8360)
+    state.record(cluster, current=running, last_good=running)
+    before = state.state(cluster)
+    done = _cli(tmp_path, hosts, "launch", "--artifact", ARTIFACT, "--tp", "2", "--job", "new", "--image",
+                "img:1", "--env", "STANDIN_LOAD_SECONDS=1", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["task"] == "launch" and plan["dry_run"] is True
+    steps = [(step["node"], step["action"]) for step in plan["steps"]]
+    assert steps[0][0] == "node-0" and "start container trtllm-deploy-new from img:1 (rank 0" in steps[0][1]
+    assert steps[1][0] == "node-1" and "(rank 1)" in steps[1][1] and "STANDIN_LOAD_SECONDS=1" in steps[1][1]
+    assert any("stop the previous deployment old" in what for _, what in steps)
+    assert any(what.startswith("mpirun 2 rank(s) of trtllm: ") for _, what in steps)
+    table = _cli(tmp_path, hosts, "launch", "--artifact", ARTIFACT, "--tp", "2", "--job", "new", "--image",
+                 "img:1", "--dry-run")
+    assert table.returncode == 0 and "dry run: nothing changed" in table.stdout, table.stderr
+    _untouched(servers, tmp_path, before)
+
+
+def test_rollback_and_supervise_dry_runs_plan_from_the_record(two_sshd, tmp_path):
+    servers, hosts, cluster = two_sshd
+    running = deployment(cluster, job="tb", port=8360)
+    running = state.Deployment(**{**running.as_json(), "tp": 2, "nodes": ("node-0", "node-1"),
+                                  "env": running.env, "backend": tuple(running.backend)})
+    state.record(cluster, current=running, last_good=running)
+    before = state.state(cluster)
+    back = _cli(tmp_path, hosts, "rollback", "--image", "vllm-img:1", "--lock", str(ROOT / "requirements" /
+                "tensorrt-llm.lock.toml"), "--dry-run", "--json")
+    assert back.returncode == 0, back.stderr
+    plan = json.loads(back.stdout)
+    assert plan["task"] == "rollback" and "tb (trtllm, " in plan["notes"][0]
+    assert "start container trtllm-deploy-tb-vllm from vllm-img:1" in plan["steps"][0]["action"]
+    assert any("stop the previous deployment tb" in step["action"] for step in plan["steps"])
+    watched = _cli(tmp_path, hosts, "supervise", "--on-failure", "rollback", "--dry-run", "--json")
+    assert watched.returncode == 0, watched.stderr
+    plan = json.loads(watched.stdout)
+    assert [step["node"] for step in plan["steps"]][:2] == ["node-0", "node-1"]
+    # Nothing recorded good differs from tb: rollback means its model on the fallback runtime.
+    assert "serve its model with the fallback runtime" in plan["notes"][0]
+    _untouched(servers, tmp_path, before)
+    # Bad input stays bad input under --dry-run: nothing recorded to roll back from.
+    state.record(cluster, current=None, last_good=None)
+    nothing = _cli(tmp_path, hosts, "rollback", "--image", "vllm-img:1", "--lock", str(ROOT / "requirements" /
+                   "tensorrt-llm.lock.toml"), "--dry-run")
+    assert nothing.returncode == 2 and "nothing is deployed or recorded" in nothing.stderr
+
+
+def test_dry_runs_against_a_serving_job_change_nothing_on_the_testbed(bed, home, tmp_path):
+    """stop, rollback, supervise and another launch, each --dry-run, while a job serves: it keeps
+    serving, the same containers run, no vLLM job appears, and the record is unchanged."""
+    wanted = deployment(bed, job="tbdry", port=8368)
+    launch.launch(bed, wanted, home / "tmp")
+    try:
+        before, containers_before = state.state(bed), running_anywhere(bed, "tbdry")
+        hosts = tmp_path / "hosts.toml"
+        hosts.write_text(Path(bed.source).read_text())
+
+        def invoke(*args):
+            done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args,
+                                   "--dry-run", "--json", "--hosts", str(hosts)], capture_output=True,
+                                  text=True, timeout=300, env={**__import__("os").environ,
+                                                               "HOME": str(home / "home")})
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        stopping = invoke("stop")
+        removed = f"remove {bed.head.container.name}-tbdry (running)"
+        assert {step["node"]: step["action"] for step in stopping["steps"]} == {
+            name: removed for name in ("spark-1", "spark-2", "spark-3")}
+        assert invoke("rollback", "--image", bed.head.container.image)["steps"][0]["action"].startswith(
+            f"start container {bed.head.container.name}-tbdry-vllm")
+        assert "remove the job from every node and stop" in invoke("supervise")["notes"][0]
+        assert invoke("launch", "--artifact", ARTIFACT, "--job", "tbdry2", "--port", "8368",
+                      "--store", str(tiny_folder(bed).parent))["task"] == "launch"
+        assert answers(bed, 8368) and state.state(bed) == before
+        assert running_anywhere(bed, "tbdry") == containers_before
+        assert running_anywhere(bed, "tbdry-vllm") == running_anywhere(bed, "tbdry2") == []
+    finally:
+        launch.stop(bed, "tbdry")
+    assert running_anywhere(bed, "tbdry") == []

@@ -123,3 +123,18 @@ def test_smoke_checks_the_image_against_the_lock(testbed, artifact, tmp_path, re
     assert steps["image commit"]["ok"] is ok and steps["image version"]["ok"] is True
     assert done.returncode == (0 if ok else 1)
     assert left_running(testbed) == ""
+
+
+def test_smoke_dry_run_plans_on_the_head_and_runs_nothing(sshd_factory, hosts_file, artifact, tmp_path):
+    """No node needed to plan: the head's sshd sees no login, so no container and no copy."""
+    server = sshd_factory(home=True)
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "smoke", "--hosts",
+                           str(hosts_file([server])), "--artifact-dir", str(artifact), "--port", "8377",
+                           "--dry-run", "--json"], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "DOCKER_HOST": "unix:///nonexistent"})
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["task"] == "smoke" and plan["dry_run"] and {s["node"] for s in plan["steps"]} == {"node-0"}
+    assert any(f"start container {CONTAINER}" in s["action"] and "port 8377" in s["action"]
+               for s in plan["steps"])
+    assert "Accepted publickey" not in server.log and list(server.home.iterdir()) == []

@@ -435,3 +435,23 @@ def test_update_derives_cuda_archs_from_the_gpus_and_image_refuses_one_that_miss
     assert refused.returncode == 1
     assert "does not cover the cluster's GPUs (compute capability 12.1)" in refused.stderr
     assert "'121-real'" in refused.stderr
+
+
+def test_fetch_dry_run_looks_at_the_tree_and_writes_nothing(sshd_factory, hosts_file, tmp_path):
+    server = sshd_factory(home=True)
+    lock = tmp_path / "lock.toml"
+    lock.write_text('[source]\nrepository = "https://github.com/NVIDIA/TensorRT-LLM.git"\n'
+                    f'ref = "main"\ncommit = "{"c" * 40}"\n\n[build]\nkind = "source"\n'
+                    'base_image = "nvcr.io/nvidia/pytorch:25.10-py3"\n')
+    done = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "source", "--hosts",
+                           str(hosts_file([server])), "--lock", str(lock), "--dry-run", "--json"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "DOCKER_HOST": "unix:///nonexistent"})
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    commit = locks.load(lock).lock.source.commit
+    [(node, action)] = [(step["node"], step["action"]) for step in plan["steps"]]
+    assert plan["task"] == "source.fetch" and node == "node-0"
+    assert action.startswith("clone ") and f"check out {commit}" in action and plan["notes"] == [
+        "because: no clone yet"]
+    assert "Accepted publickey" in server.log and list(server.home.iterdir()) == []

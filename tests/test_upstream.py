@@ -30,6 +30,8 @@ MAIN = "bcb9f9b20179329552f9b756c6b7967b6126ef4b"
 FIX_7937 = "12e4108ccd05abf045e39be597dceeeacb41e590"
 TOKEN = "ghp_" + "T3stT0kenNeverPrinted0000000000000000"
 REFUSED = "ghp_" + "RefusedT0ken111111111111111111111111"
+# The releases by name, and by the repository's id as GitHub's Link header names the next pages.
+RELEASE_PATHS = ("/repos/NVIDIA/TensorRT-LLM/releases", "/repositories/249136627/releases")
 
 
 class FakeGitHub(ThreadingHTTPServer):
@@ -42,6 +44,8 @@ class FakeGitHub(ThreadingHTTPServer):
         self.seen: list[tuple[str, Message]] = []
         self.answers: list[int] = []
         self.rate_limited = False
+        # When set, the releases are served a page at a time from these lists (see _release_page).
+        self.release_pages: list[list[dict]] | None = None
 
     @property
     def url(self) -> str:
@@ -77,16 +81,37 @@ class _Handler(BaseHTTPRequestHandler):
                                      "#rate-limiting"}).encode(),
                 json_type | {"X-RateLimit-Limit": "60", "X-RateLimit-Remaining": "0",
                              "X-RateLimit-Reset": str(int(time.time()) + 1800)})
+        if self.server.release_pages is not None and urlsplit(self.path).path in RELEASE_PATHS:
+            return self._release_page()
         path = DATA / (urlsplit(self.path).path.lstrip("/") + ".json")
         if not path.is_file():
             return self._send(404, json.dumps({
                 "message": "Not Found", "documentation_url": "https://docs.github.com/rest",
                 "status": "404"}).encode(), json_type)
-        body = path.read_bytes()
+        self._answer(path.read_bytes())
+
+    def _answer(self, body: bytes, headers: dict | None = None) -> None:
         etag = f'W/"{hashlib.sha256(body).hexdigest()}"'
         if self.headers.get("If-None-Match") == etag:
-            return self._send(304, b"", {"ETag": etag})
-        self._send(200, body, json_type | {"ETag": etag, "X-RateLimit-Remaining": "59"})
+            return self._send(304, b"", {"ETag": etag} | (headers or {}))
+        self._send(200, body, {"Content-Type": "application/json; charset=utf-8", "ETag": etag,
+                               "X-RateLimit-Remaining": "59"} | (headers or {}))
+
+    def _release_page(self) -> None:
+        """One page of releases, with the ``Link`` header GitHub sends (RFC 8288: the next and last
+        pages as absolute URLs by the repository's numeric id, ``rel="next"``/``rel="last"``)."""
+        pages = self.server.release_pages
+        query = dict(pair.partition("=")[::2] for pair in urlsplit(self.path).query.split("&") if pair)
+        number = int(query.get("page", "1"))
+        per_page = query.get("per_page", "30")
+        link = f"{self.server.url}{RELEASE_PATHS[1]}?per_page={per_page}&page={{}}"
+        links = []
+        if number < len(pages):
+            links.append(f'<{link.format(number + 1)}>; rel="next"')
+        links.append(f'<{link.format(len(pages))}>; rel="last"')
+        if number > 1:
+            links = [f'<{link.format(number - 1)}>; rel="prev"', f'<{link.format(1)}>; rel="first"', *links]
+        self._answer(json.dumps(pages[number - 1]).encode(), {"Link": ", ".join(links)})
 
 
 @pytest.fixture
@@ -290,3 +315,61 @@ def test_a_lock_not_on_github_is_bad_input(tmp_path, github):
     with pytest.raises(InputError, match=r"lock.toml:2: source.repository: .* is not a GitHub repository"):
         upstream.check(locks.load(path), [], _api(github, tmp_path))
     assert github.seen == []
+
+
+def _release(tag: str, prerelease: bool, draft: bool = False) -> dict:
+    """A release shaped as the recorded ones (releases.json), under another tag."""
+    recorded = json.loads((DATA / "repos/NVIDIA/TensorRT-LLM/releases.json").read_text())[0]
+    return recorded | {"tag_name": tag, "name": tag, "prerelease": prerelease, "draft": draft,
+                       "html_url": f"https://github.com/NVIDIA/TensorRT-LLM/releases/tag/{tag}"}
+
+
+# Release candidates fill the first pages; the newest stable release is on page 3 (a draft of a
+# stable one, on page 2, does not count); page 4 must never be asked for.
+PAGES = [[_release("v1.3.0rc5", True), _release("v1.3.0rc4", True)],
+         [_release("v1.3.0", False, draft=True), _release("v1.3.0rc3", True)],
+         [_release("v1.3.0rc2", True), _release("v1.2.0", False), _release("v1.2.0rc9", True)],
+         [_release("v1.1.0", False)]]
+
+
+def _release_requests(github: FakeGitHub) -> list[str]:
+    return [path for path, _ in github.seen if urlsplit(path).path in RELEASE_PATHS]
+
+
+def test_the_newest_stable_release_is_found_pages_down(github, tmp_path, lockfile):
+    github.release_pages = PAGES
+    report = upstream.check(lockfile, [], _api(github, tmp_path))
+    assert [(r.tag, r.prerelease) for r in report.releases] == [("v1.3.0rc5", True), ("v1.2.0", False)]
+    assert _release_requests(github) == [
+        "/repos/NVIDIA/TensorRT-LLM/releases?per_page=100",
+        "/repositories/249136627/releases?per_page=100&page=2",
+        "/repositories/249136627/releases?per_page=100&page=3"]       # found: page 4 is not asked for
+    # Again: every page is asked with its ETag and answered 304, and the pages still chain.
+    count = len(github.seen)
+    again = upstream.check(lockfile, [], _api(github, tmp_path))
+    assert [r.tag for r in again.releases] == ["v1.3.0rc5", "v1.2.0"]
+    assert _release_requests(github)[3:] == _release_requests(github)[:3]
+    assert github.answers[count:count + 3] == [304, 304, 304]
+    # Offline: the cache keeps each page's Link, so the same pages are read without asking.
+    count = len(github.seen)
+    offline = upstream.check(lockfile, [], _api(github, tmp_path, offline=True))
+    assert [r.tag for r in offline.releases] == ["v1.3.0rc5", "v1.2.0"] and len(github.seen) == count
+
+
+def test_paging_stops_at_the_last_page_and_at_the_limit(github, tmp_path, lockfile, monkeypatch):
+    github.release_pages = [page for page in PAGES[:2]]             # no stable release at all
+    report = upstream.check(lockfile, [], _api(github, tmp_path))
+    assert [r.tag for r in report.releases] == ["v1.3.0rc5"] and len(_release_requests(github)) == 2
+    github.release_pages, github.seen = PAGES, []
+    monkeypatch.setattr(upstream, "MAX_RELEASE_PAGES", 2)
+    report = upstream.check(lockfile, [], _api(github, tmp_path / "fresh"))
+    assert [r.tag for r in report.releases] == ["v1.3.0rc5"] and len(_release_requests(github)) == 2
+
+
+def test_a_next_page_on_another_host_is_not_followed(github, tmp_path, lockfile):
+    """The token goes to the API it was given for, never to a host a Link header names."""
+    github.release_pages = PAGES
+    api = upstream.GitHub(base_url=github.url.replace("127.0.0.1", "localhost"), cache=tmp_path / "cache",
+                          token=TOKEN)
+    report = upstream.check(lockfile, [], api)
+    assert [r.tag for r in report.releases] == ["v1.3.0rc5"] and len(_release_requests(github)) == 1

@@ -3,10 +3,20 @@ every message and error that could show them once a target has been given them."
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 
 MASK = "***"
+
+# One rule for the whole project: hosts.toml's container env and the tasks' --env refuse these names.
+_SECRETISH = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL",
+                        re.IGNORECASE)
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an environment variable's name says it holds a secret (``HF_TOKEN``, ``AWS_SECRET_…``)."""
+    return bool(_SECRETISH.search(name))
 
 _lock = threading.Lock()
 _values: set[str] = set()

@@ -11,7 +11,9 @@ from typing import Callable
 
 from invoke.exceptions import Exit
 
+from trtllm_deploy.dryrun import Plan
 from trtllm_deploy.errors import DeployError, InputError
+from trtllm_deploy.secrets import looks_secret
 
 HOSTS_HELP = "the inventory file (default: hosts.toml)"
 NODES_HELP = "comma-separated node names to act on (default: every node)"
@@ -24,14 +26,35 @@ ENV_HELP = "NAME=value for every rank (repeatable; never a per-node fabric varia
 
 
 def env_pairs(pairs: list[str] | None) -> tuple[tuple[str, str], ...]:
-    """``--env NAME=value`` options as pairs; anything else is bad input (exit 2)."""
+    """``--env NAME=value`` options as pairs; anything else is bad input (exit 2). A secret's name
+    is refused: ``--env`` values go onto ``docker run``'s command line and into the deployment's state
+    file on the head, the two places a secret must never be (the rule hosts.toml's ``env`` follows)."""
     env = []
     for pair in pairs or ():
         key, equals, value = pair.partition("=")
         if not equals or not key:
             raise InputError(f"--env {pair!r}: expected NAME=value")
+        if looks_secret(key):
+            raise InputError(
+                f"--env {key}=…: {key} is a secret, and --env would write it into `docker run`'s command line"
+                " and the deployment's state file on the head; nothing was run. Export it in your shell"
+                f" instead (export {key}=…, or `hf auth login` for the Hub token): trtllm-deploy sends the"
+                " secrets it needs to a node on the SSH channel's standard input, never on a command line")
         env.append((key, value))
     return tuple(env)
+
+
+def show_plan(plan: Plan, json: bool = False) -> None:
+    """Print a ``--dry-run`` plan (as data with ``--json``), and say that nothing changed."""
+    from trtllm_deploy import console
+
+    if json:
+        console.print_json(plan.as_json())
+        return
+    console.out.print(console.table(f"{plan.task} (dry run: nothing changed)", ["node", "would"],
+                                    [[node, what] for node, what in plan.steps]))
+    for note in plan.notes:
+        console.out.print(note, highlight=False, markup=False, soft_wrap=True)
 
 
 def user_errors(body: Callable) -> Callable:

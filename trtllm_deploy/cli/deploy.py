@@ -56,11 +56,12 @@ def deploy(c: Context, model: str = "", precision: str = "", tp: int = 0, artifa
            lock: str = "requirements/tensorrt-llm.lock.toml", hosts: str = "hosts.toml",
            json: bool = False) -> None:
     """preflight → source → image → engine → push → check → launch → verify, each skipped when done."""
+    pairs = env_pairs(env)  # a secret in --env is refused before anything is read or run
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
     catalog = models.load(models_file or None)
     request = pipeline.Request(model or None, precision or None, Path(artifact_dir) if artifact_dir else None,
-                               tp or None, image or None, job, port, env_pairs(env), Path(store),
+                               tp or None, image or None, job, port, pairs, Path(store),
                                on_failure, dry_run, stall_s, min_rate, transport)
     started = time.monotonic()
     report = None

@@ -10,7 +10,7 @@ from invoke import Collection, Context, task
 from invoke.exceptions import Exit
 
 from trtllm_deploy import console
-from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
+from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, show_plan, user_errors
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.measure.diagnose import gpu as gpu_diag
 from trtllm_deploy.measure.diagnose import link as link_diag
@@ -127,16 +127,21 @@ def link(c: Context, hosts: str = "hosts.toml", min_speed: int = link_diag.SPARK
 
 @task(help={"hosts": HOSTS_HELP, "seconds": "how long to trace (default: 30)", "out": OUT_HELP,
             "program": "the command to profile, space-separated (default: the current deployment's"
-                       " serving command in its head container)"})
+                       " serving command in its head container)",
+            "dry_run": "show the command and where the report would go; run nothing", "json": JSON_HELP})
 @user_errors
 def profile(c: Context, hosts: str = "hosts.toml", seconds: int = 30, out: str = "",
-            program: str = "") -> None:
+            program: str = "", dry_run: bool = False, json: bool = False) -> None:
     """Trace a short serving run on the head node with Nsight Systems and fetch the report."""
     from trtllm_deploy.measure.diagnose import profile as profile_diag
 
     if seconds <= 0:
         raise Exit("--seconds must be above 0", code=2)
     cluster = inventory.load(hosts)
+    if dry_run:
+        planned = profile_diag.plan(cluster, seconds, _out(out, "profile"), program=program.split() or None,
+                                    in_container=not program)
+        return show_plan(planned, json)
     report = profile_diag.run(cluster, seconds, _out(out, "profile"),
                               program=program.split() or None, in_container=not program)
     console.out.print(f"Nsight Systems report: {report} (open it with nsys-ui or `nsys stats`)")

@@ -12,7 +12,8 @@ from trtllm_deploy import console
 from trtllm_deploy.artifact import build as artifact
 from trtllm_deploy.artifact import convert, models
 from trtllm_deploy.artifact import verify as copies
-from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, show_plan, user_errors
+from trtllm_deploy.dryrun import Plan
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.source import lock as locks
 
@@ -126,13 +127,28 @@ def plan(c: Context, model: str = "", precision: str = "", tp: int = 0, backend:
     planned.fit.require()
 
 
-@task(help=BUILD_HELP)
+def _build_plan(cluster, planned) -> Plan:
+    """What build would do on the head; whether it is up to date there is found when it runs."""
+    head, variant = cluster.head, planned.variant
+    plan = Plan("engine.build")
+    plan.add(head.name, f"download {variant.repo} @ {variant.revision_text} into {head.paths.model_cache}"
+                        " (files already there and whole are kept)")
+    if planned.in_image:
+        how = (f"quantize to {variant.precision} with Model Optimizer" if variant.quantize_from
+               else "build TensorRT engines with trtllm-build")
+        plan.add(head.name, f"{how} in {planned.image}")
+    plan.add(head.name, f"make {planned.name} in {head.paths.artifacts} (LLM-API YAML, manifest), unless "
+                        "it is there and matches its manifest")
+    return plan
+
+
+@task(help=BUILD_HELP | {"dry_run": DRY_RUN_HELP})
 @user_errors
 def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend: str = "pytorch",
           kv_gb: float = 0.0, quantize: bool = False, image: str = "", max_batch_size: int = 0,
           max_input_len: int = 0, max_seq_len: int = 0, models_file: str = "",
           hosts: str = "hosts.toml", lock: str = "requirements/tensorrt-llm.lock.toml",
-          json: bool = False) -> None:
+          dry_run: bool = False, json: bool = False) -> None:
     """Make the deployable artifact on the head, in its store (paths.artifacts): checkpoint at its
     pinned revision (quantized, or TensorRT engines, when asked), LLM-API YAML, manifest."""
     cluster, lockfile, planned = _planned(hosts, lock, models_file, model, precision, tp, backend, kv_gb,
@@ -140,6 +156,11 @@ def build(c: Context, model: str = "", precision: str = "", tp: int = 0, backend
     if not json:
         _show_fit(planned)
     planned.fit.require()
+    if dry_run:
+        plan = _build_plan(cluster, planned)
+        if json:
+            return console.print_json(planned.as_json() | plan.as_json())
+        return show_plan(plan)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console.err, transient=True) as bar:
         tasks: dict[str, int] = {}

@@ -13,11 +13,11 @@ from trtllm_deploy import console, push
 from trtllm_deploy.artifact import verify
 from trtllm_deploy.artifact.manifest import MANIFEST
 from trtllm_deploy.errors import CheckFailed
-from trtllm_deploy.cli import (ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP, env_pairs,
-                               user_errors)
+from trtllm_deploy.cli import (DRY_RUN_HELP, ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP,
+                               env_pairs, show_plan, user_errors)
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
-from trtllm_deploy.serving import containers, delivery, gate, jobs, launch, supervise
+from trtllm_deploy.serving import containers, delivery, gate, jobs, launch, plans, supervise
 from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import lock as locks
@@ -64,12 +64,12 @@ def _backend(cluster, store: Path, artifact: str, runtime: str) -> tuple[str, ..
     "image": "the runtime image (default: hosts.toml container.image)",
     "port": "the HTTP port on the head (default: 8355)", "runtime": runtimes.choices(),
     "env": ENV_HELP, "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
-    "store": STORE_HELP, "lock": LOCK_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
+    "store": STORE_HELP, "lock": LOCK_HELP, "dry_run": DRY_RUN_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str = "serve", image: str = "",
             port: int = 8355, runtime: str = runtimes.default().name, env: list[str] | None = None,
             stall_s: float = 120.0, min_rate: float = 1.0, store: str = "engines", lock: str = "",
-            hosts: str = "hosts.toml", json: bool = False) -> None:
+            dry_run: bool = False, hosts: str = "hosts.toml", json: bool = False) -> None:
     """Serve an artifact across the nodes: containers, mpirun, ready by progress, a gate prompt."""
     verify.check_name(artifact)
     runtimes.get(runtime)   # a name it does not know is bad input (exit 2)
@@ -82,6 +82,8 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
     named = digest.pinned_reference(lockfile, image or cluster.head.container.image or "")
     wanted = Deployment(job=job, runtime=runtime, image=named, artifact=artifact, tp=tp, pp=pp, port=port,
                         backend=_backend(cluster, Path(store), artifact, runtime), env=pairs)
+    if dry_run:
+        return show_plan(plans.launch_plan(cluster, wanted, lockfile, min_rate=min_rate), json)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"launching {job}…") as spinner:
         done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
@@ -111,12 +113,13 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
                             "target (default: 300)",
             "restarts": "restart gives up after this many failures ... (default: 3)",
             "restart_window_min": "... within this many minutes (default: 10)",
+            "dry_run": "show what would be watched and done on a failure; watch nothing",
             "lock": LOCK_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang_s: float = 8.0,
                good_after_s: float = supervise.GOOD_AFTER_S, restarts: int = 3,
-               restart_window_min: float = 10.0, lock: str = "", hosts: str = "hosts.toml",
-               json: bool = False) -> None:
+               restart_window_min: float = 10.0, lock: str = "", dry_run: bool = False,
+               hosts: str = "hosts.toml", json: bool = False) -> None:
     """Watch the current deployment; on a dead rank, dead mpirun or hang: explain, tear down, apply
     the policy, and watch again. Ctrl-C stops watching (the deployment keeps serving)."""
     if on_failure not in supervise.POLICIES:
@@ -130,6 +133,8 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
         deployment = current(cluster)
         if deployment is None:
             raise Exit("supervise: nothing is deployed (invoke launch)", code=1)
+        if dry_run:
+            return show_plan(plans.supervise_plan(cluster, deployment, on_failure, interval, hang_s), json)
         console.err.print(f"supervising {deployment.job} on {', '.join(deployment.nodes)}")
         try:
             failure = supervise.watch(cluster, deployment, interval=interval, hang_s=hang_s,
@@ -216,14 +221,18 @@ def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job:
             return
 
 
-@task(help={"job": "the job (default: the current deployment)", "hosts": HOSTS_HELP, "json": JSON_HELP})
+@task(help={"job": "the job (default: the current deployment)", "dry_run": DRY_RUN_HELP, "hosts": HOSTS_HELP,
+            "json": JSON_HELP})
 @user_errors
-def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
+def stop(c: Context, job: str = "", dry_run: bool = False, hosts: str = "hosts.toml",
+         json: bool = False) -> None:
     """Stop the job on every node; succeeds only after checking that nothing of it runs anywhere."""
     cluster = inventory.load(hosts)
     name = job or (current(cluster).job if current(cluster) else "")
     if not name:
         raise Exit("stop: nothing is deployed; pass --job NAME to stop one by name", code=2)
+    if dry_run:
+        return show_plan(plans.stop_plan(cluster, name), json)
     stopped = launch.stop(cluster, name)
     report = {"job": name, "nodes": {o.node.name: o.value.as_json() for o in stopped}}
     if json:
@@ -238,11 +247,11 @@ def stop(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fals
                      f"the lock's [{ROLLBACK.name}] image)",
             "lock": f"the lock that pins the {ROLLBACK.product} image (default: "
                     "requirements/tensorrt-llm.lock.toml)",
-            "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP,
+            "stall_s": STALL_HELP, "min_rate": MIN_RATE_HELP, "dry_run": DRY_RUN_HELP,
             "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm.lock.toml",
-             stall_s: float = 120.0, min_rate: float = 1.0, hosts: str = "hosts.toml",
+             stall_s: float = 120.0, min_rate: float = 1.0, dry_run: bool = False, hosts: str = "hosts.toml",
              json: bool = False) -> None:
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
@@ -250,6 +259,8 @@ def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm
     if failing is None:
         raise Exit("rollback: nothing is deployed or recorded, so there is nothing to roll back from", code=2)
     image = digest.pinned_reference(lockfile, image) if image else None
+    if dry_run:
+        return show_plan(plans.rollback_plan(cluster, failing, image, lockfile, min_rate), json)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
             console.err.status(f"rolling back from {failing.job}…") as spinner:
         done = launch.roll_back(cluster, failing, Path(tmp), report=lambda line: spinner.update(line),

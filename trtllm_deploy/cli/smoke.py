@@ -10,7 +10,7 @@ from invoke.exceptions import Exit
 from trtllm_deploy import console
 from trtllm_deploy.artifact import build as artifact
 from trtllm_deploy.artifact import models
-from trtllm_deploy.cli import HOSTS_HELP, JSON_HELP, user_errors
+from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, show_plan, user_errors
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.serving import smoke as smoking
 from trtllm_deploy.source import lock as locks
@@ -26,12 +26,12 @@ from trtllm_deploy.source import lock as locks
     "stall_s": "give up when the runtime's log has not moved for this long (default: 120)",
     "min_rate": "the least tokens/s the answer must come at (default: 1)",
     "models_file": "your models file, merged over the presets",
-    "hosts": HOSTS_HELP, "lock": "the TensorRT-LLM lock", "json": JSON_HELP,
+    "dry_run": DRY_RUN_HELP, "hosts": HOSTS_HELP, "lock": "the TensorRT-LLM lock", "json": JSON_HELP,
 })
 @user_errors
 def smoke(c: Context, artifact_dir: str = "", model: str = "llama-8b", precision: str = "",
           store: str = "", port: int = 8355, stall_s: float = 120.0, min_rate: float = 1.0,
-          models_file: str = "", hosts: str = "hosts.toml",
+          models_file: str = "", dry_run: bool = False, hosts: str = "hosts.toml",
           lock: str = "requirements/tensorrt-llm.lock.toml", json: bool = False) -> None:
     """Serve the small preset on the head node, ask it one question, check the answer, stop."""
     cluster = inventory.load(hosts)
@@ -47,6 +47,8 @@ def smoke(c: Context, artifact_dir: str = "", model: str = "llama-8b", precision
         folder = Path(store or cluster.head.paths.artifacts).expanduser() / planned.name
     if not folder.is_dir():
         raise Exit(f"no artifact at {folder}: make it with `invoke engine.build --model {model}`", code=2)
+    if dry_run:
+        return show_plan(smoking.plan(cluster, lockfile, folder, port, min_rate), json)
     with console.err.status(f"smoke test on {cluster.head.name}…"):
         report = smoking.run(cluster, lockfile, folder, port, stall_s, min_rate)
     if json:

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from trtllm_deploy import console
 from trtllm_deploy.source import pin as phase
-from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, user_errors
+from trtllm_deploy.cli import DRY_RUN_HELP, HOSTS_HELP, JSON_HELP, NODES_HELP, show_plan, user_errors
 from trtllm_deploy.cli.pinned_interface import ProjectInterface
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
@@ -66,13 +66,16 @@ def _fixes_row(fixes: list[locks.Fix]) -> str:
     return present + (f"; {len(missing)} missing (serves on one node only)" if missing else "")
 
 
-@task(default=True, help={"hosts": HOSTS_HELP, "lock": LOCK_HELP, "json": JSON_HELP})
+@task(default=True, help={"hosts": HOSTS_HELP, "lock": LOCK_HELP, "dry_run": DRY_RUN_HELP, "json": JSON_HELP})
 @user_errors
-def fetch(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_PATH),
+def fetch(c: Context, hosts: str = "hosts.toml", lock: str = str(locks.DEFAULT_PATH), dry_run: bool = False,
           json: bool = False) -> None:
     """Fetch exactly the locked commit on the build node: submodules, LFS objects, fixes checked."""
     cluster = inventory.load(hosts)
     lockfile = locks.load(lock)
+    if dry_run:
+        with console.err.status(f"looking at the tree on {cluster.build_node.name}…"):
+            return show_plan(phase.fetch_plan(cluster, lockfile), json)
     with console.err.status(f"checking the tree on {cluster.build_node.name}…"):
         report = phase.fetch(cluster, lockfile)
     for warning in report.warnings:

@@ -18,6 +18,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
                       StrictInt, StrictStr, ValidationError)
 
 from trtllm_deploy.errors import InputError
+from trtllm_deploy.secrets import looks_secret
 from trtllm_deploy.tomlsource import Problem, TomlFileError, matching, merge, problems_from, read
 from trtllm_deploy.urls import host_port, same_address
 
@@ -28,7 +29,6 @@ _IFACE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _RDMA = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRETISH = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY", re.IGNORECASE)
 _VERSION = re.compile(r"^\d+(\.\d+){0,3}$")
 
 
@@ -79,7 +79,7 @@ def _path(value: str) -> str:
 def _env_name(value: str) -> str:
     if not _ENV.match(value):
         raise ValueError("expected an environment variable name: letters, digits and '_'")
-    if _SECRETISH.search(value):
+    if looks_secret(value):
         raise ValueError(
             "this is a secret, and hosts.toml is not the place for it: export it in your shell"
             " and trtllm-deploy passes it on without writing it anywhere"

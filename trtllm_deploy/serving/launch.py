@@ -224,11 +224,24 @@ def roll_back(cluster: Cluster, failing: Deployment, tmp: Path, report=lambda li
     """Rollback, one meaning everywhere: the newest deployment that served healthily for a while and
     differs from ``failing`` (artifact, image or runtime); where none does, ``failing``'s artifact
     with the fallback runtime (its image: ``image``, else the lock's); else CheckFailed, saying why."""
-    target = rollback_target(cluster, failing)
-    if target is not None:
+    good, target = roll_back_target(cluster, failing, lockfile, image)
+    if good:
         report(f"rollback: launching {target.job} ({target.runtime}, {target.artifact}, {target.image}), "
                f"the last deployment that served well and differs from {failing.job}")
-        return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)
+    else:
+        report(f"rollback: serving {failing.artifact} with {runtime.rollback().product} ({target.image}) "
+               f"instead of {failing.job}")
+    return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)
+
+
+def roll_back_target(cluster: Cluster, failing: Deployment, lockfile: LockFile | None = None,
+                     image: str | None = None) -> tuple[bool, Deployment]:
+    """What :func:`roll_back` launches instead of ``failing``, chosen the same way for the act and
+    for ``--dry-run``'s plan: (True, a good deployment) or (False, the fallback runtime's);
+    CheckFailed where there is nothing."""
+    good = rollback_target(cluster, failing)
+    if good is not None:
+        return True, good
     to = runtime.rollback()
     image = image or (lockfile.lock.runtime_image(to.name) if lockfile is not None else None)
     why = "no deployment that served healthily for a while differs from it"
@@ -239,7 +252,7 @@ def roll_back(cluster: Cluster, failing: Deployment, tmp: Path, report=lambda li
         raise CheckFailed(f"nothing to roll back to from {failing.job}: {why}, and the lock has no "
                           f"[{to.name}] image for the {to.product} fallback")
     try:
-        return rollback(cluster, image, tmp, report=report, lockfile=lockfile, source=failing, **gate)
+        return False, fallback_target(cluster, image, failing)[1]
     except InputError as exc:
         raise CheckFailed(f"nothing to roll back to from {failing.job}: {why}, and {exc}") from None
 
@@ -248,6 +261,17 @@ def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None,
              lockfile: LockFile | None = None, source: Deployment | None = None, **gate) -> Launched:
     """Stop the deployment and serve the same checkpoint (``source``'s, else the current or last
     good deployment's) with the rollback runtime from ``image``, gated the same way."""
+    source, target = fallback_target(cluster, image, source)
+    report(f"rollback: serving {source.artifact} with {runtime.rollback().product} ({image}) instead of "
+           f"{source.job}")
+    return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)
+
+
+def fallback_target(cluster: Cluster, image: str, source: Deployment | None = None
+                    ) -> tuple[Deployment, Deployment]:
+    """The deployment rolled back from (``source``, else the current one, else the last good) and
+    the one the fallback runtime serves instead; refused (InputError) where there is none to serve
+    with it."""
     to = runtime.rollback()
     source = source or current(cluster) or last_good(cluster)
     if source is None:
@@ -263,5 +287,4 @@ def rollback(cluster: Cluster, image: str, tmp: Path, report=lambda line: None,
     inside = f"{containers.ARTIFACTS}/{source.artifact}"
     target = replace(source, job=f"{source.job[:39 - len(to.name)]}-{to.name}", runtime=to.name, image=image,
                      backend=to.options(format, inside), image_id=None, manifest_sha256=None, started=None)
-    report(f"rollback: serving {source.artifact} with {to.product} ({image}) instead of {source.job}")
-    return launch(cluster, target, tmp, report=report, lockfile=lockfile, **gate)
+    return source, target

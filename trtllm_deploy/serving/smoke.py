@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trtllm_deploy.dryrun import Plan
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import scripts
 from trtllm_deploy.hosts.inventory import Cluster, Node
@@ -89,6 +90,21 @@ def run(cluster: Cluster, lockfile: LockFile, artifact: Path, port: int = 8355,
         target.close()
     report.seconds = time.monotonic() - started
     return report
+
+
+def plan(cluster: Cluster, lockfile: LockFile, artifact: Path, port: int = 8355,
+         min_tokens_per_s: float = 1.0) -> Plan:
+    """What :func:`run` would do on the head (``--dry-run``); nothing is looked at or changed."""
+    node = cluster.head
+    image = node.container.image or image_ref(lockfile)
+    steps = Plan("smoke")
+    steps.add(node.name, f"check {image} against the lock (its labels, CUDA_ARCHS)")
+    steps.add(node.name, f"copy what it lacks of {artifact} into {node.paths.artifacts}/{artifact.name}, "
+                         "verify it there")
+    steps.add(node.name, f"start container {CONTAINER} from {image}: trtllm-serve on port {port}, tp 1")
+    steps.add(node.name, f"ask one question (at least {min_tokens_per_s:g} tokens/s), then remove "
+                         f"{CONTAINER}")
+    return steps
 
 
 def _inspect(target: Target, image: str) -> dict:

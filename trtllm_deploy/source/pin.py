@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from trtllm_deploy import atomic
+from trtllm_deploy.dryrun import Plan
 from trtllm_deploy.errors import CheckFailed, DeployError
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.hosts.inventory import Cluster
@@ -226,6 +227,26 @@ def fetch(cluster: Cluster, lockfile: locks.LockFile) -> FetchReport:
         target.close()
     return FetchReport(cluster.build_node.name, tree.directory, source.commit, "fetched", reasons,
                        described.trtllm_build, described.version, described.ccache, warnings)
+
+
+def fetch_plan(cluster: Cluster, lockfile: locks.LockFile) -> Plan:
+    """What :func:`fetch` would do, from the tree's state alone (no network, nothing written)."""
+    lockfile.require_resolved()
+    source = lockfile.lock.source
+    target = connect(cluster.build_node)
+    try:
+        tree = checkout_for(cluster, target, source.repository)
+        state = tree.state(source)
+    finally:
+        target.close()
+    plan = Plan("source.fetch")
+    where = cluster.build_node.name
+    if state.matches(source.commit):
+        return plan.add(where, f"nothing: {tree.directory} is at {source.commit[:12]} (up to date)")
+    plan.add(where, f"{'clone' if not state.exists else 'fetch'} {source.repository} into {tree.directory}"
+                    f" and check out {source.commit} with its submodules and LFS objects")
+    plan.notes.append(f"because: {'; '.join(_why_not(state, source.commit))}")
+    return plan
 
 
 def _why_not(state, commit: str) -> list[str]:

@@ -30,6 +30,11 @@ API = "https://api.github.com"
 TRACK_FILE = Path("requirements/upstream.toml")
 API_VERSION = "2022-11-28"
 TIMEOUT_S = 10.0
+# Releases are listed newest first, a page at a time; TensorRT-LLM publishes dozens of release
+# candidates between stable releases, so the newest stable one may be several pages down.
+RELEASES_PER_PAGE = 100
+MAX_RELEASE_PAGES = 10
+_NEXT = re.compile(r'<([^>]+)>\s*;[^,]*\brel="?next"?')
 _GITHUB = re.compile(r"github\.com[/:]([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+?)(?:\.git)?/?$")
 
 
@@ -124,10 +129,10 @@ class GitHub:
         self.oldest = min(self.oldest or entry["fetched_at"], entry["fetched_at"])
         return entry["body"]
 
-    def _store(self, path: str, etag: str | None, body: Any) -> None:
+    def _store(self, path: str, etag: str | None, body: Any, link: str | None = None) -> None:
         self.cache.mkdir(parents=True, exist_ok=True, mode=0o700)
         entry = {"path": path, "base_url": self.base_url, "fetched_at": time.time(), "etag": etag,
-                 "body": body}
+                 "body": body, "link": link}
         atomic.write_text(self._file(path), json.dumps(entry))
 
     def get(self, path: str) -> Any:
@@ -136,11 +141,23 @@ class GitHub:
         Raises :class:`NotCached` when offline with nothing cached, :class:`CheckFailed` when GitHub
         refuses the token or the rate limit is spent with nothing cached.
         """
+        return self.page(path)[0]
+
+    def page(self, path: str) -> tuple[Any, str | None]:
+        """:meth:`get`, and the path of the next page where the answer's ``Link`` header names one
+        (kept in the cache with the answer, so a 304 or an offline run pages the same way). A next
+        page on another host than ``base_url`` is not followed: the token is for this API only."""
+        body, link = self._answer(path)
+        match = _NEXT.search(link or "")
+        target = match.group(1) if match else ""
+        return body, target[len(self.base_url):] if target.startswith(self.base_url + "/") else None
+
+    def _answer(self, path: str) -> tuple[Any, str | None]:
         cached = self._cached(path)
         if self.offline:
             if cached is None:
                 raise NotCached(path)
-            return self._use(cached)
+            return self._use(cached), cached.get("link")
         headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": API_VERSION,
                    "User-Agent": "trtllm-deploy"}
         if self.token:
@@ -152,9 +169,10 @@ class GitHub:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body = json.loads(response.read())
-                self._store(path, response.headers.get("ETag"), body)
+                link = response.headers.get("Link")
+                self._store(path, response.headers.get("ETag"), body, link)
                 self.oldest = min(self.oldest or time.time(), time.time())
-                return body
+                return body, link
         except urllib.error.HTTPError as exc:
             return self._refused(path, exc, cached)
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -162,16 +180,16 @@ class GitHub:
             self.offline, self.offline_reason = True, f"cannot reach {self.base_url}: {reason}"
             if cached is None:
                 raise NotCached(path) from None
-            return self._use(cached)
+            return self._use(cached), cached.get("link")
 
-    def _refused(self, path: str, exc: urllib.error.HTTPError, cached: dict | None) -> Any:
+    def _refused(self, path: str, exc: urllib.error.HTTPError, cached: dict | None) -> tuple[Any, str | None]:
         if exc.code == 304 and cached is not None:
             # Unchanged since it was fetched: as fresh as a new answer, and free of rate limit.
-            self._store(path, cached.get("etag"), cached["body"])
+            self._store(path, cached.get("etag"), cached["body"], cached.get("link"))
             self.oldest = min(self.oldest or time.time(), time.time())
-            return cached["body"]
+            return cached["body"], cached.get("link")
         if exc.code == 404:
-            return None
+            return None, None
         if exc.code == 401:
             raise CheckFailed("GitHub refused the token in GITHUB_TOKEN (401 Bad credentials)\n"
                               "  what to do: renew the token, or unset GITHUB_TOKEN to ask without one")
@@ -181,7 +199,7 @@ class GitHub:
                      else "later")
             self.offline, self.offline_reason = True, f"GitHub's rate limit is spent until {until}"
             if cached is not None:
-                return self._use(cached)
+                return self._use(cached), cached.get("link")
             raise CheckFailed(f"{self.offline_reason}, and {path} is not cached\n"
                               "  what to do: set GITHUB_TOKEN (5,000 requests an hour instead of 60),"
                               " or wait") from None
@@ -289,6 +307,24 @@ def _item(api: GitHub, repo: str, number: int, required: bool, note: str) -> Ite
     return item
 
 
+def _releases(api: GitHub, repo: str) -> list[dict]:
+    """The releases, newest first, page after page until one is stable (or the pages end, or
+    ``MAX_RELEASE_PAGES`` were read). A later page that is not cached offline ends the list there."""
+    path: str | None = f"/repos/{repo}/releases?per_page={RELEASES_PER_PAGE}"
+    listed: list[dict] = []
+    for number in range(MAX_RELEASE_PAGES):
+        try:
+            body, path = api.page(path)
+        except NotCached:
+            if number == 0:
+                raise
+            break
+        listed += body or []
+        if path is None or any(not r.get("draft") and not r.get("prerelease") for r in listed):
+            break
+    return listed
+
+
 def check(lockfile: locks.LockFile, tracked: list[Track], api: GitHub) -> Report:
     """Everything ``invoke upstream`` shows, from the API (or its cache)."""
     repo, lock = repository(lockfile), lockfile.lock
@@ -297,7 +333,7 @@ def check(lockfile: locks.LockFile, tracked: list[Track], api: GitHub) -> Report
                     pinned_version=lock.source.version, release_image=lock.release.image,
                     wheel_version=lock.wheel.version)
     try:
-        listed = api.get(f"/repos/{repo}/releases?per_page=30") or []
+        listed = _releases(api, repo)
     except NotCached:
         raise CheckFailed(f"{api.offline_reason or 'offline'}, and nothing is cached yet\n"
                           "  what to do: run `invoke upstream` once with network access") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
+from trtllm_deploy.dryrun import HERE, Plan
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import scripts
 from trtllm_deploy.hosts.scripts import Script
@@ -26,6 +27,28 @@ def nsys_argv(program: list[str], seconds: int, output: str) -> list[str]:
     """``nsys profile`` of ``program`` for ``seconds``, CUDA/NVTX/OS runtime and MPI traced."""
     return ["nsys", "profile", "--trace=cuda,nvtx,osrt,mpi", "--sample=none",
             "--duration", str(int(seconds)), "--force-overwrite=true", "--output", output, *program]
+
+
+def plan(cluster, seconds: int, out: Path, program: list[str] | None = None,
+         in_container: bool = True) -> Plan:
+    """What :func:`run` would do (``--dry-run``): the same choice of program and place, nothing run."""
+    import shlex
+
+    from trtllm_deploy.serving import launch, state
+
+    deployment = state.current(cluster)
+    if program is None:
+        if deployment is None:
+            raise CheckFailed("nothing to profile: no deployment is recorded for this cluster; "
+                              "run invoke launch first, or pass --program")
+        program = launch.program(deployment)
+    head = cluster.head
+    where = f" in {deployment.job}'s runtime container" if in_container and deployment else ""
+    steps = Plan("diagnose.profile")
+    steps.add(head.name, f"{shlex.join(nsys_argv(program, seconds, posixpath.join(REMOTE_DIR, 'serve')))}"
+                         f"{where} (needs nsys there)")
+    steps.add(HERE, f"fetch the report into {out / f'{head.name}-serve.nsys-rep'}")
+    return steps
 
 
 def run(cluster, seconds: int, out: Path, program: list[str] | None = None,
