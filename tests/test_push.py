@@ -23,7 +23,7 @@ from trtllm_deploy.artifact import manifest, verify
 from trtllm_deploy.errors import CheckFailed, InputError
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.connections import connect
-from trtllm_deploy.push import agent, channel, files, layers
+from trtllm_deploy.push import agent, channel, files, layers, reports
 
 ROOT = Path(__file__).resolve().parents[1]
 # The task as a command line, through invoke's own parser (tasks.py adds the same task).
@@ -101,10 +101,10 @@ def test_the_reason_a_push_failed_is_the_stream_that_failed_not_the_ones_it_cut(
 def test_the_sender_takes_a_parts_reason_when_the_receive_could_not_hear_it():
     """The receive's own report is cut or missing (it never got the end record with the parts'
     reports): a part's own reason, as its channel brought it back, is the push's reason."""
-    assert files._reason_in([{"ok": True}, CUT, FULL]) == FULL
-    assert files._reason_in([CUT, {"ok": True}]) is None and files._reason_in(None) is None
-    assert files._report_in('{"ready": true}\n' + json.dumps(FULL) + "\n") == FULL
-    assert files._report_in("ssh: connect to host x: Connection reset\n") is None
+    assert reports.reason_in([{"ok": True}, CUT, FULL]) == FULL
+    assert reports.reason_in([CUT, {"ok": True}]) is None and reports.reason_in(None) is None
+    assert reports.report_in('{"ready": true}\n' + json.dumps(FULL) + "\n") == FULL
+    assert reports.report_in("ssh: connect to host x: Connection reset\n") is None
 
 
 def test_layer_chains_and_node_facts():

@@ -27,6 +27,7 @@ from trtllm_deploy.hosts.scripts import run as run_step
 from trtllm_deploy.hosts.targets import Target, TargetError, Unreachable, expand
 from trtllm_deploy.push import agent
 from trtllm_deploy.push.channel import Channel, Meter, Sink, token
+from trtllm_deploy.push.reports import reason_in, report_in
 
 SURVEY_TIMEOUT = 3600.0  # a cold check of a large artifact already on the node hashes all of it
 MISSING_SCRIPTS = 3
@@ -270,22 +271,9 @@ def _part_report(part: Channel) -> dict:
     except TargetError as exc:
         # The node may have said why before its SSH channel went down (ssh exits 255 when the
         # connection drops as the part exits): its report, where it came, is the reason.
-        said = _report_in(part.output[1]) if part.output else None
+        said = report_in(part.output[1]) if part.output else None
         return said or {"ok": False, "kind": "truncated", "error": f"a stream of the push stopped: {exc}"}
 
-
-def _reason_in(reports: list[dict] | None) -> dict | None:
-    """The first of the parts' reports that says why it stopped, other than being cut short."""
-    return next((r for r in reports or () if not r.get("ok") and r.get("kind") != "truncated"), None)
-
-
-def _report_in(out: str) -> dict | None:
-    """The agent's report on the last line of ``out``, or None."""
-    try:
-        answer = json.loads((out.strip().splitlines() or [""])[-1])
-    except ValueError:
-        return None
-    return answer if isinstance(answer, dict) and "ok" in answer else None
 
 
 def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan, local: Path,
@@ -353,17 +341,17 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
     except Unreachable:
         # The connection went down as the receive exited: what it said before, or a part's
         # reason, still says why; without either, the link is the reason.
-        if control.output is None or not (_report_in(control.output[1]) or _reason_in(reports)):
+        if control.output is None or not (report_in(control.output[1]) or reason_in(reports)):
             raise
         code, out, err = control.output
     if code == MISSING_SCRIPTS:
         raise TargetError(node.name, "the push agent disappeared from the node during the push")
     last = (out.strip().splitlines() or [""])[-1]  # after "ready" or "port", the report
-    said = _report_in(out)
+    said = report_in(out)
     if said is None or said.get("kind") == "truncated":
         # The receive ended without the end record that carries the parts' reports (or with its
         # own stream cut): a part that said why it stopped (its disk filled up) is the reason.
-        reason = _reason_in(reports)
+        reason = reason_in(reports)
         if reason is not None:
             return reason | {"sent": meter.sent}
     if '"ok"' not in last or '"kind": "truncated"' in last:
