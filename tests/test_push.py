@@ -244,14 +244,31 @@ def resumed(bed, index: int, root: Path, src, below: int, **options) -> files.Ar
     return result
 
 
-def _kill_channels_after(limit: int):
+def _staged(bed, index: int, name: str, file: str) -> int:
+    """Bytes of ``file`` in the node's staging of artifact ``name`` (0: none yet)."""
+    size = node_sh(bed, index, f"stat -c '%s' ~/trtllm-deploy/engines/.{name}.push/{file} 2>/dev/null "
+                               "|| true")
+    return int(size.strip() or 0)
+
+
+def _once_landed(bed, index: int, name: str, file: str) -> None:
+    """Wait until the node has written a whole block of ``file`` (it writes each agent.BLOCK once
+    it is whole), so that an interruption now leaves something to continue from."""
+    deadline = time.monotonic() + 60
+    while _staged(bed, index, name, file) < agent.BLOCK:  # each look is a `docker exec`: no sleep
+        assert time.monotonic() < deadline, f"no whole block of {file} ever landed on spark-{index}"
+
+
+def _kill_channels_after(limit: int, landed=lambda: None):
     """A progress callback that kills the running ssh transfer (a process this test started)
-    once ``limit`` bytes have gone into it, as a dropped link or a killed node would."""
+    once ``limit`` bytes have gone into it and ``landed()`` has returned, as a dropped link or a
+    killed node would."""
     seen = {"sent": 0, "killed": 0}
 
     def progress(node: str, count: int) -> None:
         seen["sent"] += count
         if seen["sent"] >= limit and not seen["killed"]:
+            landed()
             with channel._lock:
                 procs = list(channel._open)
             for proc in procs:
@@ -272,10 +289,13 @@ def test_an_interrupted_push_resumes_and_the_old_version_serves_meanwhile(bed, t
 
     rewrite(root, "big.safetensors", 12 * MiB)
     src = pushing.source(store, "push-resume")
-    progress, seen = _kill_channels_after(5 * MiB)
+    progress, seen = _kill_channels_after(agent.BLOCK + MiB,
+                                          lambda: _once_landed(bed, 3, "push-resume", "big.safetensors"))
     broken = pushing.push([node], src, progress=progress)
     assert seen["killed"] == 1
     assert "push again to send only the rest" in broken["spark-3"].reason
+    kept = _staged(bed, 3, "push-resume", "big.safetensors")
+    assert agent.BLOCK <= kept < 12 * MiB
     # The name still holds the whole previous version, which verifies.
     target = connect(node)
     try:
@@ -287,8 +307,8 @@ def test_an_interrupted_push_resumes_and_the_old_version_serves_meanwhile(bed, t
     assert on_node["files"] == old["files"]
     assert verified(bed, "push-resume", ("spark-3",))["spark-3"].ok
 
-    # Only the rest went: what was sent before the kill (less what was still in flight) is not resent.
-    resumed(bed, 3, root, src, below=12 * MiB - 3 * MiB)
+    # Only the rest went: what the node kept is not resent (a resend from the start would be more).
+    resumed(bed, 3, root, src, below=12 * MiB - kept + FRAMING)
 
 
 @needs_docker
@@ -381,7 +401,8 @@ def test_ctrl_c_stops_every_transfer_and_the_next_push_continues(bed, tmp_path):
         seen["sent"] += count
         with channel._lock:
             seen["pids"] |= {proc.pid for proc in channel._open}
-        if seen["sent"] >= 5 * MiB and not seen.get("signalled"):
+        if seen["sent"] >= agent.BLOCK + MiB and not seen.get("signalled"):
+            _once_landed(bed, 2, "push-ctrl-c", "big.safetensors")
             seen["signalled"] = True
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal does
 
@@ -391,8 +412,10 @@ def test_ctrl_c_stops_every_transfer_and_the_next_push_continues(bed, tmp_path):
     for pid in seen["pids"]:  # nothing of the push is left running here
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert "push-ctrl-c" not in node_sh(bed, 2, "ls ~/trtllm-deploy/engines")  # never half there
+    kept = _staged(bed, 2, "push-ctrl-c", "big.safetensors")
+    assert agent.BLOCK <= kept < 12 * MiB
 
-    resumed(bed, 2, store / "push-ctrl-c", src, below=12 * MiB - 3 * MiB)
+    resumed(bed, 2, store / "push-ctrl-c", src, below=12 * MiB + 100 - kept + FRAMING)
 
 
 @needs_docker
