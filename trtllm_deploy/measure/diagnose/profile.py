@@ -29,11 +29,9 @@ def nsys_argv(program: list[str], seconds: int, output: str) -> list[str]:
             "--duration", str(int(seconds)), "--force-overwrite=true", "--output", output, *program]
 
 
-def plan(cluster, seconds: int, out: Path, program: list[str] | None = None,
-         in_container: bool = True) -> Plan:
-    """What :func:`run` would do (``--dry-run``): the same choice of program and place, nothing run."""
-    import shlex
-
+def _what(cluster, program: list[str] | None):
+    """The deployment recorded as current (or None) and the program to profile: ``program``, else
+    that deployment's own serving program."""
     from trtllm_deploy.serving import launch, state
 
     deployment = state.current(cluster)
@@ -42,6 +40,15 @@ def plan(cluster, seconds: int, out: Path, program: list[str] | None = None,
             raise CheckFailed("nothing to profile: no deployment is recorded for this cluster; "
                               "run invoke launch first, or pass --program")
         program = launch.program(deployment)
+    return deployment, program
+
+
+def plan(cluster, seconds: int, out: Path, program: list[str] | None = None,
+         in_container: bool = True) -> Plan:
+    """What :func:`run` would do (``--dry-run``): the same choice of program and place, nothing run."""
+    import shlex
+
+    deployment, program = _what(cluster, program)
     head = cluster.head
     where = f" in {deployment.job}'s runtime container" if in_container and deployment else ""
     steps = Plan("diagnose.profile")
@@ -56,14 +63,9 @@ def run(cluster, seconds: int, out: Path, program: list[str] | None = None,
     """Profile on the head; return the fetched ``.nsys-rep``."""
     from trtllm_deploy.hosts.connections import connect
     from trtllm_deploy.hosts.targets import CommandFailed
-    from trtllm_deploy.serving import containers, launch, state
+    from trtllm_deploy.serving import containers
 
-    deployment = state.current(cluster)
-    if program is None:
-        if deployment is None:
-            raise CheckFailed("nothing to profile: no deployment is recorded for this cluster; "
-                              "run invoke launch first, or pass --program")
-        program = launch.program(deployment)
+    deployment, program = _what(cluster, program)
     head = cluster.head
     inside = bool(in_container and deployment)
     target = containers.enter(cluster, deployment.job) if inside else connect(head)
