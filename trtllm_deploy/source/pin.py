@@ -98,7 +98,7 @@ def update(cluster: Cluster, path: Path, ref: str | None = None, repository: str
         described = tree.describe(commit)
         after = lock_from(described, before, repository, ref, base_image)
         fixes = tree.resolve_fixes(commit, after.fixes)
-        texts = {upstream: tree.read(commit, upstream) for upstream in interface.paths} if interface else {}
+        texts = tree.read(commit, interface.paths) if interface else {}
         refused, warnings, gaps = [], [], []
         try:   # every reason to refuse the pin at once: the fixes it lacks and the interface
             warnings += require_fixes(fixes, commit)

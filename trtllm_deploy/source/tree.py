@@ -137,11 +137,12 @@ class Checkout:
         return Described(commit, version.group(1) if version else None, date, has_build,
                          submodules, base, "ccache" in dockerfile.stdout if dockerfile.ok else False)
 
-    def read(self, commit: str, path: str) -> str | None:
-        """The text of ``path`` at ``commit``, or None where that commit has no such file."""
-        if not self.git("cat-file", "-e", f"{commit}:{path}", check=False, timeout=60).ok:
-            return None
-        return self.git("show", f"{commit}:{path}", timeout=60).stdout
+    def read(self, commit: str, paths) -> dict[str, str | None]:
+        """The text of each of ``paths`` at ``commit`` (None where that commit has no such file):
+        one listing of the tree, then one ``git show`` per file it has."""
+        listed = self.git("ls-tree", "--name-only", commit, "--", *paths, timeout=60).stdout.splitlines()
+        return {path: self.git("show", f"{commit}:{path}", timeout=60).stdout if path in listed else None
+                for path in paths}
 
     def resolve_fixes(self, commit: str, fixes) -> list[Fix]:
         """Each required fix as checked against ``commit``'s history, in the order given: found,
