@@ -20,7 +20,7 @@ import getpass
 import os
 import socket
 import subprocess
-import time
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,23 +180,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def _wait_for_banner(server: SSHServer, deadline: float) -> None:
-    """Return once sshd answers with an SSH banner; raise with its log if it never does."""
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if server.process is not None and server.process.poll() is not None:
-            raise SSHDError(f"sshd exited with {server.process.returncode} before listening"
-                            f" on {server.address}:{server.port}:\n{server.log}")
+def _copy_log(output, log_path: Path, listening: threading.Event, ended: threading.Event) -> None:
+    """Copy sshd's output into its log file line by line; set ``listening`` at its "Server listening
+    on" line (written after listen(): connections are accepted from then on), ``ended`` at the end
+    of its output (sshd, and every session it started, has exited)."""
+    with output, open(log_path, "ab", buffering=0) as log:
+        for line in output:
+            log.write(line)
+            if line.startswith(b"Server listening on "):
+                listening.set()
+    ended.set()
+    listening.set()
+
+
+def _wait_until_listening(server: SSHServer, listening: threading.Event, ended: threading.Event) -> None:
+    """Return once sshd says it listens; raise with its log if it exits first or never does."""
+    assert server.process is not None
+    listening.wait(START_TIMEOUT)
+    if ended.is_set():
         try:
-            with socket.create_connection((server.address, server.port), timeout=1) as sock:
-                sock.settimeout(max(0.1, deadline - time.monotonic()))
-                if sock.recv(64).startswith(b"SSH-"):
-                    return
-        except OSError as exc:
-            last_error = exc
-        time.sleep(0.05)
-    raise SSHDError(f"sshd did not answer on {server.address}:{server.port} within"
-                    f" {START_TIMEOUT:g} s ({last_error}):\n{server.log}")
+            code = server.process.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        raise SSHDError(f"sshd exited with {code} before listening"
+                        f" on {server.address}:{server.port}:\n{server.log}")
+    if not listening.is_set():
+        raise SSHDError(f"sshd did not say it listens on {server.address}:{server.port} within"
+                        f" {START_TIMEOUT:g} s:\n{server.log}")
 
 
 def start_sshd(
@@ -264,17 +274,21 @@ def start_sshd(
             client_key=client_key, known_hosts=known_hosts, authorized_keys=authorized_keys,
             config_path=config_path, log_path=log_path, home=home_dir,
         )
-        # sshd's log goes to a file: a pipe nobody reads would block sshd once it fills.
-        with open(log_path, "ab") as log:
-            server.process = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-                # prctl only, no locks taken: safe enough between fork and exec
-                preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509
-            )
+        # sshd's output goes through a pipe that a thread copies into its log file for as long as
+        # sshd runs (a pipe nobody read would block sshd once it filled); the thread also tells
+        # when sshd says it listens, so starting waits on that line instead of probing the port.
+        server.process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(config_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # prctl only, no locks taken: safe enough between fork and exec
+            preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509
+        )
+        listening, ended = threading.Event(), threading.Event()
+        threading.Thread(target=_copy_log, args=(server.process.stdout, log_path, listening, ended),
+                         name=f"sshd-log-{chosen}", daemon=True).start()
         try:
-            _wait_for_banner(server, time.monotonic() + START_TIMEOUT)
+            _wait_until_listening(server, listening, ended)
             return server
         except SSHDError as exc:
             server.stop()
