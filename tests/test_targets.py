@@ -35,6 +35,7 @@ from trtllm_deploy.hosts.local import Local
 from trtllm_deploy.hosts.ssh import SSH, _block_reading_remote
 from trtllm_deploy.hosts.targets import (CommandFailed, CommandTimedOut, HostKeyRejected, Target, TargetError,
                                          Unreachable)
+from waiting import gone, until
 
 SECRET = "hf_secretvalue123"
 SECRET_SHA256 = hashlib.sha256(SECRET.encode()).hexdigest()
@@ -326,7 +327,7 @@ def test_timeout_raises_command_timed_out_quickly(side):
     started = time.monotonic()
     try:
         with pytest.raises(CommandTimedOut) as caught:
-            side.target.run(["sleep", seconds], timeout=1)
+            side.target.run(["sleep", seconds], timeout=1)  # the sleep is what times out
         assert time.monotonic() - started < 5
         assert "ran past 1 s" in str(caught.value)
         # the target is still usable afterwards
@@ -341,9 +342,7 @@ def test_timeout_stops_the_command_and_its_children(side):
     try:
         with pytest.raises(CommandTimedOut):
             side.target.run(["sh", "-c", f"sleep {seconds} & sleep {seconds}; wait"], timeout=1)
-        deadline = time.monotonic() + 3
-        while pids_with(seconds) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        gone(pids_with(seconds), 3, f"`sleep {seconds}` to end after the timeout")
         assert pids_with(seconds) == [], f"`sleep {seconds}` still running after the timeout"
     finally:
         kill_leftovers(seconds)
@@ -359,6 +358,7 @@ def test_closing_a_target_stops_the_command_it_runs(kind, sshd_node):
 
     def run() -> None:
         try:
+            # two sleepers: the command and a child of it, both to be stopped by close()
             outcome["result"] = target.run(["sh", "-c", f"sleep {seconds} & sleep {seconds}; wait"],
                                            timeout=60, check=False)
         except Exception as exc:  # noqa: BLE001 - whatever the broken run raises is fine here
@@ -367,14 +367,10 @@ def test_closing_a_target_stops_the_command_it_runs(kind, sshd_node):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 5
-        while len(pids_with(seconds)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(pids_with(seconds)) >= 2, "the command never started"
+        until(lambda: pids_with(seconds), 5, f"both `sleep {seconds}` to start",
+              done=lambda pids: len(pids) >= 2)
         target.close()
-        deadline = time.monotonic() + 5
-        while pids_with(seconds) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        gone(pids_with(seconds), 5, f"`sleep {seconds}` to end with its connection")
         assert pids_with(seconds) == [], "the command outlived its connection"
         thread.join(5)
         assert not thread.is_alive() and outcome, "run() did not return after close()"
@@ -386,6 +382,7 @@ def test_a_command_with_secrets_is_not_stopped_by_the_watchdog(sshd_node):
     """The secret lines end the stream we feed, but not the channel: the command runs to its end."""
     target = SSH(sshd_node)
     try:
+        # the command takes a second, so that it is still running when the secret lines end
         result = target.run(["sh", "-c", 'sleep 1; printf %s "$HF_TOKEN" | wc -c'],
                             secrets={"HF_TOKEN": "hf_" + "x" * 40})
         assert result.stdout.strip() == "43"
@@ -422,7 +419,7 @@ def test_stream_stops_a_command_that_runs_past_its_timeout(side, tmp_path):
     source.write_text("x")
     started = time.monotonic()
     with pytest.raises(CommandTimedOut):
-        side.target.stream(source, ["sleep", "30"], timeout=1)
+        side.target.stream(source, ["sleep", "30"], timeout=1)  # the sleep is what times out
     assert time.monotonic() - started < 20
 
 
@@ -584,7 +581,7 @@ def test_secret_never_appears_on_any_command_line(side):
 
     def run() -> None:
         try:
-            outcome["result"] = side.target.run(
+            outcome["result"] = side.target.run(  # running for a second, to be looked at meanwhile
                 ["sh", "-c", f'sleep {seconds}; printf %s "$HF_TOKEN" | sha256sum'],
                 secrets={"HF_TOKEN": SECRET}, timeout=20)
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -604,7 +601,7 @@ def test_secret_never_appears_on_any_command_line(side):
                     seen_running = True
                     if environ and b"HF_TOKEN=" + secret in environ.split(b"\0"):
                         seen_in_environment = True
-            time.sleep(0.02)
+            thread.join(0.02)  # the next look, unless the command has ended meanwhile
     finally:
         thread.join(30)
         kill_leftovers(seconds)
@@ -697,9 +694,8 @@ def test_refused_host_key_leaves_no_connection_open(sshd, make_node, tmp_path):
     with pytest.raises(HostKeyRejected):
         target.run(["true"])
     target.close()
-    deadline = time.monotonic() + 1
-    while paramiko_transports() - before and time.monotonic() < deadline:
-        time.sleep(0.05)
+    for transport in paramiko_transports() - before:
+        transport.join(1)  # its thread ends with its connection
     assert paramiko_transports() - before == set()
 
 

@@ -1,10 +1,12 @@
 """tests/waiting.py: the one polling helper returns what it waited for and fails saying what."""
 
 import itertools
+import subprocess
+import time
 
 import pytest
 
-from waiting import WaitedTooLong, until
+from waiting import WaitedTooLong, gone, until
 
 
 def test_until_returns_the_first_value_that_is_done():
@@ -37,3 +39,23 @@ def test_until_retries_only_the_exceptions_it_is_told_to():
 def probe_refused():
     raise ConnectionRefusedError("refused")
 
+
+
+def test_gone_wakes_when_the_processes_exit_and_names_those_that_do_not():
+    # `sleep` here is the process waited on, not a pause: it is killed, or outlives the wait.
+    quick = subprocess.Popen(["sleep", "60"])
+    lasting = subprocess.Popen(["sleep", "60.123"])
+    try:
+        gone([], 1, "nothing")
+        quick.kill()
+        started = time.monotonic()
+        gone([quick.pid], 5, "the killed sleep to end")  # a zombie has exited: no reaping needed
+        assert time.monotonic() - started < 1
+        quick.wait()
+        gone([quick.pid], 1, "a process already reaped")
+        still = r"waited 0.1 s for the sleeper; still running: \d+ 'sleep 60.123'"
+        with pytest.raises(WaitedTooLong, match=still):
+            gone([lasting.pid], 0.1, "the sleeper")
+    finally:
+        lasting.kill()
+        lasting.wait()
