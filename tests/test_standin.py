@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from trtllm_deploy.testbed.standin import vllm as standin_vllm
 from trtllm_deploy.testbed.standin.engine import VOCABULARY, expected_words
 from trtllm_deploy.testbed.standin.faults import Fault
 from trtllm_deploy.testbed.standin.settings import Settings
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 PINNED = interface.load()   # the pinned TensorRT-LLM's interface, which the stand-in takes
@@ -73,6 +73,8 @@ class Server:
     def __init__(self, program_args: list[str], env: dict | None = None, port: int | None = None) -> None:
         self.port = port or free_port()
         self.lines: list[str] = []
+        self._changed = threading.Condition()  # notified at every line and at the end of the output
+        self._ended = False
         self.process = subprocess.Popen(
             standin(*program_args, "--host", "127.0.0.1", "--port", str(self.port)),
             env=clean_env(**{**FAST, **(env or {})}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -82,24 +84,37 @@ class Server:
 
     def _read(self) -> None:
         for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
     @property
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def has_line(self, text: str, count: int = 1, within: float = 0.0) -> bool:
+        """Whether ``count`` lines with ``text`` came, waiting up to ``within`` s for them (woken by
+        each line; the end of the output ends the wait)."""
+        def enough() -> bool:
+            return sum(text in line for line in self.lines) >= count
+
+        with self._changed:
+            self._changed.wait_for(lambda: enough() or self._ended, timeout=within)
+            return enough()
+
     def wait_for_line(self, text: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert time.monotonic() < deadline, f"no line with {text!r} in:\n{self.output}"
-            time.sleep(0.02)
+        assert self.has_line(text, within=timeout), f"no line with {text!r} in:\n{self.output}"
 
     def wait_ready(self, timeout: float = 20) -> Server:
-        deadline = time.monotonic() + timeout
-        while health(self.port) != 200:
+        def answer() -> int | None:
             assert self.process.poll() is None, f"the stand-in exited early:\n{self.output}"
-            assert time.monotonic() < deadline, f"not ready after {timeout}s:\n{self.output}"
-            time.sleep(0.05)
+            return health(self.port)
+
+        until(answer, timeout, f"the stand-in on port {self.port} to answer /health with 200",
+              done=lambda status: status == 200)
         return self
 
     def wait_exit(self, timeout: float = 20) -> int:
@@ -648,7 +663,9 @@ def test_hang_while_loading_stops_progress(checkpoint, start_server):
     server = start_server("trtllm-serve", str(checkpoint),
                           env={"STANDIN_FAULT": "hang", "STANDIN_LOAD_SECONDS": "0.4"})
     server.wait_for_line("STANDIN_FAULT hang: injecting 'hang' while loading weights (shard 2/4)")
-    time.sleep(1)
+    # Not a pause: a window of ten shards' loading time (0.1 s each) in which no shard may show up
+    # (waiting on the output, so a stand-in that goes on loading fails at once).
+    assert not server.has_line("Loading weights:", count=2, within=1.0), server.output
     assert server.process.poll() is None and health(server.port) is None
     assert sum("Loading weights:" in line for line in server.lines) == 1
 
