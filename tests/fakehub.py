@@ -194,6 +194,7 @@ class FakeHub:
                 handler.wfile.write(body[offset:offset + chunk])
                 handler.wfile.flush()
                 if self.bytes_per_second:  # the test may lift the limit mid-transfer
+                    # pacing, the thing being tested (a slow hub), not a wait for something
                     time.sleep(chunk / self.bytes_per_second)
         except (BrokenPipeError, ConnectionResetError):
             pass

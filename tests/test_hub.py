@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fakehub import FakeHub, Repo
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "3f4e2a1b" * 5
@@ -101,17 +101,15 @@ def test_a_gated_repository_needs_the_token_which_never_shows(hub, tmp_path):
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path):
-    hub.bytes_per_second = 1024 * 1024          # 3 MiB of weights: about 3 s
+    hub.bytes_per_second = 1024 * 1024          # 3 MiB of weights: about 3 s, to stop it half-way
     proc = download(hub, tmp_path, "org/tiny", SHA, wait=False)
     blobs = tmp_path / "hf-home" / "hub" / "models--org--tiny" / "blobs"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        partial = [p for p in blobs.glob("*.part") if p.stat().st_size > 256 * 1024] \
-            if blobs.exists() else []
-        if partial:
-            break
-        time.sleep(0.05)
-    assert partial, "the download never got going"
+
+    def partial() -> dict[str, int]:
+        assert proc.poll() is None, proc.communicate()
+        return {p.name: p.stat().st_size for p in blobs.glob("*.part") if p.stat().st_size > 256 * 1024}
+
+    until(partial, 30, "the download to write 256 KiB of a .part file", retry_on=(FileNotFoundError,))
     proc.send_signal(signal.SIGINT)  # Ctrl-C: the download stops with the command that started it
     proc.communicate(timeout=60)
     hub.bytes_per_second = None

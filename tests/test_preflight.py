@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from trtllm_deploy.hosts import inventory, preflight
 from trtllm_deploy.hosts.facts import Output
+from waiting import gone, until
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -258,7 +258,7 @@ def test_preflight_table_names_every_remedy(tmp_path, gpu_bin):
 
 
 SLOW_NVIDIA_SMI = """#!/bin/sh
-# a GPU tool that hangs, as a wedged driver's does
+# a GPU tool that hangs, as a wedged driver's does (the sleep is the hang Ctrl-C must end)
 exec sleep {seconds}
 """
 
@@ -295,17 +295,12 @@ def test_ctrl_c_during_preflight_exits_130_and_leaves_nothing_running(tmp_path, 
                              "--hosts", str(hosts)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
-        while not sleepers() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sleepers(), "the hanging nvidia-smi never started"
+        until(sleepers, 15, "the hanging nvidia-smi to start")
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=15)
         assert proc.returncode == 130, stderr
         assert "interrupted" in stderr and "Traceback" not in stderr
-        deadline = time.monotonic() + 5
-        while sleepers() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        gone(map(int, sleepers()), 5, "the node's hanging nvidia-smi to end after Ctrl-C")
         assert sleepers() == [], "Ctrl-C left the node's command running"
     finally:
         proc.kill()
