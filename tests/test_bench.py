@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure.bench import report, stats, sweep
 from trtllm_deploy.measure.bench.client import Sample
 from trtllm_deploy.testbed import artifact as tiny
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "bench"
@@ -168,16 +168,21 @@ def run_standin(folder: Path, log: Path, tokens_per_s: int = 100) -> tuple[subpr
                                    env={**os.environ, "STANDIN_LOAD_SECONDS": "0",
                                         "STANDIN_TOKENS_PER_S": str(tokens_per_s)})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         try:
             urllib.request.urlopen(f"{url}/health", timeout=2).close()
-            return process, url
+            return True
         except OSError:
             assert process.poll() is None, log.read_text()
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError(f"the stand-in did not answer /health: {log.read_text()}")
+            raise
+
+    try:
+        until(answers, 30, f"the stand-in to answer {url}/health", retry_on=(OSError,))
+    except AssertionError:
+        process.kill()
+        raise AssertionError(f"the stand-in did not answer /health: {log.read_text()}") from None
+    return process, url
 
 
 @pytest.fixture
