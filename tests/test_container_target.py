@@ -62,7 +62,8 @@ def container():
     name = f"trtllm-deploy-test-{uuid.uuid4().hex[:8]}"
     subprocess.run(["docker", "run", "-d", "--rm", "--network", "none", "--name", name,
                     "--label", "trtllm-deploy-test=1",
-                    busybox_image(), "sleep", "3600"], check=True, capture_output=True)
+                    busybox_image(), "sleep", "3600"],  # keeps the container up to exec into
+                   check=True, capture_output=True)
     yield name
     subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
@@ -130,7 +131,7 @@ def test_secret_reaches_the_container_but_no_command_line(container):
     done = threading.Event()
 
     def slow():
-        target.run(["sleep", "2"], secrets={"HF_TOKEN": token})
+        target.run(["sleep", "2"], secrets={"HF_TOKEN": token})  # runs a while, to be looked at
         done.set()
 
     worker = threading.Thread(target=slow, daemon=True)
@@ -144,7 +145,7 @@ def test_secret_reaches_the_container_but_no_command_line(container):
                     seen.append(Path(f"/proc/{pid}/cmdline").read_bytes())
                 except OSError:
                     pass
-        time.sleep(0.1)
+        done.wait(0.1)  # the next look, unless the command has ended meanwhile
     worker.join(timeout=10)
     assert done.is_set()
     assert any(b"docker\x00exec" in line for line in seen), "the docker exec was not observed"

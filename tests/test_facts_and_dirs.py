@@ -24,7 +24,7 @@ FACTS = [
     Fact("failing", ("sh", "-c", "echo out; echo err >&2; exit 3")),
     Fact("missing", ("no-such-command-here",)),
     Fact("spoof", ("printf", "@@0000 err 0 0\\n@@0000 out 1\\n")),
-    Fact("slow", ("sleep", "5"), timeout=1),
+    Fact("slow", ("sleep", "5"), timeout=1),  # the sleep is what runs past its time limit
     Fact("after", ("echo", "still ran")),
 ]
 

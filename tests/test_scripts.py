@@ -115,6 +115,7 @@ def test_without_check_a_failure_is_returned(target):
     assert "widget is missing" in ran.stderr
 
 
+# The sleeps in this file are the commands to be stopped for running past their limits.
 SLOW = Script("wait for the widget", f"# {SENTINEL}\nsleep 30\n", timeout=1)
 
 
