@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from trtllm_deploy.hosts import sshsetup
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.dockercli import LocalImage
 from trtllm_deploy.push import registry
+from waiting import until
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,16 +249,6 @@ finally:
 """
 
 
-def wait_for(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {seconds:g} s")
-
-
 @needs_docker
 def test_ctrl_c_while_nodes_pull_leaves_no_registry_tunnel_or_half_image(bed):
     testbed_, cluster, standin = bed
@@ -269,8 +259,8 @@ def test_ctrl_c_while_nodes_pull_leaves_no_registry_tunnel_or_half_image(bed):
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: "-N" in leftovers(testbed_, cluster).get("spark-2", ""), 120,
-                 "a tunnel on spark-2")
+        until(lambda: leftovers(testbed_, cluster), 120, "a tunnel on spark-2",
+              done=lambda found: "-N" in found.get("spark-2", ""))
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=60)
     finally:
@@ -279,7 +269,8 @@ def test_ctrl_c_while_nodes_pull_leaves_no_registry_tunnel_or_half_image(bed):
             run.wait()
     assert run.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
     # The nodes' scripts end by themselves once the registry is gone: give them a bounded while.
-    wait_for(lambda: leftovers(testbed_, cluster) == {}, 60, "nothing left on any node")
+    until(lambda: leftovers(testbed_, cluster), 60, "nothing left on any node",
+          done=lambda found: found == {})
     for name in ("spark-2", "spark-3"):
         got = image_on(cluster, name, tag)
         assert got is None or got.id == held.id  # all of it or none of it
