@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 
 import pytest
@@ -17,6 +16,7 @@ from test_standin import write_checkpoint
 
 from trtllm_deploy.testbed.standin import faults
 from trtllm_deploy.testbed.standin.engine import expected_words
+from waiting import until
 
 FAST = {"STANDIN_LOAD_SECONDS": "0.4", "STANDIN_TOKENS_PER_S": "100"}
 MPIRUN = "mpirun --allow-run-as-root --oversubscribe -np {ranks} trtllm-llmapi-launch"
@@ -82,8 +82,11 @@ class Box:
         env_args = [arg for k, v in {**FAST, **(env or {})}.items() for arg in ("-e", f"{k}={v}")]
         script = (f"{command} > {run.path}.log 2>&1 & echo $! > {run.path}.pid; "
                   f"wait $!; echo $? > {run.path}.rc")
-        subprocess.run(["docker", "exec", "-d", *env_args, self.name, "sh", "-c", script], check=True,
-                       capture_output=True, timeout=30)
+        # Not detached: this `docker exec` ends when the script does, so the run's end is waited on
+        # here, instead of looking for the .rc file again and again.
+        run.process = subprocess.Popen(["docker", "exec", *env_args, self.name, "sh", "-c", script],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
         return run
 
     def rank_pid(self, rank: int) -> int:
@@ -98,6 +101,7 @@ class Run:
     def __init__(self, box: Box, path: str) -> None:
         self.box = box
         self.path = path
+        self.process: subprocess.Popen | None = None  # the `docker exec` running it, until it ends
 
     @property
     def log(self) -> str:
@@ -108,37 +112,45 @@ class Run:
         return int(text) if text else None
 
     def wait_ready(self, port: int, timeout: float = 60) -> Run:
-        deadline = time.monotonic() + timeout
-        while self.box.client("health", port) != 200:
-            assert self.exit_code() is None, f"exited early:\n{self.log}"
-            assert time.monotonic() < deadline, f"not ready after {timeout}s:\n{self.log}"
-            time.sleep(0.3)
+        def health() -> int:
+            assert self.process.poll() is None, f"exited early:\n{self.log}"
+            return self.box.client("health", port)
+
+        until(health, timeout, f"the stand-in to answer /health on port {port} with 200",
+              done=lambda status: status == 200)
         return self
 
     def wait_exit(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while (code := self.exit_code()) is None:
-            assert time.monotonic() < deadline, f"still running after {timeout}s:\n{self.log}"
-            time.sleep(0.3)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout}s:\n{self.log}") from None
+        code = self.exit_code()
+        assert code is not None, f"its `docker exec` ended without an exit status:\n{self.log}"
         return code
 
     def stop(self) -> None:
         """SIGTERM mpirun (it forwards to every rank), then SIGKILL what is left; bounded."""
-        if self.exit_code() is not None:
+        if self.process.poll() is not None:
             return
         self.box.sh(f"kill -TERM $(cat {self.path}.pid) 2>/dev/null")
-        deadline = time.monotonic() + 15
-        while self.exit_code() is None and time.monotonic() < deadline:
-            time.sleep(0.3)
-        if self.exit_code() is None:
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
             self.box.sh(f"kill -KILL $(cat {self.path}.pid) 2>/dev/null")
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 @pytest.fixture(scope="module")
 def box(standin_image, tmp_path_factory):
     name = f"trtllm-deploy-standin-{uuid.uuid4().hex[:8]}"
     subprocess.run(["docker", "run", "-d", "--init", "--rm", "--network", "none", "--name", name,
-                    "--label", "trtllm-deploy-test=1", standin_image, "sleep", "infinity"],
+                    "--label", "trtllm-deploy-test=1", standin_image,
+                    "sleep", "infinity"],  # keeps the container up to exec into
                    check=True, capture_output=True, timeout=120)
     try:
         model = write_checkpoint(tmp_path_factory.mktemp("image") / "model")
