@@ -1,8 +1,10 @@
 """tests/waiting.py: the one polling helper returns what it waited for and fails saying what."""
 
+import ast
 import itertools
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,27 @@ def test_gone_wakes_when_the_processes_exit_and_names_those_that_do_not():
     finally:
         lasting.kill()
         lasting.wait()
+
+
+# Where a test-side Python sleep is the thing itself, not a wait: the helper's pause between two
+# looks, and the fake Hub's pacing of a slow download.
+SLEEPS_ALLOWED = {"waiting.py": 1, "fakehub.py": 1}
+
+
+def test_no_test_waits_by_sleeping():
+    """A fixed sleep that hopes something has happened meanwhile is a flake waiting to happen; each
+    test waits on the thing itself, or polls through `until`. Commands named `sleep` that run on a
+    target (the thing killed or timed out) are not Python sleeps and are not counted here."""
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        sleeps_from_time = {alias.asname or alias.name for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.module in ("time", "asyncio")
+                            for alias in node.names if alias.name == "sleep"}
+        calls = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call) and (
+            (isinstance(node.func, ast.Attribute) and node.func.attr == "sleep"
+             and isinstance(node.func.value, ast.Name) and node.func.value.id in ("time", "asyncio"))
+            or (isinstance(node.func, ast.Name) and node.func.id in sleeps_from_time))]
+        if len(calls) != SLEEPS_ALLOWED.get(path.name, 0):
+            found[path.name] = calls
+    assert found == {}, f"sleeps in tests (file: lines; wait on the event or use waiting.until): {found}"
