@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from trtllm_deploy.hosts.shell import join
 from trtllm_deploy.serving import containers
 from trtllm_deploy.testbed import cluster
 from trtllm_deploy.testbed import layout as layouts
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
@@ -209,15 +211,15 @@ class Serving:
                         check=False).stdout
 
     def wait_healthy(self, deadline_s: float = 90) -> None:
-        end = time.monotonic() + deadline_s
-        while time.monotonic() < end:
-            try:
-                with urllib.request.urlopen(self.url("/health"), timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.3)
-        raise AssertionError(f"the stand-in did not become healthy; its log:\n{self.log()[-3000:]}")
+        def status() -> int:
+            with urllib.request.urlopen(self.url("/health"), timeout=2) as answer:
+                return answer.status
+
+        try:
+            until(status, deadline_s, "the stand-in to answer /health with 200",
+                  done=lambda code: code == 200, retry_on=(urllib.error.URLError, OSError))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its log:\n{self.log()[-3000:]}") from None
 
     def stop(self) -> None:
         stopped = containers.down(self.cluster, JOB)
@@ -290,14 +292,9 @@ def test_killing_one_ranks_process_fails_or_stalls_serving(serving):
         outcome = f"failed: {type(exc).__name__}"
     assert not outcome.startswith("answered"), (outcome, time.monotonic() - started)
     # mpirun notices the lost rank and the job ends: the head's serving process is gone too.
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        alive = serving.run(serving.head, ["docker", "exec", serving.container, "pgrep", "-f", "mpirun"],
-                            check=False)
-        if alive.exit_code != 0:
-            break
-        time.sleep(0.5)
-    assert alive.exit_code != 0, "mpirun kept running after a rank was killed"
+    until(lambda: serving.run(serving.head, ["docker", "exec", serving.container, "pgrep", "-f", "mpirun"],
+                              check=False).exit_code, 30, "mpirun to end after a rank was killed",
+          done=lambda code: code != 0)
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(serving.url("/health"), timeout=2)
 
@@ -354,20 +351,30 @@ def test_ctrl_c_during_up_exits_130_and_leaves_nothing(base_image, tmp_path):
     state = tmp_path / "state"
     bed = cluster.Testbed(layouts.Layout(name=name, nodes=3, subnet="10.213.231.0/24",
                                          state_dir=state))
+    # Docker tells when the first node container is created (its events since a second ago, so
+    # none is missed between starting to listen and `up` starting).
+    events = subprocess.Popen(["docker", "events", "--since", str(int(time.time()) - 1),
+                               "--filter", "type=container", "--filter", "event=create",
+                               "--filter", f"label={layouts.LABEL}={name}",
+                               "--format", "{{.Actor.Attributes.name}}"], stdout=subprocess.PIPE, text=True)
     proc = subprocess.Popen([*INVOKE, "testbed.up", "--nodes", "3", "--name", name, "--no-runtime",
                              "--subnet", "10.213.231.0/24", "--state-dir", str(state),
                              "--base", base_image],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    up_ended = os.pidfd_open(proc.pid)
     try:
-        deadline = time.monotonic() + 120
-        while not bed.containers() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert bed.containers(), "no node container appeared"
+        ready, _, _ = select.select([events.stdout, up_ended], [], [], 120)
+        assert events.stdout in ready, ("no node container appeared within 120 s"
+                                         if not ready else proc.communicate(timeout=60))
+        assert events.stdout.readline().strip() in bed.containers()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err
         assert "Traceback" not in err
         assert bed.leftovers() == {"containers": [], "networks": [], "volumes": []}
     finally:
+        os.close(up_ended)
+        events.kill()
+        events.wait()
         proc.kill()
         bed.down(purge=True)
