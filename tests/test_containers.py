@@ -8,7 +8,6 @@ node) and RDMA device names of its own, so a rank that saw the head's values wou
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.hosts.shell import join
 from trtllm_deploy.runtimes import runtime
 from trtllm_deploy.serving import containers, fabric, mpi, survey
+from waiting import until
 
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 JOB = "ctest"
@@ -291,15 +291,14 @@ def _processes(node: inventory.Node, container: str) -> str:
 def test_down_removes_the_job_and_proves_nothing_runs(fabric_cluster, tmp_path):
     containers.up(fabric_cluster, containers.Job(JOB), tmp_path)
     inside = containers.enter(fabric_cluster, JOB)
-    # A job in flight: mpirun with a rank on every node, left running.
+    # A job in flight: mpirun with a rank on every node, left running (the ranks' sleep is the job
+    # that `down` must stop).
     inside.run(["sh", "-c", "nohup " + join(containers.mpirun_argv(fabric_cluster, ["sleep", "600"]))
                 + " >/dev/null 2>&1 &"], timeout=60)
     # Wait for the job to reach the last node (its orted), instead of sleeping a fixed time.
     name = containers.container_name(fabric_cluster, JOB)
-    deadline = time.monotonic() + 60
-    while "orted" not in _processes(fabric_cluster.nodes[2], name):
-        assert time.monotonic() < deadline, "mpirun's daemon never started on the last node"
-        time.sleep(0.5)
+    until(lambda: _processes(fabric_cluster.nodes[2], name), 60, "mpirun's daemon on the last node",
+          done=lambda processes: "orted" in processes)
     head = SSH(fabric_cluster.head)
     try:
         pid = head.run(["cat", f".local/state/trtllm-deploy/jobs/{JOB}/agent.pid"], cwd="~").stdout.strip()
