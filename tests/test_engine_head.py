@@ -21,6 +21,7 @@ import pytest
 
 from conftest import docker_unusable
 from fakehub import FakeHub, Repo, hub_env, model_entry
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_headTokenNeverInArgv0123456789abcdef"
@@ -156,10 +157,9 @@ def test_two_builds_at_once_download_each_file_once(bed, hub, engine):
     hub.bytes_per_second = 256 << 10  # eight seconds for the weights
     first = engine.start("twice")
     blobs = f"{CACHE}/models--org--twice/blobs"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and first.poll() is None and ".part" not in head_sh(
-            bed, f"ls {blobs} 2>/dev/null", check=False).stdout:
-        time.sleep(0.1)
+    until(lambda: head_sh(bed, f"ls {blobs} 2>/dev/null", check=False).stdout, 60,
+          "the first build to write a .part (or to end)",
+          done=lambda listing: ".part" in listing or first.poll() is not None)
     second = engine.start("twice")  # while the first is writing its .part
     results = [(proc.wait(timeout=300), *proc.communicate()) for proc in (first, second)]
     for code, out, err in results:
@@ -211,7 +211,10 @@ def test_the_token_reaches_the_hub_as_a_header_and_never_an_argument_on_the_head
     while time.monotonic() < deadline and proc.poll() is None:
         listing = head_sh(bed, "ps -eo args", check=False).stdout
         seen += [line for line in listing.splitlines() if "headagent" in line and " fetch " in line]
-        time.sleep(0.1)
+        try:
+            proc.wait(timeout=0.1)  # the next look, unless the build has ended meanwhile
+        except subprocess.TimeoutExpired:
+            pass
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert seen and not [line for line in seen if TOKEN in line]
