@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from conftest import docker_unusable
 from trtllm_deploy.hosts import sshsetup, targets
 from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.testbed import artifact as tiny
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 8371
@@ -145,11 +145,11 @@ def supervised_until_good(bed, job: str) -> None:
                                 "--good-after-s", "3", "--hosts", str(hosts)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=environment(work))
     try:
-        deadline = time.monotonic() + 120
-        while job not in [d["job"] for d in json.loads(recorded.read_text()).get("good", [])]:
+        def good() -> list[str]:
             assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "supervise never recorded the deployment as good"
-            time.sleep(0.5)
+            return [d["job"] for d in json.loads(recorded.read_text()).get("good", [])]
+
+        until(good, 120, f"supervise to record {job} as good", done=lambda jobs: job in jobs)
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
@@ -180,11 +180,11 @@ def test_ctrl_c_during_deploy_leaves_nothing_half_done_and_a_rerun_continues(bed
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**environment(work), "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while not job_containers(cluster, "tbc") and time.monotonic() < deadline:
+        def started() -> list[str]:
             assert process.poll() is None, process.communicate()
-            time.sleep(0.5)
-        assert job_containers(cluster, "tbc"), "deploy never reached launch"
+            return job_containers(cluster, "tbc")
+
+        until(started, 120, "deploy to reach launch (the job's containers)")
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=180)
         assert process.returncode == 130, stderr
