@@ -26,6 +26,7 @@ from trtllm_deploy.hosts import inventory, sshsetup
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.targets import TargetError
 from trtllm_deploy.push import chain, channel, files
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM = ("import sys; from invoke import Collection, Program; from trtllm_deploy.cli.push import push;"
@@ -339,18 +340,14 @@ def _host_pid(bed, index: int, name: str) -> int:
 
 
 def _wait_ssh(node, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> bool:
         target = connect(node)
         try:
-            if target.run(["true"], timeout=10, check=False).ok:
-                return
-        except TargetError:
-            if time.monotonic() > deadline:
-                raise
+            return target.run(["true"], timeout=10, check=False).ok
         finally:
             target.close()
-        time.sleep(0.2)  # sshd is starting: ask again until the deadline
+
+    until(answers, timeout, f"{node.name}'s sshd to answer again", retry_on=(TargetError,))
 
 
 @needs_docker
@@ -438,8 +435,8 @@ def test_ctrl_c_stops_every_agent_of_the_chain_and_nothing_becomes_current(bed, 
     for index in range(2, 6):
         assert name not in node_sh(bed, index, f"ls {STORE}").split()
     # The agents end on the nodes too (their streams end with the killed ones), within a deadline.
-    deadline = time.monotonic() + 60
-    while any("push-agent" in node_sh(bed, i, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '",
-                                      check=False) for i in range(1, 6)):
-        assert time.monotonic() < deadline, "a push agent is still running on a node"
-        time.sleep(0.5)  # polling the nodes' process lists until the deadline
+    def agents() -> list[int]:
+        return [i for i in range(1, 6) if "push-agent" in node_sh(
+            bed, i, "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '", check=False)]
+
+    until(agents, 60, "the push agents on the nodes to end", done=lambda nodes: nodes == [])
