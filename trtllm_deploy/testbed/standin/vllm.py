@@ -8,7 +8,9 @@ The options are those of ``vllm serve`` at the pinned vLLM (requirements/interfa
 serve_options.json, read from vLLM's source by runtimes/vllm.py with runtimes/interface/argsource.py);
 the stand-in uses the ones that shape serving and accepts the rest.
 
-uvicorn's bind failure (faults.BIND_LINE) reads the same in vLLM: vllm-project/vllm#7514.
+uvicorn's bind failure (faults.BIND_LINE) reads the same in vLLM: vllm-project/vllm#7514. So does
+PyTorch's CUDA error of a GPU lost to its driver (faults.DRIVER_LINE): vllm-project/vllm#27430 (TP=8,
+the GPU in nvidia-smi's ERR! state after).
 """
 
 from __future__ import annotations
