@@ -12,7 +12,7 @@ from test_standin import checkpoint, start_server  # noqa: F401  (fixtures)
 from test_supervise import long_streams
 from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.runtimes import failures
-from trtllm_deploy.serving import launch, state, supervise
+from trtllm_deploy.serving import jobs, launch, state, supervise
 from trtllm_deploy.testbed.standin import faults
 
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
@@ -59,6 +59,8 @@ def test_a_killed_mpirun_is_found_within_two_looks_and_stop_leaves_nothing(bed, 
         assert failure is not None and failure.kind == "dead", failure
         assert failure.looks <= 2, failure
         assert "mpirun exited with status" in failure.what or " died" in failure.what, failure.what
+        # Whichever was seen first, the head recorded mpirun's end as the SIGKILL it was.
+        assert jobs.look(bed, state.current(bed))[bed.head.name].mpirun_exit == 128 + 9
         handled = supervise.handle(bed, state.current(bed), failure, "stop", home / "tmp2")
         assert handled.stopped and handled.relaunched is None
     finally:
