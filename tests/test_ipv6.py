@@ -53,6 +53,12 @@ def test_the_push_receiver_on_the_wildcard_takes_both_families():
         assert reaches(server, "::1") and reaches(server, "127.0.0.1")
 
 
+def test_an_address_that_is_not_the_nodes_own_is_refused_by_name():
+    # fd00:dead::7 is nobody's address here: binding it fails locally, no packet is sent.
+    with pytest.raises(agent.Refused, match=r"cannot listen on fd00:dead::7: .*own fabric address"):
+        agent.listener("fd00:dead::7")
+
+
 def test_the_fabric_transport_pushes_to_an_ipv6_fabric_address(tmp_path):
     """A whole push over the fast transport to a node whose fabric address is IPv6 (this machine,
     ``fabric.address = "::1"``): the receiver listens on it, the sender connects to it."""

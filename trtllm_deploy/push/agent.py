@@ -615,11 +615,15 @@ def listener(address: str) -> socket.socket:
     """A socket listening on a free port of ``address`` in that address's own family, so that an
     IPv6 fabric or management address works as an IPv4 one does; the wildcard (``""``, ``::``) listens
     on both families where the system can."""
-    if address in ("", "::") and socket.has_dualstack_ipv6():
-        return socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
-    family, _, _, _, where = socket.getaddrinfo(address or None, 0, type=socket.SOCK_STREAM,
-                                                flags=socket.AI_PASSIVE)[0]
-    return socket.create_server(where, family=family)
+    try:
+        if address in ("", "::") and socket.has_dualstack_ipv6():
+            return socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+        family, _, _, _, where = socket.getaddrinfo(address or None, 0, type=socket.SOCK_STREAM,
+                                                    flags=socket.AI_PASSIVE)[0]
+        return socket.create_server(where, family=family)
+    except OSError as exc:
+        raise Refused("listen", f"cannot listen on {address}: {_why(exc)}; is it this node's own "
+                                "fabric address (ip -br addr shows them)?") from None
 
 
 def _free_port() -> int:
