@@ -59,18 +59,24 @@ def test_an_address_that_is_not_the_nodes_own_is_refused_by_name():
         agent.listener("fd00:dead::7")
 
 
-def test_the_fabric_transport_pushes_to_an_ipv6_fabric_address(tmp_path):
-    """A whole push over the fast transport to a node whose fabric address is IPv6 (this machine,
-    ``fabric.address = "::1"``): the receiver listens on it, the sender connects to it."""
+def push_over_fabric(tmp_path, address: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``invoke push --transport fabric`` to this machine as a node whose fabric address is ``address``."""
     store, node_store = tmp_path / "engines", tmp_path / "node"
     make_artifact(store, "v6", {"a.safetensors": 3 * MiB, "config.json": 100})
     hosts = tmp_path / "hosts.toml"
     hosts.write_text(f'[[nodes]]\nname = "here"\nconnection = "local"\n\n[nodes.paths]\n'
-                     f'artifacts = "{node_store}"\n\n[nodes.fabric]\naddress = "::1"\n')
+                     f'artifacts = "{node_store}"\n\n[nodes.fabric]\naddress = "{address}"\n')
     done = subprocess.run([sys.executable, "-c", PROGRAM, "push", "--store", str(store), "--name", "v6",
                            "--hosts", str(hosts), "--transport", "fabric", "--json"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"})
+    return done, hosts
+
+
+def test_the_fabric_transport_pushes_to_an_ipv6_fabric_address(tmp_path):
+    """A whole push over the fast transport to a node whose fabric address is IPv6 (this machine,
+    ``fabric.address = "::1"``): the receiver listens on it, the sender connects to it."""
+    done, hosts = push_over_fabric(tmp_path, "::1")
     assert done.returncode == 0, done.stdout + done.stderr
     sent = json.loads(done.stdout)["nodes"]["here"]["artifact"]
     assert sent["action"] == "sent" and sent["bytes_sent"] >= 3 * MiB
@@ -102,3 +108,10 @@ def test_the_probe_reports_an_interfaces_ipv6_addresses(tmp_path):
     assert probe._ipv6("lo", str(table)) == ["::1/128"]
     assert probe._ipv6("ib0", str(table)) == []
     assert "::1/128" in probe.interface("lo")["ipv6"]   # this machine's own, as the probe reads it
+
+
+def test_a_fabric_address_the_node_cannot_listen_on_reaches_the_user_by_name(tmp_path):
+    done, _ = push_over_fabric(tmp_path, "fd00:dead::7")
+    assert done.returncode == 1
+    error = json.loads(done.stdout)["nodes"]["here"]["error"]
+    assert "cannot listen on fd00:dead::7" in error and "own fabric address" in error, error

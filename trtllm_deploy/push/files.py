@@ -346,6 +346,8 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
         code, out, err = control.output
     if code == MISSING_SCRIPTS:
         raise TargetError(node.name, "the push agent disappeared from the node during the push")
+    if "ok" in ready:   # the receive refused before it was ready: the line read as "ready" says why
+        out = json.dumps(ready) + "\n" + out
     last = (out.strip().splitlines() or [""])[-1]  # after "ready" or "port", the report
     said = report_in(out)
     if said is None or said.get("kind") == "truncated":
