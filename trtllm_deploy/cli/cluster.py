@@ -29,7 +29,7 @@ def _interfaces(rank: dict) -> str:
             continue
         speed = f" {iface['speed_mbps'] // 1000} Gb/s" if iface.get("speed_mbps") else ""
         cells.append(f"{iface['name']} {iface['operstate']} mtu {iface['mtu']}{speed} "
-                     f"{','.join(iface['ipv4']) or 'no IPv4'}")
+                     f"{','.join(iface['ipv4'] + iface.get('ipv6', [])) or 'no address'}")
     return "\n".join(cells) or "–"
 
 

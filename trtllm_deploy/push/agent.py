@@ -577,7 +577,7 @@ def _chained(mf, header: dict, control, listen: str, token: bytes, staging: str,
     need = header.get("need")
     if need is not None and any(path not in files for path in need):
         raise Refused("protocol", "a need for a file the manifest does not list")
-    server = socket.create_server((listen, 0))
+    server = listener(listen)
     tunnel = None
     forwards: list = [None] * count
     forward = {}
@@ -609,6 +609,21 @@ def _chained(mf, header: dict, control, listen: str, token: bytes, staging: str,
         forward = {"forward": {"ok": error is None, "error": error,
                                "sent": sum(f.sent for f in forwards if f is not None)}}
     return parts, forward
+
+
+def listener(address: str) -> socket.socket:
+    """A socket listening on a free port of ``address`` in that address's own family, so that an
+    IPv6 fabric or management address works as an IPv4 one does; the wildcard (``""``, ``::``) listens
+    on both families where the system can."""
+    try:
+        if address in ("", "::") and socket.has_dualstack_ipv6():
+            return socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+        family, _, _, _, where = socket.getaddrinfo(address or None, 0, type=socket.SOCK_STREAM,
+                                                    flags=socket.AI_PASSIVE)[0]
+        return socket.create_server(where, family=family)
+    except OSError as exc:
+        raise Refused("listen", f"cannot listen on {address}: {_why(exc)}; is it this node's own "
+                                "fabric address (ip -br addr shows them)?") from None
 
 
 def _free_port() -> int:

@@ -275,7 +275,6 @@ def _part_report(part: Channel) -> dict:
         return said or {"ok": False, "kind": "truncated", "error": f"a stream of the push stopped: {exc}"}
 
 
-
 def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan, local: Path,
              wanted: dict, progress: Callable[[int], None] | None, fabric: bool = False,
              streams: int = STREAMS) -> dict:
@@ -346,6 +345,7 @@ def transfer(node: Node, target: Target, scripts: Scripts, planned: ArtifactPlan
         code, out, err = control.output
     if code == MISSING_SCRIPTS:
         raise TargetError(node.name, "the push agent disappeared from the node during the push")
+    out = f"{json.dumps(ready)}\n{out}" if "ok" in ready else out  # a refusal, read as "ready"
     last = (out.strip().splitlines() or [""])[-1]  # after "ready" or "port", the report
     said = report_in(out)
     if said is None or said.get("kind") == "truncated":

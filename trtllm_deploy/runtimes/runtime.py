@@ -52,6 +52,10 @@ def _no_node_env(address: str) -> dict[str, str]:
     return {}
 
 
+def _no_progress(body: bytes) -> int | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Runtime:
     """One serving runtime: how it is started, from which image, and how it is seen to work."""
@@ -73,6 +77,10 @@ class Runtime:
     health: str = "/health"                     # answers 200 once it serves
     ready: str = "/v1/models"                   # lists the served model
     says: tuple[str, ...] = ()                  # words its endpoint uses about itself (lower case)
+    # Its progress, for telling busy from stuck: a number that grows while it generates, read from
+    # what ``GET metrics`` answers (None: the answer shows none).
+    metrics: str | None = "/metrics"
+    progress: Callable[[bytes], int | None] = _no_progress
 
     @property
     def known_failures(self) -> tuple[failures.Known, ...]:

@@ -6,6 +6,8 @@ LLM-API YAML that engine.build leaves beside the weights.
 
 from __future__ import annotations
 
+import json
+
 from trtllm_deploy.runtimes.runtime import Runtime, Serve
 from trtllm_deploy.source.lock import LockFile
 from trtllm_deploy.source.plan import image_ref
@@ -33,6 +35,19 @@ def format_of(served: tuple[str, ...]) -> str:
     return "tensorrt" if "tensorrt" in served else "pytorch"
 
 
+def iterations(body: bytes) -> int | None:
+    """The highest iteration counter in what ``GET /metrics`` answers: the iteration stats recorded
+    since the previous call, a JSON list of IterationStats (docs/SOURCES.md#iteration-stats); None
+    when it holds none."""
+    try:
+        stats = json.loads(body)
+    except ValueError:
+        return None
+    found = [s["iter"] for s in stats if isinstance(s, dict) and isinstance(s.get("iter"), int)] \
+        if isinstance(stats, list) else []
+    return max(found, default=None)
+
+
 def image(lockfile: LockFile) -> str:
     """The image the lock builds, or the release image it names."""
     return image_ref(lockfile)
@@ -41,4 +56,4 @@ def image(lockfile: LockFile) -> str:
 RUNTIME = Runtime(
     name="trtllm", product="TensorRT-LLM", server="trtllm-serve", program=program, image=image,
     role="default", config=CONFIG, formats=("pytorch", "tensorrt"), options=options, format_of=format_of,
-    says=("tensorrt", "trtllm"))
+    says=("tensorrt", "trtllm"), progress=iterations)

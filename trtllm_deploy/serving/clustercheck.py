@@ -107,8 +107,8 @@ def node_problems(cluster: Cluster, ranks: list[dict]) -> dict[str, list[str]]:
                 mine.append(f"interface {iface['name']} does not exist")
             elif iface["operstate"] not in ("up", "unknown"):
                 mine.append(f"interface {iface['name']} is {iface['operstate']}")
-            elif not iface["ipv4"]:
-                mine.append(f"interface {iface['name']} has no IPv4 address")
+            elif not iface["ipv4"] and not iface.get("ipv6"):
+                mine.append(f"interface {iface['name']} has no IP address")
     return problems
 
 

@@ -223,6 +223,19 @@ def _ipv4(name: str) -> list[str]:
     return [socket.inet_ntoa(packed[20:24])]
 
 
+def _ipv6(name: str, table: str = "/proc/net/if_inet6") -> list[str]:
+    """The interface's IPv6 addresses with their prefix lengths, from the kernel's table (an IPv6
+    fabric or management link has no IPv4 address to report); link-local ones (scope 20), which
+    every IPv6 link has and nothing can reach without naming the link, are left out."""
+    try:
+        with open(table) as rows:
+            found = [row.split() for row in rows]
+    except OSError:
+        return []
+    return [f"{socket.inet_ntop(socket.AF_INET6, bytes.fromhex(row[0]))}/{int(row[2], 16)}"
+            for row in found if len(row) == 6 and row[5] == name and row[3] != "20"]
+
+
 def interface(name: str) -> dict:
     base = f"/sys/class/net/{name}"
     if not os.path.isdir(base):
@@ -232,7 +245,7 @@ def interface(name: str) -> dict:
     return {"name": name, "exists": True, "operstate": _read(f"{base}/operstate"),
             "mtu": int(mtu) if mtu and mtu.isdigit() else None,
             "speed_mbps": int(speed) if speed and speed.lstrip("-").isdigit() and int(speed) > 0
-            else None, "ipv4": _ipv4(name)}
+            else None, "ipv4": _ipv4(name), "ipv6": _ipv6(name)}
 
 
 # --- one rank, then all -------------------------------------------------------------------------

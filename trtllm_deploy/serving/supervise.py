@@ -86,14 +86,15 @@ class Progress:
 
 class Probe:
     """The runtime seen from outside: one streamed 1-token completion in flight at a time, and the
-    iteration counter from ``GET /metrics`` (the stats since the last call; the highest ``iter``
-    seen is kept)."""
+    runtime's own progress from its metrics endpoint (``Runtime.progress``: an iteration or a
+    generated-token counter, whichever the runtime reports); the highest value seen is kept."""
 
-    def __init__(self, url: str, models: str = "/v1/models", metrics: str | None = "/metrics",
-                 timeout: float = 600.0) -> None:
+    def __init__(self, url: str, serving: runtime.Runtime | None = None, timeout: float = 600.0) -> None:
+        serving = serving or runtime.default()
         self.url = url
-        self.models = models
-        self.metrics = metrics
+        self.models = serving.ready
+        self.metrics = serving.metrics
+        self.progress = serving.progress
         self.timeout = timeout
         self.sent_at: float | None = None
         self.tokens = 0
@@ -134,13 +135,11 @@ class Probe:
             return
         try:
             with urllib.request.urlopen(f"{self.url}{self.metrics}", timeout=5) as answer:
-                stats = json.load(answer)
-        except (OSError, ValueError):
+                found = self.progress(answer.read())
+        except OSError:
             return
-        found = [s["iter"] for s in stats if isinstance(s, dict) and isinstance(s.get("iter"), int)] \
-            if isinstance(stats, list) else []
-        if found:
-            self.iterations = max(found + [self.iterations or 0])
+        if found is not None:
+            self.iterations = max(found, self.iterations or 0)
 
     def close(self) -> None:
         self._stop.set()
@@ -155,7 +154,7 @@ def watch(cluster: Cluster, deployment: Deployment, *, interval: float = 1.0,
           good_after_s: float | None = None, on_good: Callable[[], None] = lambda: None) -> Failure | None:
     """Watch until a failure (returned, explained) or ``duration`` seconds / ``stop`` (None)."""
     nodes = launch.job_cluster(cluster, deployment)
-    probe = Probe(endpoint(nodes.head, deployment), models=runtime.get(deployment.runtime).ready)
+    probe = Probe(endpoint(nodes.head, deployment), runtime.get(deployment.runtime))
     try:
         return observe(lambda: jobs.trouble(jobs.look(nodes, deployment), deployment, nodes.head.name),
                        probe.seen, lambda what: jobs.explain(nodes, deployment, what),

@@ -65,15 +65,8 @@ class TorchNccl:
         self.torch, self.dist = torch, dist
         torch.cuda.set_device(device)
         self.device = torch.device("cuda", device)
-        address = None
-        if comm.rank == 0:
-            probe = socket.socket()
-            probe.bind(("", 0))
-            port = probe.getsockname()[1]
-            probe.close()
-            address = (os.environ.get("MASTER_ADDR") or _own_address(), port)
-        host, port = comm.bcast(address, root=0)
-        dist.init_process_group("nccl", init_method=f"tcp://{host}:{port}", rank=comm.rank,
+        meeting = rendezvous(os.environ.get("MASTER_ADDR") or _own_address()) if comm.rank == 0 else None
+        dist.init_process_group("nccl", init_method=comm.bcast(meeting, root=0), rank=comm.rank,
                                 world_size=comm.size, device_id=self.device)
         nccl = ".".join(map(str, torch.cuda.nccl.version()))
         self.version = f"torch {torch.__version__}, NCCL {nccl}"
@@ -149,10 +142,21 @@ class CupyNccl:
 
 
 def _own_address() -> str:
+    """This host's address as its name resolves, IPv4 or IPv6 (an IPv6-only fabric has no IPv4)."""
     try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
+        return socket.getaddrinfo(socket.gethostname(), None, type=socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError):
         return "127.0.0.1"
+
+
+def rendezvous(host: str) -> str:
+    """PyTorch's ``tcp://`` meeting point on ``host`` at a port free there, found in the address's
+    own family; an IPv6 literal in brackets (RFC 3986), as the URL's parser needs it."""
+    family, _, _, _, where = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind(where)
+        port = probe.getsockname()[1]
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
 def _backend(name: str, comm, device: int):

@@ -50,6 +50,7 @@ Environment (read on rank 0 only and broadcast, so ``mpirun -x`` is not needed):
     ``hang:K@R``        rank R stops taking part at token K and stays alive (SIGTERM kills it)
     ``nccl:K@R``        rank R prints a real NCCL error line and exits 1 at token K
     ``double-free:K@R`` rank R prints glibc's double-free line and aborts (SIGABRT) at token K
+    ``driver:K@R``      rank R prints PyTorch's CUDA error of a GPU lost to its driver, exits 1
     ``oom@R``           rank R prints a real CUDA out-of-memory line half-way through loading
     ``bind``            rank 0 fails to bind its port with uvicorn's bind error line, exit 1
 

@@ -34,6 +34,11 @@ NCCL_LINE = (
     "'unhandled system error (run with NCCL_DEBUG=INFO for details)'"
 )
 
+# PyTorch's CUDA error when the GPU stops answering its driver mid-run (the GPU then shows ERR! in
+# nvidia-smi until the node reboots), as PyTorch programs print it:
+# https://github.com/pytorch/pytorch/issues/74235 (the runtime modules say where a server printed it)
+DRIVER_LINE = "RuntimeError: CUDA error: unspecified launch failure"
+
 # glibc aborting a multi-node TensorRT-LLM run (trtllm-bench and trtllm-serve on H20/H100):
 # https://github.com/NVIDIA/TensorRT-LLM/issues/2953
 DOUBLE_FREE_LINE = "free(): double free detected in tcache 2"
@@ -42,7 +47,7 @@ DOUBLE_FREE_LINE = "free(): double free detected in tcache 2"
 # https://github.com/NVIDIA/TensorRT-LLM/issues/784 (the other runtimes' modules say where they print it)
 BIND_LINE = "[Errno {errno}] error while attempting to bind on address ('{host}', {port}): {reason}"
 
-KINDS = ("exit", "hang", "nccl", "double-free", "oom", "bind")
+KINDS = ("exit", "hang", "nccl", "double-free", "oom", "bind", "driver")
 SPEC = re.compile(r"(?P<kind>[a-z-]+)(?::(?P<token>\d+))?(?:@(?P<rank>\d+))?")
 
 
@@ -62,7 +67,8 @@ class Fault:
             os._exit(1)
         if self.kind == "hang":
             hang()
-        line = {"oom": OOM_LINE, "nccl": NCCL_LINE, "double-free": DOUBLE_FREE_LINE}[self.kind]
+        line = {"oom": OOM_LINE, "nccl": NCCL_LINE, "double-free": DOUBLE_FREE_LINE,
+                "driver": DRIVER_LINE}[self.kind]
         log.error(line)
         if self.kind == "double-free":
             os.abort()
@@ -83,6 +89,8 @@ def parse(text: str) -> tuple[Fault, ...]:
         if token is not None and (int(token) < 1 or kind in ("oom", "bind")):
             raise ValueError(f"STANDIN_FAULT: {part!r}: " + (
                 "tokens count from 1" if int(token) < 1 else f"'{kind}' happens before any token"))
+        if token is None and kind == "driver":
+            raise ValueError(f"STANDIN_FAULT: {part!r}: 'driver' happens at a token (driver:K)")
         if rank is not None and kind == "bind":
             raise ValueError(f"STANDIN_FAULT: {part!r}: only rank 0 binds a port")
         faults.append(Fault(kind, int(token) if token else None, int(rank or 0)))

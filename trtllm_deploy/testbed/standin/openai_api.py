@@ -18,6 +18,9 @@ from .engine import Engine, Generation, count_prompt_tokens
 from .log import Log
 
 DEFAULT_MAX_TOKENS = 16
+# ``GET /metrics`` of the runtimes whose answer is not trtllm-serve's iteration stats: their module
+# registers program name → (engine, served model) → (content type, body).
+METRICS: dict = {}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -195,6 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
                      "runtime": self.model.runtime, "root": self.model.metadata.get("path"),
                      "max_model_len": self.model.max_seq_len, "metadata": self.model.metadata}
             self._send(200, {"object": "list", "data": [entry]})
+        elif path == "/metrics" and self.model.runtime in METRICS:
+            self._send_body(*METRICS[self.model.runtime](self.engine, self.model))
         elif path == "/metrics":
             self._send_list(self.engine.take_stats())
         elif path in self.POST_ROUTES:
@@ -268,9 +273,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_list(self, items: list) -> None:
-        data = json.dumps(items).encode()
+        self._send_body("application/json", json.dumps(items).encode())
+
+    def _send_body(self, content_type: str, data: bytes) -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

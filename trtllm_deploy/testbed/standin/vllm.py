@@ -8,17 +8,21 @@ The options are those of ``vllm serve`` at the pinned vLLM (requirements/interfa
 serve_options.json, read from vLLM's source by runtimes/vllm.py with runtimes/interface/argsource.py);
 the stand-in uses the ones that shape serving and accepts the rest.
 
-uvicorn's bind failure (faults.BIND_LINE) reads the same in vLLM: vllm-project/vllm#7514.
+uvicorn's bind failure (faults.BIND_LINE) reads the same in vLLM: vllm-project/vllm#7514. So does
+PyTorch's CUDA error of a GPU lost to its driver (faults.DRIVER_LINE): vllm-project/vllm#27430 (TP=8,
+the GPU in nvidia-smi's ERR! state after).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 
 from trtllm_deploy.runtimes.interface import ROOT
 from trtllm_deploy.runtimes.interface.argsource import ArgsTable, underscores_to_dashes
 
+from . import openai_api
 from .log import Log
 from .serve import ServeConfig
 from .start import start, version_line
@@ -29,6 +33,31 @@ PRODUCT = "vLLM"
 # vLLM's scheduler default for --max-num-seqs depends on the hardware; the stand-in's batch size.
 MAX_NUM_SEQS = 256
 SERVE_OPTIONS = "requirements/interface/vllm/serve_options.json"   # as runtimes/vllm.py's
+# vLLM's Prometheus metrics at the pinned vLLM (as runtimes/vllm.py's METRICS): GET /metrics answers
+# the generated-token counter under its real name and labels, as prometheus_client writes it.
+METRICS = "requirements/interface/vllm/metrics.json"
+GENERATED = "vllm:generation_tokens"
+EXPOSITION = "text/plain; version=0.0.4; charset=utf-8"   # prometheus_client's CONTENT_TYPE_LATEST
+
+
+@functools.cache
+def generated_counter() -> tuple[str, tuple[str, ...]]:
+    """The generated-token counter's sample name (a counter's gets ``_total``) and label names."""
+    declared = json.loads((ROOT / METRICS).read_text(encoding="utf-8"))["metrics"][GENERATED]
+    assert declared["kind"] == "counter", declared
+    return f"{GENERATED}_total", tuple(declared["labels"])
+
+
+def metrics_text(engine, model) -> tuple[str, bytes]:
+    """``GET /metrics`` as vLLM answers it (the counter stand-in knows: tokens generated so far)."""
+    sample, names = generated_counter()
+    values = {"model_name": model.name, "engine": "0"}
+    labels = ",".join(f'{name}="{values.get(name, "")}"' for name in names)
+    text = f"# TYPE {sample} counter\n{sample}{{{labels}}} {float(engine.tokens_done)}\n"
+    return EXPOSITION, text.encode()
+
+
+openai_api.METRICS[PROGRAM] = metrics_text
 
 
 @functools.cache
