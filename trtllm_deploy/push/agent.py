@@ -418,8 +418,8 @@ def _sync_dir(path: str) -> None:
 def exchange(staging: str, current: str) -> bool:
     """Make ``staging`` the current version in one step; True when it was atomic (an exchange of
     the two names, or the first version's rename). The new version's directories are synced before
-    (its files were, as they arrived), their parent after: a power cut finds one version or the
-    other whole under the name, never a version whose entries were not yet on disk."""
+    (its files were, as they arrived), the folder holding both names after: a power cut finds one
+    version or the other whole under the name, never one whose entries were not yet on disk."""
     for folder, _, _ in os.walk(staging):
         _sync_dir(folder)
     parent = os.path.dirname(current) or "."
