@@ -294,10 +294,13 @@ def test_a_node_with_another_image_under_the_same_tag_is_the_odd_one_out(bed, tm
         assert "drift: the nodes disagree" in done.stdout
         line = next(line for line in done.stdout.splitlines() if "│ image" in line)
         assert "(spark-1, spark-2)" in line and "spark-3: sha256:" in line
-        line = next(line for line in done.stdout.splitlines() if "│ TensorRT-LLM version" in line)
-        assert "(spark-1, spark-2)" in line and "spark-3: 0.21.0" in line
-        line = next(line for line in done.stdout.splitlines() if "│ TensorRT-LLM commit" in line)
-        assert "– (spark-1, spark-2)" in line and "spark-3: 0123abc" in line
+        rows = {field: [line for line in done.stdout.splitlines() if f"│ {field} " in line]
+                for field in ("TensorRT-LLM version", "TensorRT-LLM commit")}
+        assert all(rows.values()), f"a drift row is missing:\n{done.stdout}"
+        assert "(spark-1, spark-2)" in rows["TensorRT-LLM version"][0]
+        assert "spark-3: 0.21.0" in rows["TensorRT-LLM version"][0]
+        assert "– (spark-1, spark-2)" in rows["TensorRT-LLM commit"][0]
+        assert "spark-3: 0123abc" in rows["TensorRT-LLM commit"][0]
         assert ("cluster.check: image, TensorRT-LLM version, TensorRT-LLM commit differ or failed on"
                 " spark-3") in done.stderr
     finally:
