@@ -3,11 +3,15 @@ trtllm-serve measured locally and on the testbed; compare and the regression gat
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +21,8 @@ from test_launch import ARTIFACT, bed, home  # noqa: F401  (fixtures: the testbe
 from charts import colour, read_png
 from conftest import docker_unusable
 from trtllm_deploy.errors import InputError
-from trtllm_deploy.measure.bench import report, stats, sweep
+from timed_server import answer
+from trtllm_deploy.measure.bench import client, report, stats, sweep
 from trtllm_deploy.measure.bench.client import Sample
 from trtllm_deploy.testbed import artifact as tiny
 from waiting import until
@@ -365,3 +370,106 @@ def test_a_result_is_put_against_the_ceiling_of_what_it_serves(invoke, standin, 
                          "--output-tokens", "4", "--expect-model", "no-such-model",
                          "--out", str(tmp_path / "u"))
     assert "unavailable" in unknown["efficiency"]
+
+
+# --- when a token is stamped ----------------------------------------------------------------
+
+def _burst_server(tokens: tuple[int, ...], requests_read, go, sent) -> tuple[int, dict]:
+    """A server that reads one streamed request per entry of ``tokens`` (its max_tokens says which),
+    then, on ``go``, sends each its whole answer in one send: head, every token and [DONE] in one
+    TCP segment. Returns its port and {max_tokens: the client's port}, filled as requests come."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ports: dict[int, int] = {}
+
+    def serve() -> None:
+        answers = []
+        with listener:
+            for _ in tokens:
+                conn, peer = listener.accept()
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                request = json.loads(body)
+                ports[request["max_tokens"]] = peer[1]
+                pieces = answer("POST", "/v1/completions", request, 0.0, 0.0, 0.0, False, [])
+                answers.append((conn, b"".join(piece for _, piece in pieces)))
+            requests_read.set()
+            go.wait(60)
+            for conn, data in answers:
+                conn.sendall(data)
+            sent.set()
+            for conn, _ in answers:
+                conn.recv(1)  # until the client closes
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], ports
+
+
+def test_tokens_are_stamped_when_the_poll_found_them_not_when_they_were_parsed(monkeypatch):
+    """Every token of two streams arrives at once, each stream's in one segment, while the client's
+    loop is held so that it cannot poll. Each token's time must then be the time of the one poll
+    that found its stream's bytes: the same for all of a stream's tokens (ITL 0), though they are
+    parsed one after another, and the second stream's only after the loop has polled again.
+    Stamping at parse time, in the read callback, or from a later poll's clock all give other
+    times. The clock is made strictly increasing, so no two readings of it are equal by chance: no
+    timing is asserted, only which reading each token got."""
+    real, last = time.perf_counter, [0.0]
+
+    def strictly_increasing() -> float:
+        last[0] = max(real(), last[0] + 1e-6)
+        return last[0]
+    monkeypatch.setattr(time, "perf_counter", strictly_increasing)
+
+    loop = client.new_loop()
+    polls: list[tuple[float, set]] = []   # each poll's time and the local ports it found with bytes
+    select = loop.poll_clock.select
+
+    def recorded(timeout=None):
+        ready = select(timeout)
+        found = set()
+        for key, events in ready:
+            if not events & selectors.EVENT_READ:
+                continue  # a connection being made
+            try:
+                with socket.fromfd(key.fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    found.add(sock.getsockname()[1])
+            except (OSError, IndexError, TypeError):
+                pass  # the loop's own wake-up pipe
+        polls.append((loop.poll_clock.polled, found))
+        return ready
+    loop.poll_clock.select = recorded
+
+    requests_read, go, sent = threading.Event(), threading.Event(), threading.Event()
+    port, ports = _burst_server((3, 5), requests_read, go, sent)
+
+    async def run() -> list[Sample]:
+        endpoint = client.Endpoint("127.0.0.1", port)
+        tasks = [asyncio.ensure_future(client.stream(endpoint, "/v1/completions",
+                                                     {"model": "m", "prompt": "p", "max_tokens": n,
+                                                      "stream": True}, timeout=60)) for n in (3, 5)]
+        assert await loop.run_in_executor(None, requests_read.wait, 60)
+        go.set()
+        assert sent.wait(60)  # the loop is held here: every token lands before it polls again
+        return await asyncio.gather(*tasks)
+
+    try:
+        samples = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    for n, sample in zip((3, 5), samples, strict=True):
+        assert sample.error is None and len(sample.arrivals) == n, (sample.error, sample.detail)
+        stamps = sorted(set(sample.arrivals))
+        assert len(stamps) == 1, f"stream of {n}: its tokens, read in one poll, are stamped {stamps}"
+        stamp = stamps[0]
+        finding = [when for when, found in polls if ports[n] in found]
+        assert finding == [stamp], (f"stream of {n}: its tokens are stamped {stamp}, not when the poll"
+                                    f" found its bytes ({finding})")
+        assert sample.itl == [0.0] * (n - 1) and sample.first == stamp == sample.ended
+

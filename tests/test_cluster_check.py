@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from invoke import Context
+from invoke.exceptions import Exit
 from rich.console import Console
 from test_containers import authorize_head_key
 
@@ -129,6 +131,93 @@ def test_each_nodes_own_checks(three):
     assert missing.problems["s3"] == ["no rank reported from this node"]
 
 
+# The probe's nvidia-smi, held to the query it sends: it answers that query with the recording
+# (H200X2_QUERY, or the recording with one field of one node changed) and refuses any other.
+NVIDIA_SMI = """#!/bin/sh
+[ "$*" = "--query-gpu=index,name,uuid,compute_cap,driver_version --format=csv,noheader" ] || {
+    echo "nvidia-smi stand-in: only the probe's recorded query is answered, not: $*" >&2; exit 2; }
+cat "$(dirname "$0")/query.csv"
+"""
+# A DGX Spark's one GPU: its name and compute capability as recorded (tests/data/nvidia-smi), in
+# the first H200 row's place.
+GB10_NAME, GB10_CC = (ROOT / "tests" / "data" / "nvidia-smi" / "gb10-query-name-compute_cap.noheader.csv"
+                      ).read_text().strip().split(", ")
+GB10_QUERY = H200X2_QUERY.splitlines()[0].replace("NVIDIA H200", GB10_NAME).replace(
+    " 9.0,", f" {GB10_CC},") + "\n"
+COMMIT = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
+
+# (case, the odd node, its nvidia-smi answer, its image's words, the drift rows expected)
+ODD_ONE_OUT = [
+    ("driver", "s2", H200X2_QUERY.replace("580.159.04", "580.95.05"), {},
+     [("driver", "580.159.04", {"s2": "580.95.05"})]),
+    ("GPU model", "s3", H200X2_QUERY.replace("NVIDIA H200", "NVIDIA H100 80GB HBM3"), {},
+     [("GPU model", "NVIDIA H200", {"s3": "NVIDIA H100 80GB HBM3"})]),
+    ("compute capability", "s1", GB10_QUERY, {},
+     [("compute capability", "9.0", {"s1": GB10_CC}), ("GPU model", "NVIDIA H200", {"s1": GB10_NAME})]),
+    ("TensorRT-LLM version", "s2", H200X2_QUERY, {"TRT_LLM_VERSION": "1.1.0"},
+     [("TensorRT-LLM version", "1.2.0rc2", {"s2": "1.1.0"})]),
+    ("TensorRT-LLM commit", "s3", H200X2_QUERY, {"TRT_LLM_GIT_COMMIT": "0" * 40},
+     [("TensorRT-LLM commit", COMMIT, {"s3": "0" * 40})]),
+]
+
+
+def _probe_on(tmp_path: Path, node: inventory.Node, query: str, image_env: dict) -> dict:
+    """The real probe, one rank as on ``node``: its nvidia-smi answers ``query``, its image says
+    ``image_env``, its fabric variables are its hosts.toml ones (so only the drift is wrong)."""
+    bin_dir = tmp_path / node.name / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "query.csv").write_text(query)
+    (bin_dir / "nvidia-smi").write_text(NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TRTLLM_DEPLOY_NODE": node.name,
+           "TRTLLM_DEPLOY_IMAGE_ID": "sha256:" + "ab" * 32, "TRT_LLM_VERSION": "1.2.0rc2",
+           "TRT_LLM_GIT_COMMIT": COMMIT,
+           **clustercheck.fabric.fabric_env(node, clustercheck.runtime.default()), **image_env}
+    done = subprocess.run([sys.executable, str(ROOT / "trtllm_deploy" / "serving" / "probe.py")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    (rank,) = probe.parse_output(done.stdout)["ranks"]
+    assert rank["gpu"]["source"] == "nvidia-smi", rank["gpu"]
+    return rank
+
+
+@pytest.mark.parametrize("case, odd, query, image_env, expected", ODD_ONE_OUT,
+                         ids=[case for case, *_ in ODD_ONE_OUT])
+def test_the_odd_driver_gpu_or_tensorrt_llm_is_named_against_the_majority_and_exits_1(
+        tmp_path, monkeypatch, case, odd, query, image_env, expected):
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text('[defaults]\nfabric = { interfaces = ["lo"] }\n' + "".join(
+        f'[[nodes]]\nname = "s{i}"\naddress = "192.0.2.{i}"\n' + ('role = "head"\n' if i == 1 else "")
+        for i in (1, 2, 3)))
+    cluster = inventory.load(hosts)
+    ranks = []
+    for index, node in enumerate(cluster.nodes):
+        rank = _probe_on(tmp_path, node, query if node.name == odd else H200X2_QUERY,
+                         image_env if node.name == odd else {})
+        ranks.append({**rank, "rank": index, "size": 3})
+    report = clustercheck.evaluate(cluster, {"size": 3, "ranks": ranks})
+    assert report.problems == {"s1": [], "s2": [], "s3": []}
+    majority = [name for name in ("s1", "s2", "s3") if name != odd]
+    assert [(d.field, d.majority, d.majority_nodes, d.odd) for d in report.drifts] == [
+        (field, value, majority, odd_value) for field, value, odd_value in expected]
+    console = Console(record=True, width=160)
+    console.print(cluster_cli.drift_table(report.drifts))
+    text = console.export_text()
+    for field, value, odd_value in expected:
+        row = next(line for line in text.splitlines() if f"│ {field} " in line)
+        shown, odd_shown = cluster_cli._short(value), cluster_cli._short(odd_value[odd])
+        assert f"{shown} ({', '.join(majority)})" in row and f"{odd}: {odd_shown}" in row, text
+
+    # Through the task: the gathered report is this one (mpirun's part is the testbed tests').
+    monkeypatch.chdir(tmp_path)  # no lock file here: only the drift decides
+    monkeypatch.setattr(clustercheck, "run", lambda *args, **kwargs: report)
+    with pytest.raises(Exit) as caught:
+        cluster_cli.check(Context(), hosts=str(hosts))
+    assert caught.value.code == 1
+    assert caught.value.message == (f"cluster.check: {', '.join(field for field, *_ in expected)}"
+                                     f" differ or failed on {odd}")
+
+
 UNFIXED = ('[source]\nrepository = "https://github.com/NVIDIA/TensorRT-LLM.git"\n[build]\nkind = "source"\n'
            '[[fixes]]\npr = 12902\nneeded_for = "several"\nmissing = "not in the pinned history"\n')
 
@@ -195,16 +284,25 @@ def test_a_node_with_another_image_under_the_same_tag_is_the_odd_one_out(bed, tm
     testbed, cluster, image = bed
     odd = cluster.nodes[2]
     original = _on(odd, ["docker", "image", "inspect", "--format", "{{.Id}}", image]).strip()
-    # The stand-in with one extra label, built on the node under the same tag: a stale image.
-    _on(odd, ["sh", "-c", 'printf "FROM %s\\nLABEL io.trtllm-deploy.test=drift\\n" "$1" | '
-              'docker build -q -t "$1" -', "sh", image])
+    # The stand-in built again on the node under the same tag, saying it is another TensorRT-LLM
+    # (the OCI labels the probe is told): a stale image, and its TensorRT-LLM drift rows.
+    _on(odd, ["sh", "-c", 'printf "FROM %s\\nLABEL org.opencontainers.image.version=0.21.0'
+              ' org.opencontainers.image.revision=0123abc\\n" "$1" | docker build -q -t "$1" -', "sh", image])
     try:
         done = _check(testbed.layout.hosts_file, tmp_path)
         assert done.returncode == 1, done.stdout + done.stderr
         assert "drift: the nodes disagree" in done.stdout
         line = next(line for line in done.stdout.splitlines() if "│ image" in line)
         assert "(spark-1, spark-2)" in line and "spark-3: sha256:" in line
-        assert "cluster.check: image differ or failed on spark-3" in done.stderr
+        rows = {field: [line for line in done.stdout.splitlines() if f"│ {field} " in line]
+                for field in ("TensorRT-LLM version", "TensorRT-LLM commit")}
+        assert all(rows.values()), f"a drift row is missing:\n{done.stdout}"
+        assert "(spark-1, spark-2)" in rows["TensorRT-LLM version"][0]
+        assert "spark-3: 0.21.0" in rows["TensorRT-LLM version"][0]
+        assert "– (spark-1, spark-2)" in rows["TensorRT-LLM commit"][0]
+        assert "spark-3: 0123abc" in rows["TensorRT-LLM commit"][0]
+        assert ("cluster.check: image, TensorRT-LLM version, TensorRT-LLM commit differ or failed on"
+                " spark-3") in done.stderr
     finally:
         _on(odd, ["sh", "-c", 'new=$(docker image inspect --format "{{.Id}}" "$2"); docker tag "$1" "$2"'
                   ' && docker rmi "$new" >/dev/null', "sh", original, image])

@@ -107,6 +107,52 @@ def test_the_sender_takes_a_parts_reason_when_the_receive_could_not_hear_it():
     assert reports.report_in("ssh: connect to host x: Connection reset\n") is None
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["over-the-current-version", "the-first-version"])
+def test_staging_becomes_current_by_an_exchange_synced_on_both_sides(tmp_path, monkeypatch, first):
+    """The node's own commit, run here: the name never goes missing (no remove or rename of the
+    current version, only the exchange), the new version's directories are synced before the swap
+    and the folder holding the name after it, and the report says the swap was atomic."""
+    artifacts = tmp_path / "engines"
+    new = make_artifact(tmp_path / "new", "art", {"w": 3000, "sub/t.json": 100}, seed=2)
+    if not first:
+        make_artifact(artifacts, "art", {"w": 1000, "old-only": 10}, seed=1)
+    artifacts.mkdir(exist_ok=True)
+    current, staging = artifacts / "art", Path(agent.staging_of(str(artifacts), "art"))
+    wanted = manifest.load(new)
+    os.rename(new, staging)
+    staged = os.stat(staging).st_ino
+    gone, synced = [], []
+
+    def watched(name, real):
+        def call(*args, **kwargs):
+            done = real(*args, **kwargs)
+            if not first and not os.path.lexists(current):
+                gone.append((name, args))
+            return done
+        return call
+
+    for name in ("rename", "replace", "rmdir", "unlink", "removedirs"):
+        monkeypatch.setattr(os, name, watched(name, getattr(os, name)))
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}")
+        swapped = os.path.exists(current) and os.stat(current).st_ino == staged
+        synced.append((path, swapped))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    parts = [{"ok": True, "hashed": {}, "received": 0, "written": []}]
+    report = agent._commit(manifest, str(artifacts), "art", wanted, parts)
+    assert report["ok"] and report["atomic"] is True, report
+    assert gone == [], f"the current version's name went missing during the swap: {gone}"
+    assert os.stat(current).st_ino == staged and not staging.exists()
+    assert manifest.check(current, wanted).ok and not (current / "old-only").exists()
+    assert (str(artifacts.resolve()), True) in synced, f"{artifacts} was not synced after the swap: {synced}"
+    for folder in (staging, staging / "sub"):
+        assert (str(folder.resolve()), False) in synced, f"{folder} was not synced before the swap: {synced}"
+
+
 def test_layer_chains_and_node_facts():
     chains = layers.chain_ids(["sha256:a", "sha256:b"])
     assert chains[0] == "sha256:a" and chains[1].startswith("sha256:") and len(chains[1]) == 71

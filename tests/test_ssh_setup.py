@@ -159,7 +159,7 @@ def test_plan_is_up_to_date_when_everything_is_there(two_nodes):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("scan-not-held", "man-in-the-middle"),
+    ("scan-not-held", "NOT THE NODE'S KEY"),
     ("nothing-scanned", "ssh-keyscan got no host key"),
     ("node-reports-none", "reports no host key"),
     ("changed-here", "HOST KEY CHANGED for 10.0.0.1"),
@@ -185,6 +185,36 @@ def test_plan_refuses_keys_it_cannot_trust(two_nodes, case, expected):
     plan = sshsetup.make_plan(cluster, [facts(one, **first), facts(two, **second)])
     assert any(expected in refusal for refusal in plan.refusals), plan.refusals
     with pytest.raises(CheckFailed, match="nothing was written"):
+        sshsetup.apply(plan)
+
+
+STRANGER = knownhosts.PublicKey("ssh-ed25519", base64.b64encode(b"\0\0\0\x0bssh-ed25519stranger").decode())
+
+
+@pytest.mark.parametrize("pinned_here, scanned", [
+    ("", [STRANGER]),
+    ("", [ED_A, STRANGER]),
+    ("", [STRANGER, ED_A]),
+    (f"10.0.0.1 {ED_A.line}\n", [STRANGER]),
+], ids=["nothing-pinned-yet", "beside-its-own-key", "before-its-own-key", "pinned-here-too"])
+def test_a_scanned_key_the_node_does_not_hold_is_refused_and_pinned_nowhere(two_nodes, pinned_here, scanned):
+    """Only this check sees a stranger where nothing is pinned yet: no known_hosts disagrees."""
+    cluster, local = two_nodes
+    one, two = cluster.nodes
+    local.write_text(pinned_here)
+    plan = sshsetup.make_plan(cluster, [facts(one, key=ED_A, reported=[ED_A], scanned=scanned),
+                                        facts(two, key=ED_B, reported=[ED_B])])
+    mine = [refusal for refusal in plan.refusals if "NOT THE NODE'S KEY" in refusal]
+    assert len(mine) == 1, plan.refusals
+    assert mine[0].startswith("spark-1: NOT THE NODE'S KEY: 10.0.0.1 presents " + STRANGER.shown)
+    assert f"its /etc/ssh has {ED_A.shown}" in mine[0]
+    # No key of spark-1's is pinned anywhere, the one it does hold included: its address lies.
+    assert [row.node for row in plan.host_keys] == ["spark-2"]
+    added = [*(line for lines in plan.local.values() for line in lines),
+             *(line for step in plan.nodes for line in step.known_hosts)]
+    assert added and not [line for line in added if "spark-1" in line or "10.0.0.1" in line
+                          or STRANGER.line in line or ED_A.line in line], added
+    with pytest.raises(CheckFailed, match="NOT THE NODE'S KEY: 10.0.0.1"):
         sshsetup.apply(plan)
 
 

@@ -198,11 +198,13 @@ def _verified_host_keys(facts: NodeFacts, refusals: list[str]) -> list[PublicKey
     strangers = [key for key in facts.scanned if key not in facts.reported]
     if strangers:
         own = ", ".join(key.shown for key in facts.reported)
+        # Its own words (NOT THE NODE'S KEY), not a known_hosts mismatch's: a scanned key can be
+        # a stranger where nothing is pinned yet, and only this check sees that.
         refusals.append(
-            f"{node.name}: {where} presents {', '.join(k.shown for k in strangers)}, which the node"
-            f" itself does not hold (its /etc/ssh has {own}). Something between this machine and the"
-            " node answers in its name: this is what a man-in-the-middle looks like. Nothing was"
-            " written; find out why before trusting it.")
+            f"{node.name}: NOT THE NODE'S KEY: {where} presents {', '.join(k.shown for k in strangers)},"
+            f" which the node itself does not hold (its /etc/ssh has {own}). Something between this"
+            " machine and the node answers in its name. Nothing was written; find out why before"
+            " trusting it.")
         return []
     return list(facts.scanned)
 

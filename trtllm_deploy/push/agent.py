@@ -407,16 +407,32 @@ class Receiver:
         return answer
 
 
+def _sync_dir(path: str) -> None:
+    handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
 def exchange(staging: str, current: str) -> bool:
-    """Make ``staging`` the current version in one step; True when it was atomic."""
+    """Make ``staging`` the current version in one step; True when it was atomic (an exchange of
+    the two names, or the first version's rename). The new version's directories are synced before
+    (its files were, as they arrived), the folder holding both names after: a power cut finds one
+    version or the other whole under the name, never one whose entries were not yet on disk."""
+    for folder, _, _ in os.walk(staging):
+        _sync_dir(folder)
+    parent = os.path.dirname(current) or "."
     if not os.path.lexists(current):
         os.rename(staging, current)
+        _sync_dir(parent)
         return True
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         done = libc.renameat2(AT_FDCWD, os.fsencode(staging), AT_FDCWD, os.fsencode(current),
                               RENAME_EXCHANGE)
         if done == 0:
+            _sync_dir(parent)
             return True
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -429,6 +445,7 @@ def exchange(staging: str, current: str) -> bool:
     os.rename(current, aside)
     os.rename(staging, current)
     os.rename(aside, staging)
+    _sync_dir(parent)
     return False
 
 
