@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 
 from test_push import PROGRAM, make_artifact
+from test_standin import Server, health, write_checkpoint
 from trtllm_deploy.artifact import verify
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.measure.diagnose import nccl_bench
 from trtllm_deploy.push import agent
-from trtllm_deploy.serving import probe
+from trtllm_deploy.serving import launch, probe
+from trtllm_deploy.serving.state import Deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -115,3 +117,28 @@ def test_a_fabric_address_the_node_cannot_listen_on_reaches_the_user_by_name(tmp
     assert done.returncode == 1
     error = json.loads(done.stdout)["nodes"]["here"]["error"]
     assert "cannot listen on fd00:dead::7" in error and "own fabric address" in error, error
+
+
+@pytest.mark.parametrize("address, listen", [
+    ("fd00::1", "::"), ("fe80::1%enP7s7", "::"), ("spark-1.local", "0.0.0.0"), ("10.0.0.1", "0.0.0.0")])
+@pytest.mark.parametrize("serves", ["trtllm", "vllm"])
+def test_an_ipv6_head_serves_on_both_families(address, listen, serves):
+    """The endpoint of a head reached by an IPv6 address listens on "::" (both families), the runtime
+    told so on its command line; an IPv4 or named head keeps 0.0.0.0."""
+    head = inventory.Node(name="spark-1", address=address, role="head")
+    assert launch.listen_address(head) == listen
+    argv = launch.program(Deployment(job="serve", runtime=serves, image="i", artifact="a", tp=1),
+                          launch.listen_address(head))
+    assert argv[argv.index("--host") + 1] == listen
+
+
+def test_the_stand_in_told_to_listen_on_both_families_answers_on_both(tmp_path):
+    """What the runtimes do with --host :: (uvicorn binds IPv6, dual-stack): the stand-in answers at
+    [::1] and at 127.0.0.1."""
+    server = Server(["trtllm-serve", str(write_checkpoint(tmp_path / "model"))], host="::")
+    try:
+        server.wait_ready()
+        assert health(server.port, "::1") == 200
+        assert health(server.port, "127.0.0.1") == 200
+    finally:
+        server.stop()

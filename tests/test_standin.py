@@ -70,13 +70,14 @@ def standin(*args: str) -> list[str]:
 class Server:
     """A stand-in process on 127.0.0.1; its output is collected by a thread as it comes."""
 
-    def __init__(self, program_args: list[str], env: dict | None = None, port: int | None = None) -> None:
+    def __init__(self, program_args: list[str], env: dict | None = None, port: int | None = None,
+                 host: str = "127.0.0.1") -> None:
         self.port = port or free_port()
         self.lines: list[str] = []
         self._changed = threading.Condition()  # notified at every line and at the end of the output
         self._ended = False
         self.process = subprocess.Popen(
-            standin(*program_args, "--host", "127.0.0.1", "--port", str(self.port)),
+            standin(*program_args, "--host", host, "--port", str(self.port)),
             env=clean_env(**{**FAST, **(env or {})}), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -147,9 +148,9 @@ def start_server():
         server.stop()
 
 
-def health(port: int) -> int | None:
+def health(port: int, host: str = "127.0.0.1") -> int | None:
     try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        connection = http.client.HTTPConnection(host, port, timeout=2)
         connection.request("GET", "/health")
         return connection.getresponse().status
     except OSError:

@@ -104,7 +104,8 @@ def _smoke(usage: Usage, formats: tuple[str, ...]) -> None:
     """serving/smoke.py's container command (trtllm-serve without the launcher)."""
     for format in formats:
         target = _Recorder()
-        node = SimpleNamespace(name="head", container=SimpleNamespace(ulimits={}, env={}))
+        node = SimpleNamespace(name="head", host="127.0.0.1",
+                               container=SimpleNamespace(ulimits={}, env={}))
         report = SimpleNamespace(add=lambda *args, **kwargs: None)
         image = "runtime-image"
         smoke._start(report, node, target, image, "/artifacts/a", 8355, True,

@@ -34,6 +34,7 @@ class Serve:
     port: int
     head: str = "127.0.0.1"             # where the ranks meet (the head's fabric address)
     options: tuple[str, ...] = ()       # from :attr:`Runtime.options` for the artifact
+    listen: str = "0.0.0.0"             # where HTTP listens: "::" (both families) for an IPv6 head
 
     @property
     def ranks(self) -> int:

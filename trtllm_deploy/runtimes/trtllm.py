@@ -19,7 +19,7 @@ def program(serve: Serve) -> list[str]:
     """Every rank runs the launcher; rank 0 serves HTTP, the others join it as workers."""
     return ["trtllm-llmapi-launch", "trtllm-serve", serve.model, *serve.options,
             "--tp_size", str(serve.tp), "--pp_size", str(serve.pp),
-            "--host", "0.0.0.0", "--port", str(serve.port), "--config", f"{serve.model}/{CONFIG}"]
+            "--host", serve.listen, "--port", str(serve.port), "--config", f"{serve.model}/{CONFIG}"]
 
 
 def options(format: str, inside: str) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ def program(serve: Serve) -> list[str]:
             "--tensor-parallel-size", str(serve.tp),
             "--pipeline-parallel-size", str(serve.pp), "--distributed-executor-backend", "mp",
             "--nnodes", str(serve.ranks), "--master-addr", serve.head,
-            "--master-port", str(MASTER_PORT), "--host", "0.0.0.0", "--port", str(serve.port)]
+            "--master-port", str(MASTER_PORT), "--host", serve.listen, "--port", str(serve.port)]
 
 
 # `vllm serve`'s options at the pinned vLLM (the stand-in takes exactly these), read from vLLM's

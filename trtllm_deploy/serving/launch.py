@@ -35,6 +35,7 @@ from trtllm_deploy.serving.gate import ask, wait_ready
 from trtllm_deploy.serving.state import Deployment, current, last_good, record, rollback_target
 from trtllm_deploy.source import digest
 from trtllm_deploy.source.lock import LockFile
+from trtllm_deploy.urls import is_ipv6
 
 # Programs mpirun starts (argv, not scripts run on a node): each rank records its pid, then becomes
 # the program with its output in its own log file; mpirun itself, detached in the head's container,
@@ -53,11 +54,18 @@ exit 0
 """)
 
 
-def program(deployment: Deployment) -> list[str]:
+def program(deployment: Deployment, listen: str = "0.0.0.0") -> list[str]:
     """The serving command every rank runs (inside its container): its runtime's."""
     return runtime.get(deployment.runtime).program(Serve(
         model=f"{containers.ARTIFACTS}/{deployment.artifact}", tp=deployment.tp, pp=deployment.pp,
-        port=deployment.port, head=deployment.master_addr or "127.0.0.1", options=deployment.backend))
+        port=deployment.port, head=deployment.master_addr or "127.0.0.1", options=deployment.backend,
+        listen=listen))
+
+
+def listen_address(head: Node) -> str:
+    """Where the endpoint listens on the head: every IPv4 address, or both families ("::") where the
+    head is reached by an IPv6 address, which an IPv4-only listener would refuse."""
+    return "::" if is_ipv6(head.host) else "0.0.0.0"
 
 
 def serve_backend(artifact: Path, inside: str, serves: str = "") -> tuple[str, ...]:
@@ -195,7 +203,8 @@ def start_mpirun(cluster: Cluster, deployment: Deployment) -> None:
         target, ROTATE, f"{containers.job_dir(node, target.home(), deployment.job)}/logs"))
     rotated.raise_for_failures()
     names = tuple(key for key, _ in deployment.env)
-    argv = containers.mpirun_argv(cluster, ["sh", "-c", RANK_WRAPPER, "rank", *program(deployment)],
+    argv = containers.mpirun_argv(cluster, ["sh", "-c", RANK_WRAPPER, "rank",
+                                                    *program(deployment, listen_address(cluster.head))],
                                   forward_env=names)
     name = containers.container_name(cluster, deployment.job)
     target = connect(cluster.head)

@@ -29,7 +29,7 @@ def launch_plan(cluster: Cluster, wanted: Deployment, lockfile: LockFile | None 
         plan.add(nodes.head.name, f"then stop the previous deployment {previous.job} on "
                                   f"{', '.join(previous.nodes) or 'its nodes'}")
     plan.add(nodes.head.name, f"mpirun {wanted.ranks} rank(s) of {wanted.runtime}: "
-                              f"{shlex.join(launch.program(wanted))}")
+                              f"{shlex.join(launch.program(wanted, launch.listen_address(nodes.head)))}")
     plan.add(nodes.head.name, f"ask the fixed prompt (at least {min_rate:g} tokens/s), then record "
                               f"{wanted.job} as current and last good; on any failure remove it from "
                               "every node")

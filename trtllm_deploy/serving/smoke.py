@@ -171,7 +171,7 @@ def _start(report: SmokeReport, node: Node, target: Target, image: str, remote: 
                             for arg in ("--ulimit", f"{key}={value}")),
             *(arg for key, value in node.container.env.items() for arg in ("--env", f"{key}={value}")),
             "--volume", f"{remote}:/model:ro", image,
-            "trtllm-serve", "/model", *backend, "--host", "0.0.0.0", "--port", str(port),
+            "trtllm-serve", "/model", *backend, "--host", launch.listen_address(node), "--port", str(port),
             "--tp_size", "1", *(["--config", f"/model/{trtllm.CONFIG}"] if config else [])]
     target.run(argv, timeout=300)
     report.add("start", True, f"{CONTAINER} on {node.name}" + ("" if gpus else " (no GPU runtime)"))

@@ -9,6 +9,7 @@ to the engine; the HTTP threads never talk MPI.
 from __future__ import annotations
 
 import json
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -172,7 +173,9 @@ def make_server(host: str, port: int, model: ServedModel, engine: Engine, log: L
         pass
 
     Handler.model, Handler.engine, Handler.log = model, engine, log
-    server = ThreadingHTTPServer((host, port), Handler)
+    # An IPv6 host ("::" listens on both families, as the uvicorn servers of the real runtimes do).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = type("Server", (ThreadingHTTPServer,), {"address_family": family})((host, port), Handler)
     server.daemon_threads = True
     return server
 
