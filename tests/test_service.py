@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable, start_testbed
-from trtllm_deploy.hosts import inventory, knownhosts, sshsetup, targets
+from trtllm_deploy.hosts import inventory, sshsetup, targets
 from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.serving import install, launch, servicefiles, state
 from trtllm_deploy.serving.servicefiles import Head, Options
@@ -196,3 +196,125 @@ def test_uninstall_with_nothing_installed_says_so(sshd_factory, hosts_file, tmp_
     assert done.returncode == 0 and "nothing to remove" in done.stdout, done
     done = cli(home, hosts, "logs", "--supervisor", docker=False)
     assert done.returncode == 0 and "has no history" in done.stdout, done
+
+
+# --- on a two-node testbed of its own: a worker reboots, the deployment comes back by itself ------
+
+@pytest.fixture(scope="module")
+def bed(base_image, standin_image, tmp_path_factory):
+    """Two nodes, ssh.setup done (every node trusts every node, the head pins them all), the
+    artifact in every store; this machine's record of the deployments in a HOME of its own."""
+    testbed, _ = start_testbed(tmp_path_factory.mktemp("svcbed"), 2, f"svc{os.getpid()}", base=base_image)
+    try:
+        cluster = testbed.inventory()
+        sshsetup.apply(sshsetup.look(cluster))
+        folder = tiny.make(tmp_path_factory.mktemp("artifact") / ARTIFACT)
+        for node in cluster.nodes:
+            target = SSH(node)
+            store = targets.expand(node.paths.artifacts, target.home())
+            target.run(["mkdir", "-p", store])
+            target.put(folder, f"{store}/{ARTIFACT}")
+            target.close()
+        yield testbed, cluster, base_image
+    finally:
+        testbed.down(purge=True)
+
+
+def on_head(cluster, *argv: str) -> str:
+    target = SSH(cluster.head)
+    try:
+        return target.run(list(argv), check=False).stdout
+    finally:
+        target.close()
+
+
+def answers(cluster) -> bool:
+    body = json.dumps({"model": f"/artifacts/{ARTIFACT}", "prompt": "hello", "max_tokens": 2}).encode()
+    request = urllib.request.Request(f"http://{cluster.head.address}:{PORT}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return bool(json.load(answer)["choices"][0]["text"])
+    except (OSError, ValueError, LookupError):
+        return False
+
+
+def until(condition, within: float, what: str):
+    """Poll ``condition`` (a second apart) until it holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"not within {within:.0f} s: {what}")
+
+
+def events(cluster) -> list[dict]:
+    return install.look(cluster, lines=200).history
+
+
+@needs_docker
+def test_a_worker_reboot_comes_back_by_itself(bed, tmp_path, monkeypatch):
+    testbed, cluster, base = bed
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))   # this machine's record of the deployments: the test's own
+    hosts = testbed.layout.hosts_file
+    wanted = state.Deployment(job="svc", runtime="trtllm", image=cluster.head.container.image,
+                              artifact=ARTIFACT, tp=2, port=PORT, env=(("STANDIN_LOAD_SECONDS", "1"),))
+    launch.launch(cluster, wanted, tmp_path / "tmp")
+    install_args = ("supervise", "--install", "--on-failure", "restart", "--build", "here", "--base", base)
+    name = f"trtllm-deploy-supervisor-{cluster.name}"
+    try:
+        # The plan first; --dry-run changes nothing on the head.
+        planned = cli(home, hosts, *install_args, "--dry-run", "--json")
+        assert planned.returncode == 0, planned.stderr
+        steps = [step["action"] for step in json.loads(planned.stdout)["steps"]]
+        assert "container Docker restarts" in steps[0] and "no systemd" in steps[0], steps
+        assert any(f"copy this machine's record of {cluster.name} (current: svc)" in s for s in steps)
+        assert on_head(cluster, "docker", "ps", "-aq", "--filter", f"name={name}") == ""
+        assert "supervisor" not in on_head(cluster, "ls", ".config/trtllm-deploy")
+
+        done = cli(home, hosts, *install_args, "--json")
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["mode"] == "container" and report["running"] and not report["up_to_date"]
+        assert on_head(cluster, "docker", "inspect", "--format", "{{.HostConfig.RestartPolicy.Name}}",
+                       name).strip() == "unless-stopped"
+        again = cli(home, hosts, *install_args, "--json")
+        assert again.returncode == 0 and json.loads(again.stdout)["up_to_date"], again.stderr
+        until(lambda: any(e["event"] == "watching" for e in events(cluster)), 60, "the supervisor watches")
+
+        # The worker reboots; nothing is done by hand.
+        rebooted = time.monotonic()
+        subprocess.run(["docker", "restart", testbed.layout.container(2)], check=True, timeout=120)
+        until(lambda: any(e["event"] == "relaunched" for e in events(cluster)) and answers(cluster),
+              BACK_WITHIN_S, "the deployment serving again after spark-2's reboot")
+        print(f"serving again {time.monotonic() - rebooted:.0f} s after the reboot", file=sys.stderr)
+        history = events(cluster)
+        print("\n".join(json.dumps(e)[:300] for e in history), file=sys.stderr)
+        seen = [e["event"] for e in history]
+        assert seen.index("failure") < seen.index("relaunched"), seen
+
+        # The history and the head's view, from this machine.
+        status = cli(home, hosts, "status", "--json")
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert shown["healthy"] and shown["supervisor"]["installed"] and shown["supervisor"]["running"]
+        assert shown["deployment"]["job"] == "svc"
+        logs = cli(home, hosts, "logs", "--supervisor")
+        assert logs.returncode == 0 and " failure: " in logs.stdout and " relaunched: " in logs.stdout, logs
+
+        # Uninstall: nothing of it is left on the head, and this machine has the record back.
+        removed = cli(home, hosts, "supervise", "--uninstall", "--json")
+        assert removed.returncode == 0 and json.loads(removed.stdout)["removed"], removed.stderr
+        assert on_head(cluster, "docker", "ps", "-aq", "--filter", "label=io.trtllm-deploy.supervisor") == ""
+        assert "supervisor" not in on_head(cluster, "ls", ".config/trtllm-deploy")
+        assert on_head(cluster, "docker", "images", "-q", "trtllm-deploy/supervisor") == ""
+        assert not install.look(cluster).installed
+        after = cli(home, hosts, "supervise", "--uninstall")
+        assert after.returncode == 0 and "nothing to remove" in after.stdout
+    finally:
+        on_head(cluster, "docker", "rm", "--force", name)
+        launch.stop(cluster, "svc")

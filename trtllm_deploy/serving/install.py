@@ -335,8 +335,9 @@ def _remove_running(target: Target, name: str) -> None:
 
 
 def uninstall(cluster: Cluster, report=lambda line: None) -> list[str]:
-    """Remove the supervisor (container, units, its folder) and copy the head's record back here;
-    what is left of it afterwards, checked, is refused (CheckFailed). Returns what was removed."""
+    """Remove the supervisor (container or units, its folder, its image) and copy the head's record
+    back here (its history stays beside the head's record); anything of it still there afterwards
+    is refused (CheckFailed). Returns what was removed."""
     target = connect(cluster.head)
     try:
         found = look(cluster, target)
@@ -350,6 +351,9 @@ def uninstall(cluster: Cluster, report=lambda line: None) -> list[str]:
             target.run(["sudo", "-n", "rm", "-f", path] if path.startswith("/etc/") else ["rm", "-f", path],
                        check=False, timeout=60)
         target.run(["rm", "-rf", f"{home}/{CONFIG_DIR}/{cluster.name}"], timeout=60)
+        target.run(["rmdir", f"{home}/{CONFIG_DIR}"], check=False, timeout=60)   # where no other cluster's
+        if found.record and found.record.get("image"):
+            target.run(["docker", "image", "rm", found.record["image"]], check=False, timeout=120)
         removed = [f"{found.record.get('mode', '?') if found.record else 'leftover'} supervisor {name}",
                    *found.units]
         if found.deployments:
@@ -357,8 +361,9 @@ def uninstall(cluster: Cluster, report=lambda line: None) -> list[str]:
             state.record(cluster, **{key: found.deployments[key] for key in kept if key in found.deployments})
             report("the head's record of the deployments is this machine's again")
         left = look(cluster, target)
+        config = target.run(["ls", "-A", f"{home}/{CONFIG_DIR}/{cluster.name}"], check=False, timeout=60)
     finally:
         target.close()
-    if left.installed or left.units or left.running.get("container"):
+    if left.installed or left.units or left.running.get("container") or config.ok:
         raise CheckFailed(f"uninstall: the supervisor is still there: {left.as_json()}")
     return removed

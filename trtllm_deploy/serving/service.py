@@ -34,7 +34,7 @@ from trtllm_deploy.errors import DeployError
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.connections import connect
 from trtllm_deploy.hosts.inventory import Cluster, Node
-from trtllm_deploy.serving import jobs, launch, state, supervise
+from trtllm_deploy.serving import containers, jobs, launch, state, supervise
 from trtllm_deploy.serving.servicefiles import HISTORY, Options
 from trtllm_deploy.serving.state import Deployment
 from trtllm_deploy.source import lock as locks
@@ -101,6 +101,20 @@ def wait_for(nodes: tuple[Node, ...], history: History, bound_s: float, stop: th
         stop.wait(POLL_S)
 
 
+def other_jobs(cluster: Cluster, deployment: Deployment) -> list[str]:
+    """Other jobs' containers running on the head: the deployment was replaced, not crashed."""
+    try:
+        target = connect(cluster.head)
+        try:
+            listed = target.run(["docker", "ps", "--filter", f"label={containers.LABEL_JOB}", "--format",
+                                 f'{{{{.Label "{containers.LABEL_JOB}"}}}}'], check=False, timeout=60)
+        finally:
+            target.close()
+    except DeployError:
+        return []
+    return sorted({job for job in listed.stdout.split() if job != deployment.job}) if listed.ok else []
+
+
 def nothing_runs(cluster: Cluster, deployment: Deployment) -> bool:
     looks = jobs.look(launch.job_cluster(cluster, deployment), deployment)
     return not any(seen.container for seen in looks.values())
@@ -155,6 +169,13 @@ class Service:
         found = time.monotonic()
         self.history.event("failure", job=deployment.job, kind=failure.kind, what=failure.what,
                            explanation=failure.explanation)
+        replaced = other_jobs(self.cluster, deployment)
+        if replaced:
+            state.record(self.cluster, current=None)
+            self.history.event("gave up", job=deployment.job, why=f"{', '.join(replaced)} runs on the head "
+                               f"instead (launched from elsewhere): not relaunching {deployment.job}; run "
+                               "`invoke supervise --install` again to watch it")
+            return
         gone = [node.name for node in nodes if away(node) is not None]
         if gone:
             self.history.event("node down", nodes=gone, text=f"{', '.join(gone)} does not answer: a node "
