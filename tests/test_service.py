@@ -111,6 +111,7 @@ def test_the_units_run_the_supervisor_container_in_the_foreground_restarted_alwa
         assert after in lines and wanted_by in lines and "Restart=always" in lines
         assert ("Requires=docker.service" in lines) == (mode == "system")
         start = next(line for line in lines if line.startswith("ExecStart="))
+        assert "/home/o%%ps/.ssh/id_ed25519" in start and "/home/o%ps" not in start.replace("%%", "")
         # systemd's quoting and specifiers: '%' doubled; split back, the very argv of a foreground run.
         words = shlex.split(start.removeprefix("ExecStart=").replace("%%", "%"))
         assert words == ["/usr/bin/docker", *servicefiles.docker_run(lab, head, image, options,
@@ -293,9 +294,27 @@ def test_a_worker_reboot_comes_back_by_itself(bed, tmp_path, monkeypatch):
               BACK_WITHIN_S, "the deployment serving again after spark-2's reboot")
         print(f"serving again {time.monotonic() - rebooted:.0f} s after the reboot", file=sys.stderr)
         history = events(cluster)
-        print("\n".join(json.dumps(e)[:300] for e in history), file=sys.stderr)
         seen = [e["event"] for e in history]
         assert seen.index("failure") < seen.index("relaunched"), seen
+
+        # Changed options replace the installed one. A longer reboot (the node away for a while) is not
+        # the deployment's failure: even under --on-failure stop it is launched again once the node is back.
+        replaced = cli(home, hosts, *install_args[:3], "stop", *install_args[4:], "--json")
+        assert replaced.returncode == 0 and not json.loads(replaced.stdout)["up_to_date"], replaced.stderr
+        assert install.look(cluster).record["options"]["on_failure"] == "stop"
+        until(lambda: [e["event"] for e in events(cluster)].count("started") == 2
+              and events(cluster)[-1]["event"] == "watching", 60, "the new supervisor watches")
+        subprocess.run(["docker", "stop", testbed.layout.container(2)], check=True, timeout=120)
+        until(lambda: any(e["event"] == "waiting" and e["node"] == "spark-2" for e in events(cluster)), 60,
+              "the supervisor waiting for spark-2")
+        subprocess.run(["docker", "start", testbed.layout.container(2)], check=True, timeout=120)
+        until(lambda: [e["event"] for e in events(cluster)][-2:] == ["relaunched", "watching"]
+              and answers(cluster), BACK_WITHIN_S, "the deployment serving again after spark-2 came back")
+        history = events(cluster)
+        print("\n".join(json.dumps(e)[:300] for e in history), file=sys.stderr)
+        late = [e["event"] for e in history][seen.index("relaunched") + 1:]
+        assert late.index("node down") < late.index("waiting") < late.index("back") < late.index("relaunched")
+        assert "gave up" not in late, late
 
         # The history and the head's view, from this machine.
         status = cli(home, hosts, "status", "--json")
