@@ -322,6 +322,8 @@ def test_a_worker_reboot_comes_back_by_itself(bed, tmp_path, monkeypatch):
         shown = json.loads(status.stdout)
         assert shown["healthy"] and shown["supervisor"]["installed"] and shown["supervisor"]["running"]
         assert shown["deployment"]["job"] == "svc"
+        table = cli(home, hosts, "status")
+        assert "supervisor: installed on the head as a container service, running" in table.stdout, table
         logs = cli(home, hosts, "logs", "--supervisor")
         assert logs.returncode == 0 and " failure: " in logs.stdout and " relaunched: " in logs.stdout, logs
 
