@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -197,6 +198,29 @@ def test_uninstall_with_nothing_installed_says_so(sshd_factory, hosts_file, tmp_
     assert done.returncode == 0 and "nothing to remove" in done.stdout, done
     done = cli(home, hosts, "logs", "--supervisor", docker=False)
     assert done.returncode == 0 and "has no history" in done.stdout, done
+
+
+def test_the_service_records_its_history_and_stops_cleanly_on_sigterm(lab, tmp_path):
+    """The image's entry point as Docker runs it: options parsed, nothing deployed (so no node is
+    asked anything), its history written beside the record, SIGTERM ends it with exit 0."""
+    home = tmp_path / "home"
+    home.mkdir()
+    history = home / ".local/state/trtllm-deploy/clusters/lab/supervisor.jsonl"
+    service = subprocess.Popen([sys.executable, "-m", "trtllm_deploy.serving.service", "run",
+                                f"--hosts={lab.source}", "--on-failure=restart", "--hang-s=9.5"],
+                               cwd=ROOT, env={**os.environ, "HOME": str(home)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        until(lambda: history.exists() and '"idle"' in history.read_text(), 30, "the service idle")
+        service.send_signal(signal.SIGTERM)
+        _, err = service.communicate(timeout=30)
+    finally:
+        service.kill()
+    assert service.returncode == 0, err
+    events = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["started", "idle", "stopped"]
+    assert events[0]["options"]["on_failure"] == "restart" and events[0]["options"]["hang_s"] == 9.5
+    assert "keeps serving" in events[-1]["text"] and "Traceback" not in err
 
 
 # --- on a two-node testbed of its own: a worker reboots, the deployment comes back by itself ------
