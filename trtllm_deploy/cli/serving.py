@@ -12,12 +12,13 @@ from invoke.exceptions import Exit
 from trtllm_deploy import console, push
 from trtllm_deploy.artifact import verify
 from trtllm_deploy.artifact.manifest import MANIFEST
-from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.errors import CheckFailed, DeployError
 from trtllm_deploy.cli import (DRY_RUN_HELP, ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP,
                                env_pairs, show_plan, user_errors)
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
-from trtllm_deploy.serving import containers, delivery, gate, jobs, launch, plans, supervise
+from trtllm_deploy.serving import (containers, delivery, gate, install, jobs, launch, plans, servicefiles,
+                                   supervise)
 from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import lock as locks
@@ -113,20 +114,37 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
                             "target (default: 300)",
             "restarts": "restart gives up after this many failures ... (default: 3)",
             "restart_window_min": "... within this many minutes (default: 10)",
-            "dry_run": "show what would be watched and done on a failure; watch nothing",
+            "dry_run": "show what would be watched (or installed) and done on a failure; change nothing",
+            "install": "run the supervisor on the head instead, kept running there (systemd, else a "
+                       "container Docker restarts): it outlives this terminal and reboots",
+            "uninstall": "remove the head's supervisor (checked: nothing of it is left)",
+            "build": "--install: where its image is built: head (default; the head's architecture) or "
+                     "here (then sent to the head: the testbed, whose nodes reach no registry)",
+            "base": f"--install: the image's base (default: {install.DEFAULT_BASE})",
+            "wait_s": "--install: how long to wait for a node that went away (a reboot) before acting anyway "
+                      "(default: 600)",
             "lock": LOCK_HELP, "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang_s: float = 8.0,
                good_after_s: float = supervise.GOOD_AFTER_S, restarts: int = 3,
                restart_window_min: float = 10.0, lock: str = "", dry_run: bool = False,
+               install_: bool = False, uninstall: bool = False, build: str = "head",
+               base: str = install.DEFAULT_BASE, wait_s: float = 600.0,
                hosts: str = "hosts.toml", json: bool = False) -> None:
     """Watch the current deployment; on a dead rank, dead mpirun or hang: explain, tear down, apply
     the policy, and watch again. Ctrl-C stops watching (the deployment keeps serving)."""
     if on_failure not in supervise.POLICIES:
         raise Exit(f"--on-failure {on_failure!r}: expected one of {', '.join(supervise.POLICIES)}", code=2)
-    if restarts < 1 or restart_window_min <= 0:
-        raise Exit("--restarts must be at least 1 and --restart-window-min above 0", code=2)
+    if restarts < 1 or restart_window_min <= 0 or wait_s <= 0:
+        raise Exit("--restarts must be at least 1, --restart-window-min and --wait-s above 0", code=2)
+    if build not in install.BUILDS:
+        raise Exit(f"--build {build!r}: expected one of {', '.join(install.BUILDS)}", code=2)
+    if install_ and uninstall:
+        raise Exit("--install and --uninstall: pass one of them", code=2)
     cluster = inventory.load(hosts)
+    if install_ or uninstall:
+        return _install(cluster, uninstall, dry_run, json, build, base, lock, servicefiles.Options(
+            on_failure, interval, hang_s, good_after_s, restarts, restart_window_min, wait_s))
     lockfile = _lockfile(lock)
     loop = supervise.CrashLoop(limit=restarts, window_s=restart_window_min * 60)
     while True:
@@ -154,20 +172,62 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
                        f"{handled.gave_up}", code=1)
 
 
+def _install(cluster, remove: bool, dry_run: bool, json: bool, build: str, base: str, lock: str,
+             options: servicefiles.Options) -> None:
+    """``supervise --install`` / ``--uninstall``: the plan first, then the act, then what runs."""
+    if remove:
+        if dry_run:
+            found = install.look(cluster)
+            plan = plans.Plan("supervise --uninstall")
+            plan.add(cluster.head.name, f"remove the {found.record.get('mode')} supervisor, its folder, and "
+                     "copy the head's record of the deployments back here" if found.installed else
+                     "nothing: no supervisor is installed")
+            return show_plan(plan, json)
+        removed = install.uninstall(cluster, report=console.err.print)
+        if json:
+            console.print_json({"removed": removed, "left": []})
+        else:
+            console.out.print(f"removed: {', '.join(removed)}; nothing of it is left" if removed
+                              else "nothing to remove: no supervisor is installed on the head")
+        return
+    path = Path(lock) if lock else (locks.DEFAULT_PATH if locks.DEFAULT_PATH.exists() else None)
+    intent = install.intend(cluster, options, build=build, base=base, lock=path)
+    if dry_run:
+        return show_plan(intent.plan, json)
+    if not json:
+        show_plan_lines(intent.plan)
+    with console.err.status("installing the supervisor on the head…") as spinner:
+        found = install.install(cluster, intent, build=build, base=base, report=spinner.update)
+    if json:
+        console.print_json({"up_to_date": intent.up_to_date, "mode": intent.head.mode, **found.as_json()})
+        return
+    console.out.print("up to date" if intent.up_to_date else
+                      f"installed: the supervisor runs on {cluster.head.name} as a {intent.head.mode} "
+                      f"service ({found.running.get(intent.head.mode)}); `invoke status` shows it")
+
+
+def show_plan_lines(plan) -> None:
+    console.out.print(console.table(plan.task, ["node", "will"], [[n, what] for n, what in plan.steps]))
+    for note in plan.notes:
+        console.out.print(note, highlight=False, markup=False, soft_wrap=True)
+
+
 @task(help={"job": "the job (default: the current deployment)", "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
-    """Per node: the job's container, its ranks, the artifact and image; and the endpoint's health."""
+    """Per node: the job's container, its ranks, the artifact and image; the endpoint's health; and
+    the head's supervisor, where one is installed (then the deployment is the head's record's)."""
     cluster = inventory.load(hosts)
-    deployment = current(cluster)
+    deployment, supervisor = _owned(cluster)
     if job and deployment is not None and deployment.job != job:
         deployment = None
     if deployment is None:
         if json:
             console.print_json({"job": job or None, "deployed": False, "last_good": (
-                last_good(cluster).as_json() if last_good(cluster) else None)})
+                last_good(cluster).as_json() if last_good(cluster) else None), "supervisor": supervisor})
         else:
             console.out.print("nothing is deployed")
+            _show_supervisor(supervisor)
         return
     nodes = launch.job_cluster(cluster, deployment)
     looks = jobs.look(nodes, deployment)
@@ -179,7 +239,8 @@ def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fa
               "nodes": {name: {"container": seen.container,
                                "ranks": {rank: "alive" if alive else "dead"
                                          for rank, (alive, _) in sorted(seen.ranks.items())},
-                               "mpirun_exit": seen.mpirun_exit} for name, seen in looks.items()}}
+                               "mpirun_exit": seen.mpirun_exit} for name, seen in looks.items()},
+              "supervisor": supervisor}
     if json:
         console.print_json(report)
         return
@@ -191,17 +252,63 @@ def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fa
                                     ["node", "container", "ranks", "artifact", "image"], rows))
     console.out.print(f"endpoint {report['endpoint']}: "
                       + ("healthy" if report["healthy"] else f"NOT healthy ({wrong or 'no answer'})"))
+    _show_supervisor(supervisor)
+
+
+def _owned(cluster) -> tuple[Deployment | None, dict | None]:
+    """The current deployment and the head's supervisor: where one is installed it owns the record,
+    so the head's copy is the one shown (this machine's may be stale)."""
+    try:
+        found = install.look(cluster, lines=8)
+    except DeployError as exc:
+        return current(cluster), {"installed": None, "error": str(exc)}
+    if not found.installed:
+        return current(cluster), found.as_json()
+    mine = found.deployments.get("current")
+    return (Deployment.from_json(mine) if mine else None), found.as_json()
+
+
+def _show_supervisor(supervisor: dict | None) -> None:
+    if not supervisor or supervisor.get("installed") is False:
+        console.out.print("supervisor: none installed on the head (invoke supervise --install)")
+        return
+    if supervisor.get("installed") is None:
+        console.out.print(f"supervisor: could not look at the head ({supervisor['error']})")
+        return
+    runs = "running" if supervisor["running"] else f"NOT running ({supervisor['state'] or 'gone'})"
+    console.out.print(f"supervisor: installed on the head as a {supervisor['mode']} service, {runs}"
+                      f", --on-failure {supervisor['options']['on_failure']}; it owns the record of "
+                      "the deployments (shown above as the head sees it)", highlight=False, markup=False)
+    for event in supervisor["history"]:
+        console.out.print(f"  {_event_line(event)}", highlight=False, markup=False)
+
+
+def _event_line(event: dict) -> str:
+    detail = event.get("text") or event.get("what") or event.get("why") or ""
+    return f"{event.get('at', '?')} {event.get('event', '?')}: {detail}".rstrip(": ")
 
 
 @task(help={"rank": "only this rank's log", "lines": "lines per log (default: 40)",
             "follow": "keep printing new lines until Ctrl-C", "job": "the job (default: the current one)",
+            "supervisor": "the history of the head's supervisor instead (what it saw and did)",
             "hosts": HOSTS_HELP})
 @user_errors
 def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job: str = "",
-         hosts: str = "hosts.toml") -> None:
-    """The last lines of every rank's log (kept on each node after the job ends)."""
+         supervisor: bool = False, hosts: str = "hosts.toml") -> None:
+    """The last lines of every rank's log (kept on each node after the job ends); with --supervisor,
+    the history of the head's supervisor."""
     cluster = inventory.load(hosts)
-    name = job or (current(cluster).job if current(cluster) else "")
+    if supervisor:
+        found = install.look(cluster, lines=lines)
+        if not found.history:
+            console.out.print("the head's supervisor has no history (invoke supervise --install)")
+        for event in found.history:
+            console.out.print(_event_line(event), highlight=False, markup=False)
+            if event.get("explanation"):
+                console.out.print(event["explanation"], highlight=False, markup=False)
+        return
+    owned = None if job else _owned(cluster)[0]
+    name = job or (owned.job if owned else "")
     if not name:
         raise Exit("logs: nothing is deployed; pass --job NAME", code=2)
     seen: dict[str, str] = {}

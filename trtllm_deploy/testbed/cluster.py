@@ -29,12 +29,13 @@ from trtllm_deploy.testbed import images
 from trtllm_deploy.testbed.layout import LABEL, LABEL_NODE, Layout, hosts_toml
 
 # What a node needs to run its own Docker engine (TESTING.md: --privileged is refused on the CI
-# machine, these are enough). /var/lib/docker is a tmpfs: overlay cannot sit on the container's
-# own overlay root.
+# machine, these are enough). /var/lib/docker is a volume of its own (overlay cannot sit on the
+# container's own overlay root), removed with the container (docker rm --volumes); it outlives a
+# restart of the node, as a machine's disk outlives a reboot (its images and stopped containers).
 NESTED_DOCKER = ("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
                  "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
                  "--cgroupns", "host", "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-                 "--tmpfs", "/var/lib/docker:exec")
+                 "--volume", "/var/lib/docker")
 
 
 @dataclass
