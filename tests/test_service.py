@@ -21,9 +21,10 @@ import pytest
 from conftest import docker_unusable, start_testbed
 from trtllm_deploy.hosts import inventory, sshsetup, targets
 from trtllm_deploy.hosts.ssh import SSH
-from trtllm_deploy.serving import install, launch, servicefiles, state
+from trtllm_deploy.serving import install, jobs, launch, servicefiles, state
 from trtllm_deploy.serving.servicefiles import Head, Options
 from trtllm_deploy.testbed import artifact as tiny
+from waiting import until
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACT = "tiny-bf16-svc-test"
@@ -264,17 +265,6 @@ def answers(cluster) -> bool:
         return False
 
 
-def until(condition, within: float, what: str):
-    """Poll ``condition`` (a second apart) until it holds; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(1)
-    raise AssertionError(f"not within {within:.0f} s: {what}")
-
-
 def events(cluster) -> list[dict]:
     return install.look(cluster, lines=200).history
 
@@ -351,6 +341,30 @@ def test_a_worker_reboot_comes_back_by_itself(bed, tmp_path, monkeypatch):
         logs = cli(home, hosts, "logs", "--supervisor")
         assert logs.returncode == 0 and " failure: " in logs.stdout and " relaunched: " in logs.stdout, logs
 
+        # A second supervisor, in this terminal, is refused: both would act on one failure.
+        second = cli(home, hosts, "supervise")
+        assert second.returncode == 1 and f"installed on {cluster.head.name} already" in second.stderr, second
+
+        # `invoke stop` from this machine: the supervisor steps aside and does not launch again what was
+        # stopped on purpose; afterwards it idles, with nothing of the job left on any node.
+        stopped = cli(home, hosts, "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert "pausing the head's supervisor while this machine runs invoke stop svc" in stopped.stderr
+        until(lambda: [e["event"] for e in events(cluster)][-4:] == ["paused", "resumed", "started", "idle"],
+              60, "the supervisor paused for the stop, then idle")
+        assert install.look(cluster).deployments.get("current") is None
+        looks = jobs.look(launch.job_cluster(cluster, wanted), wanted)
+        assert all(not seen.container for seen in looks.values()), looks
+
+        # `invoke launch` from this machine: the supervisor steps aside, then watches the new job.
+        started = cli(home, hosts, "launch", "--artifact", ARTIFACT, "--tp", "2", "--job", "svc2", "--port",
+                      str(PORT), "--env", "STANDIN_LOAD_SECONDS=1", "--json")
+        assert started.returncode == 0, started.stderr
+        until(lambda: events(cluster)[-1] == {**events(cluster)[-1], "event": "watching", "job": "svc2"}, 60,
+              "the supervisor watching svc2")
+        assert install.look(cluster).deployments["current"]["job"] == "svc2"
+        assert answers(cluster)
+
         # Uninstall: nothing of it is left on the head, and this machine has the record back.
         removed = cli(home, hosts, "supervise", "--uninstall", "--json")
         assert removed.returncode == 0 and json.loads(removed.stdout)["removed"], removed.stderr
@@ -363,3 +377,4 @@ def test_a_worker_reboot_comes_back_by_itself(bed, tmp_path, monkeypatch):
     finally:
         on_head(cluster, "docker", "rm", "--force", name)
         launch.stop(cluster, "svc")
+        launch.stop(cluster, "svc2")

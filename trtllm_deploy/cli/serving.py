@@ -12,13 +12,14 @@ from invoke.exceptions import Exit
 from trtllm_deploy import console, push
 from trtllm_deploy.artifact import verify
 from trtllm_deploy.artifact.manifest import MANIFEST
-from trtllm_deploy.errors import CheckFailed, DeployError
+from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.cli import supervisors
 from trtllm_deploy.cli import (DRY_RUN_HELP, ENV_HELP, HOSTS_HELP, JSON_HELP, MIN_RATE_HELP, STALL_HELP,
                                env_pairs, show_plan, user_errors)
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.runtimes import runtime as runtimes
-from trtllm_deploy.serving import (containers, delivery, gate, install, jobs, launch, plans, servicefiles,
-                                   supervise)
+from trtllm_deploy.serving import (containers, delivery, gate, handover, install, jobs, launch, plans,
+                                   servicefiles, supervise)
 from trtllm_deploy.serving.state import Deployment, current, last_good
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import lock as locks
@@ -86,7 +87,8 @@ def launch_(c: Context, artifact: str = "", tp: int = 0, pp: int = 1, job: str =
     if dry_run:
         return show_plan(plans.launch_plan(cluster, wanted, lockfile, min_rate=min_rate), json)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
-            console.err.status(f"launching {job}…") as spinner:
+            console.err.status(f"launching {job}…") as spinner, \
+            handover.steps_aside(cluster, f"invoke launch {job}", report=console.err.print):
         done = launch.launch(cluster, wanted, Path(tmp), stall_s=stall_s, min_tokens_per_s=min_rate,
                              report=lambda line: spinner.update(line), lockfile=lockfile)
     _warn(done.warnings)
@@ -143,9 +145,13 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
         raise Exit("--install and --uninstall: pass one of them", code=2)
     cluster = inventory.load(hosts)
     if install_ or uninstall:
-        return _install(cluster, uninstall, dry_run, json, build, base, lock, servicefiles.Options(
-            on_failure, interval, hang_s, good_after_s, restarts, restart_window_min, wait_s))
+        return supervisors.install_or_remove(
+            cluster, uninstall, dry_run, json, build, base, lock,
+            servicefiles.Options(on_failure, interval, hang_s, good_after_s, restarts, restart_window_min,
+                                 wait_s))
     lockfile = _lockfile(lock)
+    if not dry_run:
+        supervisors.refuse_second(cluster)
     loop = supervise.CrashLoop(limit=restarts, window_s=restart_window_min * 60)
     while True:
         deployment = current(cluster)
@@ -172,53 +178,13 @@ def supervise_(c: Context, on_failure: str = "stop", interval: float = 1.0, hang
                        f"{handled.gave_up}", code=1)
 
 
-def _install(cluster, remove: bool, dry_run: bool, json: bool, build: str, base: str, lock: str,
-             options: servicefiles.Options) -> None:
-    """``supervise --install`` / ``--uninstall``: the plan first, then the act, then what runs."""
-    if remove:
-        if dry_run:
-            found = install.look(cluster)
-            plan = plans.Plan("supervise --uninstall")
-            plan.add(cluster.head.name, f"remove the {found.record.get('mode')} supervisor, its folder, and "
-                     "copy the head's record of the deployments back here" if found.installed else
-                     "nothing: no supervisor is installed")
-            return show_plan(plan, json)
-        removed = install.uninstall(cluster, report=console.err.print)
-        if json:
-            console.print_json({"removed": removed, "left": []})
-        else:
-            console.out.print(f"removed: {', '.join(removed)}; nothing of it is left" if removed
-                              else "nothing to remove: no supervisor is installed on the head")
-        return
-    path = Path(lock) if lock else (locks.DEFAULT_PATH if locks.DEFAULT_PATH.exists() else None)
-    intent = install.intend(cluster, options, build=build, base=base, lock=path)
-    if dry_run:
-        return show_plan(intent.plan, json)
-    if not json:
-        show_plan_lines(intent.plan)
-    with console.err.status("installing the supervisor on the head…") as spinner:
-        found = install.install(cluster, intent, build=build, base=base, report=spinner.update)
-    if json:
-        console.print_json({"up_to_date": intent.up_to_date, "mode": intent.head.mode, **found.as_json()})
-        return
-    console.out.print("up to date" if intent.up_to_date else
-                      f"installed: the supervisor runs on {cluster.head.name} as a {intent.head.mode} "
-                      f"service ({found.running.get(intent.head.mode)}); `invoke status` shows it")
-
-
-def show_plan_lines(plan) -> None:
-    console.out.print(console.table(plan.task, ["node", "will"], [[n, what] for n, what in plan.steps]))
-    for note in plan.notes:
-        console.out.print(note, highlight=False, markup=False, soft_wrap=True)
-
-
 @task(help={"job": "the job (default: the current deployment)", "hosts": HOSTS_HELP, "json": JSON_HELP})
 @user_errors
 def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = False) -> None:
     """Per node: the job's container, its ranks, the artifact and image; the endpoint's health; and
     the head's supervisor, where one is installed (then the deployment is the head's record's)."""
     cluster = inventory.load(hosts)
-    deployment, supervisor = _owned(cluster)
+    deployment, supervisor = supervisors.owned(cluster)
     if job and deployment is not None and deployment.job != job:
         deployment = None
     if deployment is None:
@@ -227,7 +193,7 @@ def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fa
                 last_good(cluster).as_json() if last_good(cluster) else None), "supervisor": supervisor})
         else:
             console.out.print("nothing is deployed")
-            _show_supervisor(supervisor)
+            supervisors.show(supervisor)
         return
     nodes = launch.job_cluster(cluster, deployment)
     looks = jobs.look(nodes, deployment)
@@ -252,40 +218,7 @@ def status(c: Context, job: str = "", hosts: str = "hosts.toml", json: bool = Fa
                                     ["node", "container", "ranks", "artifact", "image"], rows))
     console.out.print(f"endpoint {report['endpoint']}: "
                       + ("healthy" if report["healthy"] else f"NOT healthy ({wrong or 'no answer'})"))
-    _show_supervisor(supervisor)
-
-
-def _owned(cluster) -> tuple[Deployment | None, dict | None]:
-    """The current deployment and the head's supervisor: where one is installed it owns the record,
-    so the head's copy is the one shown (this machine's may be stale)."""
-    try:
-        found = install.look(cluster, lines=8)
-    except DeployError as exc:
-        return current(cluster), {"installed": None, "error": str(exc)}
-    if not found.installed:
-        return current(cluster), found.as_json()
-    mine = found.deployments.get("current")
-    return (Deployment.from_json(mine) if mine else None), found.as_json()
-
-
-def _show_supervisor(supervisor: dict | None) -> None:
-    if not supervisor or supervisor.get("installed") is False:
-        console.out.print("supervisor: none installed on the head (invoke supervise --install)")
-        return
-    if supervisor.get("installed") is None:
-        console.out.print(f"supervisor: could not look at the head ({supervisor['error']})")
-        return
-    runs = "running" if supervisor["running"] else f"NOT running ({supervisor['state'] or 'gone'})"
-    console.out.print(f"supervisor: installed on the head as a {supervisor['mode']} service, {runs}"
-                      f", --on-failure {supervisor['options']['on_failure']}; it owns the record of "
-                      "the deployments (shown above as the head sees it)", highlight=False, markup=False)
-    for event in supervisor["history"]:
-        console.out.print(f"  {_event_line(event)}", highlight=False, markup=False)
-
-
-def _event_line(event: dict) -> str:
-    detail = event.get("text") or event.get("what") or event.get("why") or ""
-    return f"{event.get('at', '?')} {event.get('event', '?')}: {detail}".rstrip(": ")
+    supervisors.show(supervisor)
 
 
 @task(help={"rank": "only this rank's log", "lines": "lines per log (default: 40)",
@@ -303,11 +236,11 @@ def logs(c: Context, rank: int = -1, lines: int = 40, follow: bool = False, job:
         if not found.history:
             console.out.print("the head's supervisor has no history (invoke supervise --install)")
         for event in found.history:
-            console.out.print(_event_line(event), highlight=False, markup=False)
+            console.out.print(supervisors.event_line(event), highlight=False, markup=False)
             if event.get("explanation"):
                 console.out.print(event["explanation"], highlight=False, markup=False)
         return
-    owned = None if job else _owned(cluster)[0]
+    owned = None if job else supervisors.owned(cluster)[0]
     name = job or (owned.job if owned else "")
     if not name:
         raise Exit("logs: nothing is deployed; pass --job NAME", code=2)
@@ -340,7 +273,8 @@ def stop(c: Context, job: str = "", dry_run: bool = False, hosts: str = "hosts.t
         raise Exit("stop: nothing is deployed; pass --job NAME to stop one by name", code=2)
     if dry_run:
         return show_plan(plans.stop_plan(cluster, name), json)
-    stopped = launch.stop(cluster, name)
+    with handover.steps_aside(cluster, f"invoke stop {name}", report=console.err.print):
+        stopped = launch.stop(cluster, name)
     report = {"job": name, "nodes": {o.node.name: o.value.as_json() for o in stopped}}
     if json:
         console.print_json(report)
@@ -369,7 +303,8 @@ def rollback(c: Context, image: str = "", lock: str = "requirements/tensorrt-llm
     if dry_run:
         return show_plan(plans.rollback_plan(cluster, failing, image, lockfile, min_rate), json)
     with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
-            console.err.status(f"rolling back from {failing.job}…") as spinner:
+            console.err.status(f"rolling back from {failing.job}…") as spinner, \
+            handover.steps_aside(cluster, f"invoke rollback from {failing.job}", report=console.err.print):
         done = launch.roll_back(cluster, failing, Path(tmp), report=lambda line: spinner.update(line),
                                 lockfile=lockfile, image=image, stall_s=stall_s, min_tokens_per_s=min_rate)
     _warn(done.warnings)

@@ -25,7 +25,7 @@ from trtllm_deploy.hosts import preflight
 from trtllm_deploy.hosts.connections import Connections
 from trtllm_deploy.hosts.inventory import Cluster
 from trtllm_deploy.runtimes import runtime as runtimes
-from trtllm_deploy.serving import clustercheck, containers, delivery, gate, jobs, launch
+from trtllm_deploy.serving import clustercheck, containers, delivery, gate, handover, jobs, launch
 from trtllm_deploy.serving.state import Deployment, current
 from trtllm_deploy.source import digest
 from trtllm_deploy.source import image as images
@@ -345,7 +345,8 @@ def _launch(cluster, lockfile, catalog, request, state, say) -> Phase:
         return Phase("launch", "would start", f"{wanted.job}: {wanted.artifact} with tp {wanted.tp}"
                      + (f", after stopping {previous.job}" if previous else "")
                      + "".join(f"\n{line}" for line in warnings))
-    with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="trtllm-deploy-") as tmp, \
+            handover.steps_aside(cluster, "invoke deploy", report=say):
         try:
             done = launch.launch(cluster, wanted, Path(tmp), stall_s=request.stall_s,
                                  min_tokens_per_s=request.min_tokens_per_s, report=say, lockfile=lockfile)
