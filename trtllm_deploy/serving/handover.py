@@ -61,10 +61,14 @@ def steps_aside(cluster: Cluster, doing: str, report=lambda line: None) -> Itera
     target = connect(cluster.head)
     try:
         found = install.look(cluster, target, lines=0)
-        if not found.installed:
-            target.close()
-            yield False
-            return
+    except BaseException:
+        target.close()
+        raise
+    if not found.installed:
+        target.close()
+        yield False
+        return
+    try:
         mode, name, home = found.record.get("mode", "container"), name_of(cluster), target.home()
         history = f"{home}/{STATE_DIR}/{cluster.name}/{HISTORY}"
         record = f"{home}/{STATE_DIR}/{cluster.name}/deployments.json"
