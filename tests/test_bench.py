@@ -113,7 +113,7 @@ def test_chat_and_other_timings_are_measured_as_well(invoke, timed_server, tmp_p
     assert result["environment"]["endpoint"]["model"] == "timed-test-model"
 
 
-def test_the_result_is_written_as_json_csv_and_png_charts(invoke, timed_server, tmp_path):
+def test_the_result_is_written_as_json_csv_png_charts_and_one_html_page(invoke, timed_server, tmp_path):
     url = timed_server(5, 2)
     out = tmp_path / "out"
     done = invoke("bench", "--url", url, "--concurrency", "..4", "--output-tokens", "8",
@@ -124,8 +124,13 @@ def test_the_result_is_written_as_json_csv_and_png_charts(invoke, timed_server, 
     assert [level["concurrency"] for level in saved["levels"]] == [1, 2, 4]
     rows = (out / "result.csv").read_text().splitlines()
     assert rows[0].startswith("concurrency,run,") and len(rows) == 1 + 3 * 2
-    for name in ("latency.png", "throughput.png"):
-        assert png_size(out / name) == (760, 460)
+    # Each level records its TTFT and ITL distribution, which report.html's charts draw.
+    recorded = saved["levels"][0]["summary"]["ttft_ms"]["distribution"]
+    assert [q for q, _ in recorded] == list(stats.DISTRIBUTION)
+    assert png_size(out / "throughput.png") == (760, 460)
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(report.CHARTS) and "TTFT p50 ms" in page
+    assert "report.html" in done.stdout
 
 
 def png_size(path: Path) -> tuple[int, int]:
