@@ -244,3 +244,18 @@ def test_distributions_are_recorded_with_each_latency():
     assert described["distribution"][0] == [0, 1.0] and described["distribution"][-1] == [100, 101.0]
     assert [q for q, _ in described["distribution"]] == list(stats.DISTRIBUTION)
     assert dict(described["distribution"])[50] == described["p50"]
+
+
+def test_a_level_where_every_request_failed_keeps_its_place_and_the_report_is_written(tmp_path):
+    result = recorded()
+    failed = result["levels"][1]["summary"]
+    failed.update({f"{m}_ms": {"count": 0} for m in report.LATENCY_NAMES})
+    failed.update({"stream_tokens_per_s": {"p50": None, "mean": None}, "output_tokens_per_s": 0.0,
+                   "succeeded": 0, "errors": {"refused": 16}})
+    figures = report.figures({"": result})
+    assert_log2_concurrency(figures["latency_png"].get_axes()[-1], result)
+    assert list(figures["latency_png"].get_axes()[0].get_lines()[0].get_xdata()) == [1, 4]
+    assert [line.get_label() for line in figures["distributions_png"].get_axes()[0].get_lines()] == [
+        "c=1", "c=4"]
+    files = report.write(result, tmp_path)
+    assert Page(files["html"].read_text()).images and read_png(files["latency_png"].read_bytes())

@@ -62,11 +62,17 @@ def _label(value: float) -> str:
 
 
 def _log2_axis(axes, xs: list[float]) -> None:
-    """Concurrency (or rate) on a log2 scale, ticked at the values measured: 1, 2, 4, ... evenly."""
+    """Concurrency (or rate) on a log2 scale, ticked at the values measured: 1, 2, 4, ... evenly.
+    The limits come from those values, so a level with nothing drawn (every request failed) still
+    has its place on the axis."""
+    xs = sorted(x for x in xs if x > 0)
     axes.set_xscale("log", base=2)
     if xs:
+        axes.set_xlim(xs[0] / 2 ** 0.2, xs[-1] * 2 ** 0.2)
         axes.set_xticks(xs, [_label(x) for x in xs])
         axes.minorticks_off()
+    else:
+        axes.set_xlim(1, 2)  # nothing to place: an empty axis, still on the log2 scale
 
 
 def _legend(axes) -> None:
@@ -97,7 +103,7 @@ def line_chart(title: str, x_label: str, y_label: str, series: Series, *, log_x:
         drawn = sorted(_drawn(points))
         axes.plot([x for x, _ in drawn], [y for _, y in drawn], linestyle="--", linewidth=1.5,
                   color="0.35", label=name[:LEGEND_CHARACTERS])
-    xs = sorted({x for points in (series | (dashed or {})).values() for x, _ in _drawn(points)})
+    xs = sorted({x for points in (series | (dashed or {})).values() for x, _ in points})
     if log_x:
         _log2_axis(axes, xs)
     axes.set_ylim(bottom=0)
@@ -119,8 +125,8 @@ def bands(panels: list[tuple[str, Bands]], x_label: str, y_label: str):
         _style(axes, title, "", y_label)
         for index, (name, points) in enumerate(series.items()):
             colour = PALETTE[index % len(PALETTE)]
+            xs.update(p[0] for p in points)
             kept = sorted(p for p in points if not _missing(p[1]))
-            xs.update(p[0] for p in kept)
             x = [p[0] for p in kept]
             p50 = [p[1] for p in kept]
             p90 = [p[1] if _missing(p[2]) else p[2] for p in kept]

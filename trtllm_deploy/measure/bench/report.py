@@ -121,6 +121,8 @@ def figures(results: dict[str, dict]) -> dict[str, object]:
         for metric, shown in spread.items():
             for level in levels:
                 figures_ = level["summary"][f"{metric}_ms"]
+                if not figures_.get("count"):
+                    continue  # nothing measured at this level (every request failed)
                 points = figures_.get("distribution")
                 if points is None:  # recorded before the distribution was kept: its percentiles only
                     partial = True
