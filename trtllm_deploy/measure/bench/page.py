@@ -1,6 +1,7 @@
-"""report.html: one self-contained page beside result.json and result.csv — the table, every chart
-(embedded as data: URIs, nothing fetched from anywhere), what was measured on (endpoint, image,
-artifact, tp, nodes) and the `invoke expect` ceiling, or why there is none."""
+"""report.html: one self-contained page beside result.json and result.csv (and beside the charts of
+`bench.compare`, for the results it compares) — the table, every chart (embedded as data: URIs,
+nothing fetched from anywhere), what was measured on (endpoint, image, artifact, tp, nodes) and the
+`invoke expect` ceiling, or why there is none."""
 
 from __future__ import annotations
 
@@ -58,14 +59,15 @@ def environment_rows(result: dict) -> list[list[str]]:
     return rows
 
 
-def ceiling_html(result: dict) -> str:
+def ceiling_html(result: dict, name: str = "") -> str:
     """The decode ceiling per concurrency where the result records it; else the reason there is none."""
+    named = f"{name}: " if name else ""
     shown = result.get("efficiency")
     if not shown:
-        return f'<p class="note">{escape(NO_MODEL)}</p>'
+        return f'<p class="note">{escape(named + NO_MODEL)}</p>'
     if not shown.get("levels"):
-        return f'<p class="note">{escape("no ceiling: " + str(shown.get("unavailable")))}</p>'
-    heading = (f"Ceiling: {shown['model']} {shown.get('precision') or ''} tp {shown['tp']} on "
+        return f'<p class="note">{escape(named + "no ceiling: " + str(shown.get("unavailable")))}</p>'
+    heading = (f"{named}Ceiling: {shown['model']} {shown.get('precision') or ''} tp {shown['tp']} on "
                f"{shown['hardware']} (invoke expect; the dashed line in the throughput chart)")
     rows = [[str(r["concurrency"]), f"{r['measured_tokens_per_s']:.1f}", f"{r['ceiling_tokens_per_s']:.1f}",
              f"{100 * r['efficiency']:.0f}%"] for r in shown["levels"]]
@@ -79,13 +81,21 @@ def image(path: Path, caption: str) -> str:
             f'<img alt="{escape(caption)}" src="data:image/png;base64,{data}">')
 
 
-def render(title: str, result: dict, columns: list[str], rows: list[list[str]],
-           charts: dict[str, Path]) -> str:
-    """The page as one string: every chart inlined, no link or source outside it."""
+def render(title: str, results: dict[str, dict], columns: list[str], rows: list[list[str]],
+           charts: dict[str, Path], tables: list[tuple[str, list[str], list[list[str]]]] = ()) -> str:
+    """The page as one string: what each result (one named "", or several side by side) was measured
+    on and its ceiling, the table, any further ``tables`` (heading, columns, rows), every chart
+    inlined — no link or source outside it."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body>",
-             f"<h1>{escape(title)}</h1>", "<h2>Measured on</h2>",
-             _table(["", ""], environment_rows(result), "facts"), "<h2>Results by concurrency</h2>",
-             _table(columns, rows), ceiling_html(result), "<h2>Charts</h2>",
-             *(image(path, CAPTIONS.get(key, key)) for key, path in charts.items()), "</body></html>"]
+             f"<style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>"]
+    for name, result in results.items():
+        parts += [f"<h2>Measured on{': ' + escape(name) if name else ''}</h2>",
+                  _table(["", ""], environment_rows(result), "facts")]
+    parts += ["<h2>Results by concurrency</h2>", _table(columns, rows)]
+    for name, result in results.items():
+        parts.append(ceiling_html(result, name))
+    for heading, table_columns, table_rows in tables:
+        parts += [f"<h2>{escape(heading)}</h2>", _table(table_columns, table_rows)]
+    parts += ["<h2>Charts</h2>", *(image(path, CAPTIONS.get(key, key)) for key, path in charts.items()),
+              "</body></html>"]
     return "\n".join(parts) + "\n"

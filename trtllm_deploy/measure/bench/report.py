@@ -75,7 +75,7 @@ def write(result: dict, out: Path) -> dict[str, Path]:
     drawn = charts({"": result}, out)
     files.update(drawn)
     files["html"] = out / "report.html"
-    files["html"].write_text(page.render(title(result), result, COLUMNS,
+    files["html"].write_text(page.render(title(result), {"": result}, COLUMNS,
                                          [level_row(level) for level in result["levels"]], drawn))
     return files
 
@@ -146,6 +146,24 @@ def figures(results: dict[str, dict]) -> dict[str, object]:
 def charts(results: dict[str, dict], out: Path) -> dict[str, Path]:
     """``figures`` written as PNG files in ``out``."""
     return {key: chart.save(figure, out / CHARTS[key]) for key, figure in figures(results).items()}
+
+
+def compare_page(results: dict[str, dict], columns: list[str], rows: list[list[str]],
+                 charts: dict[str, Path], out: Path, gate_heading: str = "", verdicts: list[Verdict] = (),
+                 threshold: float = 0.0) -> Path:
+    """report.html of `bench.compare`: the side-by-side table, each result's environment and ceiling,
+    the gate's verdicts (when there is a baseline) and the charts, in one file in ``out``."""
+    tables = []
+    if gate_heading:
+        tables.append((f"{gate_heading} (worse by more than {threshold:.0%} fails)",
+                       ["result", "concurrency", "figure", "baseline", "measured", "worse by", "verdict"],
+                       [[v.candidate, str(v.concurrency), v.figure, f"{v.baseline:.2f}", f"{v.measured:.2f}",
+                         f"{v.change:+.1%}", "fail" if v.regressed else
+                         f"not gated: baseline repeats differ by {v.noise:.0%}" if v.change > threshold
+                         else "pass"] for v in verdicts]))
+    path = out / "report.html"
+    path.write_text(page.render("results by concurrency", results, columns, rows, charts, tables))
+    return path
 
 
 def load(path: str | Path) -> dict:
