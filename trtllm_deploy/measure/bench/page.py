@@ -16,7 +16,7 @@ font-size:13px;text-align:right}th{background:#f2f2f2}td:first-child,th:first-ch
 NO_MODEL = ("no ceiling: the result records no model to compute one for (pass --expect-model MODEL, or "
             "--hosts for a deployment whose artifact is in the local store)")
 CAPTIONS = {"latency_png": "Latency: p50 (line), the p50–p90 and p90–p99 bands; concurrency on a log2 axis",
-            "throughput_png": "Output tokens/s, all streams and per stream (the dashed line: the ceiling)",
+            "throughput_png": "Output tokens/s, all streams and per stream (dashed: the ceiling if known)",
             "per_node_png": "Throughput per node against tokens/s per user, one point per concurrency",
             "distributions_png": "TTFT and ITL distributions, one line per concurrency"}
 
