@@ -113,7 +113,7 @@ def test_chat_and_other_timings_are_measured_as_well(invoke, timed_server, tmp_p
     assert result["environment"]["endpoint"]["model"] == "timed-test-model"
 
 
-def test_the_result_is_written_as_json_csv_and_png_charts(invoke, timed_server, tmp_path):
+def test_the_result_is_written_as_json_csv_png_charts_and_one_html_page(invoke, timed_server, tmp_path):
     url = timed_server(5, 2)
     out = tmp_path / "out"
     done = invoke("bench", "--url", url, "--concurrency", "..4", "--output-tokens", "8",
@@ -124,8 +124,13 @@ def test_the_result_is_written_as_json_csv_and_png_charts(invoke, timed_server, 
     assert [level["concurrency"] for level in saved["levels"]] == [1, 2, 4]
     rows = (out / "result.csv").read_text().splitlines()
     assert rows[0].startswith("concurrency,run,") and len(rows) == 1 + 3 * 2
-    for name in ("latency.png", "throughput.png"):
-        assert png_size(out / name) == (760, 460)
+    # Each level records its TTFT and ITL distribution, which report.html's charts draw.
+    recorded = saved["levels"][0]["summary"]["ttft_ms"]["distribution"]
+    assert [q for q, _ in recorded] == list(stats.DISTRIBUTION)
+    assert png_size(out / "throughput.png") == (760, 460)
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(report.CHARTS) and "TTFT p50 ms" in page
+    assert "report.html" in done.stdout
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -231,6 +236,11 @@ def test_compare_shows_results_side_by_side_with_charts(invoke, tmp_path):
     fast, slow = float(shown["rows"][0][1]), float(shown["rows"][0][5])
     assert fast > 1.6 * slow
     assert png_size(tmp_path / "c" / "throughput.png") == (760, 460)
+    # report.html beside the charts: each result's environment, the table and every chart inline.
+    page = (tmp_path / "c" / "report.html").read_text()
+    assert shown["files"]["html"] == str(tmp_path / "c" / "report.html")
+    assert "Measured on: standin-100tps" in page and "Measured on: standin-50tps" in page
+    assert "standin-50tps: out tok/s" in page and page.count("data:image/png;base64,") == len(report.CHARTS)
 
 
 def test_the_gate_passes_a_rerun_and_fails_a_regression_with_exit_1(invoke, tmp_path):
@@ -245,6 +255,9 @@ def test_the_gate_passes_a_rerun_and_fails_a_regression_with_exit_1(invoke, tmp_
     gate = json.loads(slower.stdout)["gate"]
     failed = {(v["concurrency"], v["figure"]) for v in gate["verdicts"] if v["regressed"]}
     assert (1, "output tokens/s") in failed and (1, "ITL p50 ms") in failed
+    page = (tmp_path / "b" / "report.html").read_text()
+    assert f"gate against {baseline} (worse by more than 10% fails)" in page
+    assert page.count("<td>fail</td>") == sum(v["regressed"] for v in gate["verdicts"])
     # A generous threshold lets the same results through.
     loose = invoke("bench.compare", str(DATA / "standin-50tps.json"), "--baseline", baseline,
                    "--threshold", "4", "--out", str(tmp_path / "c"))

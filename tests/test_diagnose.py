@@ -202,6 +202,16 @@ def test_the_chart_is_a_png_with_a_line_per_gpu():
     assert colour("blue") in colours and colour("orange") in colours and colour("green") not in colours
 
 
+def test_the_chart_has_a_panel_per_metric_on_a_linear_time_axis():
+    samples = gpu.parse_dmon(read("h200x2-dmon-pucm-DT-d1-c40-nccl-load.txt"))
+    figure, _ = gpu.chart_figure({"node-a": samples})
+    panels = figure.get_axes()
+    assert [axes.get_title(loc="left").split(",")[0] for axes in panels] == list(gpu.CHARTED)
+    assert panels[-1].get_xlabel() == "seconds" and all(axes.get_xscale() == "linear" for axes in panels)
+    for axes in panels:
+        assert [line.get_label() for line in axes.get_lines()] == ["node-a/gpu0", "node-a/gpu1"]
+
+
 # --- ethtool, ip -j, ping --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, expected", [

@@ -105,6 +105,8 @@ def compare(c: Context, results: str | None = None, baseline: str = "", threshol
     limit = _number(threshold, "--threshold")
     verdicts = report.gate(reference, loaded, limit) if reference else []
     regressions = [v for v in verdicts if v.regressed]
+    files["html"] = report.compare_page(shown, columns, rows, files, folder,
+                                        baseline and f"gate against {baseline}", verdicts, limit)
     if json:
         console.print_json({"columns": columns, "rows": rows, "files": {k: str(v) for k, v in files.items()},
                             "gate": None if reference is None else {

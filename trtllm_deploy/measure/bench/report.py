@@ -1,5 +1,5 @@
-"""A result on disk (JSON, CSV, PNG charts), its table, and the comparison of several results with
-a regression gate against a stored baseline."""
+"""A result on disk (JSON, CSV, PNG charts, one HTML page with all of them), its table, and the
+comparison of several results with a regression gate against a stored baseline."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure import chart
+from trtllm_deploy.measure.bench import page
 
 SCHEMA = "trtllm-deploy.bench/1"
 LATENCY_NAMES = ("ttft", "tpot", "itl", "e2e")
@@ -53,7 +54,8 @@ def title(result: dict) -> str:
 
 
 def write(result: dict, out: Path) -> dict[str, Path]:
-    """result.json, result.csv and two charts in ``out``; returns what was written."""
+    """result.json, result.csv, the charts and report.html (all of them in one page) in ``out``;
+    returns what was written."""
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "result.json", "csv": out / "result.csv"}
     files["json"].write_text(json.dumps(result, indent=2) + "\n")
@@ -70,28 +72,98 @@ def write(result: dict, out: Path) -> dict[str, Path]:
                                  s["output_tokens_per_s"], s["stream_tokens_per_s"]["p50"],
                                  *[s[f"{m}_ms"].get(q) for m in LATENCY_NAMES
                                    for q in ("p50", "p90", "p99")]])
-    files.update(charts({"": result}, out))
+    drawn = charts({"": result}, out)
+    files.update(drawn)
+    files["html"] = out / "report.html"
+    files["html"].write_text(page.render(title(result), {"": result}, COLUMNS,
+                                         [level_row(level) for level in result["levels"]], drawn))
     return files
 
 
-def charts(results: dict[str, dict], out: Path) -> dict[str, Path]:
-    """Latency and throughput against concurrency; one line per result and figure."""
-    latency, throughput = {}, {}
+CHARTS = {"latency_png": "latency.png", "throughput_png": "throughput.png", "per_node_png": "per_node.png",
+          "distributions_png": "distributions.png"}
+
+
+def nodes(result: dict) -> int | None:
+    """How many nodes served the result (its recorded deployment), None when it was not recorded."""
+    deployment = result["environment"].get("deployment") or {}
+    return len(deployment.get("nodes") or []) or None
+
+
+def figures(results: dict[str, dict]) -> dict[str, object]:
+    """The charts of one result (name "") or several side by side, as matplotlib figures by key:
+    latency p50 with p90/p99 bands, throughput with the `expect` ceiling where known, throughput per
+    node against tokens/s per user, and the TTFT and ITL distributions; concurrency on log2 axes."""
+    latency = {metric: {} for metric in ("ttft", "itl", "e2e")}
+    throughput, ceiling, per_node = {}, {}, {}
+    spread = {"ttft": {}, "itl": {}}
+    partial = False
     for name, result in results.items():
         prefix = f"{name} " if name else ""
+        levels = result["levels"]
+        for metric, shown in latency.items():
+            shown[name or metric.upper()] = [(lv["concurrency"], *(lv["summary"][f"{metric}_ms"].get(q)
+                                                                   for q in ("p50", "p90", "p99")))
+                                             for lv in levels]
+        throughput[f"{prefix}all streams"] = [(lv["concurrency"], lv["summary"]["output_tokens_per_s"])
+                                              for lv in levels]
+        throughput[f"{prefix}per stream"] = [(lv["concurrency"], lv["summary"]["stream_tokens_per_s"]["p50"])
+                                             for lv in levels]
+        bound = (result.get("efficiency") or {}).get("levels")
+        if bound:
+            ceiling[f"{prefix}ceiling (invoke expect)"] = [(row["concurrency"], row["ceiling_tokens_per_s"])
+                                                           for row in bound]
+        count = nodes(result)
+        label = f"{prefix}{count} node{'s' if count > 1 else ''}" if count else f"{prefix}1 node (assumed)"
+        per_node[label] = [
+            (lv["summary"]["stream_tokens_per_s"]["p50"], lv["summary"]["output_tokens_per_s"] / (count or 1),
+             f"c={lv['concurrency']}") for lv in levels]
+        for metric, shown in spread.items():
+            for level in levels:
+                figures_ = level["summary"][f"{metric}_ms"]
+                if not figures_.get("count"):
+                    continue  # nothing measured at this level (every request failed)
+                points = figures_.get("distribution")
+                if points is None:  # recorded before the distribution was kept: its percentiles only
+                    partial = True
+                    points = [(q, figures_[f"p{q}"]) for q in (50, 90, 99)
+                              if figures_.get(f"p{q}") is not None]
+                shown[f"{prefix}c={level['concurrency']}"] = points
+    only = "p50/p90/p99 only: a result recorded without its distribution" if partial else ""
+    return {
+        "latency_png": chart.bands([("TTFT", latency["ttft"]), ("ITL", latency["itl"]),
+                                    ("end to end", latency["e2e"])], "concurrency (streams)", "ms"),
+        "throughput_png": chart.line_chart("Output tokens/s against concurrency", "concurrency (streams)",
+                                           "tokens/s", throughput, dashed=ceiling),
+        "per_node_png": chart.curve("Throughput per node against speed per user (label: concurrency)",
+                                    "tokens/s per user (p50 of streams)", "output tokens/s per node",
+                                    per_node),
+        "distributions_png": chart.distributions([("TTFT", spread["ttft"]), ("ITL", spread["itl"])],
+                                                 "ms", only),
+    }
 
-        def series(read, levels=result["levels"]):
-            return [(level["concurrency"], read(level["summary"])) for level in levels]
 
-        latency[f"{prefix}TTFT p50"] = series(lambda s: s["ttft_ms"].get("p50"))
-        latency[f"{prefix}ITL p50"] = series(lambda s: s["itl_ms"].get("p50"))
-        latency[f"{prefix}E2E p50"] = series(lambda s: s["e2e_ms"].get("p50"))
-        throughput[f"{prefix}all streams"] = series(lambda s: s["output_tokens_per_s"])
-        throughput[f"{prefix}per stream"] = series(lambda s: s["stream_tokens_per_s"]["p50"])
-    return {"latency_png": chart.line_chart(out / "latency.png", "Latency against concurrency",
-                                            "concurrency", "ms", latency),
-            "throughput_png": chart.line_chart(out / "throughput.png", "Output tokens/s against concurrency",
-                                               "concurrency", "tokens/s", throughput)}
+def charts(results: dict[str, dict], out: Path) -> dict[str, Path]:
+    """``figures`` written as PNG files in ``out``."""
+    return {key: chart.save(figure, out / CHARTS[key]) for key, figure in figures(results).items()}
+
+
+def compare_page(results: dict[str, dict], columns: list[str], rows: list[list[str]],
+                 charts: dict[str, Path], out: Path, gate_heading: str = "", verdicts: list[Verdict] = (),
+                 threshold: float = 0.0) -> Path:
+    """report.html of `bench.compare`: the side-by-side table, each result's environment and ceiling,
+    the gate's verdicts (when there is a baseline) and the charts, in one file in ``out``."""
+    tables = []
+    if gate_heading:
+        tables.append((f"{gate_heading} (worse by more than {threshold:.0%} fails)",
+                       ["result", "concurrency", "figure", "baseline", "measured", "worse by", "verdict"],
+                       [[v.candidate, str(v.concurrency), v.figure, f"{v.baseline:.2f}", f"{v.measured:.2f}",
+                         f"{v.change:+.1%}", "fail" if v.regressed else
+                         f"not gated: baseline repeats differ by {v.noise:.0%}" if v.change > threshold
+                         else "pass"] for v in verdicts]))
+    path = out / "report.html"
+    path.write_text(page.render("results by concurrency", results, columns, rows, charts, tables))
+    return path
 
 
 def load(path: str | Path) -> dict:

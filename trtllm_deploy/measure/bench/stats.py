@@ -9,6 +9,9 @@ from collections import Counter
 from .client import Sample
 
 PERCENTILES = (50, 90, 99)
+# Where the distribution is recorded (for the report's distribution charts): every 5th percentile and
+# the 99th, from the fastest (0) to the slowest (100) request or gap.
+DISTRIBUTION = (*range(0, 100, 5), 99, 100)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -27,7 +30,8 @@ def describe(values: list[float]) -> dict:
     if not values:
         return {"count": 0}
     figures = {f"p{q}": round(percentile(values, q) * 1000, 4) for q in PERCENTILES}
-    return {"count": len(values), "mean": round(statistics.fmean(values) * 1000, 4), **figures}
+    return {"count": len(values), "mean": round(statistics.fmean(values) * 1000, 4), **figures,
+            "distribution": [[q, round(percentile(values, q) * 1000, 4)] for q in DISTRIBUTION]}
 
 
 def latencies(samples: list[Sample]) -> dict[str, list[float]]:

@@ -150,9 +150,9 @@ def summarize(samples: list[dict]) -> dict[int, dict[str, dict]]:
     return summary
 
 
-def chart(samples_by_node: dict[str, list[dict]]) -> tuple[bytes, dict[str, str]]:
-    """One panel per charted metric, one line per node and GPU."""
-    from trtllm_deploy.measure.chart import panels
+def chart_figure(samples_by_node: dict[str, list[dict]]):
+    """One panel per charted metric, one line per node and GPU: the figure and its legend."""
+    from trtllm_deploy.measure.chart import panels_figure
 
     panel_series = []
     for metric in CHARTED:
@@ -163,7 +163,15 @@ def chart(samples_by_node: dict[str, list[dict]]) -> tuple[bytes, dict[str, str]
                     series.setdefault(f"{node}/gpu{sample['gpu']}", []).append(
                         (sample["t"], sample[metric]))
         panel_series.append(series)
-    return panels(panel_series, titles=[f"{metric}, {UNITS[metric]}" for metric in CHARTED])
+    return panels_figure(panel_series, titles=[f"{metric}, {UNITS[metric]}" for metric in CHARTED])
+
+
+def chart(samples_by_node: dict[str, list[dict]]) -> tuple[bytes, dict[str, str]]:
+    """``chart_figure`` drawn: the PNG and the legend ``node/gpuN → colour``."""
+    from trtllm_deploy.measure.chart import png
+
+    figure, legend = chart_figure(samples_by_node)
+    return png(figure), legend
 
 
 def cell(stats: dict | None, unit: str) -> str:
