@@ -15,7 +15,10 @@ from trtllm_deploy.measure import chart
 SCHEMA = "trtllm-deploy.bench/1"
 LATENCY_NAMES = ("ttft", "tpot", "itl", "e2e")
 COLUMNS = ["concurrency", "requests", "errors", "req/s", "out tok/s", "tok/s/stream", "TTFT p50 ms",
-           "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "E2E p50 ms", "E2E p99 ms", "spread"]
+           "TTFT p99 ms", "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "tok/chunk", "E2E p50 ms", "E2E p99 ms",
+           "spread"]
+# An open-loop result: its rate first, how late requests left their schedule last.
+RATE_COLUMNS = ["rate/s", "cap", *COLUMNS[1:], "late p50 ms", "late p99 ms"]
 # Gated figures: (name, how to read it from a level's summary, True when higher is better).
 GATED = (("output tokens/s", lambda s: s["output_tokens_per_s"], True),
          ("TTFT p50 ms", lambda s: s["ttft_ms"].get("p50"), False),
@@ -28,18 +31,56 @@ def _ms(figure: dict, key: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def columns(result: dict) -> list[str]:
+    return RATE_COLUMNS if "arrivals" in result else COLUMNS
+
+
+def warnings(result: dict) -> list[str]:
+    """What a reader of the table must know about how it was measured."""
+    lines = []
+    refused = result["workload"].get("ignore_eos_refused")
+    if refused:
+        lines.append(f"the server refused ignore_eos/min_tokens ({refused}); requests were re-sent without "
+                     "them, so outputs may stop early (see the out tok column)")
+    for level in result["levels"]:
+        s = level["summary"]
+        if level.get("behind"):
+            late = s["lateness_ms"]
+            waiting = (", waiting for one of the --concurrency slots included" if level.get("concurrency")
+                       else "")
+            lines.append(f"{level['request_rate']:g} requests/s: the client fell behind its schedule "
+                         f"(requests left {late['p50']:.2f} ms late at the median, p99 {late['p99']:.2f} ms; "
+                         f"over {result['arrivals']['behind_ms']:g} ms counts as behind{waiting}): the "
+                         "rate it measured is lower than asked")
+        if s.get("without_text"):
+            lines.append(f"{_level_name(level)}: {s['without_text']} request(s) completed with tokens "
+                         "(the server's usage count) but no visible text: counted, with no TTFT or ITL")
+    return lines
+
+
+def _level_name(level: dict) -> str:
+    if "request_rate" in level:
+        return f"{level['request_rate']:g} requests/s"
+    return f"concurrency {level['concurrency']}"
+
+
 def level_row(level: dict) -> list[str]:
     s = level["summary"]
     spread = level.get("spread", {}).get("output_tokens_per_s") or {}
     errors = sum(s["errors"].values())
-    return [str(level["concurrency"]), str(s["succeeded"]), str(errors) if not errors else
+    rate = [f"{level['request_rate']:g}", str(level["concurrency"] or "-")] if "request_rate" in level else []
+    late = ([_ms(s.get("lateness_ms", {}), "p50") + (" behind" if level.get("behind") else ""),
+             _ms(s.get("lateness_ms", {}), "p99")] if rate else [])
+    first = rate or [str(level["concurrency"])]
+    return first + [str(s["succeeded"]), str(errors) if not errors else
             f"{errors}: " + ", ".join(f"{k} {v}" for k, v in s["errors"].items()),
             f"{s['requests_per_s']:.2f}", f"{s['output_tokens_per_s']:.1f}",
             "-" if s["stream_tokens_per_s"]["p50"] is None else f"{s['stream_tokens_per_s']['p50']:.1f}",
             _ms(s["ttft_ms"], "p50"), _ms(s["ttft_ms"], "p99"), _ms(s["tpot_ms"], "p50"),
-            _ms(s["itl_ms"], "p50"), _ms(s["itl_ms"], "p99"), _ms(s["e2e_ms"], "p50"),
-            _ms(s["e2e_ms"], "p99"),
-            f"±{100 * spread['cv']:.1f}%" if spread.get("cv") is not None and len(level["runs"]) > 1 else "-"]
+            _ms(s["itl_ms"], "p50"), _ms(s["itl_ms"], "p99"), f"{s.get('tokens_per_chunk', 0):.2f}",
+            _ms(s["e2e_ms"], "p50"), _ms(s["e2e_ms"], "p99"),
+            f"±{100 * spread['cv']:.1f}%" if spread.get("cv") is not None and len(level["runs"]) > 1 else "-"
+            ] + late
 
 
 def title(result: dict) -> str:
@@ -48,8 +89,13 @@ def title(result: dict) -> str:
     served = f"{endpoint.get('runtime')} {endpoint.get('version') or ''}".strip()
     if endpoint.get("standin"):
         served += " (stand-in: not inference)"
-    return (f"{endpoint.get('model')} on {served} at {endpoint['url']}: {work['input_tokens']} in / "
-            f"{work['output_tokens']} out tokens, counted by {work['counted_by']}")
+    shown = (f"{endpoint.get('model')} on {served} at {endpoint['url']}: {work['input_tokens']} in / "
+             f"{work['output_tokens']} out tokens, counted by {work['counted_by']}")
+    if work.get("ignore_eos_refused"):
+        shown += " (ignore_eos refused by the server: outputs may stop early)"
+    if "arrivals" in result:
+        shown += f"; open loop, gamma gaps of shape {result['arrivals']['burstiness']:g}"
+    return shown
 
 
 def write(result: dict, out: Path) -> dict[str, Path]:
@@ -81,7 +127,8 @@ def charts(results: dict[str, dict], out: Path) -> dict[str, Path]:
         prefix = f"{name} " if name else ""
 
         def series(read, levels=result["levels"]):
-            return [(level["concurrency"], read(level["summary"])) for level in levels]
+            return [(level.get("request_rate", level["concurrency"]), read(level["summary"]))
+                    for level in levels]
 
         latency[f"{prefix}TTFT p50"] = series(lambda s: s["ttft_ms"].get("p50"))
         latency[f"{prefix}ITL p50"] = series(lambda s: s["itl_ms"].get("p50"))
