@@ -34,8 +34,9 @@ def measure(url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_
         deployment, endpoint = environment.deployment_facts(hosts)
     else:
         endpoint = Endpoint.parse(url)
-    facts = environment.endpoint_facts(endpoint)
+    # Before the endpoint is asked anything: a --tokenizer that cannot be used is the user's to fix.
     prompts = Prompts(input_tokens, environment.tokenizer_dir(deployment, tokenizer), given=bool(tokenizer))
+    facts = environment.endpoint_facts(endpoint)
     workload = Workload(input_tokens, output_tokens, chat, ignore_eos, model or facts["model"],
                         prompts.counted_by)
     workload = _settle_options(endpoint, workload, prompts, timeout_s)
