@@ -9,6 +9,7 @@ import pytest
 from test_bench import bench_json, invoke  # noqa: F401  (invoke: a fixture)
 from test_bench_rates import server  # noqa: F401  (a fixture)
 
+from trtllm_deploy.measure.bench import report
 from trtllm_deploy.measure.bench.client import Sample
 
 
@@ -65,6 +66,9 @@ def test_bundled_tokens_give_per_request_rates_from_usage_and_tokens_per_chunk(i
     assert abs(s["tpot_ms"]["p50"] - 5) < 1, s["tpot_ms"]
     assert 170 < s["stream_tokens_per_s"]["p50"] < 230, s["stream_tokens_per_s"]
     assert abs(s["itl_ms"]["p50"] - 5 * per_chunk) < 1.5
+    row = report.level_row(result["levels"][0])  # the table shows tokens per chunk beside ITL
+    assert row[report.COLUMNS.index("tok/chunk")] == f"{per_chunk:.2f}"
+    assert report.COLUMNS.index("tok/chunk") == report.COLUMNS.index("ITL p99 ms") + 1
 
 
 def test_a_request_whose_text_came_in_one_chunk_adds_no_tpot_of_zero(invoke, server, tmp_path):  # noqa: F811
