@@ -125,6 +125,18 @@ def test_requests_leave_at_their_scheduled_times_and_their_gaps_are_poisson(serv
     assert 300 / 100 * 0.7 < wall < 300 / 100 * 1.4, figures  # the run lasts about requests/rate
 
 
+def test_a_budget_of_seconds_schedules_no_request_after_it(server):
+    endpoint = Endpoint.parse(server(1, 1))
+    plan = sweep.Rates((50.0,), 1.0, 5, 0)
+    workload = Workload(input_tokens=4, output_tokens=2, model="timed-test-model")
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        samples, _ = runner.run(sweep.run_rate(endpoint, workload, Prompts(4), 50.0, plan, 0, 0.6, 60))
+    due = arrivals.schedule(50.0, 1.0, 200, "5:50.0:0")
+    assert len(samples) == sum(1 for at in due if at <= 0.6) > 10
+    first = min(s.scheduled for s in samples)
+    assert max(s.scheduled for s in samples) - first <= 0.6
+
+
 def test_a_rate_sweep_with_repeats_through_the_cli(invoke, server, tmp_path):  # noqa: F811
     url = server(3, 1)
     result = bench_json(invoke, "--url", url, "--request-rate", "50,100", "--requests", "40",
