@@ -11,6 +11,10 @@ installed from the package index into its own virtual environment under
   read (16 streams of 8,000 tokens); the server's send rate once the socket buffers are full, which
   is the rate the client takes them (target for ours: at least 20,000 tokens/s).
 
+- schedule (ours): open loop at RATE requests/s (Poisson, a fixed seed), 1,000 requests of 4 tokens
+  against a server answering in 2 ms: how late each request left against its scheduled time
+  (median target under 1 ms on this machine's 2 cores), the rate achieved, and the client's CPU.
+
 A client that cannot be installed or run is reported as such in its row; the others still run.
 Run it with `nox -s bench -- clients` (or `python benchmarks/bench_clients.py [--only ours,aiperf]`).
 """
@@ -35,6 +39,7 @@ TOOLS = {"aiperf": "aiperf==0.13.0", "guidellm": "guidellm==0.8.1", "llama-bench
 MODEL = "timed-test-model"
 TTFT_MS, ITL_MS, STREAMS, REQUESTS, ISL, OSL = 40.0, 10.0, 64, 128, 16, 32
 FAST = {"streams": 16, "requests": 16, "osl": 8000}   # the capacity run: one round of long streams
+RATE, RATE_REQUESTS = 200.0, 1000                      # the schedule run: requests/s, how many
 CORES = os.cpu_count() or 1
 # Server and clients ahead of whatever else the machine runs (root only), all alike.
 AHEAD = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
@@ -223,12 +228,41 @@ def capacity(name: str, work: Path) -> dict:
             "pieces": stats["pieces"], "cpu": found["cpu"], "errors": found["errors"]}
 
 
+def schedule(work: Path) -> dict:
+    """Ours in open loop: lateness of the sends against their schedule, the rate achieved, CPU."""
+    tasks = work / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    (tasks / "tasks.py").write_text("from invoke import Collection\nfrom trtllm_deploy.cli import bench\n"
+                                    "ns = Collection()\nns.add_collection(bench.ns)\n")
+    with Timed(2, 1, workers=2, pin=[]) as server:
+        output, cpu = measured([sys.executable, "-m", "invoke", "--search-root", str(tasks), "bench",
+                                "--url", server.url, "--request-rate", f"{RATE:g}", "--requests",
+                                str(RATE_REQUESTS), "--input-tokens", str(ISL), "--output-tokens", "4",
+                                "--warmup", "1", "--seed", "1", "--out", str(work / "out"), "--json"],
+                               work, {"PYTHONPATH": str(ROOT)})
+    level = json.loads(output[output.index("{"):])["levels"][0]
+    s = level["summary"]
+    return {"late_p50_ms": s["lateness_ms"]["p50"], "late_p99_ms": s["lateness_ms"]["p99"],
+            "requests_per_s": s["requests_per_s"], "ok": s["succeeded"], "cpu": cpu,
+            "behind": level["behind"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(CLIENTS), help="clients to run, comma-separated")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--schedule-only", action="store_true", help="only ours, in open loop (schedule)")
     args, _ = parser.parse_known_args()
     names = [name for name in args.only.split(",") if name in CLIENTS]
+    if "ours" in names or args.schedule_only:
+        with tempfile.TemporaryDirectory(prefix="bench-schedule-") as scratch:
+            found = schedule(Path(scratch))
+        print(f"schedule (ours): {RATE:g} requests/s open loop, {RATE_REQUESTS} requests: lateness p50 "
+              f"{found['late_p50_ms']:.3f} ms, p99 {found['late_p99_ms']:.3f} ms; achieved "
+              f"{found['requests_per_s']:.1f} requests/s, {found['ok']} ok, CPU {found['cpu']:.2f} s"
+              + (" (behind its schedule)" if found["behind"] else ""), flush=True)
+        if args.schedule_only:
+            return
     rows, figures = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-clients-") as scratch:
         for name in names:

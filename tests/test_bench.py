@@ -123,7 +123,7 @@ def test_the_result_is_written_as_json_csv_png_charts_and_one_html_page(invoke, 
     saved = report.load(out / "result.json")
     assert [level["concurrency"] for level in saved["levels"]] == [1, 2, 4]
     rows = (out / "result.csv").read_text().splitlines()
-    assert rows[0].startswith("concurrency,run,") and len(rows) == 1 + 3 * 2
+    assert rows[0].startswith("concurrency,request_rate,run,") and len(rows) == 1 + 3 * 2
     # Each level records its TTFT and ITL distribution, which report.html's charts draw.
     recorded = saved["levels"][0]["summary"]["ttft_ms"]["distribution"]
     assert [q for q, _ in recorded] == list(stats.DISTRIBUTION)

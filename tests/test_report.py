@@ -259,3 +259,49 @@ def test_a_level_where_every_request_failed_keeps_its_place_and_the_report_is_wr
         "c=1", "c=4"]
     files = report.write(result, tmp_path)
     assert Page(files["html"].read_text()).images and read_png(files["latency_png"].read_bytes())
+
+
+def rated(result: dict, rates=(0.5, 2.0, 8.0), cap=None) -> dict:
+    """The result as if measured open loop at ``rates`` (requests/s), capped at ``cap`` in flight."""
+    result = copy.deepcopy(result)
+    for level, rate in zip(result["levels"], rates):
+        level["request_rate"], level["concurrency"] = rate, cap
+    return result
+
+
+def test_request_rate_results_are_drawn_against_the_rate_on_a_log2_axis():
+    result = rated(with_distributions(recorded()))
+    figures = report.figures({"": result})
+    (throughput,) = figures["throughput_png"].get_axes()
+    assert throughput.get_xlabel() == "request rate (requests/s)"
+    assert throughput.get_xscale() == "log" and list(throughput.get_xticks()) == [0.5, 2.0, 8.0]
+    assert [x for x, _ in figures["per_node_png"].get_axes()[0].get_lines()[0].get_xydata()] == [
+        level["summary"]["stream_tokens_per_s"]["p50"] for level in result["levels"]]
+    assert [text.get_text() for text in figures["per_node_png"].get_axes()[0].texts] == ["0.5/s", "2/s", "8/s"]
+
+
+def test_compare_and_its_gate_key_request_rate_levels_by_their_rate():
+    """Uncapped rate levels all have concurrency None: keyed by it they overwrote one another."""
+    base, worse = rated(recorded()), rated(recorded())
+    worse["levels"][1]["summary"]["output_tokens_per_s"] /= 2
+    columns, rows = report.side_by_side({"base": base, "worse": worse})
+    assert columns[0] == "level" and [row[0] for row in rows] == ["0.5/s", "2/s", "8/s"]
+    verdicts = report.gate(base, {"worse": worse}, 0.1)
+    failed = {(v.concurrency, v.figure) for v in verdicts if v.regressed}
+    assert ("2/s", "output tokens/s") in {(level, figure.lower()) for level, figure in failed}, verdicts
+    assert not any(v.concurrency in ("0.5/s", "8/s") and v.regressed for v in verdicts)
+    capped = report.side_by_side({"a": rated(recorded(), cap=4)})[1]
+    assert [row[0] for row in capped] == ["0.5/s cap 4", "2/s cap 4", "8/s cap 4"]
+
+
+def test_the_csv_of_a_request_rate_run_has_its_rate_and_lateness(tmp_path):
+    result = rated(recorded())
+    for level in result["levels"]:
+        level["summary"]["lateness_ms"] = {"p50": 0.25, "p90": 0.5, "p99": 1.5}
+    report.write(result, tmp_path)
+    rows = (tmp_path / "result.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:3] == ["concurrency", "request_rate", "run"] and header[-2:] == ["lateness_ms_p50",
+                                                                                    "lateness_ms_p99"]
+    last = rows[-1].split(",")
+    assert last[1] == "8.0" and last[-2:] == ["0.25", "1.5"]

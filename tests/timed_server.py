@@ -11,6 +11,11 @@ generators' connection pools expect. ``GET /stats`` says how late the server its
 pieces (a loaded machine shows there, not in the client). Prints ``PORT <n>`` once it listens.
 
     python tests/timed_server.py --ttft-ms 40 --itl-ms 10 [--port 0]
+
+Real servers' quirks, each on request (as met on `transformers serve`, issue 18): ``--strict``
+refuses ``ignore_eos``/``min_tokens`` with HTTP 422 as a pydantic model with extra="forbid" does;
+``--tokens-per-chunk N`` bundles N tokens in each chunk; ``--no-text`` streams tokens that decode to
+nothing (empty text) while usage counts them.
 """
 
 from __future__ import annotations
@@ -102,9 +107,11 @@ def _prompt_tokens(body: dict) -> int:
 
 
 def answer(method: str, path: str, body: dict, received: float, ttft: float, itl: float, close: bool,
-           late: list[float], sent: list[float] | None = None) -> list[tuple[float, bytes]]:
+           late: list[float], sent: list[float] | None = None, quirks: dict | None = None
+           ) -> list[tuple[float, bytes]]:
     """What to send for one request, each piece with its deadline."""
     path = path.split("?", 1)[0]
+    quirks = quirks or {}
     if method == "GET" and path == "/stats":
         ordered = sorted(late)
         figures = {"pieces": len(ordered)}
@@ -133,6 +140,11 @@ def answer(method: str, path: str, body: dict, received: float, ttft: float, itl
     if path not in ("/v1/completions", "/v1/chat/completions"):
         return [(0, _response(404, {"error": {"message": f"no route {path}", "code": 404}}, close))]
     chat = path.endswith("chat/completions")
+    extra = [name for name in ("ignore_eos", "min_tokens") if name in body]
+    if quirks.get("strict") and extra:  # the shape of a pydantic v2 extra="forbid" refusal
+        return [(0, _response(422, {"detail": [
+            {"type": "extra_forbidden", "loc": ["body", name], "msg": "Extra inputs are not permitted",
+             "input": body[name]} for name in extra]}, close))]
     tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
     prompt_tokens = _prompt_tokens(body)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
@@ -153,15 +165,20 @@ def answer(method: str, path: str, body: dict, received: float, ttft: float, itl
         head += _event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                              "finish_reason": None}]})
     pieces = [(0.0, head)]
-    token = _event({**base, "choices": [_choice(chat, WORD, None)]})
-    for index in range(tokens):
-        last = index == tokens - 1
-        data = _event({**base, "choices": [_choice(chat, WORD, "length")]}) if last else token
+    per_chunk = int(quirks.get("tokens_per_chunk") or 1)
+    word = "" if quirks.get("no_text") else WORD
+    chunks = -(-tokens // per_chunk)
+    for index in range(chunks):
+        last = index == chunks - 1
+        text = word * (tokens - index * per_chunk if last else per_chunk)
+        data = _event({**base, "choices": [_choice(chat, text, "length" if last else None)]})
         if last:
             if (body.get("stream_options") or {}).get("include_usage"):
                 data += _event({**base, "choices": [], "usage": usage})
             data += _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
-        pieces.append((received + ttft + index * itl, data))
+        # A chunk of N tokens leaves when its last token is ready: one token every ITL.
+        pieces.append((received + ttft + (index * per_chunk + min(per_chunk, tokens - index * per_chunk) - 1)
+                       * itl, data))
     return pieces
 
 
@@ -190,7 +207,7 @@ def _arrival(ancillary: list, polled: float) -> float:
     return polled
 
 
-def serve(listener: socket.socket, ttft: float, itl: float) -> None:
+def serve(listener: socket.socket, ttft: float, itl: float, quirks: dict | None = None) -> None:
     scheduler = Scheduler()
     scheduler.start()
     selector = selectors.DefaultSelector()
@@ -231,7 +248,8 @@ def serve(listener: socket.socket, ttft: float, itl: float) -> None:
                 body = json.loads(body_bytes or b"{}")
             except ValueError:
                 body = {}
-            pieces = answer(method, path, body, arrived, ttft, itl, close, scheduler.late, scheduler.sent)
+            pieces = answer(method, path, body, arrived, ttft, itl, close, scheduler.late, scheduler.sent,
+                            quirks)
             scheduler.add([(deadline, conn, data, close and i == len(pieces) - 1)
                            for i, (deadline, data) in enumerate(pieces)])
 
@@ -271,7 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="processes sharing the listening socket (default 2): a burst of 64 requests "
                              "is read and answered in parallel, each process with its own GIL")
+    parser.add_argument("--strict", action="store_true", help="refuse ignore_eos/min_tokens with HTTP 422")
+    parser.add_argument("--tokens-per-chunk", type=int, default=1, help="tokens bundled in each chunk")
+    parser.add_argument("--no-text", action="store_true",
+                        help="tokens that decode to no text (usage counts them)")
     args = parser.parse_args(argv)
+    quirks = {"strict": args.strict, "tokens_per_chunk": args.tokens_per_chunk, "no_text": args.no_text}
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # --host ::1 too
     listener = socket.create_server((args.host, args.port), family=family, backlog=1024)
     print(f"PORT {listener.getsockname()[1]}", flush=True)
@@ -285,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     # A terminated parent takes its workers with it.
     signal.signal(signal.SIGTERM, lambda *_: (_stop(children), os._exit(0)))
     try:
-        serve(listener, args.ttft_ms / 1000, args.itl_ms / 1000)
+        serve(listener, args.ttft_ms / 1000, args.itl_ms / 1000, quirks)
     except KeyboardInterrupt:
         _stop(children)
 

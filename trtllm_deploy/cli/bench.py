@@ -26,7 +26,11 @@ def _default_out() -> str:
            f"{', '.join(runtime.server for runtime in runtimes.known())}, ...)",
     "hosts": "measure the cluster's current deployment instead (its hosts.toml); records image, "
              "artifact, tp and nodes",
-    "concurrency": "streams at once, a sweep: 1,2,4,8 (default) or ..64 for 1,2,4,...,64",
+    "concurrency": "streams at once, a sweep: 1,2,4,8 (default) or ..64 for 1,2,4,...,64; with "
+                   "--request-rate one number, the most requests in flight (default: no cap)",
+    "request_rate": "open loop instead: requests/s, a sweep 1,2,5 (each level's gaps drawn with --seed)",
+    "burstiness": "gamma shape of the gaps between requests: 1 Poisson (default), <1 burstier, >1 steadier",
+    "seed": "seed of the request-rate schedule (default 0): the same seed, the same arrivals",
     "input_tokens": "prompt length in the model's tokens (in words, approximate, without its tokenizer)",
     "output_tokens": "tokens to generate per request (ignore_eos is sent so none stops early)",
     "requests": "requests per run and level (default: 4 per stream)",
@@ -44,16 +48,17 @@ def _default_out() -> str:
     "store": "where engine.build keeps artifacts, to read the served one's model (default engines/)",
     "json": JSON_HELP})
 @user_errors
-def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_tokens: int = 128,
+def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "", input_tokens: int = 128,
         output_tokens: int = 128, requests: int = 0, duration: str = "0", warmup: int = 2, repeats: int = 1,
         out: str = "", model: str = "", chat: bool = False, tokenizer: str = "", ignore_eos: bool = True,
         expect_model: str = "", expect_precision: str = "", hardware: str = "gb10", store: str = "engines",
-        json: bool = False) -> None:
-    """Measure an endpoint: TTFT, TPOT, ITL, latency and tokens/s over a concurrency sweep."""
+        json: bool = False, request_rate: str = "", burstiness: str = "1", seed: int = 0) -> None:
+    """Measure an endpoint: TTFT, TPOT, ITL, latency and tokens/s over a concurrency or request-rate sweep."""
     with console.err.status("measuring…") as status:
         result = measure(url, hosts, concurrency, input_tokens, output_tokens, requests,
                          _number(duration, "--duration"), warmup, repeats, model, chat, tokenizer, ignore_eos,
-                         progress=lambda line: status.update(line))
+                         progress=lambda line: status.update(line), request_rate=request_rate,
+                         burstiness=_number(burstiness, "--burstiness"), seed=seed)
     deployment = result["environment"].get("deployment") or {}
     served, served_precision = efficiency.served_model(store, deployment.get("artifact"))
     if expect_model or served:
@@ -64,8 +69,10 @@ def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "1,2,4,8"
     if json:
         console.print_json(result | {"files": {k: str(v) for k, v in files.items()}})
         return
-    console.out.print(console.table(report.title(result), report.COLUMNS,
+    console.out.print(console.table(report.title(result), report.columns(result),
                                     [report.level_row(level) for level in result["levels"]]))
+    for line in report.warnings(result):
+        console.out.print(f"warning: {line}", soft_wrap=True)
     shown = result.get("efficiency") or {}
     if shown.get("levels"):
         console.out.print(console.table(

@@ -119,6 +119,12 @@ class Sample:
     output_tokens: int | None = None     # the server's usage count, where it gave one
     error: str | None = None             # the kind of failure, None when it succeeded
     detail: str = ""
+    scheduled: float | None = None       # when an open-loop run meant to send it
+
+    @property
+    def lateness(self) -> float | None:
+        """How long after its scheduled time the request left (open-loop runs only)."""
+        return None if self.scheduled is None else self.sent - self.scheduled
 
     @property
     def tokens(self) -> int:
@@ -139,10 +145,17 @@ class Sample:
 
     @property
     def tpot(self) -> float | None:
-        """Time per output token after the first: (end - first) / (tokens - 1)."""
-        if self.first is None or self.ended is None or self.tokens < 2:
+        """Time per output token after the first chunk: the time from the first chunk of text to the
+        last over the tokens that came after the first chunk. With one token a chunk that is
+        (last - first) / (tokens - 1); a server that bundles tokens sends tokens/chunks of them in
+        each chunk, the first included. A request whose text came in one chunk has no decode time
+        to divide: None, not 0."""
+        chunks = len(self.arrivals)
+        if self.first is None or chunks < 2 or self.tokens < 2:
             return None
-        return (self.arrivals[-1] - self.first) / (self.tokens - 1)
+        after_first = self.tokens - self.tokens / chunks
+        decode = self.arrivals[-1] - self.first
+        return decode / after_first if decode > 0 and after_first > 0 else None
 
 
 def request_bytes(endpoint: Endpoint, path: str, body: dict) -> bytes:
@@ -336,6 +349,8 @@ async def stream(endpoint: Endpoint, path: str, body: dict, timeout: float = 600
             transport.close()
     if sample.ended is None:
         sample.ended = time.perf_counter()
-    if sample.error is None and sample.first is None:
-        sample.error, sample.detail = "no tokens", "the stream ended without any text"
+    # Tokens that decode to no visible text yet (a tokenizer's partial characters, special tokens)
+    # still count when the server's usage says how many there were; only their times are unknown.
+    if sample.error is None and sample.first is None and not sample.output_tokens:
+        sample.error, sample.detail = "no tokens", "the stream ended without any text or usage count"
     return sample

@@ -26,6 +26,10 @@ def against_ceiling(result: dict, model: str, precision: str | None, tp: int, ha
     """Per concurrency: measured aggregate output tokens/s, the decode ceiling at that batch, and their
     ratio; or the reason there is none (a model the hardware tables do not know)."""
     rows = []
+    if any("request_rate" in level for level in result["levels"]):
+        return {"model": model, "precision": precision, "tp": tp, "hardware": hardware,
+                "unavailable": "an open-loop request-rate run has no fixed batch, and the decode ceiling "
+                               "is per batch: measure with --concurrency to see it"}
     for level in result["levels"]:
         batch = level["concurrency"]
         try:

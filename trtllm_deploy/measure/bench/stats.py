@@ -46,8 +46,10 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
     """One run: latency percentiles, token and request rates, errors by kind."""
     good = [s for s in samples if s.error is None]
     tokens = sum(s.tokens for s in good)
-    per_stream = [(s.tokens - 1) / (s.arrivals[-1] - s.first) for s in good
-                  if s.tokens > 1 and s.first is not None and s.arrivals[-1] > s.first]
+    # Each request's own decode rate: its tokens after the first chunk over the time they took (a
+    # server that bundles tokens in chunks neither inflates it nor adds zeros).
+    per_stream = [1 / s.tpot for s in good if s.tpot]
+    lateness = [s.lateness for s in samples if s.lateness is not None]
     errors = Counter(s.error for s in samples if s.error is not None)
     first_errors = {}
     for s in samples:
@@ -60,10 +62,21 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
         "output_tokens_per_s": round(tokens / wall_s, 3) if wall_s > 0 else 0.0,
         "stream_tokens_per_s": {"p50": round(percentile(per_stream, 50), 3) if per_stream else None,
                                 "mean": round(statistics.fmean(per_stream), 3) if per_stream else None},
-        "tokens_per_chunk": round(tokens / max(1, sum(len(s.arrivals) for s in good)), 3),
+        "tokens_per_chunk": round(sum(s.tokens for s in good if s.arrivals)
+                                  / max(1, sum(len(s.arrivals) for s in good)), 3),
+        # Completed with a usage count but no visible text: counted, but with no TTFT or ITL.
+        "without_text": sum(1 for s in good if not s.arrivals),
         **{f"{name}_ms": describe(values) for name, values in latencies(good).items()},
         "errors": dict(errors), "error_examples": first_errors,
+        **({"lateness_ms": describe(lateness)} if lateness else {}),
     }
+
+
+def behind(summary: dict, limit_ms: float) -> bool:
+    """Whether an open-loop run's requests left later than their schedule by more than ``limit_ms``
+    at the median: its arrival rate was then the client's, not the one asked for."""
+    late = summary.get("lateness_ms") or {}
+    return late.get("p50") is not None and late["p50"] > limit_ms
 
 
 def spread(values: list[float]) -> dict:

@@ -13,7 +13,7 @@ from typing import Callable
 
 from trtllm_deploy.errors import InputError
 
-from . import stats
+from . import arrivals, stats
 from .client import Endpoint, Sample, new_loop, stream
 from .workload import Prompts, Workload
 
@@ -35,6 +35,21 @@ class Budget:
     def requests_for(self, concurrency: int) -> int:
         """With neither budget given: enough requests that every stream sends four."""
         return self.requests or (0 if self.seconds else 4 * concurrency)
+
+    def requests_at(self, rate: float) -> int:
+        """Open loop with neither budget given: ten seconds of arrivals, at least 16 requests."""
+        return self.requests or (0 if self.seconds else max(16, math.ceil(10 * rate)))
+
+
+@dataclass(frozen=True)
+class Rates:
+    """An open-loop sweep: requests/s per level, gamma shape of the gaps, their seed, and at most
+    ``cap`` requests in flight (0: no cap; a request waiting for a slot leaves late, and says so)."""
+
+    rates: tuple[float, ...]
+    burstiness: float = 1.0
+    seed: int = 0
+    cap: int = 0
 
 
 def concurrencies(text: str) -> list[int]:
@@ -75,6 +90,76 @@ async def run_level(endpoint: Endpoint, workload: Workload, prompts: Prompts, co
     return samples, time.perf_counter() - started
 
 
+async def run_rate(endpoint: Endpoint, workload: Workload, prompts: Prompts, rate: float, plan: Rates,
+                   requests: int, seconds: float, timeout_s: float, first_index: int = 0, repeat: int = 0
+                   ) -> tuple[list[Sample], float]:
+    """One open-loop run: request *i* is due at its scheduled time whether or not earlier ones have
+    answered; each sample keeps that time, so how late it left is known. With a budget of seconds,
+    no request is scheduled after it."""
+    seed = f"{plan.seed}:{rate}:{repeat}"
+    if requests:
+        offsets = arrivals.schedule(rate, plan.burstiness, requests, seed)
+    else:  # enough arrivals for the seconds, cut at them
+        offsets = [at for at in arrivals.schedule(rate, plan.burstiness, math.ceil(rate * seconds * 2) + 16,
+                                                  seed) if at <= seconds]
+    slots = asyncio.Semaphore(plan.cap) if plan.cap else None
+    samples: list[Sample] = []
+
+    async def one(index: int, due: float) -> None:
+        if slots is not None:
+            async with slots:
+                sample = await stream(endpoint, workload.path, workload.body(prompts(index)), timeout_s)
+        else:
+            sample = await stream(endpoint, workload.path, workload.body(prompts(index)), timeout_s)
+        sample.scheduled = due
+        samples.append(sample)
+
+    tasks = []
+    started = time.perf_counter()
+    for index, offset in enumerate(offsets):
+        due = started + offset
+        await arrivals.wait_until(due)
+        tasks.append(asyncio.ensure_future(one(first_index + index, due)))
+    await asyncio.gather(*tasks)
+    return samples, time.perf_counter() - started
+
+
+def _level(key: str, value, runs: list[dict], pooled: list) -> dict:
+    every = [s for samples, _ in pooled for s in samples]
+    summary = stats.summarize(every, sum(wall for _, wall in pooled))
+    return {key: value, "summary": summary, "runs": runs,
+            "spread": {"output_tokens_per_s": stats.spread([r["output_tokens_per_s"] for r in runs]),
+                       "requests_per_s": stats.spread([r["requests_per_s"] for r in runs]),
+                       "ttft_p50_ms": stats.spread([r["ttft_ms"].get("p50") for r in runs]),
+                       "itl_p50_ms": stats.spread([r["itl_ms"].get("p50") for r in runs])}}
+
+
+async def _rate_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, plan: Rates, budget: Budget,
+                      progress: Callable[[str], None]) -> list[dict]:
+    results = []
+    index = 0
+    for rate in plan.rates:
+        if budget.warmup:
+            streams = plan.cap or 1
+            progress(f"{rate:g} requests/s: {budget.warmup * streams} warm-up requests")
+            warm, _ = await run_level(endpoint, workload, prompts, streams, budget.warmup * streams, 0,
+                                      budget.timeout_s, index)
+            index += len(warm)
+        runs, pooled = [], []
+        for repeat in range(budget.repeats):
+            progress(f"{rate:g} requests/s: run {repeat + 1} of {budget.repeats}")
+            samples, wall = await run_rate(endpoint, workload, prompts, rate, plan, budget.requests_at(rate),
+                                           budget.seconds, budget.timeout_s, index, repeat)
+            index += len(samples)
+            runs.append(stats.summarize(samples, wall))
+            pooled.append((samples, wall))
+        level = _level("request_rate", rate, runs, pooled)
+        # The cap is the level's concurrency where there is one; None: as many as the rate brings.
+        results.append({**level, "concurrency": plan.cap or None,
+                        "behind": stats.behind(level["summary"], arrivals.BEHIND_MS)})
+    return results
+
+
 async def _sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int],
                  budget: Budget, progress: Callable[[str], None]) -> list[dict]:
     results = []
@@ -94,25 +179,20 @@ async def _sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, level
             index += len(samples)
             runs.append(stats.summarize(samples, wall))
             pooled.append((samples, wall))
-        every = [s for samples, _ in pooled for s in samples]
-        summary = stats.summarize(every, sum(wall for _, wall in pooled))
-        results.append({
-            "concurrency": concurrency, "summary": summary, "runs": runs,
-            "spread": {"output_tokens_per_s": stats.spread([r["output_tokens_per_s"] for r in runs]),
-                       "requests_per_s": stats.spread([r["requests_per_s"] for r in runs]),
-                       "ttft_p50_ms": stats.spread([r["ttft_ms"].get("p50") for r in runs]),
-                       "itl_p50_ms": stats.spread([r["itl_ms"].get("p50") for r in runs])}})
+        results.append(_level("concurrency", concurrency, runs, pooled))
     return results
 
 
 def sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int], budget: Budget,
-          progress: Callable[[str], None] = lambda line: None) -> list[dict]:
+          progress: Callable[[str], None] = lambda line: None, plan: Rates | None = None) -> list[dict]:
     # A collection pass in the middle of a stream would delay the clock reads behind it; samples
     # hold no reference cycles, so nothing piles up while the collector rests.
     gc.collect()
     gc.disable()
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
+            if plan is not None:
+                return runner.run(_rate_sweep(endpoint, workload, prompts, plan, budget, progress))
             return runner.run(_sweep(endpoint, workload, prompts, levels, budget, progress))
     finally:
         gc.enable()

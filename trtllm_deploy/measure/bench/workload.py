@@ -25,6 +25,8 @@ class Workload:
     ignore_eos: bool = True       # ask for exactly output_tokens: the server must not stop early
     model: str = ""
     counted_by: str = "words (approximate)"
+    # The server's refusal when it would not take ignore_eos/min_tokens: sent without them since.
+    ignore_eos_refused: str = ""
 
     @property
     def path(self) -> str:
@@ -49,13 +51,15 @@ class Workload:
 class Prompts:
     """Prompt *i* of the run: a number first (so each one differs), then filler words."""
 
-    def __init__(self, input_tokens: int, tokenizer_dir: Path | None = None) -> None:
+    def __init__(self, input_tokens: int, tokenizer_dir: Path | None = None, given: bool = False) -> None:
         if input_tokens < 1:
             raise InputError("--input-tokens must be at least 1")
         self.input_tokens = input_tokens
-        self.tokenizer = _tokenizer(tokenizer_dir)
+        self.tokenizer, missing = _tokenizer(tokenizer_dir)
+        if missing and given:  # asked for by the user: not silently replaced by word counts
+            raise InputError(f"--tokenizer {tokenizer_dir}: {missing}")
         self.counted_by = ("the model's tokenizer.json" if self.tokenizer else
-                           "words (approximate: the model's tokenizer was not available)")
+                           f"words (approximate: {missing or 'no tokenizer given (--tokenizer DIR)'})")
 
     def __call__(self, index: int) -> str:
         words = [str(index)] + [WORDS[(index + k) % len(WORDS)] for k in range(self.input_tokens - 1)]
@@ -70,14 +74,19 @@ class Prompts:
 
 
 def _tokenizer(folder: Path | None):
+    """The tokenizer in ``folder``, or None and what exactly is missing."""
     if folder is None:
-        return None
+        return None, ""
     path = Path(folder).expanduser()
     path = path if path.name == "tokenizer.json" else path / "tokenizer.json"
     if not path.is_file():
-        return None
+        return None, f"{path} does not exist (give the folder holding the model's tokenizer.json)"
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        return None
-    return Tokenizer.from_file(str(path))
+        return None, ("the Python package `tokenizers` is not installed in this environment "
+                      "(pip install --require-hashes -r requirements/host.txt installs it)")
+    try:
+        return Tokenizer.from_file(str(path)), ""
+    except Exception as exc:  # the package's own error type is not exported
+        return None, f"{path} is not a tokenizer the `tokenizers` package reads ({exc})"
