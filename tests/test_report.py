@@ -264,7 +264,7 @@ def test_a_level_where_every_request_failed_keeps_its_place_and_the_report_is_wr
 def rated(result: dict, rates=(0.5, 2.0, 8.0), cap=None) -> dict:
     """The result as if measured open loop at ``rates`` (requests/s), capped at ``cap`` in flight."""
     result = copy.deepcopy(result)
-    for level, rate in zip(result["levels"], rates):
+    for level, rate in zip(result["levels"], rates, strict=True):
         level["request_rate"], level["concurrency"] = rate, cap
     return result
 
