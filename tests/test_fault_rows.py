@@ -28,7 +28,9 @@ def test_a_gpu_lost_to_its_driver_is_found_at_the_next_look_and_named_with_its_r
     long_streams(server.port, 1, 20)
     server.wait_for_line("STANDIN_FAULT driver:3@1")
     alive = lambda: None if server.process.poll() is None else "rank-1 on here died"  # noqa: E731
-    explain = lambda what: failures.explain(what, server.output, runtime=runtime)  # noqa: E731
+    # The dead process's whole log, as the supervisor reads a dead rank's log file: its last lines may
+    # still be in the pipe when the process is seen dead.
+    explain = lambda what: failures.explain(what, server.whole_output(), runtime=runtime)  # noqa: E731
     failure = supervise.observe(alive, lambda: supervise.Seen(None, 0, 0.0), explain, interval=1.0,
                                 hang_s=8.0, duration=30)
     assert server.wait_exit() == 1

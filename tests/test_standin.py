@@ -106,6 +106,14 @@ class Server:
             self._changed.wait_for(lambda: enough() or self._ended, timeout=within)
             return enough()
 
+    def whole_output(self, timeout: float = 20) -> str:
+        """The output once the process has closed it (every line read), as a log file is whole when
+        its writer has died; for a process that has exited or is exiting."""
+        with self._changed:
+            assert self._changed.wait_for(lambda: self._ended, timeout=timeout), \
+                f"the output did not end within {timeout:g} s:\n{self.output}"
+        return self.output
+
     def wait_for_line(self, text: str, timeout: float = 20) -> None:
         assert self.has_line(text, within=timeout), f"no line with {text!r} in:\n{self.output}"
 
