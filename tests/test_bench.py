@@ -44,12 +44,13 @@ def start(argv: list[str], env: dict | None = None) -> tuple[subprocess.Popen, i
 
 @pytest.fixture
 def timed_server():
-    """``timed_server(ttft_ms, itl_ms)`` -> its URL; the server runs in a process of its own."""
+    """``timed_server(ttft_ms, itl_ms, *flags)`` -> its URL; the server (tests/timed_server.py, run
+    with those flags) runs in a process of its own."""
     processes = []
 
-    def run(ttft_ms: float, itl_ms: float) -> str:
+    def run(ttft_ms: float, itl_ms: float, *flags: str) -> str:
         process, port = start([sys.executable, str(ROOT / "tests" / "timed_server.py"),
-                               "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)])
+                               "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), *flags])
         processes.append(process)
         return f"http://127.0.0.1:{port}"
 

@@ -6,31 +6,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
-import sys
 
 import pytest
-from test_bench import ROOT, bench_json, invoke, start  # noqa: F401  (invoke: a fixture)
+from test_bench import ROOT, bench_json, invoke, start, timed_server  # noqa: F401  (fixtures)
 
 from trtllm_deploy.measure.bench import arrivals, report, stats, sweep
 from trtllm_deploy.measure.bench.client import Endpoint, new_loop
 from trtllm_deploy.measure.bench.workload import Prompts, Workload
-
-
-@pytest.fixture
-def server():
-    """``server(ttft_ms, itl_ms, *flags)`` -> the URL of tests/timed_server.py run with them."""
-    processes = []
-
-    def run(ttft_ms: float, itl_ms: float, *flags: str) -> str:
-        process, port = start([sys.executable, str(ROOT / "tests" / "timed_server.py"),
-                               "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), *flags])
-        processes.append(process)
-        return f"http://127.0.0.1:{port}"
-
-    yield run
-    for process in processes:
-        process.terminate()
-        process.wait(10)
 
 
 # --- the distribution of the gaps, checked against its closed form -----------------------------
@@ -107,8 +89,8 @@ def run_open_loop(url: str, rate: float, requests: int, burstiness: float = 1.0,
         gc.enable()
 
 
-def test_requests_leave_at_their_scheduled_times_and_their_gaps_are_poisson(server):
-    url = server(2, 1)
+def test_requests_leave_at_their_scheduled_times_and_their_gaps_are_poisson(timed_server):  # noqa: F811
+    url = timed_server(2, 1)
     samples, wall = run_open_loop(url, 100.0, 300)
     assert all(s.error is None for s in samples) and len(samples) == 300
     late = sorted(s.lateness for s in samples)
@@ -125,8 +107,8 @@ def test_requests_leave_at_their_scheduled_times_and_their_gaps_are_poisson(serv
     assert 300 / 100 * 0.7 < wall < 300 / 100 * 1.4, figures  # the run lasts about requests/rate
 
 
-def test_a_budget_of_seconds_schedules_no_request_after_it(server):
-    endpoint = Endpoint.parse(server(1, 1))
+def test_a_budget_of_seconds_schedules_no_request_after_it(timed_server):  # noqa: F811
+    endpoint = Endpoint.parse(timed_server(1, 1))
     plan = sweep.Rates((50.0,), 1.0, 5, 0)
     workload = Workload(input_tokens=4, output_tokens=2, model="timed-test-model")
     with asyncio.Runner(loop_factory=new_loop) as runner:
@@ -137,8 +119,8 @@ def test_a_budget_of_seconds_schedules_no_request_after_it(server):
     assert max(s.scheduled for s in samples) - first <= 0.6
 
 
-def test_a_rate_sweep_with_repeats_through_the_cli(invoke, server, tmp_path):  # noqa: F811
-    url = server(3, 1)
+def test_a_rate_sweep_with_repeats_through_the_cli(invoke, timed_server, tmp_path):  # noqa: F811
+    url = timed_server(3, 1)
     result = bench_json(invoke, "--url", url, "--request-rate", "50,100", "--requests", "40",
                         "--repeats", "2", "--output-tokens", "4", "--input-tokens", "8", "--warmup", "1",
                         "--burstiness", "2", "--seed", "11", "--out", str(tmp_path / "out"))
@@ -154,10 +136,10 @@ def test_a_rate_sweep_with_repeats_through_the_cli(invoke, server, tmp_path):  #
         assert abs(s["ttft_ms"]["p50"] - 3) < 1.5
 
 
-def test_a_client_that_falls_behind_says_so_in_the_table(invoke, server, tmp_path):  # noqa: F811
+def test_a_client_that_falls_behind_says_so_in_the_table(invoke, timed_server, tmp_path):  # noqa: F811
     """One request in flight at most (--concurrency 1), each taking 30 ms, at 100 requests/s: the
     schedule cannot be kept, every request waits for the slot, and the table says so."""
-    url = server(30, 1)
+    url = timed_server(30, 1)
     done = invoke("bench", "--url", url, "--request-rate", "100", "--concurrency", "1", "--requests", "20",
                   "--output-tokens", "2", "--warmup", "0", "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr

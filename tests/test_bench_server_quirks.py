@@ -7,14 +7,15 @@ import json
 
 import pytest
 from test_bench import bench_json, invoke  # noqa: F401  (invoke: a fixture)
-from test_bench_rates import server  # noqa: F401  (a fixture)
+from test_bench import timed_server  # noqa: F401  (a fixture)
 
 from trtllm_deploy.measure.bench import report
 from trtllm_deploy.measure.bench.client import Sample
 
 
-def test_a_refused_ignore_eos_is_said_in_the_table_and_the_summary(invoke, server, tmp_path):  # noqa: F811
-    url = server(2, 1, "--strict")
+def test_a_refused_ignore_eos_is_said_in_the_table_and_the_summary(
+        invoke, timed_server, tmp_path):  # noqa: F811
+    url = timed_server(2, 1, "--strict")
     done = invoke("bench", "--url", url, "--concurrency", "1", "--requests", "2", "--output-tokens", "3",
                   "--warmup", "0", "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
@@ -28,14 +29,14 @@ def test_a_refused_ignore_eos_is_said_in_the_table_and_the_summary(invoke, serve
     assert saved["levels"][0]["summary"]["succeeded"] == 2
 
 
-def test_a_server_that_takes_ignore_eos_gets_no_such_warning(invoke, server, tmp_path):  # noqa: F811
-    done = invoke("bench", "--url", server(2, 1), "--concurrency", "1", "--requests", "1", "--output-tokens",
-                  "2", "--warmup", "0", "--out", str(tmp_path / "out"))
+def test_a_server_that_takes_ignore_eos_gets_no_such_warning(invoke, timed_server, tmp_path):  # noqa: F811
+    done = invoke("bench", "--url", timed_server(2, 1), "--concurrency", "1", "--requests", "1",
+                  "--output-tokens", "2", "--warmup", "0", "--out", str(tmp_path / "out"))
     assert done.returncode == 0 and "refused" not in done.stdout, done.stdout
 
 
-def test_tokens_without_visible_text_are_counted_from_usage(invoke, server, tmp_path):  # noqa: F811
-    url = server(2, 1, "--no-text")
+def test_tokens_without_visible_text_are_counted_from_usage(invoke, timed_server, tmp_path):  # noqa: F811
+    url = timed_server(2, 1, "--no-text")
     done = invoke("bench", "--url", url, "--concurrency", "2", "--requests", "4", "--output-tokens", "5",
                   "--warmup", "0", "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -52,11 +53,11 @@ def test_a_stream_with_neither_text_nor_usage_is_still_a_failure():
 
 
 @pytest.mark.parametrize("per_chunk", [4, 1], ids=["bundled", "one-a-chunk"])
-def test_bundled_tokens_give_per_request_rates_from_usage_and_tokens_per_chunk(invoke, server, tmp_path,  # noqa: F811
-                                                                               per_chunk):
+def test_bundled_tokens_give_per_request_rates_from_usage_and_tokens_per_chunk(
+        invoke, timed_server, tmp_path, per_chunk):  # noqa: F811
     """One token every 5 ms, sent four to a chunk (a chunk every 20 ms): TPOT is still 5 ms and each
     request decodes 200 tokens/s; ITL is the chunks' 20 ms, and 4 tokens a chunk stands beside it."""
-    url = server(10, 5, "--tokens-per-chunk", str(per_chunk))
+    url = timed_server(10, 5, "--tokens-per-chunk", str(per_chunk))
     result = bench_json(invoke, "--url", url, "--concurrency", "2", "--requests", "4",
                         "--output-tokens", "16", "--input-tokens", "8", "--warmup", "0",
                         "--out", str(tmp_path / "out"))
@@ -71,8 +72,8 @@ def test_bundled_tokens_give_per_request_rates_from_usage_and_tokens_per_chunk(i
     assert report.COLUMNS.index("tok/chunk") == report.COLUMNS.index("ITL p99 ms") + 1
 
 
-def test_a_request_whose_text_came_in_one_chunk_adds_no_tpot_of_zero(invoke, server, tmp_path):  # noqa: F811
-    url = server(5, 1, "--tokens-per-chunk", "8")
+def test_a_request_whose_text_came_in_one_chunk_adds_no_tpot_of_zero(invoke, timed_server, tmp_path):  # noqa: F811
+    url = timed_server(5, 1, "--tokens-per-chunk", "8")
     result = bench_json(invoke, "--url", url, "--concurrency", "1", "--requests", "3", "--output-tokens", "8",
                         "--warmup", "0", "--out", str(tmp_path / "out"))
     s = result["levels"][0]["summary"]
@@ -96,9 +97,9 @@ def word_tokenizer(folder):
     return folder
 
 
-def test_a_given_tokenizer_counts_the_prompt(invoke, server, tmp_path):  # noqa: F811
+def test_a_given_tokenizer_counts_the_prompt(invoke, timed_server, tmp_path):  # noqa: F811
     folder = word_tokenizer(tmp_path / "tok")
-    result = bench_json(invoke, "--url", server(1, 1), "--concurrency", "1", "--requests", "1",
+    result = bench_json(invoke, "--url", timed_server(1, 1), "--concurrency", "1", "--requests", "1",
                         "--output-tokens", "2", "--input-tokens", "12", "--warmup", "0", "--tokenizer",
                         str(folder), "--out", str(tmp_path / "out"))
     assert result["workload"]["counted_by"] == "the model's tokenizer.json"
@@ -109,13 +110,13 @@ def test_a_tokenizer_folder_without_tokenizer_json_exits_2_naming_the_file(invok
     assert done.returncode == 2 and f"{tmp_path}/tokenizer.json does not exist" in done.stderr, done.stderr
 
 
-def test_without_the_tokenizers_package_it_says_exactly_that(invoke, server, tmp_path):  # noqa: F811
+def test_without_the_tokenizers_package_it_says_exactly_that(invoke, timed_server, tmp_path):  # noqa: F811
     folder = word_tokenizer(tmp_path / "tok")
     # `python -m invoke` runs in tmp_path, first on its path: this package hides the installed one.
     blocker = tmp_path / "tokenizers"
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('tokenizers hidden by the test')\n")
-    done = invoke("bench", "--url", server(1, 1), "--requests", "1", "--tokenizer", str(folder))
+    done = invoke("bench", "--url", timed_server(1, 1), "--requests", "1", "--tokenizer", str(folder))
     assert done.returncode == 2, done.stdout + done.stderr
     assert "the Python package `tokenizers` is not installed" in done.stderr
     assert "requirements/host.txt" in done.stderr and "Traceback" not in done.stderr

@@ -129,28 +129,37 @@ def test_the_standin_serves_iteration_stats_since_the_last_call(checkpoint):  # 
         server.stop()
 
 
+def watched(server, hang_s: float, duration: float, serving=None):
+    """``supervise.observe`` on a stand-in for ``duration`` s through a real Probe (``serving``: the
+    runtime, default trtllm-serve): the failure, the probe, and how long its request had waited at
+    each look."""
+    probe = supervise.Probe(f"http://127.0.0.1:{server.port}", serving)
+    waited = []
+
+    def seen():
+        found = probe.seen()
+        waited.append(found.waiting)
+        return found
+
+    alive = lambda: None if server.process.poll() is None else "the stand-in exited"  # noqa: E731
+    try:
+        failure = supervise.observe(alive, seen, lambda what: what, interval=1.0, hang_s=hang_s,
+                                    duration=duration)
+    finally:
+        probe.close()
+    return failure, probe, waited
+
+
 def test_a_saturated_standin_at_max_batch_size_2_is_watched_60_s_without_a_hang(checkpoint):  # noqa: F811
     """A real 60 s run: two streams of 200 tokens at 2 tokens/s fill both batch slots for the whole
     minute, so the probe's 1-token request waits behind them far longer than hang_s."""
     server = start_slow(checkpoint)
-    probe = None
     try:
         long_streams(server.port, 2, 200)
-        probe = supervise.Probe(f"http://127.0.0.1:{server.port}")
-        waited = []
-
-        def seen():
-            found = probe.seen()
-            waited.append(found.waiting)
-            return found
-
-        alive = lambda: None if server.process.poll() is None else "the stand-in exited"  # noqa: E731
-        failure = supervise.observe(alive, seen, lambda what: what, interval=1.0, hang_s=4.0, duration=60)
+        failure, probe, waited = watched(server, hang_s=4.0, duration=60)
         assert failure is None, failure
         assert max(waited) > 30 and probe.tokens == 0   # the probe really queued, unanswered, all along
     finally:
-        if probe:
-            probe.close()
         server.stop()
 
 

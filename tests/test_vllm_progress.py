@@ -11,9 +11,8 @@ import urllib.request
 import pytest
 
 from test_standin import checkpoint, start_server  # noqa: F401  (fixtures)
-from test_supervise import long_streams
+from test_supervise import long_streams, watched
 from trtllm_deploy.runtimes import runtime, trtllm, vllm
-from trtllm_deploy.serving import supervise
 
 # The shape of vLLM's Prometheus logger (vllm/v1/metrics/loggers.py): metrics declared through the
 # class's factories, labels from a list named once.
@@ -88,30 +87,12 @@ def test_the_vllm_standin_counts_generated_tokens_under_vllms_name(checkpoint, s
     assert vllm.generated_tokens(text) == 5
 
 
-def watched(server, hang_s, duration):
-    probe = supervise.Probe(f"http://127.0.0.1:{server.port}", runtime.get("vllm"))
-    waited = []
-
-    def seen():
-        found = probe.seen()
-        waited.append(found.waiting)
-        return found
-
-    alive = lambda: None if server.process.poll() is None else "the stand-in exited"  # noqa: E731
-    try:
-        failure = supervise.observe(alive, seen, lambda what: what, interval=1.0, hang_s=hang_s,
-                                    duration=duration)
-    finally:
-        probe.close()
-    return failure, probe, waited
-
-
 def test_a_saturated_vllm_that_generates_is_busy_not_stuck(checkpoint, start_server):  # noqa: F811
     """Two long streams fill both of --max-num-seqs 2 at 2 tokens/s; the probe queues behind them for
     the whole watch, far longer than hang_s, and only the token counter moves."""
     server = start_vllm(start_server, checkpoint)
     long_streams(server.port, 2, 200)
-    failure, probe, waited = watched(server, hang_s=3.0, duration=20)
+    failure, probe, waited = watched(server, hang_s=3.0, duration=20, serving=runtime.get("vllm"))
     assert failure is None, failure
     assert max(waited) > 3 * 3.0 and probe.tokens == 0   # the probe waited, unanswered, all along
     assert probe.iterations is not None and probe.iterations > 2 * 15   # the counter it saw moving
@@ -122,6 +103,6 @@ def test_a_frozen_vllm_is_a_hang_within_hang_s_plus_2_s(checkpoint, start_server
     long_streams(server.port, 1, 50)
     server.wait_for_line("STANDIN_FAULT hang:3")
     hung_at = time.monotonic()
-    failure, _, _ = watched(server, hang_s=3.0, duration=30)
+    failure, _, _ = watched(server, hang_s=3.0, duration=30, serving=runtime.get("vllm"))
     assert failure is not None and failure.kind == "hang", failure
     assert time.monotonic() - hung_at <= 3.0 + 2.0
