@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "trtllm_deploy"
 
 # Lowest first. A module may import its own layer or lower ones. The top-level modules of the
 # package (errors, secrets, console, tomlsource, ...) are the foundation.
-LAYERS = ("foundation", "hosts", "source", "runtimes", "artifact", "push", "serving", "measure",
+LAYERS = ("foundation", "hosts", "network", "source", "runtimes", "artifact", "push", "serving", "measure",
           "testbed", "cli")
 MAX_LINES = 400
 # The node agent is shipped to each node as one file and run there with the standard library only,
@@ -49,7 +49,7 @@ SHELL_ALLOWED: dict[str, frozenset[str] | None] = {
     "runtimes/vllm.py": frozenset({"NODE_RANK"}),
 }
 SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash"}
-DOCSTRING_ONLY = ("hosts", "source", "runtimes", "artifact", "serving", "measure", "testbed")
+DOCSTRING_ONLY = ("hosts", "network", "source", "runtimes", "artifact", "serving", "measure", "testbed")
 INTERFACE_MODULES = ("trtllm_deploy.runtimes.interface", *(
     f"trtllm_deploy.runtimes.interface.{name}"
     for name in ("args", "argsource", "cli", "extract", "gaps", "pinned")))
@@ -358,7 +358,7 @@ CLEAN = {
     "runtimes/__init__.py": '"""Runtimes."""\n',
     "runtimes/vllm.py": '"""vLLM."""\nIMAGE = "nvcr.io/nvidia/vllm"\n',
     "runtimes/data.toml": 'name = "vllm"\n',
-    **{f"{name}/__init__.py": f'"""{name}."""\n' for name in ("source", "artifact", "serving",
+    **{f"{name}/__init__.py": f'"""{name}."""\n' for name in ("network", "source", "artifact", "serving",
                                                                 "measure", "testbed")},
     "artifact/manifest.py": '"""Manifest."""\nimport hashlib\nimport json\n',
     "push/__init__.py": '"""Push."""\nfrom trtllm_deploy.hosts import scripts\n',
