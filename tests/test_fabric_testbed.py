@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tomlkit
@@ -21,6 +23,8 @@ from trtllm_deploy.testbed import fabric
 from trtllm_deploy.testbed import layout as layouts
 from waiting import until
 
+ROOT = Path(__file__).resolve().parents[1]
+INVOKE = [sys.executable, "-m", "invoke", "--search-root", str(ROOT)]
 needs_docker = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
 TOPOLOGIES = {"pair": 2, "ring": 3, "switch": 4}
 
@@ -37,6 +41,15 @@ def test_a_fabric_the_nodes_cannot_make_is_refused_with_the_flags_to_fix(topolog
     with pytest.raises(InputError) as caught:
         layouts.Layout(nodes=nodes, fabric=topology)
     assert flag in str(caught.value)
+
+
+def test_a_bad_fabric_on_the_command_line_exits_2_before_touching_docker(tmp_path):
+    done = subprocess.run([*INVOKE, "testbed.up", "--nodes", "3", "--fabric", "pair", "--name",
+                           "never-made", "--state-dir", str(tmp_path / "state")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "--fabric pair --nodes 3: a pair needs 2 nodes" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "state").exists()
 
 
 def test_the_ring_gives_each_node_port_0_and_port_1_to_its_two_neighbours():
@@ -194,8 +207,15 @@ def test_up_twice_reboot_recable_and_down(base_image, tmp_path):
         written = tomlkit.parse(layout.hosts_file.read_text())
         written["nodes"][0]["fabric"] = {"interfaces": ["enp1s0f0np0"]}
         layout.hosts_file.write_text(written.as_string())
-        again = bed.up(runtime=False)
-        assert [n.action for n in again.nodes] == ["already running"] * 2 and not again.changed
+        done = subprocess.run([*INVOKE, "testbed.up", "--nodes", "2", "--fabric", "pair", "--no-runtime",
+                               "--name", name, "--subnet", layout.subnet, "--base", base_image,
+                               "--state-dir", str(layout.state_dir), "--json"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        again = json.loads(done.stdout)
+        assert [n["action"] for n in again["nodes"]] == ["already running"] * 2
+        assert again["changed"] is False and again["fabric"] == "pair"
+        assert [c["network"] for c in again["cables"]] == [f"trtllm-{name}-cable1"]
         assert bed.inventory().nodes[0].fabric.interfaces == ["enp1s0f0np0"]
 
         # A reboot: Docker makes the interfaces anew (eth1, with an address); the node renames
