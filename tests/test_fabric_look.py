@@ -4,11 +4,14 @@ which interfaces are fabric ports, their state, and the MACs at the other end.""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from trtllm_deploy.hosts import scripts
 from trtllm_deploy.hosts.facts import Output
+from trtllm_deploy.hosts.local import Local
 from trtllm_deploy.network import look
 
 DATA = Path(__file__).parent / "data" / "fabric"
@@ -151,3 +154,13 @@ def test_in_use_has_the_other_interfaces_networks_and_the_routes_not_the_ports()
               {"dst": "10.8.0.0/16", "gateway": "10.0.5.1", "dev": "eth0"},
               {"dst": "192.168.100.0/30", "dev": "enp1s0f0np0"}]
     assert look.in_use(addrs, routes, ["enp1s0f0np0"]) == ("10.0.5.0/24", "10.8.0.0/16")
+
+
+def test_discovery_on_a_node_without_ping_fails_saying_what_to_install(tmp_path):
+    # This machine, with a PATH that holds sh and the tools the script needs but no ping.
+    for tool in ("sh", "mktemp", "rm", "ip", "grep", "sed", "sort", "cat", "sleep"):
+        found = shutil.which(tool)
+        if found:
+            (tmp_path / tool).symlink_to(found)
+    with pytest.raises(scripts.StepFailed, match=r"ping is not installed \(apt-get install iputils-ping\)"):
+        scripts.run(Local(), look.DISCOVER, "lo", env={"PATH": str(tmp_path)})

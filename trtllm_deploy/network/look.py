@@ -83,6 +83,7 @@ FACTS = (
 # The ports arrive as "$@". A link-local address still in duplicate address detection
 # ("tentative", just after the port came up) cannot send: wait for it, at most 3 s.
 DISCOVER = Script("find who is at the other end of each fabric port", _SBIN + """
+command -v ping >/dev/null || { echo "ping is not installed (apt-get install iputils-ping)" >&2; exit 3; }
 d=$(mktemp -d) || exit 97
 trap 'rm -rf "$d"' EXIT
 for port in "$@"; do
