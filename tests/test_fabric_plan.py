@@ -59,8 +59,9 @@ def test_pair_gets_one_subnet_per_cable_with_an_address_at_each_end():
     result = planner.plan(pair())
     assert result.topology == "pair" and result.subnet == "192.168.100.0/22" and result.mtu == 9000
     nodes = by_node(result)
-    assert [(p.port, p.address, p.peer) for p in nodes["spark-1"].ports] == [(P0, "192.168.100.1/24", "spark-2")]
-    assert [(p.port, p.address, p.peer) for p in nodes["spark-2"].ports] == [(P0, "192.168.100.2/24", "spark-1")]
+    ends = {name: [(p.port, p.address, p.peer) for p in node.ports] for name, node in nodes.items()}
+    assert ends == {"spark-1": [(P0, "192.168.100.1/24", "spark-2")],
+                    "spark-2": [(P0, "192.168.100.2/24", "spark-1")]}
     assert nodes["spark-1"].address == "192.168.100.1" and nodes["spark-2"].address == "192.168.100.2"
     assert nodes["spark-1"].interfaces == (P0,) and nodes["spark-1"].rdma_devices == ("rocep1s0f0",)
     assert not nodes["spark-1"].routes
@@ -156,7 +157,7 @@ def test_the_default_subnet_moves_past_a_range_a_node_uses():
 
 
 def test_a_given_subnet_that_collides_with_the_management_network_is_refused():
-    with pytest.raises(InputError, match=r"collides with what the nodes already use \(spark-1 uses 10.213.7.0/24"):
+    with pytest.raises(InputError, match=r"collides with what the nodes already use \(spark-1 uses 10.213.7"):
         planner.plan(pair(), subnet="10.213.0.0/16")
 
 
@@ -165,8 +166,9 @@ def test_every_default_range_in_use_is_a_found_fault():
         planner.plan(pair(in_use=("192.168.0.0/16", "10.0.0.0/8", "172.16.0.0/12")))
 
 
-@pytest.mark.parametrize("subnet, says", [("192.168.100.1/24", "host bits set"), ("8.8.8.0/24", "private"),
-                                          ("nonsense", "expected a private IPv4 network"), ("10.0.0.0/30", "at least 8")])
+@pytest.mark.parametrize("subnet, says", [
+    ("192.168.100.1/24", "host bits set"), ("8.8.8.0/24", "private"),
+    ("nonsense", "expected a private IPv4 network"), ("10.0.0.0/30", "at least 8")])
 def test_a_bad_subnet_is_input(subnet, says):
     with pytest.raises(InputError, match=says):
         planner.plan(pair(), subnet=subnet)
@@ -196,6 +198,6 @@ def test_twin_interfaces_of_one_cable_pair_by_name():
 
     result = planner.plan(looks(node(1), node(2)))
     assert result.topology == "pair"
-    assert sorted((link.a.port, link.b.port) for link in result.links) == sorted(zip(twins, twins))
+    assert sorted((link.a.port, link.b.port) for link in result.links) == [(t, t) for t in sorted(twins)]
     nodes = by_node(result)
     assert nodes["spark-1"].interfaces == twins

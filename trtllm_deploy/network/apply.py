@@ -81,7 +81,7 @@ def _run(target: Target, as_: str, *args: str, timeout: float = 60) -> dict:
 
 
 def read_state(target: Target, node: NodePlan, plan: Plan) -> dict:
-    return _run(target, "user", "state", json.dumps(_want(node, plan)))
+    return _run(target, "root", "state", json.dumps(_want(node, plan)))
 
 
 def changes(node: NodePlan, plan: Plan, state: dict) -> list[str]:
@@ -89,13 +89,15 @@ def changes(node: NodePlan, plan: Plan, state: dict) -> list[str]:
     want = _want(node, plan)
     found = []
     if state.get("file") != want["text"]:
-        found.append(f"write {NETPLAN_FILE}" + (" (the one there kept as .previous)" if state.get("file") else ""))
+        kept = " (the one there kept as .previous)" if state.get("file") else ""
+        found.append(f"write {NETPLAN_FILE}{kept}")
     for name, port in want["ports"].items():
         have = state["ports"].get(name)
         if have is None:
-            raise CheckFailed(f"{node.node}: {name} does not exist (looked at moments ago); nothing was changed")
+            raise CheckFailed(f"{node.node}: {name} does not exist (it did moments ago); nothing was changed")
         if sorted(have["addresses"]) != sorted(port["addresses"]):
-            found.append(f"{name}: {', '.join(port['addresses'])} (now {', '.join(have['addresses']) or 'none'})")
+            now = ", ".join(have["addresses"]) or "none"
+            found.append(f"{name}: {', '.join(port['addresses'])} (now {now})")
         if have["mtu"] != port["mtu"]:
             found.append(f"{name}: mtu {port['mtu']} (now {have['mtu']})")
         if not have["up"]:
@@ -146,6 +148,7 @@ def apply_node(node: Node, target: Target, node_plan: NodePlan, plan: Plan, *, c
     folder = f"{RUNS}/{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     want = dict(_want(node_plan, plan), mode=mode, seconds=confirm_s, dir=folder)
     lost: TargetError | None = None
+    started = time.monotonic()
     try:
         done = _run(target, "root", "apply", json.dumps(want), timeout=APPLY_TIMEOUT_S)
     except StepFailed as error:
@@ -165,8 +168,11 @@ def apply_node(node: Node, target: Target, node_plan: NodePlan, plan: Plan, *, c
             why = f"the connection that made the change stopped answering ({lost}), and {why}"
         return _reverted(node, fresh, folder, confirm_s, why, state, node_plan, plan)
     if not answer.get("confirmed"):
-        return _reverted(node, fresh, folder, confirm_s, "the change was not confirmed in time", state,
-                         node_plan, plan)
+        took = time.monotonic() - started
+        why = (f"the change cut the node off: the connection that made it answered only after {took:.0f} s,"
+               " when the watchdog had put the previous network back" if took >= confirm_s else
+               f"the change was not confirmed within {confirm_s:g} s")
+        return _reverted(node, fresh, folder, confirm_s, why, state, node_plan, plan)
     return Applied(node.name, todo, "applied", mode, done.get("validated", ""), {"dir": folder})
 
 

@@ -27,6 +27,8 @@ def _ip(*args):
 
 
 def _port_state(name):
+    if not os.path.exists(f"/sys/class/net/{name}"):
+        return None
     found = json.loads(_ip("-j", "addr", "show", "dev", name) or "[]")
     if not found:
         return None
@@ -100,7 +102,7 @@ def _live(ports, routes, old_routes):
                 _ip("addr", "del", cidr, "dev", name)
         for cidr in want["addresses"]:
             if cidr not in have["addresses"]:
-                _ip("addr", "add", cidr, "dev", name)
+                _ip("addr", "add", cidr, *(["brd", "+"] if ":" not in cidr else []), "dev", name)
     wanted = {(r["to"], r["via"], r["dev"]) for r in routes}
     for route in old_routes:
         if (route["to"], route["via"], route["dev"]) not in wanted:

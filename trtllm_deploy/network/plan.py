@@ -99,7 +99,8 @@ def draw(looks: Mapping[str, NodeLook], seen: dict | None = None) -> str:
         for port in look.ports:
             ends, strangers = seen[End(name, port.name)]
             if not port.admin_up or not port.carrier:
-                state = "down (set down)" if not port.admin_up else "no carrier (not cabled, or the cable is bad)"
+                state = ("down (set down)" if not port.admin_up else
+                         "no carrier (not cabled, or the cable is bad)")
                 far = f"── {state}"
             elif not ends and not strangers:
                 far = "── nothing heard"
@@ -145,8 +146,8 @@ def classify(looks: Mapping[str, NodeLook]) -> tuple[str, tuple[Link, ...]]:
     links: list[Link] = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            mine = sorted((e for e, (ends, _) in seen.items() if e.node == a and {x.node for x in ends} == {b}),
-                          key=_key)
+            mine = sorted((e for e, (ends, _) in seen.items()
+                           if e.node == a and {x.node for x in ends} == {b}), key=_key)
             theirs = sorted((e for e, (ends, _) in seen.items()
                              if e.node == b and {x.node for x in ends} == {a}), key=_key)
             links += _match(mine, theirs, seen)
@@ -183,7 +184,8 @@ def choose_subnet(looks: Mapping[str, NodeLook], subnet: str | None) -> ipaddres
         net = parse_subnet(subnet)
         clash = _collisions(net, looks)
         if clash:
-            raise InputError(f"--subnet {subnet} collides with what the nodes already use ({'; '.join(clash)}):"
+            raise InputError(f"--subnet {subnet} collides with what the nodes already use"
+                             f" ({'; '.join(clash)}):"
                              " the fabric would take traffic meant for that network; nothing was changed."
                              f" Pick a range no node uses (e.g. {DEFAULT_SUBNETS[0]}) or leave --subnet out")
         return net
