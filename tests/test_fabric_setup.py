@@ -1,0 +1,129 @@
+"""fabric.setup on the testbed: the apply layer on real nodes over real SSH (netplan file, the real
+`netplan generate`, addresses live with `ip`, the watchdog that reverts a change that cuts SSH), and
+the whole task on testbeds cabled as a pair, a ring and a switch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import docker_unusable, start_testbed
+from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.hosts.ssh import SSH
+from trtllm_deploy.network import apply
+from trtllm_deploy.network.model import NodePlan, Plan, PortPlan, Route
+from waiting import until
+
+pytestmark = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
+
+
+def sh(container: str, script: str, check: bool = True) -> str:
+    done = subprocess.run(["docker", "exec", container, "sh", "-c", script], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{script}: {done.stderr}")
+    return done.stdout
+
+
+def addresses(container: str, port: str) -> list[str]:
+    found = json.loads(sh(container, f"ip -j addr show dev {port}"))[0]
+    return sorted(f"{a['local']}/{a['prefixlen']}" for a in found["addr_info"] if a.get("scope") != "link")
+
+
+@pytest.fixture(scope="module")
+def bed(base_image, tmp_path_factory):
+    """Two plain nodes (no fabric cables): the apply layer is tried on a port made inside node 1."""
+    bed, _ = start_testbed(tmp_path_factory.mktemp("fabric-apply"), 2, "fabric-setup-apply", runtime=False,
+                           base=base_image)
+    try:
+        yield bed
+    finally:
+        bed.down(purge=True)
+
+
+@pytest.fixture
+def port(bed):
+    """A fresh veth port ``fabx`` in node 1, no address, MTU 1500; removed afterwards with the file."""
+    container = bed.layout.container(1)
+    sh(container, "ip link add fabx type veth peer name fabxp && ip link set fabxp up")
+    yield container
+    sh(container, f"ip link del fabx; rm -f {apply.NETPLAN_FILE} {apply.NETPLAN_FILE}.previous", check=False)
+
+
+def one_port_plan(port: str, address: str, routes=(), mtu: int = 9000) -> tuple[NodePlan, Plan]:
+    node = NodePlan("spark-1", (PortPlan(port, address, mtu, "spark-2"),), address.split("/")[0], (port,), (),
+                    tuple(routes))
+    return node, Plan("pair", "192.168.100.0/22", mtu, (), (node,))
+
+
+def test_apply_sets_the_port_writes_the_file_is_confirmed_and_a_rerun_is_up_to_date(bed, port):
+    cluster = bed.inventory()
+    node = cluster.node("spark-1")
+    plan_node, plan = one_port_plan("fabx", "192.168.100.1/24", [Route("192.168.103.7/32", "192.168.100.2", "fabx")])
+    target = SSH(node)
+    try:
+        done = apply.apply_node(node, target, plan_node, plan, confirm_s=20)
+        assert done.status == "applied" and done.mode == "ip"
+        assert done.validated == "netplan generate --root-dir accepted it"
+        assert "fabx: 192.168.100.1/24 (now none)" in done.changes and "fabx: mtu 9000 (now 1500)" in done.changes
+        assert addresses(port, "fabx") == ["192.168.100.1/24"]
+        assert json.loads(sh(port, "ip -j link show dev fabx"))[0]["mtu"] == 9000
+        assert "192.168.103.7 via 192.168.100.2 dev fabx" in sh(port, "ip route")
+        assert sh(port, f"cat {apply.NETPLAN_FILE}") == apply.netplan_file(plan_node, plan)
+        assert sh(port, f"stat -c %a {apply.NETPLAN_FILE}").strip() == "600"
+        folder = done.details["dir"]
+        assert sh(port, f"cat {folder}/decided") == "confirmed"
+        watchdog = sh(port, f"cat {folder}/watchdog.pid").strip()
+        until(lambda: sh(port, f"kill -0 {watchdog} 2>/dev/null && echo alive || echo gone").strip() == "gone",
+              10, "the confirmed change's watchdog to stop")
+        stamp = sh(port, f"stat -c %Y.%i {apply.NETPLAN_FILE}")
+
+        again = apply.apply_node(node, target, plan_node, plan, confirm_s=20)
+        assert again.status == "up to date" and again.changes == []
+        assert sh(port, f"stat -c %Y.%i {apply.NETPLAN_FILE}") == stamp
+    finally:
+        target.close()
+
+
+def test_a_file_netplan_refuses_changes_nothing(bed, port):
+    cluster = bed.inventory()
+    node = cluster.node("spark-1")
+    plan_node, plan = one_port_plan("fabx", "192.168.100.1/24", [Route("192.168.103.0/24", "not-an-address", "fabx")])
+    target = SSH(node)
+    try:
+        with pytest.raises(CheckFailed, match="netplan generate refused the file") as error:
+            apply.apply_node(node, target, plan_node, plan, confirm_s=20)
+    finally:
+        target.close()
+    assert "nothing was changed" in str(error.value)
+    assert addresses(port, "fabx") == []
+    assert sh(port, f"test -e {apply.NETPLAN_FILE} && echo there || echo absent").strip() == "absent"
+
+
+def test_a_change_that_cuts_ssh_is_reverted_by_the_node_and_reported(bed):
+    """The crafted plan moves the management interface (eth0) to another subnet: SSH to the node's
+    address dies with it. The node's watchdog puts eth0, its default route and the file back."""
+    cluster = bed.inventory()
+    node = cluster.node("spark-1")
+    container = bed.layout.container(1)
+    before = addresses(container, "eth0")
+    routes_before = sh(container, "ip route")
+    plan_node, plan = one_port_plan("eth0", "10.99.0.1/24", mtu=1500)
+    target = SSH(node)
+    try:
+        with pytest.raises(CheckFailed) as error:
+            apply.apply_node(node, target, plan_node, plan, confirm_s=8)
+    finally:
+        target.close()
+    text = str(error.value)
+    assert "spark-1: " in text and "the watchdog restored the previous network after 8 s" in text
+    assert "the addresses are as before" in text
+    assert addresses(container, "eth0") == before
+    assert sh(container, "ip route") == routes_before
+    assert sh(container, f"test -e {apply.NETPLAN_FILE} && echo there || echo absent").strip() == "absent"
+    fresh = SSH(node)
+    try:
+        assert fresh.run(["true"]).ok
+    finally:
+        fresh.close()
