@@ -154,11 +154,12 @@ def standin_image(base_image, tmp_path_factory) -> str:
 
 
 def start_testbed(state_dir: Path, nodes: int, name: str, runtime: bool = True,
-                  base: str = TEST_BASE) -> tuple[cluster.Testbed, cluster.UpReport]:
+                  base: str = TEST_BASE, fabric: str | None = None
+                  ) -> tuple[cluster.Testbed, cluster.UpReport]:
     """A testbed of its own for a test run: the first free subnet of 10.213.100-199.0/24."""
     for third in range(100, 200):
         layout = cluster.Layout(name=name, nodes=nodes, subnet=f"10.213.{third}.0/24",
-                                state_dir=state_dir)
+                                state_dir=state_dir, fabric=fabric)
         bed = cluster.Testbed(layout, base=base, report=_log)
         try:
             return bed, bed.up(runtime=runtime)

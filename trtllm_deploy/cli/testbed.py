@@ -18,9 +18,10 @@ STATE_HELP = "folder for the testbed's keys, known_hosts and hosts.toml " \
 
 
 def _layout(name: str, nodes: int = 3, subnet: str = layout.DEFAULT_SUBNET,
-            state_dir: str = "") -> layout.Layout:
+            state_dir: str = "", fabric: str = "") -> layout.Layout:
     return layout.Layout(name=name, nodes=nodes, subnet=subnet,
-                         state_dir=Path(state_dir).expanduser() if state_dir else None)
+                         state_dir=Path(state_dir).expanduser() if state_dir else None,
+                         fabric=fabric or None)
 
 
 @task(help={
@@ -30,6 +31,9 @@ def _layout(name: str, nodes: int = 3, subnet: str = layout.DEFAULT_SUBNET,
     "base": "base image: auto (debian:bookworm-slim if it can be had, else debootstrap), "
             "debootstrap, or an image reference",
     "mirror": f"Debian mirror for debootstrap (default: {images.DEFAULT_MIRROR})",
+    "fabric": "cable the nodes: pair (2 nodes back to back), ring (3 nodes, each on two cables) or "
+              "switch (2 or more nodes on one network); fabric ports have Spark names and no address "
+              "until `invoke fabric.setup` (default: no fabric)",
     "runtime": "build the stand-in runtime image and load it into every node (default: yes)",
     "state_dir": STATE_HELP,
     "json": JSON_HELP,
@@ -37,9 +41,9 @@ def _layout(name: str, nodes: int = 3, subnet: str = layout.DEFAULT_SUBNET,
 @user_errors
 def up(c: Context, nodes: int = 3, name: str = layout.DEFAULT_NAME,
        subnet: str = layout.DEFAULT_SUBNET, base: str = "auto", mirror: str = images.DEFAULT_MIRROR,
-       runtime: bool = True, state_dir: str = "", json: bool = False) -> None:
+       runtime: bool = True, state_dir: str = "", fabric: str = "", json: bool = False) -> None:
     """Start a testbed: N simulated nodes with sshd, Docker and mpirun, and a hosts.toml for them."""
-    bed = cluster.Testbed(_layout(name, nodes, subnet, state_dir), base=base, mirror=mirror,
+    bed = cluster.Testbed(_layout(name, nodes, subnet, state_dir, fabric), base=base, mirror=mirror,
                           report=lambda line: console.err.print(line, soft_wrap=True))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console.err, transient=True) as bar:
@@ -61,12 +65,22 @@ def up(c: Context, nodes: int = 3, name: str = layout.DEFAULT_NAME,
         f"testbed {name!r}: {nodes} node(s) on {report.layout.network} ({subnet})",
         ["node", "address", "container", "container action", "inner Docker", "stand-in image",
          "host key"], rows))
+    cables = fabric_rows(report)
+    if cables:
+        console.out.print(console.table(f"fabric: {fabric}", ["network", "subnet (flushed)", "ends"],
+                                        cables))
     built = [report.image] + ([report.runtime] if report.runtime else [])
     for image in built:
         console.out.print(f"image {image.tag}: {'cached' if image.cached else 'built'}")
     console.out.print(("up to date" if not report.changed else "ready")
                       + f" in {report.seconds:.1f} s. Use it with:\n"
                       f"  invoke preflight --hosts {report.layout.hosts_file}", soft_wrap=True)
+
+
+def fabric_rows(report: cluster.UpReport) -> list[list[str]]:
+    return [[cable["network"], cable["subnet"],
+             ", ".join(f"{end['node']} {end['interface']} ({end['rdma']})" for end in cable["ends"])]
+            for cable in report.as_json()["cables"]]
 
 
 @task(help={"name": NAME_HELP, "state_dir": STATE_HELP, "json": JSON_HELP})

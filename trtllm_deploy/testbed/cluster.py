@@ -25,7 +25,7 @@ from trtllm_deploy.hosts import inventory, sshkeys, targets
 from trtllm_deploy.hosts.connections import Connections
 from trtllm_deploy.hosts.dockercli import docker, require_engine, text
 from trtllm_deploy.hosts.ssh import SSH
-from trtllm_deploy.testbed import images
+from trtllm_deploy.testbed import fabric, images
 from trtllm_deploy.testbed.layout import LABEL, LABEL_NODE, Layout, hosts_toml
 
 # What a node needs to run its own Docker engine (TESTING.md: --privileged is refused on the CI
@@ -36,6 +36,9 @@ NESTED_DOCKER = ("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
                  "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
                  "--cgroupns", "host", "--volume", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
                  "--volume", "/var/lib/docker")
+# A cabled node keeps IPv6 on (link-local addresses only): neighbour discovery finds what each
+# fabric port is cabled to.
+IPV6 = ("--sysctl", "net.ipv6.conf.all.disable_ipv6=0", "--sysctl", "net.ipv6.conf.default.disable_ipv6=0")
 
 
 @dataclass
@@ -74,6 +77,11 @@ class UpReport:
             "name": self.layout.name, "hosts_file": str(self.layout.hosts_file),
             "known_hosts": str(self.layout.known_hosts), "client_key": str(self.layout.client_key),
             "network": self.layout.network, "subnet": self.layout.subnet,
+            "fabric": self.layout.fabric,
+            "cables": [{"network": cable.network, "subnet": cable.subnet,
+                        "ends": [{"node": self.layout.node_name(end.node), "interface": end.interface,
+                                  "rdma": end.rdma} for end in cable.ends]}
+                       for cable in fabric.cables(self.layout)],
             "image": self.image.tag, "image_built": not self.image.cached, "base": self.base,
             "runtime_image": self.runtime.tag if self.runtime else None,
             "runtime_image_built": bool(self.runtime and not self.runtime.cached),
@@ -112,11 +120,12 @@ class Testbed:
     def containers(self) -> dict[str, dict]:
         """This testbed's containers: name → {state, image, node}."""
         done = docker("ps", "--all", *self._filter(), "--format",
-                      "{{.Names}}\t{{.State}}\t{{.Image}}\t{{.Label \"" + LABEL_NODE + "\"}}")
+                      "{{.Names}}\t{{.State}}\t{{.Image}}\t{{.Label \"" + LABEL_NODE + "\"}}\t"
+                      "{{.Label \"" + fabric.LABEL_FABRIC + "\"}}")
         found = {}
         for line in text(done).splitlines():
-            name, state, image, node = (line.split("\t") + ["", "", ""])[:4]
-            found[name] = {"state": state, "image": image, "node": node}
+            name, state, image, node, wiring = (line.split("\t") + ["", "", "", ""])[:5]
+            found[name] = {"state": state, "image": image, "node": node, "wiring": wiring or "none"}
         return found
 
     def networks(self) -> list[str]:
@@ -160,11 +169,23 @@ class Testbed:
         layout = self.layout
         self._ensure_network()
         existing = self.containers()
+        recabled = {}
+        for index in layout.indexes:  # a node cabled otherwise goes first: its networks may go
+            info = existing.get(layout.container(index))
+            if info is not None and info["wiring"] != fabric.wiring(layout, index):
+                docker("rm", "--force", "--volumes", layout.container(index), timeout=300)
+                recabled[index] = "recreated: cabled otherwise"
+                existing.pop(layout.container(index))
+        fabric.remove_stale(layout)
+        fabric.create_missing(layout)
         actions = {}
         for index in layout.indexes:
             actions[index] = self._ensure_container(index, node_image,
                                                     existing.get(layout.container(index)))
-        self._write_files(runtime_image.tag if runtime_image else None)
+            if index in recabled:
+                actions[index] = recabled[index]
+        unchanged = all(action == "already running" for action in actions.values())
+        self._write_files(runtime_image.tag if runtime_image else None, keep_fabric=unchanged)
         stop = threading.Event()
         nodes = self.inventory()  # read once, not once per waiting thread
         pool = ThreadPoolExecutor(max_workers=layout.nodes, thread_name_prefix="testbed-node")
@@ -254,7 +275,9 @@ class Testbed:
         docker("create", "--name", name, "--hostname", layout.node_name(index),
                "--network", layout.network, "--ip", layout.address(index),
                "--label", f"{LABEL}={layout.name}", "--label", f"{LABEL_NODE}={index}",
-               *NESTED_DOCKER, built.tag)
+               "--label", f"{fabric.LABEL_FABRIC}={fabric.wiring(layout, index)}",
+               *NESTED_DOCKER, *(IPV6 if layout.fabric else ()), built.tag)
+        fabric.connect(layout, index)
         with tempfile.TemporaryDirectory() as scratch:
             given = Path(scratch) / "trtllm-testbed"
             given.mkdir()
@@ -262,11 +285,12 @@ class Testbed:
             shutil.copy(key, given / "ssh_host_ed25519_key")
             shutil.copy(key.with_name(key.name + ".pub"), given / "ssh_host_ed25519_key.pub")
             (given / "authorized_keys").write_text(sshkeys.public_key(layout.client_key) + "\n")
+            (given / "fabric").write_text(fabric.mapping(layout, index))
             docker("cp", f"{given}/.", f"{name}:/etc/trtllm-testbed")
         docker("start", name)
         return action
 
-    def _write_files(self, runtime_image: str | None) -> None:
+    def _write_files(self, runtime_image: str | None, keep_fabric: bool = False) -> None:
         layout = self.layout
         lines = []
         for index in layout.indexes:
@@ -274,7 +298,9 @@ class Testbed:
             lines.append(sshkeys.known_hosts_line(layout.address(index), 22,
                                                   sshkeys.public_key(key)))
         atomic.write_text(layout.known_hosts, "".join(lines))
-        atomic.write_text(layout.hosts_file, hosts_toml(layout, runtime_image))
+        earlier = (layout.hosts_file.read_text()
+                   if keep_fabric and layout.hosts_file.exists() else None)
+        atomic.write_text(layout.hosts_file, hosts_toml(layout, runtime_image, earlier))
         inventory.load(layout.hosts_file)  # what we hand out must be a valid inventory
 
     def _wait_ready(self, index: int, node: inventory.Node, action: str, timeout: float,
@@ -315,6 +341,10 @@ class Testbed:
 
     def inventory(self) -> inventory.Cluster:
         return inventory.load(self.layout.hosts_file)
+
+    def cable(self, index: int, port: int, up: bool) -> None:
+        """Take node ``index``'s fabric port ``port`` down (its end of the cable pulled) or up."""
+        fabric.set_port(self.layout, index, port, up)
 
     # --- down -----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class Layout:
     nodes: int = 3
     subnet: str = DEFAULT_SUBNET
     state_dir: Path | None = None
+    fabric: str | None = None       # pair | ring | switch: cables between the nodes (testbed/fabric.py)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -53,6 +54,15 @@ class Layout:
         if not net.is_private or net.is_loopback or net.num_addresses < 16 + self.nodes:
             raise InputError(f"--subnet {self.subnet}: expected a private IPv4 network with room for "
                              f"{self.nodes} nodes (e.g. {DEFAULT_SUBNET})")
+        if self.fabric is not None:
+            wanted = {"pair": "2 nodes", "ring": "3 nodes", "switch": "at least 2 nodes"}
+            if self.fabric not in wanted:
+                raise InputError(f"--fabric {self.fabric}: expected pair, ring or switch (or leave it "
+                                 "out for no fabric)")
+            fits = {"pair": self.nodes == 2, "ring": self.nodes == 3, "switch": self.nodes >= 2}
+            if not fits[self.fabric]:
+                raise InputError(f"--fabric {self.fabric} --nodes {self.nodes}: a {self.fabric} needs "
+                                 f"{wanted[self.fabric]}; change --nodes or --fabric")
         if self.state_dir is None:
             object.__setattr__(self, "state_dir", default_state_dir(self.name))
 
@@ -95,8 +105,11 @@ class Layout:
         return self.state_dir / "logs"
 
 
-def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
-    """The inventory of the testbed: a plain hosts.toml any task can take with --hosts."""
+def hosts_toml(layout: Layout, runtime_image: str | None = None, earlier: str | None = None) -> str:
+    """The inventory of the testbed: a plain hosts.toml any task can take with --hosts.
+
+    ``earlier``: the file as it was, while every node stayed up; with a fabric, what
+    ``fabric.setup`` wrote into it (``fabric`` tables) is kept, as the nodes still have it."""
     doc = tomlkit.document()
     for line in (f"The testbed {layout.name!r}: {layout.nodes} simulated node(s) on this machine, made by",
                  "`invoke testbed.up`. They have no GPU; the runtime inside them is the stand-in.",
@@ -107,7 +120,11 @@ def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
     defaults = tomlkit.table()
     defaults.update({"user": USER, "identity_file": str(layout.client_key),
                      "known_hosts": str(layout.known_hosts)})
-    defaults["fabric"] = {"interfaces": ["eth0"]}
+    if layout.fabric is None:
+        defaults["fabric"] = {"interfaces": ["eth0"]}
+    else:
+        defaults.add(tomlkit.comment(f"No fabric here: the nodes are cabled as a {layout.fabric}; "
+                                     "`invoke fabric.setup` finds it and writes it."))
     if runtime_image:
         container = tomlkit.table()
         container["image"] = commented(runtime_image, "the stand-in runtime")
@@ -132,4 +149,15 @@ def hosts_toml(layout: Layout, runtime_image: str | None = None) -> str:
             node["role"] = "head"
         nodes.append(node)
     doc["nodes"] = nodes
+    if layout.fabric is not None and earlier is not None:
+        _keep_fabric(doc, tomlkit.parse(earlier))
     return doc.as_string()
+
+
+def _keep_fabric(doc: tomlkit.TOMLDocument, earlier: tomlkit.TOMLDocument) -> None:
+    if "fabric" in earlier.get("defaults", {}):
+        doc["defaults"]["fabric"] = earlier["defaults"]["fabric"]
+    was = {node.get("name"): node for node in earlier.get("nodes", [])}
+    for node in doc["nodes"]:
+        if "fabric" in was.get(node["name"], {}):
+            node["fabric"] = was[node["name"]]["fabric"]
