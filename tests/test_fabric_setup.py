@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import docker_unusable, start_testbed
 from trtllm_deploy.errors import CheckFailed
+from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.ssh import SSH
+from trtllm_deploy.measure.diagnose import link as link_diag
 from trtllm_deploy.network import apply
 from trtllm_deploy.network.model import NodePlan, Plan, PortPlan, Route
 from waiting import until
@@ -129,3 +133,122 @@ def test_a_change_that_cuts_ssh_is_reverted_by_the_node_and_reported(bed):
         assert fresh.run(["true"]).ok
     finally:
         fresh.close()
+
+
+# --- the whole task on cabled testbeds ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPOLOGIES = {"pair": 2, "ring": 3, "switch": 4}
+PORTS = ("enp1s0f0np0", "enp1s0f1np1")
+
+
+def fabric_setup(hosts: Path, *flags: str) -> subprocess.CompletedProcess:
+    # --min-speed 0: a testbed cable is a veth, whose speed is no Spark's
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "fabric.setup",
+                           "--hosts", str(hosts), "--min-speed", "0", "--confirm", "20", *flags],
+                          capture_output=True, text=True, timeout=600)
+
+
+def fabric_state(bed) -> dict:
+    """Every node's fabric ports' addresses and MTU, and the netplan file, read in the containers."""
+    found = {}
+    for index in bed.layout.indexes:
+        container = bed.layout.container(index)
+        ports = [p for p in PORTS if sh(container, f"test -e /sys/class/net/{p} && echo y", check=False)]
+        mtu = {p: json.loads(sh(container, f"ip -j link show {p}"))[0]["mtu"] for p in ports}
+        found[index] = ({p: (addresses(container, p), mtu[p]) for p in ports},
+                        sh(container, f"cat {apply.NETPLAN_FILE} 2>/dev/null || true"))
+    return found
+
+
+@pytest.fixture(scope="module", params=list(TOPOLOGIES))
+def cabled(request, base_image, standin_image, tmp_path_factory):
+    """A testbed cabled as a pair, a ring of three or four on a switch; the ring's nodes carry the
+    stand-in runtime (a deploy after fabric.setup is tried there)."""
+    topology = request.param
+    bed, _ = start_testbed(tmp_path_factory.mktemp(f"fabric-{topology}"), TOPOLOGIES[topology],
+                           f"fabric-setup-{topology}", runtime=topology == "ring", base=base_image,
+                           fabric=topology)
+    try:
+        yield topology, bed
+    finally:
+        bed.down(purge=True)
+
+
+def test_bad_input_is_refused_before_anything_changes(cabled):
+    topology, bed = cabled
+    hosts = bed.layout.hosts_file
+    text, before = hosts.read_text(), fabric_state(bed)
+    other = "ring" if topology != "ring" else "pair"
+    cases = [(["--topology", other], f"--topology {other}: the cables say {topology}"),
+             (["--subnet", "10.213.0.0/16"], "collides with what the nodes already use"),
+             (["--subnet", "10.1.2.3/8"], "host bits set"),
+             (["--mtu", "100"], "--mtu 100")]
+    for flags, says in cases:
+        done = fabric_setup(hosts, *flags)
+        assert done.returncode == 2, (flags, done.stdout, done.stderr)
+        assert says in done.stderr and "Traceback" not in done.stderr, (flags, done.stderr)
+    assert hosts.read_text() == text and fabric_state(bed) == before
+
+
+def test_a_port_down_is_refused_with_what_was_heard_and_nothing_changes(cabled):
+    topology, bed = cabled
+    hosts = bed.layout.hosts_file
+    text, before = hosts.read_text(), fabric_state(bed)
+    bed.cable(2, 0, up=False)
+    try:
+        done = fabric_setup(hosts)
+    finally:
+        bed.cable(2, 0, up=True)
+        # the next look needs the port's link-local address again (IPv6 duplicate detection first)
+        container = bed.layout.container(2)
+        until(lambda: "fe80" in (shown := sh(container, f"ip -6 addr show dev {PORTS[0]}"))
+              and "tentative" not in shown, 30, "spark-2's port 0 to have its link-local address again")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "spark-2 enp1s0f0np0 ── down (set down)" in done.stderr and "nothing was changed" in done.stderr
+    assert hosts.read_text() == text and fabric_state(bed) == before
+
+
+def test_dry_run_shows_the_plan_and_files_and_changes_nothing(cabled):
+    topology, bed = cabled
+    hosts = bed.layout.hosts_file
+    text, before = hosts.read_text(), fabric_state(bed)
+    done = fabric_setup(hosts, "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["dry_run"] and report["topology"] == topology
+    assert set(report["changes"]) == {f"spark-{i}" for i in bed.layout.indexes}
+    assert all(any(line.startswith("write /etc/netplan/40-cx7.yaml") for line in lines)
+               for lines in report["changes"].values())
+    assert all("network:\n  version: 2" in node["netplan"] for node in report["nodes"].values())
+    assert hosts.read_text() == text and fabric_state(bed) == before
+
+
+def test_setup_applies_checks_writes_hosts_toml_and_a_rerun_is_up_to_date(cabled):
+    topology, bed = cabled
+    hosts = bed.layout.hosts_file
+    done = fabric_setup(hosts, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["topology"] == topology and report["hosts_written"] is True
+    assert report["link_check"]["ok"], report["link_check"]
+    assert {name: node["status"] for name, node in report["applied"].items()} == {
+        f"spark-{i}": "applied" for i in bed.layout.indexes}
+    cluster = inventory.load(hosts)
+    wanted = 2 if topology == "ring" else 1
+    for node in cluster.nodes:
+        planned = report["nodes"][node.name]
+        assert len(node.fabric.interfaces) == wanted
+        assert node.fabric.interfaces == planned["interfaces"]
+        assert node.fabric.address == planned["address"]
+        assert node.fabric.rdma_devices == [f"rocep1s0f{p[-1]}" for p in node.fabric.interfaces]
+    # diagnose.link, as a user runs it afterwards, passes on what hosts.toml now says
+    checked = link_diag.run(cluster, None)
+    assert checked.ok, checked.as_json()
+    assert all(result["received"] for node in checked.nodes.values() for result in node.ping.values())
+
+    text, state = hosts.read_text(), fabric_state(bed)
+    again = fabric_setup(hosts)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "up to date: nothing changed" in again.stdout
+    assert hosts.read_text() == text and fabric_state(bed) == state
