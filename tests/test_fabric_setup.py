@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from conftest import docker_unusable, start_testbed
+from test_containers import authorize_head_key
 from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.ssh import SSH
 from trtllm_deploy.measure.diagnose import link as link_diag
 from trtllm_deploy.network import apply
 from trtllm_deploy.network.model import NodePlan, Plan, PortPlan, Route
+from trtllm_deploy.serving import containers
 from waiting import until
 
 pytestmark = pytest.mark.skipif(docker_unusable() is not None, reason=str(docker_unusable()))
@@ -224,7 +226,7 @@ def test_dry_run_shows_the_plan_and_files_and_changes_nothing(cabled):
     assert hosts.read_text() == text and fabric_state(bed) == before
 
 
-def test_setup_applies_checks_writes_hosts_toml_and_a_rerun_is_up_to_date(cabled):
+def test_setup_applies_checks_writes_hosts_toml_and_a_rerun_is_up_to_date(cabled, tmp_path):
     topology, bed = cabled
     hosts = bed.layout.hosts_file
     done = fabric_setup(hosts, "--json")
@@ -247,8 +249,37 @@ def test_setup_applies_checks_writes_hosts_toml_and_a_rerun_is_up_to_date(cabled
     assert checked.ok, checked.as_json()
     assert all(result["received"] for node in checked.nodes.values() for result in node.ping.values())
 
+    if topology == "ring":  # the ring's nodes carry the stand-in runtime
+        ranks_get_both_ports(cluster, report, tmp_path)
+
     text, state = hosts.read_text(), fabric_state(bed)
     again = fabric_setup(hosts)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "up to date: nothing changed" in again.stdout
     assert hosts.read_text() == text and fabric_state(bed) == state
+
+
+SHOW_ENV = ('echo "node=$TRTLLM_DEPLOY_NODE nccl=$NCCL_SOCKET_IFNAME btl=$OMPI_MCA_btl_tcp_if_include '
+            'gloo=$GLOO_SOCKET_IFNAME hca=$NCCL_IB_HCA"')
+
+
+def ranks_get_both_ports(cluster: inventory.Cluster, report: dict, tmp_path: Path) -> None:
+    """After fabric.setup, the job's containers (what launch starts) give every rank its own node's
+    fabric: in a ring both ports; mpirun's own traffic goes over them (OpenMPI's tcp includes)."""
+    authorize_head_key(cluster)
+    try:
+        started = containers.up(cluster, containers.Job("fabricenv"), tmp_path)
+        assert not started.failed, started.summary()
+        inside = containers.enter(cluster, "fabricenv")
+        try:
+            argv = containers.mpirun_argv(cluster, ["sh", "-c", SHOW_ENV])
+            done = inside.run(argv, timeout=180, check=False)
+        finally:
+            inside.close()
+        assert done.ok, done.stdout + done.stderr
+        lines = sorted(line.split(":", 1)[1] for line in done.stdout.splitlines() if "node=" in line)
+        both, hcas = ",".join(PORTS), "rocep1s0f0,rocep1s0f1"
+        assert lines == [f"node={name} nccl={both} btl={both} gloo={both} hca={hcas}"
+                         for name in sorted(report["nodes"])]
+    finally:
+        containers.down(cluster, "fabricenv")
