@@ -256,8 +256,9 @@ def _ip(cidr: str) -> str:
 def _node_plans(looks: Mapping[str, NodeLook], ports: dict[str, list[PortPlan]],
                 topology: str) -> tuple[NodePlan, ...]:
     def port_order(name: str) -> list[PortPlan]:
-        order = [port.name for port in looks[name].ports]
-        return sorted(ports[name], key=lambda p: order.index(p.port))
+        # by name: port 0 before port 1 whatever order the kernel lists them in (fabric.address
+        # is the first one's), so a re-run plans the same
+        return sorted(ports[name], key=lambda p: (p.port.lower(), p.port))
 
     address = {name: _ip(port_order(name)[0].address) for name in looks}
     plans = []
