@@ -157,7 +157,8 @@ def create_missing(layout: Layout) -> list[str]:
     for cable in cables(layout):
         if cable.network in have:
             continue
-        done = docker("network", "create", "--driver", "bridge", "--internal",
+        done = docker("network", "create", "--driver", "bridge",
+                      "--opt", "com.docker.network.bridge.enable_ip_masquerade=false",
                       "--subnet", cable.subnet, "--label", f"{LABEL}={layout.name}",
                       "--label", f"{LABEL_FABRIC}={layout.fabric}", cable.network, check=False)
         if done.returncode != 0:
