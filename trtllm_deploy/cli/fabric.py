@@ -141,7 +141,8 @@ def _finish(report: dict, json: bool, applied, checked, written: bool) -> None:
     if checked is not None and checked.ok:
         unchanged = all(o.ok and o.value.status == "up to date" for o in applied) and not written
         console.out.print("up to date: nothing changed" if unchanged else
-                          "hosts.toml: " + ("[nodes.fabric] written" if written else "already says this"))
+                          "hosts.toml: " + ("[nodes.fabric] written" if written else "already says this"),
+                          markup=False, highlight=False)
 
 
 ns = Collection("fabric", setup)
