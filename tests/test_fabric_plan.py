@@ -201,3 +201,10 @@ def test_twin_interfaces_of_one_cable_pair_by_name():
     assert sorted((link.a.port, link.b.port) for link in result.links) == [(t, t) for t in sorted(twins)]
     nodes = by_node(result)
     assert nodes["spark-1"].interfaces == twins
+
+
+def test_the_management_interface_is_never_planned():
+    seen = pair()
+    seen["spark-1"] = NodeLook("spark-1", seen["spark-1"].ports, ("10.213.7.0/24",), management=P0)
+    with pytest.raises(CheckFailed, match="spark-1's enp1s0f0np0 carries its default route"):
+        planner.plan(seen)

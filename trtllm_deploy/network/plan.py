@@ -164,6 +164,15 @@ def classify(looks: Mapping[str, NodeLook]) -> tuple[str, tuple[Link, ...]]:
                   " or four and more through a switch; then run fabric.setup again")
 
 
+def _never_management(looks: Mapping[str, NodeLook]) -> None:
+    """The interface SSH and the default route use is never planned, whatever was looked at."""
+    for name, look in looks.items():
+        if look.management and any(port.name == look.management for port in look.ports):
+            raise CheckFailed(f"fabric.setup: {name}'s {look.management} carries its default route (the"
+                              " management network) but was seen as a fabric port; nothing was changed."
+                              " fabric.setup never readdresses it: cable the fabric on the ConnectX-7 ports")
+
+
 # --- the subnet and the addresses ------------------------------------------------------------------
 
 def _collisions(net: ipaddress.IPv4Network, looks: Mapping[str, NodeLook]) -> list[str]:
@@ -222,6 +231,7 @@ def plan(looks: Mapping[str, NodeLook], topology: str = "auto", subnet: str | No
     check_mtu(mtu)
     if subnet:
         parse_subnet(subnet)
+    _never_management(looks)
     found, links = classify(looks)
     if topology not in ("auto", found) and not (topology == "switch" and found == "pair"):
         seen = heard(looks)
