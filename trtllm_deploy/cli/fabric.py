@@ -117,7 +117,7 @@ def _dry_run(cluster, plan: Plan, report: dict, json: bool) -> None:
     console.out.print(console.table("fabric.setup (dry run: nothing changed)", ["node", "would"], rows))
     for node in plan.nodes:
         console.out.print(f"{node.node}: {applying.NETPLAN_FILE}", highlight=False)
-        console.out.print(applying.netplan_file(node, plan), highlight=False, markup=False)
+        console.out.print(applying.netplan_file(node, plan), highlight=False, markup=False, soft_wrap=True)
 
 
 def _finish(report: dict, json: bool, applied, checked, written: bool) -> None:
@@ -125,8 +125,10 @@ def _finish(report: dict, json: bool, applied, checked, written: bool) -> None:
         return console.print_json(report)
     rows = []
     for outcome in applied:
+        planned = report["nodes"][outcome.node.name]
+        fabric = [planned["address"], "\n".join(planned["interfaces"])]
         if not outcome.ok:
-            rows.append([outcome.node.name, console.status_cell("fail", outcome.reason), "–"])
+            rows.append([outcome.node.name, *fabric, console.status_cell("fail", outcome.reason), "–"])
             continue
         done = outcome.value
         what = ("up to date" if done.status == "up to date" else
@@ -134,8 +136,10 @@ def _finish(report: dict, json: bool, applied, checked, written: bool) -> None:
         problems = (checked.problems.get(outcome.node.name, []) if checked else [])
         link = ("not checked" if checked is None else
                 console.status_cell("fail" if problems else "pass", "\n".join(problems) or "ok"))
-        rows.append([outcome.node.name, what, link])
-    console.out.print(console.table("fabric.setup", ["node", "change", "diagnose.link"], rows))
+        rows.append([outcome.node.name, *fabric, what, link])
+    columns = ["node", "fabric address", "interfaces", "change", "diagnose.link"]
+    title = f"fabric.setup: {report['topology']} in {report['subnet']}"
+    console.out.print(console.table(title, columns, rows))
     for line in (checked.across if checked else []):
         console.out.print(console.status_cell("fail", line))
     if checked is not None and checked.ok:
