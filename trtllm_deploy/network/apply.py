@@ -44,8 +44,9 @@ cat > "$prog"
 if [ "$as" = user ] || [ "$(id -u)" -eq 0 ]; then python3 "$prog" "$@"; rc=$?
 elif sudo -n true 2>/dev/null; then sudo -n python3 "$prog" "$@"; rc=$?
 else
-  echo "changing the network needs root: $(id -un) may not use sudo without a password (sudo -n true" \
-       "failed); allow it (a line in /etc/sudoers.d) or log in as root" >&2
+  echo "fabric.setup needs root here (it reads the netplan files, mode 600, and sets addresses):" \
+       "$(id -un) may not use sudo without a password (sudo -n true failed); allow it (a line in" \
+       "/etc/sudoers.d) or log in as root" >&2
   rc=77
 fi
 rm -f "$prog"; exit $rc
