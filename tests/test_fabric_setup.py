@@ -109,6 +109,23 @@ def test_a_file_netplan_refuses_changes_nothing(bed, port):
     assert sh(port, f"test -e {apply.NETPLAN_FILE} && echo there || echo absent").strip() == "absent"
 
 
+def test_a_user_without_sudo_is_told_what_root_is_needed_for_and_nothing_changes(bed):
+    cluster = bed.inventory()
+    node = cluster.node("spark-2")
+    container = bed.layout.container(2)
+    sh(container, "ip link add fabx type veth peer name fabxp && mv /etc/sudoers.d/spark /root/sudoers-spark")
+    plan_node, plan = one_port_plan("fabx", "192.168.100.2/24")
+    target = SSH(node)
+    try:
+        with pytest.raises(CheckFailed, match="fabric.setup needs root here") as error:
+            apply.apply_node(node, target, plan_node, plan, confirm_s=20)
+        assert "spark may not use sudo without a password" in str(error.value)
+        assert addresses(container, "fabx") == []
+    finally:
+        target.close()
+        sh(container, "mv /root/sudoers-spark /etc/sudoers.d/spark; ip link del fabx", check=False)
+
+
 def test_a_change_that_cuts_ssh_is_reverted_by_the_node_and_reported(bed):
     """The crafted plan moves the management interface (eth0) to another subnet: SSH to the node's
     address dies with it. The node's watchdog puts eth0, its default route and the file back."""
