@@ -16,6 +16,7 @@ import tomlkit
 from conftest import docker_unusable, start_testbed
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.hosts import inventory
+from trtllm_deploy.network import look
 from trtllm_deploy.testbed import fabric
 from trtllm_deploy.testbed import layout as layouts
 from waiting import until
@@ -136,12 +137,39 @@ def test_the_cabled_testbeds_inventory_has_no_fabric_until_fabric_setup(cabled):
 
 
 @needs_docker
+def test_look_finds_each_nodes_ports_and_the_port_at_the_other_end_of_each_cable(cabled):
+    bed, _ = cabled
+    layout = bed.layout
+    seen = look.look(bed.inventory())
+    assert sorted(seen) == [layout.node_name(i) for i in layout.indexes]
+    for cable in fabric.cables(layout):
+        macs = endpoints(cable.network)   # what Docker gave each node on this cable
+        for end in cable.ends:
+            node = seen[layout.node_name(end.node)]
+            assert node.management == "eth0" and node.netplan
+            assert layout.subnet in node.in_use
+            port = next(p for p in node.ports if p.name == end.interface)
+            assert (port.mac, port.rdma, port.carrier, port.admin_up, port.addresses) == (
+                macs[layout.container(end.node)], end.rdma, True, True, ())
+            others = {macs[layout.container(other.node)] for other in cable.ends if other is not end}
+            assert set(port.neighbours) == others   # the other end(s) of this cable, nothing else
+    for index in layout.indexes:
+        names = [p.name for p in seen[layout.node_name(index)].ports]
+        assert names == sorted(end.interface for _, end in fabric.node_ends(layout, index))
+
+
+@needs_docker
 def test_a_port_taken_down_shows_down_until_brought_up(cabled):
     bed, _ = cabled
     bed.cable(2, 0, up=False)
     try:
         assert "rocep1s0f0 port 1 ==> enp1s0f0np0 (Down)" in inside(bed, 2, "ibdev2netdev")
         assert links(bed, 2)["enp1s0f0np0"]["operstate"] == "DOWN"
+        seen = look.look(bed.inventory())
+        down = next(p for p in seen["spark-2"].ports if p.name == "enp1s0f0np0")
+        assert (down.carrier, down.admin_up, down.neighbours) == (False, False, ())
+        heard = {mac for port in seen["spark-1"].ports for mac in port.neighbours}
+        assert down.mac not in heard
     finally:
         bed.cable(2, 0, up=True)
     until(lambda: links(bed, 2)["enp1s0f0np0"]["operstate"], 10, "the port to come back up",
