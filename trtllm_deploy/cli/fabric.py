@@ -89,7 +89,8 @@ def setup(c: Context, topology: str = "auto", subnet: str = "", mtu: int = plann
                          for o in applied}
     if applied.failed:
         _finish(report, json, applied, None, False)
-        raise CheckFailed(f"fabric.setup: {applied.summary()}\nhosts.toml was not changed")
+        raise CheckFailed(f"fabric.setup: {applied.summary()}\nhosts.toml was not changed; the nodes that"
+                          " applied keep their part, and a re-run after the fix finishes the rest")
     checked = link_diag.run(_with_fabric(cluster, plan), min_speed or None)
     report["link_check"] = checked.as_json()
     if not checked.ok:

@@ -156,8 +156,8 @@ def apply_node(node: Node, target: Target, node_plan: NodePlan, plan: Plan, *, c
         if error.result is not None:   # refused before the watchdog, or failed after it
             if _started(node, fresh, folder) is None:
                 raise CheckFailed(f"{node.name}: {error}; nothing was changed") from None
-            return _reverted(node, fresh, folder, confirm_s, f"the change failed ({error})", state,
-                             node_plan, plan)
+            raise _reverted(node, fresh, folder, confirm_s, f"the change failed ({error})", state,
+                            node_plan, plan) from None
         lost, done = error, {}
     except TargetError as error:
         lost, done = error, {}
@@ -167,13 +167,13 @@ def apply_node(node: Node, target: Target, node_plan: NodePlan, plan: Plan, *, c
         why = f"after the change a new SSH connection failed ({error})"
         if lost is not None:
             why = f"the connection that made the change stopped answering ({lost}), and {why}"
-        return _reverted(node, fresh, folder, confirm_s, why, state, node_plan, plan)
+        raise _reverted(node, fresh, folder, confirm_s, why, state, node_plan, plan) from None
     if not answer.get("confirmed"):
         took = time.monotonic() - started
         why = (f"the change cut the node off: the connection that made it answered only after {took:.0f} s,"
                " when the watchdog had put the previous network back" if took >= confirm_s else
                f"the change was not confirmed within {confirm_s:g} s")
-        return _reverted(node, fresh, folder, confirm_s, why, state, node_plan, plan)
+        raise _reverted(node, fresh, folder, confirm_s, why, state, node_plan, plan)
     return Applied(node.name, todo, "applied", mode, done.get("validated", ""), {"dir": folder})
 
 
@@ -186,8 +186,8 @@ def _started(node: Node, fresh, folder: str) -> dict | None:
 
 
 def _reverted(node: Node, fresh, folder: str, confirm_s: float, why: str, before: dict,
-              node_plan: NodePlan, plan: Plan) -> Applied:
-    """Wait for the watchdog's revert, check it, and fail with the story."""
+              node_plan: NodePlan, plan: Plan) -> CheckFailed:
+    """Wait for the watchdog's revert, check it: the error that tells the story."""
     deadline = time.monotonic() + confirm_s + 60
     seen: object = "nothing yet"
     pause = 1.0
@@ -202,10 +202,10 @@ def _reverted(node: Node, fresh, folder: str, confirm_s: float, why: str, before
         time.sleep(pause)
         pause = min(pause * 1.5, 5)
     else:
-        raise CheckFailed(f"{node.name}: {why}; the watchdog should have put the previous network back"
-                          f" after {confirm_s:g} s, but no revert was seen within {confirm_s + 60:g} s"
-                          f" (last: {seen}). Reach the node another way (its console) and check"
-                          f" {NETPLAN_FILE} and `ip addr`; what was saved is in {folder} on the node")
+        return CheckFailed(f"{node.name}: {why}; the watchdog should have put the previous network back"
+                           f" after {confirm_s:g} s, but no revert was seen within {confirm_s + 60:g} s"
+                           f" (last: {seen}). Reach the node another way (its console) and check"
+                           f" {NETPLAN_FILE} and `ip addr`; what was saved is in {folder} on the node")
     report = seen["reverted"]  # type: ignore[index]
     target = fresh(node)
     try:
@@ -214,12 +214,14 @@ def _reverted(node: Node, fresh, folder: str, confirm_s: float, why: str, before
         target.close()
     same = all(sorted((now["ports"].get(name) or {}).get("addresses", []))
                == sorted((port or {}).get("addresses", [])) for name, port in before["ports"].items())
-    verdict = ("the addresses are as before" if same and report.get("ok") else
-               f"but the node is not as before: {report.get('error') or now['ports']}")
-    raise CheckFailed(f"{node.name}: {why}; the watchdog restored the previous network after"
-                      f" {report.get('reverted_after_s', confirm_s):g} s and {verdict}. Nothing of this"
-                      " plan stays on the node; see why the change cut the node off (a port of the"
-                      " management network?) before trying again")
+    if same and report.get("ok"):
+        verdict = ("the addresses are as before: nothing of this plan stays on the node. See why the"
+                   " change cut it off (a port of the management network?) before trying again")
+    else:
+        verdict = (f"but the node is not as before ({report.get('error') or now['ports']}): check"
+                   f" {NETPLAN_FILE} and `ip addr` there; what was saved is in {folder}")
+    return CheckFailed(f"{node.name}: {why}; the watchdog restored the previous network after"
+                       f" {report.get('reverted_after_s', confirm_s):g} s and {verdict}")
 
 
 def apply_all(nodes: tuple[Node, ...], plan: Plan, *, confirm_s: float = CONFIRM_S,
