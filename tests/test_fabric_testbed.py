@@ -161,6 +161,9 @@ def test_look_finds_each_nodes_ports_and_the_port_at_the_other_end_of_each_cable
 @needs_docker
 def test_a_port_taken_down_shows_down_until_brought_up(cabled):
     bed, _ = cabled
+    before = look.look(bed.inventory())   # spark-2 is in spark-1's neighbour table from here on
+    gone = next(p for p in before["spark-2"].ports if p.name == "enp1s0f0np0").mac
+    assert gone in {mac for port in before["spark-1"].ports for mac in port.neighbours}
     bed.cable(2, 0, up=False)
     try:
         assert "rocep1s0f0 port 1 ==> enp1s0f0np0 (Down)" in inside(bed, 2, "ibdev2netdev")
@@ -169,7 +172,7 @@ def test_a_port_taken_down_shows_down_until_brought_up(cabled):
         down = next(p for p in seen["spark-2"].ports if p.name == "enp1s0f0np0")
         assert (down.carrier, down.admin_up, down.neighbours) == (False, False, ())
         heard = {mac for port in seen["spark-1"].ports for mac in port.neighbours}
-        assert down.mac not in heard
+        assert down.mac == gone and gone not in heard   # its lingering entry is not a neighbour
     finally:
         bed.cable(2, 0, up=True)
     until(lambda: links(bed, 2)["enp1s0f0np0"]["operstate"], 10, "the port to come back up",
