@@ -1,4 +1,5 @@
-"""fabric.setup's planner, table-driven: what the ports heard → topology, addresses, routes, env."""
+"""fabric.setup's planner, table-driven: what the ports heard → topology, addresses, routes, env;
+and what applying a node's plan would change."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ipaddress
 import pytest
 
 from trtllm_deploy.errors import CheckFailed, InputError
+from trtllm_deploy.network import apply
 from trtllm_deploy.network import plan as planner
 from trtllm_deploy.network.model import NodeLook, Port
 
@@ -208,3 +210,45 @@ def test_the_management_interface_is_never_planned():
     seen["spark-1"] = NodeLook("spark-1", seen["spark-1"].ports, ("10.213.7.0/24",), management=P0)
     with pytest.raises(CheckFailed, match="spark-1's enp1s0f0np0 carries its default route"):
         planner.plan(seen)
+
+
+# --- what applying a node's plan would change (network/apply.py's pure part) ----------------------
+
+def ring_node(name="spark-3"):
+    result = planner.plan(ring())
+    return by_node(result)[name], result
+
+
+def as_found(node, plan_, **override):
+    state = {"file": apply.netplan_file(node, plan_),
+             "ports": {p.port: {"addresses": [p.address], "mtu": p.mtu, "up": True} for p in node.ports},
+             "routes": [{"to": r.to, "via": r.via, "dev": r.port} for r in node.routes]}
+    state.update(override)
+    return state
+
+
+def test_a_node_as_planned_has_nothing_to_change_and_each_difference_is_named():
+    node, plan_ = ring_node()
+    assert node.routes, "spark-3 reaches one peer's fabric.address by a route"
+    assert apply.changes(node, plan_, as_found(node, plan_)) == []
+    port = node.ports[0]
+    foreign = {"to": "10.9.9.9/32", "via": "10.0.0.1", "dev": port.port}
+    stale = as_found(node, plan_, file="old", routes=[foreign])
+    stale["ports"][port.port] = {"addresses": ["192.168.0.1/24"], "mtu": 1500, "up": False}
+    assert apply.changes(node, plan_, stale) == [
+        "write /etc/netplan/40-cx7.yaml (the one there kept as .previous)",
+        f"{port.port}: {port.address} (now 192.168.0.1/24)", f"{port.port}: mtu 9000 (now 1500)",
+        f"{port.port}: set up",
+        *(f"route {r.to} via {r.via} dev {r.port}" for r in node.routes),
+        f"remove route 10.9.9.9/32 dev {port.port}"]
+
+
+def test_the_netplan_file_names_only_the_planned_ports_with_address_mtu_and_routes():
+    node, plan_ = ring_node()
+    text = apply.netplan_file(node, plan_)
+    assert [line.strip()[:-1] for line in text.splitlines() if line.startswith("    ") and
+            not line.startswith("     ")] == list(node.interfaces)
+    assert text.count("mtu: 9000") == 2 and text.count("dhcp4: false") == 2
+    for route in node.routes:
+        assert f"- to: {route.to}\n          via: {route.via}" in text
+    assert "eth0" not in text
