@@ -5,14 +5,15 @@
 
 from invoke import Collection
 
-from trtllm_deploy.cli import (bench, checks, cluster, deploy, diagnose, engine, expect, hosts, push, serving,
-                               smoke, source, ssh, testbed, upstream)
+from trtllm_deploy.cli import (bench, checks, cluster, deploy, diagnose, engine, expect, fabric, hosts, push,
+                               serving, smoke, source, ssh, testbed, upstream)
 
 ns = Collection()
 ns.add_collection(hosts.ns)          # the inventory: hosts.toml
 ns.add_collection(testbed.ns)        # a simulated cluster on this machine, to try all of it on
 ns.add_task(checks.preflight)        # phase 1: is every node ready?
 ns.add_task(checks.dirs)             # phase 1: the directories every node needs
+ns.add_collection(fabric.ns)         # phase 1: the fabric: cabling found, addressed, checked, in hosts.toml
 ns.add_collection(source.source_ns)  # phase 2: pin TensorRT-LLM and fetch exactly that commit
 ns.add_collection(source.image_ns)   # phase 2: build the image from it, labelled; verify it
 ns.add_task(upstream.upstream)       # phase 2: newer releases and main against the lock; the fixes in each

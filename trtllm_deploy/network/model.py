@@ -62,12 +62,23 @@ class PortPlan:
 
 
 @dataclass(frozen=True)
+class Route:
+    """A host route over a fabric port: in a ring each node's fabric.address sits on one of its two
+    links, so the peer cabled to its other link reaches it through the address at that link's end."""
+
+    to: str                          # CIDR, e.g. 192.168.100.1/32
+    via: str                         # the peer's address on the shared link
+    port: str                        # the port it leaves by
+
+
+@dataclass(frozen=True)
 class NodePlan:
     node: str
     ports: tuple[PortPlan, ...]
     address: str                     # hosts.toml fabric.address: how the other nodes reach it
     interfaces: tuple[str, ...]      # hosts.toml fabric.interfaces (NCCL/UCX/Gloo/OpenMPI)
     rdma_devices: tuple[str, ...]    # hosts.toml fabric.rdma_devices
+    routes: tuple[Route, ...] = ()   # added by fabric.setup's planner (ring)
 
 
 @dataclass(frozen=True)

@@ -150,14 +150,17 @@ def remove_stale(layout: Layout) -> list[str]:
 
 
 def create_missing(layout: Layout) -> list[str]:
-    """Create the layout's fabric networks that do not exist yet. Internal: nothing is routed or
-    masqueraded through the host; the host only bridges the nodes' ends."""
+    """Create the layout's fabric networks that do not exist yet. Not ``--internal``: Docker then
+    drops every IPv4 packet on the bridge outside the network's own subnet (bridged traffic goes
+    through the host's iptables), and fabric.setup gives the ports addresses of its own. Nothing is
+    masqueraded, and no node routes through the host: the host only bridges the nodes' ends."""
     have = existing(layout)
     made = []
     for cable in cables(layout):
         if cable.network in have:
             continue
-        done = docker("network", "create", "--driver", "bridge", "--internal",
+        done = docker("network", "create", "--driver", "bridge",
+                      "--opt", "com.docker.network.bridge.enable_ip_masquerade=false",
                       "--subnet", cable.subnet, "--label", f"{LABEL}={layout.name}",
                       "--label", f"{LABEL_FABRIC}={layout.fabric}", cable.network, check=False)
         if done.returncode != 0:
