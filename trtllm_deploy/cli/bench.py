@@ -47,8 +47,8 @@ def _default_out() -> str:
     "hardware": "the hardware the ceiling is computed for (default gb10; see invoke expect)",
     "store": "where engine.build keeps artifacts, to read the served one's model (default engines/)",
     "slo": "service-level objectives in ms, any of ttft=MS,tpot=MS,e2e=MS: goodput (requests/s meeting "
-           "every one) per level and the highest level that meets them",
-    "slo_target": "the share of requests that must meet the SLOs for a level to meet them (default 0.9)",
+           "every one) per level, and the highest level where share=FRACTION of requests (default 0.9) "
+           "meet them",
     "workload": "random (default: unique prompts), prefix (a shared prefix: --prefix-tokens), multi-turn "
                 "(chat conversations carrying their history: --turns) or depth (pp/tg at --depths)",
     "prefix_tokens": "--workload prefix: tokens every prompt shares at its start (default: half of "
@@ -65,7 +65,7 @@ def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "", input
         out: str = "", model: str = "", chat: bool = False, tokenizer: str = "", ignore_eos: bool = True,
         expect_model: str = "", expect_precision: str = "", hardware: str = "gb10", store: str = "engines",
         json: bool = False, request_rate: str = "", burstiness: str = "1", seed: int = 0, slo: str = "",
-        slo_target: str = "", workload: str = "random", prefix_tokens: int = 0, turns: int = 0,
+        workload: str = "random", prefix_tokens: int = 0, turns: int = 0,
         depths: str = "", prompts: str = "") -> None:
     """Measure an endpoint: TTFT, TPOT, ITL, latency and tokens/s over a concurrency or request-rate sweep."""
     with console.err.status("measuring…") as status:
@@ -73,7 +73,7 @@ def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "", input
                          _number(duration, "--duration"), warmup, repeats, model, chat, tokenizer, ignore_eos,
                          progress=lambda line: status.update(line), request_rate=request_rate,
                          burstiness=_number(burstiness, "--burstiness"), seed=seed,
-                         shape=Shape(workload, prefix_tokens, turns, depths, prompts, slo, slo_target))
+                         shape=Shape(workload, prefix_tokens, turns, depths, prompts, slo))
     deployment = result["environment"].get("deployment") or {}
     served, served_precision = efficiency.served_model(store, deployment.get("artifact"))
     if expect_model or served:

@@ -18,7 +18,7 @@ from .workload import Prompts, Workload
 @dataclasses.dataclass(frozen=True)
 class Shape:
     """The workload's shape as asked for: --workload, --prefix-tokens, --turns, --depths, --prompts,
-    and --slo with its --slo-target."""
+    and --slo."""
 
     kind: str = "random"
     prefix_tokens: int = 0
@@ -26,7 +26,6 @@ class Shape:
     depths: str = ""
     prompts: str = ""
     slo: str = ""
-    slo_target: str = ""
 
 
 def measure(url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_tokens: int = 128,
@@ -42,8 +41,7 @@ def measure(url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_
         raise InputError("--output-tokens must be at least 1")
     plan = _rates(request_rate, burstiness, seed, concurrency)
     kind = _check_shape(shape, plan, concurrency)
-    limits = slo.parse(shape.slo) if str(shape.slo).strip() else None
-    target = slo.target(shape.slo_target or str(slo.DEFAULT_TARGET))
+    limits, target = slo.parse(shape.slo) if str(shape.slo).strip() else (None, slo.DEFAULT_TARGET)
     depth_levels = sweep.depths(shape.depths) if kind == "depth" else None
     levels = [] if plan else sweep.concurrencies(concurrency or ("1" if depth_levels else "1,2,4,8"))
     budget = sweep.Budget(requests, duration, warmup, repeats, timeout_s)

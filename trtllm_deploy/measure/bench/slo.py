@@ -5,7 +5,7 @@ A request meets the SLOs when it succeeded and each latency given is at or under
 text came in one chunk has no decode time to judge and is not held to it), end-to-end latency.
 Goodput is the number of such requests per second of the run, as aiperf and other serving
 benchmarks define it, and their share of every request sent (failures included). A level meets the
-SLOs when that share is at least the target (``--slo-target``, 0.9 by default); the sweep's best
+SLOs when that share is at least the target (``share=`` in ``--slo``, 0.9 by default); the sweep's best
 level is the highest rate (or concurrency) that does.
 """
 
@@ -20,42 +20,41 @@ KEYS = {"ttft": "time to first token", "tpot": "time per output token", "e2e": "
 DEFAULT_TARGET = 0.9
 
 
-def parse(text: str) -> dict[str, float]:
-    """``ttft=500,tpot=50`` as {"ttft": 500.0, "tpot": 50.0} (milliseconds); any subset of the keys."""
-    expected = "give KEY=MILLISECONDS pairs like ttft=500,tpot=50,e2e=4000 (keys: ttft, tpot, e2e)"
+def parse(text: str) -> tuple[dict[str, float], float]:
+    """``ttft=500,tpot=50,share=0.95`` as the limits {"ttft": 500.0, "tpot": 50.0} (milliseconds; any
+    subset of the keys) and the share of requests that must meet them (default 0.9)."""
+    expected = ("give KEY=MILLISECONDS pairs like ttft=500,tpot=50,e2e=4000 (keys: ttft, tpot, e2e), "
+                "optionally share=FRACTION, the share of requests that must meet them (default 0.9)")
     limits: dict[str, float] = {}
+    share = None
     for part in (p.strip() for p in str(text).split(",")):
         if not part:
             continue
         key, equals, value = (s.strip() for s in part.partition("="))
+        key = key.lower()
         if not equals:
             raise InputError(f"--slo {text!r}: {part!r} has no '='; {expected}")
-        if key.lower() not in KEYS:
+        if key not in (*KEYS, "share"):
             raise InputError(f"--slo {text!r}: unknown key {key!r}; {expected}")
+        if key in limits or (key == "share" and share is not None):
+            raise InputError(f"--slo {text!r}: {key} is given twice; {expected}")
         try:
             number = float(value)
         except ValueError:
-            raise InputError(f"--slo {text!r}: {key}={value!r} is not a number of milliseconds; "
-                             f"{expected}") from None
-        if not 0 < number < float("inf"):
-            raise InputError(f"--slo {text!r}: {key}={value} must be above 0 ms; {expected}")
-        if key.lower() in limits:
-            raise InputError(f"--slo {text!r}: {key} is given twice; {expected}")
-        limits[key.lower()] = number
+            number = float("nan")
+        if key == "share":
+            if not 0 < number <= 1:
+                raise InputError(f"--slo {text!r}: share={value} must be a fraction above 0 and at most 1 "
+                                 f"(0.9 = 90 %); {expected}")
+            share = number
+        elif not 0 < number < float("inf"):
+            raise InputError(f"--slo {text!r}: {key}={value} must be a number of milliseconds above 0; "
+                             f"{expected}")
+        else:
+            limits[key] = number
     if not limits:
         raise InputError(f"--slo {text!r}: no limit given; {expected}")
-    return limits
-
-
-def target(text: str) -> float:
-    try:
-        share = float(text)
-    except ValueError:
-        share = -1.0
-    if not 0 < share <= 1:
-        raise InputError(f"--slo-target {text!r}: give the share of requests that must meet the SLOs, "
-                         "a fraction above 0 and at most 1 (0.9 = 90 %)")
-    return share
+    return limits, DEFAULT_TARGET if share is None else share
 
 
 def meets(sample: Sample, limits: dict[str, float]) -> bool:
