@@ -168,3 +168,18 @@ def test_an_empty_or_missing_prompts_file_exits_2(invoke, tmp_path):  # noqa: F8
 def test_workload_flags_that_do_not_fit_exit_2(invoke, args, message):  # noqa: F811
     done = invoke("bench", "--url", "http://127.0.0.1:9", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_prefix_caching_shows_in_the_ttft_of_the_prefix_workload_and_not_of_random(invoke, timed_server,  # noqa: F811
+                                                                                   tmp_path):
+    """On a server that computes only what no earlier prompt started with (5 ms, then 0.1 ms a word),
+    prompts sharing 192 of their 256 words pay for 64 of them; random prompts, unique from their first
+    word, pay for all 256."""
+    url = timed_server(5, 1, "--workers", "1", "--prefix-cache", "--prefill-ms-per-token", "0.1")
+    common = ["--url", url, "--input-tokens", "256", "--concurrency", "1", "--requests", "6", "--warmup", "0",
+              "--output-tokens", "2"]
+    shared = bench_json(invoke, *common, "--workload", "prefix", "--prefix-tokens", "192",
+                        "--out", str(tmp_path / "p"))
+    unique = bench_json(invoke, *common, "--out", str(tmp_path / "r"))
+    assert shared["levels"][0]["summary"]["ttft_ms"]["p50"] == pytest.approx(5 + 0.1 * 64, abs=3)
+    assert unique["levels"][0]["summary"]["ttft_ms"]["p50"] == pytest.approx(5 + 0.1 * 256, abs=3)
