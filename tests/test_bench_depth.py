@@ -131,3 +131,18 @@ def test_compare_depth_results_side_by_side_and_gate_a_pp_drop(invoke, timed_ser
 def test_depth_flags_that_do_not_fit_exit_2(invoke, args, message):  # noqa: F811
     done = invoke("bench", "--url", "http://127.0.0.1:9", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_depth_prompts_are_counted_with_the_tokenizer_when_given(invoke, timed_server, tmp_path):  # noqa: F811
+    from test_bench_workloads import prompt_of, received, tokenizer
+
+    made = tokenizer(tmp_path / "tok")
+    log = tmp_path / "requests.jsonl"
+    url = timed_server(1, 1, "--log", str(log))
+    result = bench_json(invoke, "--url", url, "--workload", "depth", "--depths", "0,100",
+                        "--input-tokens", "30", "--output-tokens", "2", "--requests", "2", "--warmup", "0",
+                        "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "o"))
+    assert result["workload"]["counted_by"] == "the model's tokenizer.json"
+    lengths = [len(made.encode(prompt_of(body), add_special_tokens=False).ids) for body in received(log)[1:]]
+    assert lengths == [30, 30, 130, 130]
+    assert [level["summary"]["depth"]["prompt_tokens"] for level in result["levels"]] == [30, 130]

@@ -53,7 +53,8 @@ def _default_out() -> str:
                 "(chat conversations carrying their history: --turns) or depth (pp/tg at --depths)",
     "prefix_tokens": "--workload prefix: tokens every prompt shares at its start (default: half of "
                      "--input-tokens)",
-    "turns": "--workload multi-turn: turns per conversation (default 3)",
+    "turns": "--workload multi-turn: turns per conversation (default 3); --requests counts turns, rounded "
+             "up to whole conversations",
     "depths": "--workload depth: context tokens before each prompt, 0,4096,16384; a table in "
               "llama-benchy's layout",
     "prompts": "a JSONL file of your own prompts: {\"prompt\": ...} or {\"messages\": [...]} a line, "
