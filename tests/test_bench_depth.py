@@ -10,7 +10,7 @@ import subprocess
 import pytest
 from test_bench import bench_json, invoke, timed_server  # noqa: F401  (fixtures)
 
-from trtllm_deploy.measure.bench import benchy, report
+from trtllm_deploy.measure.bench import depth_table, report
 
 TTFT_MS, PER_TOKEN_MS, ITL_MS = 20.0, 0.05, 4.0
 PP, TG, DEPTHS = 64, 16, (0, 1024, 4096)
@@ -53,7 +53,7 @@ def test_the_table_is_in_llama_benchys_layout(invoke, timed_server, tmp_path):  
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     [head] = [line for line in lines if "est_ppt (ms)" in line]
-    assert [cell.strip() for cell in head.strip("┃ ").split("┃")] == benchy.COLUMNS == [
+    assert [cell.strip() for cell in head.strip("┃ ").split("┃")] == depth_table.COLUMNS == [
         "model", "test", "t/s", "ttfr (ms)", "est_ppt (ms)", "e2e_ttft (ms)"]
     named = [line.split("│")[2].strip() for line in lines if line.startswith("│ timed-test-model")]
     assert named == ["pp64", "tg16", "pp64 @ d1024", "tg16 @ d1024", "pp64 @ d4096", "tg16 @ d4096"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure import chart
-from trtllm_deploy.measure.bench import benchy, page, slo
+from trtllm_deploy.measure.bench import depth_table, page, slo
 from trtllm_deploy.measure.bench.compare import GATED, Verdict, gate, side_by_side  # noqa: F401
 from trtllm_deploy.measure.bench.levels import level_key, level_label, level_x
 from trtllm_deploy.measure.bench.levels import ms as _ms
@@ -21,7 +21,7 @@ COLUMNS = ["concurrency", "requests", "errors", "req/s", "out tok/s", "tok/s/str
            "spread"]
 # An open-loop result: its rate first, how late requests left their schedule last.
 RATE_COLUMNS = ["rate/s", "cap", *COLUMNS[1:], "late p50 ms", "late p99 ms"]
-# A depth result: the context depth first (its pp/tg speeds are in llama-benchy's table, benchy.py).
+# A depth result: the context depth first (its pp/tg speeds are in llama-benchy's table, depth_table.py).
 DEPTH_COLUMNS = ["depth", *COLUMNS[1:]]
 # With --slo, last: requests/s that met every SLO and their share of all requests.
 GOODPUT_COLUMNS = ["goodput/s", "good %"]
@@ -126,7 +126,7 @@ def extra_tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     if _depth(result):
         tables.append(("prompt processing (pp) and generation (tg) by context depth, llama-benchy's layout",
-                       benchy.COLUMNS, benchy.rows(result)))
+                       depth_table.COLUMNS, depth_table.rows(result)))
     turned = [(level, level["summary"]["turns"]) for level in result["levels"]
               if level["summary"].get("turns")]
     if turned:
