@@ -42,6 +42,12 @@ def test_goodput_counts_exactly_the_requests_the_server_made_slow(invoke, timed_
     page = (tmp_path / "four" / "report.html").read_text()
     assert "<th>goodput/s</th>" in page and "<td>75%</td>" in page and "the highest level with 75%" in page
     assert (tmp_path / "four" / "goodput.png").is_file() and "the requests that met every SLO" in page
+    # The chart: every request's rate and the goodput, against the concurrency on a log2 axis.
+    axes = report.figures({"": result})["goodput_png"].axes[0]
+    lines = {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
+    assert lines == {"all requests": [lv["summary"]["requests_per_s"] for lv in result["levels"]],
+                     "meeting the SLOs": [lv["summary"]["goodput"]["per_s"] for lv in result["levels"]]}
+    assert axes.get_xscale() == "log" and [t.get_text() for t in axes.get_xticklabels()] == ["1", "2"]
 
 
 def test_the_table_and_summary_say_the_goodput_and_the_best_level(invoke, timed_server, tmp_path):  # noqa: F811

@@ -6,8 +6,8 @@ prompts from a JSONL file (``--prompts FILE``).
   TTFT shows what that saves.
 - multi-turn: conversations of ``--turns`` T turns on /v1/chat/completions. Each turn sends the
   whole history: every earlier user message and the server's own answers to them, then a new user
-  message. A conversation's turns run one after another; conversations run side by side, as many
-  at once as the concurrency.
+  message of --input-tokens. A conversation's turns run one after another; conversations run side
+  by side, as many at once as the concurrency.
 - --prompts: one JSON object a line, ``{"prompt": "..."}`` or ``{"messages": [{"role": "user",
   "content": "..."}, ...]}``, with an optional ``"output_tokens": N``; requests take the lines in
   turn (wrapping round). A file with messages is sent to /v1/chat/completions.
