@@ -12,14 +12,16 @@ from test_bench import bench_json, invoke, timed_server  # noqa: F401  (fixtures
 
 from trtllm_deploy.measure.bench import depth_table, report
 
-TTFT_MS, PER_TOKEN_MS, ITL_MS = 20.0, 0.05, 4.0
-PP, TG, DEPTHS = 64, 16, (0, 1024, 4096)
+TTFT_MS, PER_TOKEN_MS, ITL_MS = 50.0, 0.05, 4.0
+PP, TG, DEPTHS = 64, 64, (0, 1024, 4096)
 
 
 def depth_run(invoke, timed_server, out, *extra: str) -> subprocess.CompletedProcess:  # noqa: F811
-    url = timed_server(TTFT_MS, ITL_MS, "--prefill-ms-per-token", str(PER_TOKEN_MS))
+    """One stream: one server process (a second one's first answer, its code paths still cold, came
+    some milliseconds late at depth 0), warmed at each depth by one request not counted."""
+    url = timed_server(TTFT_MS, ITL_MS, "--prefill-ms-per-token", str(PER_TOKEN_MS), "--workers", "1")
     return invoke("bench", "--url", url, "--workload", "depth", "--depths", ",".join(map(str, DEPTHS)),
-                  "--input-tokens", str(PP), "--output-tokens", str(TG), "--requests", "3", "--warmup", "0",
+                  "--input-tokens", str(PP), "--output-tokens", str(TG), "--requests", "3", "--warmup", "1",
                   "--out", str(out), *extra)
 
 
@@ -56,7 +58,7 @@ def test_the_table_is_in_llama_benchys_layout(invoke, timed_server, tmp_path):  
     assert [cell.strip() for cell in head.strip("┃ ").split("┃")] == depth_table.COLUMNS == [
         "model", "test", "t/s", "ttfr (ms)", "est_ppt (ms)", "e2e_ttft (ms)"]
     named = [line.split("│")[2].strip() for line in lines if line.startswith("│ timed-test-model")]
-    assert named == ["pp64", "tg16", "pp64 @ d1024", "tg16 @ d1024", "pp64 @ d4096", "tg16 @ d4096"]
+    assert named == ["pp64", "tg64", "pp64 @ d1024", "tg64 @ d1024", "pp64 @ d4096", "tg64 @ d4096"]
     pp_at_4096 = next(line for line in lines if "pp64 @ d4096" in line).split("│")[3]
     mean, std = (float(part) for part in pp_at_4096.split("±"))
     assert mean == pytest.approx(expected_pp(4096), rel=0.1) and std >= 0
