@@ -16,6 +16,14 @@ Real servers' quirks, each on request (as met on `transformers serve`, issue 18)
 refuses ``ignore_eos``/``min_tokens`` with HTTP 422 as a pydantic model with extra="forbid" does;
 ``--tokens-per-chunk N`` bundles N tokens in each chunk; ``--no-text`` streams tokens that decode to
 nothing (empty text) while usage counts them.
+
+Workload checks (issue 18): ``--slow-every K --slow-ms MS`` adds MS to the TTFT of every request
+whose prompt (a chat's last message) starts with a number divisible by K (the bench's prompts start
+with their index: which requests are slow is known in advance, whichever worker answers);
+``--prefill-ms-per-token MS`` adds MS per prompt word to the TTFT (a longer context, a later first
+token); ``--prefix-cache`` charges that per-word cost only for the words after the longest start a
+prompt shares with one seen before (a prefix cache, per worker process: run it with ``--workers 1``);
+``--log FILE`` appends each completion request's body to FILE as one JSON line.
 """
 
 from __future__ import annotations
@@ -99,11 +107,35 @@ def _choice(chat: bool, text: str, finish: str | None) -> dict:
     return {"index": 0, "text": text, "finish_reason": finish}
 
 
-def _prompt_tokens(body: dict) -> int:
+def _prompt_words(body: dict) -> list[str]:
     prompt = body.get("prompt")
     if prompt is None:
         prompt = " ".join(str(m.get("content", "")) for m in body.get("messages") or [])
-    return max(1, len(str(prompt).split()))
+    return str(prompt).split()
+
+
+def _prompt_tokens(body: dict) -> int:
+    return max(1, len(_prompt_words(body)))
+
+
+def _shared(words: list[str], earlier: list[str]) -> int:
+    """How many words two prompts share from their start."""
+    count = 0
+    for mine, theirs in zip(words, earlier, strict=False):
+        if mine != theirs:
+            break
+        count += 1
+    return count
+
+
+def _slow(body: dict, every: int) -> bool:
+    """Whether the prompt (a chat's last message) starts with a number divisible by ``every``."""
+    if body.get("prompt") is not None:
+        text = str(body["prompt"])
+    else:
+        text = str(((body.get("messages") or [{}])[-1]).get("content", ""))
+    first = text.split(maxsplit=1)[0] if text.split() else ""
+    return first.isdigit() and int(first) % every == 0
 
 
 def answer(method: str, path: str, body: dict, received: float, ttft: float, itl: float, close: bool,
@@ -147,6 +179,22 @@ def answer(method: str, path: str, body: dict, received: float, ttft: float, itl
              "input": body[name]} for name in extra]}, close))]
     tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
     prompt_tokens = _prompt_tokens(body)
+    if quirks.get("log"):
+        # One write of one line with O_APPEND: the workers' lines never interleave.
+        handle = os.open(quirks["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(handle, (json.dumps({"path": path, "body": body}) + "\n").encode())
+        finally:
+            os.close(handle)
+    computed = prompt_tokens
+    seen = quirks.get("prefix_cache")
+    if seen is not None:
+        words = _prompt_words(body)
+        computed = len(words) - max((_shared(words, earlier) for earlier in seen), default=0)
+        seen.append(words)
+    ttft += computed * float(quirks.get("prefill_ms_per_token") or 0) / 1000
+    if quirks.get("slow_every") and _slow(body, int(quirks["slow_every"])):
+        ttft += float(quirks.get("slow_ms") or 0) / 1000
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
              "total_tokens": prompt_tokens + tokens}
     base = {"id": "cmpl-timed", "created": int(time.time()), "model": body.get("model") or MODEL,
@@ -293,8 +341,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-chunk", type=int, default=1, help="tokens bundled in each chunk")
     parser.add_argument("--no-text", action="store_true",
                         help="tokens that decode to no text (usage counts them)")
+    parser.add_argument("--slow-every", type=int, default=0,
+                        help="slow down requests whose prompt starts with a number divisible by this")
+    parser.add_argument("--slow-ms", type=float, default=0.0, help="how much later their first token comes")
+    parser.add_argument("--prefill-ms-per-token", type=float, default=0.0,
+                        help="TTFT grows by this per prompt word")
+    parser.add_argument("--prefix-cache", action="store_true",
+                        help="charge --prefill-ms-per-token only for words after a start seen before")
+    parser.add_argument("--log", default="", help="append every completion request's body to this file")
     args = parser.parse_args(argv)
-    quirks = {"strict": args.strict, "tokens_per_chunk": args.tokens_per_chunk, "no_text": args.no_text}
+    quirks = {"strict": args.strict, "tokens_per_chunk": args.tokens_per_chunk, "no_text": args.no_text,
+              "slow_every": args.slow_every, "slow_ms": args.slow_ms,
+              "prefill_ms_per_token": args.prefill_ms_per_token, "log": args.log,
+              "prefix_cache": [] if args.prefix_cache else None}
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # --host ::1 too
     listener = socket.create_server((args.host, args.port), family=family, backlog=1024)
     print(f"PORT {listener.getsockname()[1]}", flush=True)

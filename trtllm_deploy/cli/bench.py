@@ -13,7 +13,7 @@ from trtllm_deploy import console
 from trtllm_deploy.cli import JSON_HELP, user_errors
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure.bench import efficiency, report
-from trtllm_deploy.measure.bench.measure import measure
+from trtllm_deploy.measure.bench.measure import Shape, measure
 from trtllm_deploy.runtimes import runtime as runtimes
 
 
@@ -46,19 +46,35 @@ def _default_out() -> str:
     "expect_precision": "its precision (default: the artifact's, else the model's default)",
     "hardware": "the hardware the ceiling is computed for (default gb10; see invoke expect)",
     "store": "where engine.build keeps artifacts, to read the served one's model (default engines/)",
+    "slo": "service-level objectives in ms, any of ttft=MS,tpot=MS,e2e=MS: goodput (requests/s meeting "
+           "every one) per level, and the highest level where share=FRACTION of requests (default 0.9) "
+           "meet them",
+    "workload": "random (default: unique prompts), prefix (a shared prefix: --prefix-tokens), multi-turn "
+                "(chat conversations carrying their history: --turns) or depth (pp/tg at --depths)",
+    "prefix_tokens": "--workload prefix: tokens every prompt shares at its start (default: half of "
+                     "--input-tokens)",
+    "turns": "--workload multi-turn: turns per conversation (default 3); --requests counts turns, rounded "
+             "up to whole conversations",
+    "depths": "--workload depth: context tokens before each prompt, 0,4096,16384; a table in "
+              "llama-benchy's layout",
+    "prompts": "a JSONL file of your own prompts: {\"prompt\": ...} or {\"messages\": [...]} a line, "
+               "optionally \"output_tokens\"",
     "json": JSON_HELP})
 @user_errors
 def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "", input_tokens: int = 128,
         output_tokens: int = 128, requests: int = 0, duration: str = "0", warmup: int = 2, repeats: int = 1,
         out: str = "", model: str = "", chat: bool = False, tokenizer: str = "", ignore_eos: bool = True,
         expect_model: str = "", expect_precision: str = "", hardware: str = "gb10", store: str = "engines",
-        json: bool = False, request_rate: str = "", burstiness: str = "1", seed: int = 0) -> None:
+        json: bool = False, request_rate: str = "", burstiness: str = "1", seed: int = 0, slo: str = "",
+        workload: str = "random", prefix_tokens: int = 0, turns: int = 0,
+        depths: str = "", prompts: str = "") -> None:
     """Measure an endpoint: TTFT, TPOT, ITL, latency and tokens/s over a concurrency or request-rate sweep."""
     with console.err.status("measuring…") as status:
         result = measure(url, hosts, concurrency, input_tokens, output_tokens, requests,
                          _number(duration, "--duration"), warmup, repeats, model, chat, tokenizer, ignore_eos,
                          progress=lambda line: status.update(line), request_rate=request_rate,
-                         burstiness=_number(burstiness, "--burstiness"), seed=seed)
+                         burstiness=_number(burstiness, "--burstiness"), seed=seed,
+                         shape=Shape(workload, prefix_tokens, turns, depths, prompts, slo))
     deployment = result["environment"].get("deployment") or {}
     served, served_precision = efficiency.served_model(store, deployment.get("artifact"))
     if expect_model or served:
@@ -71,6 +87,10 @@ def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "", input
         return
     console.out.print(console.table(report.title(result), report.columns(result),
                                     [report.level_row(level) for level in result["levels"]]))
+    for heading, columns, rows in report.extra_tables(result):
+        console.out.print(console.table(heading, columns, rows))
+    for line in report.summary_lines(result):
+        console.out.print(line, soft_wrap=True)
     for line in report.warnings(result):
         console.out.print(f"warning: {line}", soft_wrap=True)
     shown = result.get("efficiency") or {}
@@ -97,7 +117,8 @@ def run(c: Context, url: str = "", hosts: str = "", concurrency: str = "", input
 @user_errors
 def compare(c: Context, results: str | None = None, baseline: str = "", threshold: str = "0.1", out: str = "",
             json: bool = False) -> None:
-    """Side by side: several results by concurrency, charts; with --baseline a pass/fail gate."""
+    """Side by side: several results by level (concurrency, request rate or depth; goodput and pp/tg
+    where measured), charts; with --baseline a pass/fail gate."""
     paths = [path for path in (results or "").split(",") if path.strip()]
     if not paths:
         raise Exit("give result files to compare: invoke bench.compare A.json,B.json [--baseline X.json]",
@@ -120,7 +141,7 @@ def compare(c: Context, results: str | None = None, baseline: str = "", threshol
                                 "threshold": limit, "passed": not regressions,
                                 "verdicts": [v.as_json() for v in verdicts]}})
     else:
-        console.out.print(console.table("results by concurrency", columns, rows))
+        console.out.print(console.table("results by level", columns, rows))
         if reference is not None:
             console.out.print(console.table(
                 f"gate against {baseline} (worse by more than {limit:.0%} fails)",

@@ -144,6 +144,45 @@ def bands(panels: list[tuple[str, Bands]], x_label: str, y_label: str):
     return figure
 
 
+def depth_position(depth: float, depths: list[float]) -> float:
+    """Where a context depth sits on a log2 axis: itself, or depth 0 half the smallest other depth
+    below it (labelled 0), since a log axis has no 0."""
+    others = [d for d in depths if d > 0]
+    return depth if depth > 0 else (min(others) / 2 if others else 1.0)
+
+
+def depth(panels: list[tuple[str, dict[str, list[tuple[float, float | None, float | None]]]]]):
+    """One panel per speed (prompt processing, generation), stacked: per series its mean tokens/s
+    with ± one standard deviation as error bars, against the context depth on a log2 axis ticked at
+    the depths measured (depth 0 placed below the smallest other one)."""
+    width, panel_height = BAND_PANEL_SIZE
+    count = max(1, len(panels))
+    height = panel_height * count
+    figure = _figure(width, height)
+    figure.subplots_adjust(left=0.1, right=0.68, top=1 - 24 / height, bottom=44 / height, hspace=0.45)
+    axes_list = figure.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
+    depths = sorted({p[0] for _, series in panels for points in series.values() for p in points})
+    for axes, (title, series) in zip(axes_list, panels or [("", {})], strict=True):
+        _style(axes, title, "", "tokens/s")
+        for index, (name, points) in enumerate(series.items()):
+            kept = sorted(p for p in points if not _missing(p[1]))
+            axes.errorbar([depth_position(p[0], depths) for p in kept], [p[1] for p in kept],
+                          yerr=[0 if _missing(p[2]) else p[2] for p in kept], marker="o", markersize=4,
+                          linewidth=2, capsize=3, color=PALETTE[index % len(PALETTE)],
+                          label=name[:LEGEND_CHARACTERS])
+        axes.set_ylim(bottom=0)
+        _legend(axes)
+    last = axes_list[-1]
+    last.set_xscale("log", base=2)
+    if depths:
+        positions = [depth_position(d, depths) for d in depths]
+        last.set_xlim(min(positions) / 2 ** 0.3, max(positions) * 2 ** 0.3)
+        last.set_xticks(positions, [_label(d) for d in depths])
+        last.minorticks_off()
+    last.set_xlabel("context depth (tokens), log2 axis")
+    return figure
+
+
 def curve(title: str, x_label: str, y_label: str, series: dict[str, list[tuple[float, float, str]]]):
     """The trade-off curve: per series its points (x, y), joined in order and each labelled (with its
     concurrency, say); both axes linear from zero, so a point up and to the right is better on both."""

@@ -113,6 +113,7 @@ class Sample:
     """One request as the client saw it; times are ``perf_counter`` seconds."""
 
     sent: float = 0.0
+    responded: float | None = None       # the response's first bytes (its status line)
     first: float | None = None          # first chunk that carried text
     arrivals: list[float] = field(default_factory=list)  # every chunk that carried text
     ended: float | None = None
@@ -120,6 +121,8 @@ class Sample:
     error: str | None = None             # the kind of failure, None when it succeeded
     detail: str = ""
     scheduled: float | None = None       # when an open-loop run meant to send it
+    text: list[str] | None = None        # the answer's text pieces, kept only when asked (multi-turn)
+    turn: int | None = None              # a multi-turn request's turn, from 1
 
     @property
     def lateness(self) -> float | None:
@@ -213,6 +216,7 @@ class _Stream(asyncio.Protocol):
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
+            self.sample.responded = now
             self._headers(self.head[:end].decode("latin-1"))
             data, self.head = self.head[end + 4:], b""
         if self.chunked:
@@ -287,10 +291,13 @@ class _Stream(asyncio.Protocol):
                 if "error" in event:
                     self._fail("stream error", str(event["error"])[:200])
                     continue
-                if _text_of(event):
+                piece = _text_of(event)
+                if piece:
                     if sample.first is None:
                         sample.first = now
                     sample.arrivals.append(now)
+                    if sample.text is not None:
+                        sample.text.append(piece)
                 usage = event.get("usage")
                 if usage and usage.get("completion_tokens") is not None:
                     sample.output_tokens = usage["completion_tokens"]
@@ -327,10 +334,12 @@ class _Stream(asyncio.Protocol):
         self.done.set_result(None)
 
 
-async def stream(endpoint: Endpoint, path: str, body: dict, timeout: float = 600.0) -> Sample:
-    """Send one streaming request and time every chunk of text; never raises for a failed request."""
+async def stream(endpoint: Endpoint, path: str, body: dict, timeout: float = 600.0,
+                 keep_text: bool = False) -> Sample:
+    """Send one streaming request and time every chunk of text (keeping the text with ``keep_text``);
+    never raises for a failed request."""
     loop = asyncio.get_running_loop()
-    sample = Sample()
+    sample = Sample(text=[] if keep_text else None)
     done = loop.create_future()
     request = request_bytes(endpoint, path, body)
     sample.sent = time.perf_counter()

@@ -9,10 +9,23 @@ from typing import Callable
 
 from trtllm_deploy.errors import CheckFailed, InputError
 
-from . import arrivals, environment, sweep
+from . import arrivals, environment, shapes, slo, sweep
 from .client import Endpoint, new_loop, stream
 from .report import SCHEMA
 from .workload import Prompts, Workload
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The workload's shape as asked for: --workload, --prefix-tokens, --turns, --depths, --prompts,
+    and --slo."""
+
+    kind: str = "random"
+    prefix_tokens: int = 0
+    turns: int = 0
+    depths: str = ""
+    prompts: str = ""
+    slo: str = ""
 
 
 def measure(url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_tokens: int = 128,
@@ -20,35 +33,76 @@ def measure(url: str = "", hosts: str = "", concurrency: str = "1,2,4,8", input_
             repeats: int = 1, model: str = "", chat: bool = False, tokenizer: str = "",
             ignore_eos: bool = True, timeout_s: float = 600.0,
             progress: Callable[[str], None] = lambda line: None, request_rate: str = "",
-            burstiness: float = 1.0, seed: int = 0) -> dict:
+            burstiness: float = 1.0, seed: int = 0, shape: Shape = Shape()) -> dict:
     if bool(url) == bool(hosts):
         raise InputError("give --url URL (any OpenAI-compatible server) or --hosts hosts.toml (the "
                          "cluster's current deployment), one of them")
     if output_tokens < 1:
         raise InputError("--output-tokens must be at least 1")
     plan = _rates(request_rate, burstiness, seed, concurrency)
-    levels = [] if plan else sweep.concurrencies(concurrency or "1,2,4,8")
+    kind = _check_shape(shape, plan, concurrency)
+    limits, target = slo.parse(shape.slo) if str(shape.slo).strip() else (None, slo.DEFAULT_TARGET)
+    depth_levels = sweep.depths(shape.depths) if kind == "depth" else None
+    levels = [] if plan else sweep.concurrencies(concurrency or ("1" if depth_levels else "1,2,4,8"))
     budget = sweep.Budget(requests, duration, warmup, repeats, timeout_s)
+    given_prompts = shapes.FilePrompts(shape.prompts) if shape.prompts else None
     deployment = None
     if hosts:
         deployment, endpoint = environment.deployment_facts(hosts)
     else:
         endpoint = Endpoint.parse(url)
     # Before the endpoint is asked anything: a --tokenizer that cannot be used is the user's to fix.
-    prompts = Prompts(input_tokens, environment.tokenizer_dir(deployment, tokenizer), given=bool(tokenizer))
+    tokenizer_dir = environment.tokenizer_dir(deployment, tokenizer)
+    if kind == "prefix":
+        prompts = shapes.PrefixPrompts(input_tokens, shape.prefix_tokens or input_tokens // 2, tokenizer_dir,
+                                       given=bool(tokenizer))
+    else:
+        prompts = Prompts(input_tokens, tokenizer_dir, given=bool(tokenizer))
+    described = {"prefix": {"prefix_tokens": getattr(prompts, "prefix_tokens", 0)},
+                 "multi-turn": {"turns": shape.turns or 3}, "depth": {"depths": depth_levels}}.get(kind, {})
+    if given_prompts is not None:
+        prompts, kind, described = given_prompts, "file", {"prompts": str(given_prompts.path),
+                                                           "lines": len(given_prompts.lines)}
+        chat = chat or given_prompts.chat
     facts = environment.endpoint_facts(endpoint)
-    workload = Workload(input_tokens, output_tokens, chat, ignore_eos, model or facts["model"],
-                        prompts.counted_by)
+    workload = Workload(input_tokens, output_tokens, chat or kind == "multi-turn", ignore_eos,
+                        model or facts["model"], prompts.counted_by, kind=kind, shape=described)
     workload = _settle_options(endpoint, workload, prompts, timeout_s)
     started = datetime.datetime.now(datetime.timezone.utc)
-    levels_measured = sweep.sweep(endpoint, workload, prompts, levels, budget, progress, plan)
+    levels_measured = sweep.sweep(endpoint, workload, prompts, levels, budget, progress, plan, limits,
+                                  depth_levels)
     return {"schema": SCHEMA, "started": started.isoformat(timespec="seconds"),
             "environment": {"endpoint": facts, "deployment": deployment,
                             "client": environment.client_facts()},
             "workload": workload.as_json(), "budget": sweep.budget_json(budget),
             **({"arrivals": {"mode": "request rate", "burstiness": plan.burstiness, "seed": plan.seed,
                              "cap": plan.cap or None, "behind_ms": arrivals.BEHIND_MS}} if plan else {}),
+            **({"slo": slo.record(limits, target, levels_measured)} if limits else {}),
             "levels": levels_measured}
+
+
+def _check_shape(shape: Shape, plan: sweep.Rates | None, concurrency: str) -> str:
+    """The workload's kind, once its flags agree with each other (before anything is sent)."""
+    kind = shapes.check_kind(shape.kind)
+    if shape.prompts and kind != "random":
+        raise InputError(f"--prompts with --workload {kind}: a prompts file replaces the generated prompts; "
+                         "leave --workload out (random)")
+    if shape.prefix_tokens and kind != "prefix":
+        raise InputError("--prefix-tokens belongs to --workload prefix")
+    if shape.turns and kind != "multi-turn":
+        raise InputError("--turns belongs to --workload multi-turn")
+    if shape.turns < 0 or (kind == "multi-turn" and shape.turns == 1):
+        raise InputError(f"--turns {shape.turns}: a conversation needs at least 2 turns")
+    if str(shape.depths).strip() and kind != "depth":
+        raise InputError("--depths belongs to --workload depth")
+    if kind == "depth" and not str(shape.depths).strip():
+        raise InputError("--workload depth needs --depths, the context depths in tokens: 0,4096,16384")
+    if kind in ("multi-turn", "depth") and plan is not None:
+        raise InputError(f"--workload {kind} runs at a concurrency, not at a --request-rate")
+    if kind == "depth" and len(sweep.concurrencies(concurrency or "1")) > 1:
+        raise InputError(f"--workload depth: --concurrency {concurrency!r} must be one number (default 1), "
+                         "the streams at every depth")
+    return kind
 
 
 def _rates(request_rate: str, burstiness: float, seed: int, concurrency: str) -> sweep.Rates | None:
@@ -65,8 +119,11 @@ def _rates(request_rate: str, burstiness: float, seed: int, concurrency: str) ->
 
 
 def _once(endpoint: Endpoint, workload: Workload, prompts: Prompts, timeout_s: float):
+    first = prompts(0)
+    if workload.kind == "multi-turn":
+        first = {"messages": [{"role": "user", "content": first}]}
     with asyncio.Runner(loop_factory=new_loop) as runner:
-        return runner.run(stream(endpoint, workload.path, workload.body(prompts(0)), timeout_s))
+        return runner.run(stream(endpoint, workload.path, workload.body(first), timeout_s))
 
 
 def _settle_options(endpoint: Endpoint, workload: Workload, prompts: Prompts, timeout_s: float) -> Workload:

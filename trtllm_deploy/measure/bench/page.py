@@ -18,7 +18,10 @@ NO_MODEL = ("no ceiling: the result records no model to compute one for (pass --
 CAPTIONS = {"latency_png": "Latency: p50 (line), the p50–p90 and p90–p99 bands; concurrency on a log2 axis",
             "throughput_png": "Output tokens/s, all streams and per stream (dashed: the ceiling if known)",
             "per_node_png": "Throughput per node against tokens/s per user, one point per concurrency",
-            "distributions_png": "TTFT and ITL distributions, one line per concurrency"}
+            "distributions_png": "TTFT and ITL distributions, one line per concurrency",
+            "goodput_png": "Requests/s against goodput: the requests that met every SLO (--slo)",
+            "depth_png": "Prompt processing (pp) and generation (tg) tokens/s against the context depth, "
+                         "log2 axis (± one standard deviation)"}
 
 
 def _table(columns: list[str], rows: list[list[str]], css: str = "") -> str:
@@ -91,10 +94,13 @@ def render(title: str, results: dict[str, dict], columns: list[str], rows: list[
     for name, result in results.items():
         parts += [f"<h2>Measured on{': ' + escape(name) if name else ''}</h2>",
                   _table(["", ""], environment_rows(result), "facts")]
-    parts += ["<h2>Results by concurrency</h2>", _table(columns, rows)]
+    parts += ["<h2>Results by level</h2>", _table(columns, rows)]
     for name, result in results.items():
         parts.append(ceiling_html(result, name))
     for heading, table_columns, table_rows in tables:
+        if not table_columns:  # a line of the summary, no table
+            parts.append(f"<p><b>{escape(heading)}</b></p>")
+            continue
         parts += [f"<h2>{escape(heading)}</h2>", _table(table_columns, table_rows)]
     parts += ["<h2>Charts</h2>", *(image(path, CAPTIONS.get(key, key)) for key, path in charts.items()),
               "</body></html>"]

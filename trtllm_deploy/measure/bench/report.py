@@ -1,17 +1,18 @@
-"""A result on disk (JSON, CSV, PNG charts, one HTML page with all of them), its table, and the
-comparison of several results with a regression gate against a stored baseline."""
+"""A result on disk (JSON, CSV, PNG charts, one HTML page with all of them) and its tables; the
+comparison of several results and its gate are in ``compare`` (re-exported here)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm_deploy.errors import InputError
 from trtllm_deploy.measure import chart
-from trtllm_deploy.measure.bench import page
+from trtllm_deploy.measure.bench import depth_table, page, slo
+from trtllm_deploy.measure.bench.compare import GATED, Verdict, gate, side_by_side  # noqa: F401
+from trtllm_deploy.measure.bench.levels import level_key, level_label, level_x
+from trtllm_deploy.measure.bench.levels import ms as _ms
 
 SCHEMA = "trtllm-deploy.bench/1"
 LATENCY_NAMES = ("ttft", "tpot", "itl", "e2e")
@@ -20,20 +21,19 @@ COLUMNS = ["concurrency", "requests", "errors", "req/s", "out tok/s", "tok/s/str
            "spread"]
 # An open-loop result: its rate first, how late requests left their schedule last.
 RATE_COLUMNS = ["rate/s", "cap", *COLUMNS[1:], "late p50 ms", "late p99 ms"]
-# Gated figures: (name, how to read it from a level's summary, True when higher is better).
-GATED = (("output tokens/s", lambda s: s["output_tokens_per_s"], True),
-         ("TTFT p50 ms", lambda s: s["ttft_ms"].get("p50"), False),
-         ("ITL p50 ms", lambda s: s["itl_ms"].get("p50"), False),
-         ("E2E p50 ms", lambda s: s["e2e_ms"].get("p50"), False))
-
-
-def _ms(figure: dict, key: str) -> str:
-    value = figure.get(key)
-    return "-" if value is None else f"{value:.2f}"
+# A depth result: the context depth first (its pp/tg speeds are in llama-benchy's table, depth_table.py).
+DEPTH_COLUMNS = ["depth", *COLUMNS[1:]]
+# With --slo, last: requests/s that met every SLO and their share of all requests.
+GOODPUT_COLUMNS = ["goodput/s", "good %"]
 
 
 def columns(result: dict) -> list[str]:
-    return RATE_COLUMNS if "arrivals" in result else COLUMNS
+    shown = RATE_COLUMNS if "arrivals" in result else DEPTH_COLUMNS if _depth(result) else COLUMNS
+    return shown + (GOODPUT_COLUMNS if "slo" in result else [])
+
+
+def _depth(result: dict) -> bool:
+    return any("depth" in level for level in result["levels"])
 
 
 def warnings(result: dict) -> list[str]:
@@ -59,33 +59,23 @@ def warnings(result: dict) -> list[str]:
     return lines
 
 
+def summary_lines(result: dict) -> list[str]:
+    """What the sweep found, beyond the table: the best level under the SLOs."""
+    return [slo.describe(result["slo"])] if result.get("slo") else []
+
+
 def _level_name(level: dict) -> str:
     if "request_rate" in level:
         return f"{level['request_rate']:g} requests/s"
+    if "depth" in level:
+        return f"depth {level['depth']}"
     return f"concurrency {level['concurrency']}"
-
-
-def level_key(level: dict) -> tuple:
-    """What identifies a level across results: its request rate (and cap) or its concurrency."""
-    if "request_rate" in level:
-        return (1, level["request_rate"], level.get("concurrency") or 0)
-    return (0, level["concurrency"], 0)
-
-
-def level_label(key: tuple) -> int | str:
-    """A level's key as tables and verdicts show it: the concurrency, or "5/s" ("5/s cap 8")."""
-    rated, value, cap = key
-    return f"{value:g}/s" + (f" cap {cap}" if cap else "") if rated else value
-
-
-def level_x(level: dict) -> float:
-    """A level on a chart's x axis: its request rate, or its concurrency."""
-    return level["request_rate"] if "request_rate" in level else level["concurrency"]
 
 
 # A chart's x axis, by how the results were measured.
 AXES = {False: ("concurrency (streams)", "concurrency", "c="),
-        True: ("request rate (requests/s)", "request rate", "")}
+        True: ("request rate (requests/s)", "request rate", ""),
+        "depth": ("context depth (tokens)", "context depth", "")}
 
 
 def level_row(level: dict) -> list[str]:
@@ -95,7 +85,9 @@ def level_row(level: dict) -> list[str]:
     rate = [f"{level['request_rate']:g}", str(level["concurrency"] or "-")] if "request_rate" in level else []
     late = ([_ms(s.get("lateness_ms", {}), "p50") + (" behind" if level.get("behind") else ""),
              _ms(s.get("lateness_ms", {}), "p99")] if rate else [])
-    first = rate or [str(level["concurrency"])]
+    good = s.get("goodput")
+    goodput = [f"{good['per_s']:.2f}", f"{100 * good['share']:.0f}%"] if good else []
+    first = rate or [str(level["depth"] if "depth" in level else level["concurrency"])]
     return first + [str(s["succeeded"]), str(errors) if not errors else
             f"{errors}: " + ", ".join(f"{k} {v}" for k, v in s["errors"].items()),
             f"{s['requests_per_s']:.2f}", f"{s['output_tokens_per_s']:.1f}",
@@ -104,7 +96,7 @@ def level_row(level: dict) -> list[str]:
             _ms(s["itl_ms"], "p50"), _ms(s["itl_ms"], "p99"), f"{s.get('tokens_per_chunk', 0):.2f}",
             _ms(s["e2e_ms"], "p50"), _ms(s["e2e_ms"], "p99"),
             f"±{100 * spread['cv']:.1f}%" if spread.get("cv") is not None and len(level["runs"]) > 1 else "-"
-            ] + late
+            ] + late + goodput
 
 
 def title(result: dict) -> str:
@@ -115,11 +107,35 @@ def title(result: dict) -> str:
         served += " (stand-in: not inference)"
     shown = (f"{endpoint.get('model')} on {served} at {endpoint['url']}: {work['input_tokens']} in / "
              f"{work['output_tokens']} out tokens, counted by {work['counted_by']}")
+    kind, shape = work.get("kind", "random"), work.get("shape") or {}
+    if kind == "file":
+        shown = (f"{endpoint.get('model')} on {served} at {endpoint['url']}: prompts of {shape['prompts']}, "
+                 f"{work['output_tokens']} out tokens unless a line says")
+    elif kind != "random":
+        shown += f"; workload {kind}" + "".join(f", {k.replace('_', ' ')} {v}" for k, v in shape.items())
     if work.get("ignore_eos_refused"):
         shown += " (ignore_eos refused by the server: outputs may stop early)"
     if "arrivals" in result:
         shown += f"; open loop, gamma gaps of shape {result['arrivals']['burstiness']:g}"
     return shown
+
+
+def extra_tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Tables beside the main one: llama-benchy's pp/tg table of a depth result, figures per turn of a
+    multi-turn one."""
+    tables = []
+    if _depth(result):
+        tables.append(("prompt processing (pp) and generation (tg) by context depth, llama-benchy's layout",
+                       depth_table.COLUMNS, depth_table.rows(result)))
+    turned = [(level, level["summary"]["turns"]) for level in result["levels"]
+              if level["summary"].get("turns")]
+    if turned:
+        tables.append(("by turn of the conversations (each turn carries the history)",
+                       ["level", "turn", "requests", "succeeded", "TTFT p50 ms", "E2E p50 ms"],
+                       [[_level_name(level), str(t["turn"]), str(t["requests"]), str(t["succeeded"]),
+                         _ms(t, "ttft_p50_ms"), _ms(t, "e2e_p50_ms")]
+                        for level, turns in turned for t in turns]))
+    return tables
 
 
 def write(result: dict, out: Path) -> dict[str, Path]:
@@ -133,26 +149,35 @@ def write(result: dict, out: Path) -> dict[str, Path]:
         writer.writerow(["concurrency", "request_rate", "run", "requests", "succeeded", "errors", "wall_s",
                          "requests_per_s", "output_tokens_per_s", "stream_tokens_per_s_p50",
                          *[f"{m}_ms_{q}" for m in LATENCY_NAMES for q in ("p50", "p90", "p99")],
+                         "depth", "goodput_per_s", "goodput_share", "pp_tokens_per_s", "tg_tokens_per_s",
                          "lateness_ms_p50", "lateness_ms_p99"])
         for level in result["levels"]:
             runs = [(str(i + 1), r) for i, r in enumerate(level["runs"])] + [("all", level["summary"])]
             for run, s in runs:
-                late = s.get("lateness_ms") or {}
+                late, good, depth = s.get("lateness_ms") or {}, s.get("goodput") or {}, s.get("depth") or {}
                 writer.writerow([level["concurrency"], level.get("request_rate"), run, s["requests"],
                                  s["succeeded"], sum(s["errors"].values()), s["wall_s"], s["requests_per_s"],
                                  s["output_tokens_per_s"], s["stream_tokens_per_s"]["p50"],
                                  *[s[f"{m}_ms"].get(q) for m in LATENCY_NAMES
-                                   for q in ("p50", "p90", "p99")], late.get("p50"), late.get("p99")])
+                                   for q in ("p50", "p90", "p99")],
+                                 level.get("depth"), good.get("per_s"), good.get("share"),
+                                 (depth.get("pp_tokens_per_s") or {}).get("mean"),
+                                 (depth.get("tg_tokens_per_s") or {}).get("mean"),
+                                 late.get("p50"), late.get("p99")])
     drawn = charts({"": result}, out)
     files.update(drawn)
     files["html"] = out / "report.html"
-    files["html"].write_text(page.render(title(result), {"": result}, COLUMNS,
-                                         [level_row(level) for level in result["levels"]], drawn))
+    tables = [(line, [], []) for line in summary_lines(result)] + extra_tables(result)
+    files["html"].write_text(page.render(title(result), {"": result}, columns(result),
+                                         [level_row(level) for level in result["levels"]], drawn, tables))
     return files
 
 
 CHARTS = {"latency_png": "latency.png", "throughput_png": "throughput.png", "per_node_png": "per_node.png",
           "distributions_png": "distributions.png"}
+# Drawn where they apply: goodput with --slo, pp/tg against depth for the depth workload (which has
+# no latency or throughput chart: depth 0 has no place on their log2 axes).
+MORE_CHARTS = {"goodput_png": "goodput.png", "depth_png": "depth.png"}
 
 
 def nodes(result: dict) -> int | None:
@@ -170,7 +195,8 @@ def figures(results: dict[str, dict]) -> dict[str, object]:
     spread = {"ttft": {}, "itl": {}}
     partial = False
     rated = any("request_rate" in lv for result in results.values() for lv in result["levels"])
-    title, word, mark = AXES[rated]
+    deep = any("depth" in lv for result in results.values() for lv in result["levels"])
+    title, word, mark = AXES["depth" if deep else rated]
 
     def tag(level: dict) -> str:
         return f"{mark}{level_label(level_key(level))}"
@@ -207,7 +233,7 @@ def figures(results: dict[str, dict]) -> dict[str, object]:
                               if figures_.get(f"p{q}") is not None]
                 shown[f"{prefix}{tag(level)}"] = points
     only = "p50/p90/p99 only: a result recorded without its distribution" if partial else ""
-    return {
+    drawn = {
         "latency_png": chart.bands([("TTFT", latency["ttft"]), ("ITL", latency["itl"]),
                                     ("end to end", latency["e2e"])], title, "ms"),
         "throughput_png": chart.line_chart(f"Output tokens/s against {word}", title,
@@ -218,11 +244,38 @@ def figures(results: dict[str, dict]) -> dict[str, object]:
         "distributions_png": chart.distributions([("TTFT", spread["ttft"]), ("ITL", spread["itl"])],
                                                  "ms", only),
     }
+    if deep:  # depth 0 has no place on the latency charts' log2 axes: the depth chart places it
+        drawn = {"depth_png": _depth_chart(results), "distributions_png": drawn["distributions_png"]}
+    good = {}
+    for name, result in results.items():
+        prefix = f"{name} " if name else ""
+        if any("goodput" in level["summary"] for level in result["levels"]):
+            good[f"{prefix}all requests"] = [(level_x(lv), lv["summary"]["requests_per_s"])
+                                             for lv in result["levels"]]
+            good[f"{prefix}meeting the SLOs"] = [
+                (level_x(lv), (lv["summary"].get("goodput") or {}).get("per_s")) for lv in result["levels"]]
+    if good:
+        drawn["goodput_png"] = chart.line_chart(f"Goodput (requests/s meeting every SLO) against {word}",
+                                                title, "requests/s", good, log_x=not deep)
+    return drawn
+
+
+def _depth_chart(results: dict[str, dict]):
+    """pp and tg tokens/s (mean, with ± one standard deviation) against the context depth."""
+    panels = {"pp": {}, "tg": {}}
+    for name, result in results.items():
+        for kind, series in panels.items():
+            series[name or kind] = [
+                (level["depth"], figure.get("mean"), figure.get("std"))
+                for level in result["levels"] if "depth" in level
+                for figure in [(level["summary"].get("depth") or {}).get(f"{kind}_tokens_per_s") or {}]]
+    return chart.depth([("prompt processing (pp)", panels["pp"]), ("generation (tg)", panels["tg"])])
 
 
 def charts(results: dict[str, dict], out: Path) -> dict[str, Path]:
     """``figures`` written as PNG files in ``out``."""
-    return {key: chart.save(figure, out / CHARTS[key]) for key, figure in figures(results).items()}
+    names = CHARTS | MORE_CHARTS
+    return {key: chart.save(figure, out / names[key]) for key, figure in figures(results).items()}
 
 
 def compare_page(results: dict[str, dict], columns: list[str], rows: list[list[str]],
@@ -258,83 +311,3 @@ def load(path: str | Path) -> dict:
     return result
 
 
-def side_by_side(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per level (concurrency, or request rate); for each result its throughput and median
-    latencies."""
-    names = list(results)
-    columns = ["level"] + [f"{name}: {figure}" for name in names
-                           for figure in ("out tok/s", "TTFT p50", "ITL p50", "E2E p50")]
-    by_level = {name: {level_key(level): level["summary"] for level in result["levels"]}
-                for name, result in results.items()}
-    rows = []
-    for key in sorted({k for levels in by_level.values() for k in levels}):
-        row = [str(level_label(key))]
-        for name in names:
-            s = by_level[name].get(key)
-            row += (["-"] * 4 if s is None else
-                    [f"{s['output_tokens_per_s']:.1f}", _ms(s["ttft_ms"], "p50"), _ms(s["itl_ms"], "p50"),
-                     _ms(s["e2e_ms"], "p50")])
-        rows.append(row)
-    return columns, rows
-
-
-@dataclass(frozen=True)
-class Verdict:
-    candidate: str
-    concurrency: int | str   # the level: its concurrency, or its request rate ("5/s")
-    figure: str
-    baseline: float
-    measured: float
-    change: float       # relative, signed so that positive is worse
-    regressed: bool
-    noise: float = 0.0  # how far apart the baseline's own repeats are, relative to their mean
-
-    def as_json(self) -> dict:
-        return {"candidate": self.candidate, "concurrency": self.concurrency, "figure": self.figure,
-                "baseline": self.baseline, "measured": self.measured, "worse_by": round(self.change, 4),
-                "baseline_noise": round(self.noise, 4), "regressed": self.regressed}
-
-
-def gate(baseline: dict, candidates: dict[str, dict], threshold: float) -> list[Verdict]:
-    """Every gated figure at every concurrency both measured: worse than the baseline by more than
-    ``threshold`` (0.1 = 10 %) is a regression. A level the candidate lacks, or more failed requests
-    than the baseline had, is a regression too. A figure whose baseline repeats already differ by
-    more than the threshold cannot show a change of that size: it is reported as noisy, not gated
-    (record the baseline with more requests or repeats to gate it)."""
-    if not threshold >= 0:
-        raise InputError(f"--threshold {threshold}: give a fraction of at least 0, e.g. 0.1 for 10 %")
-    verdicts = []
-    reference = {level_key(level): level["summary"] for level in baseline["levels"]}
-    repeats = {level_key(level): level["runs"] for level in baseline["levels"]}
-    for name, result in candidates.items():
-        measured = {level_key(level): level["summary"] for level in result["levels"]}
-        for key, base in sorted(reference.items()):
-            concurrency = level_label(key)
-            now = measured.get(key)
-            if now is None:
-                verdicts.append(Verdict(name, concurrency, "measured at all", 1, 0, 1.0, True))
-                continue
-            base_failed, now_failed = _failed(base), _failed(now)
-            if now_failed > base_failed:
-                verdicts.append(Verdict(name, concurrency, "failed requests", base_failed, now_failed,
-                                        now_failed - base_failed, True))
-            for figure, read, higher_is_better in GATED:
-                old, new = read(base), read(now)
-                if old is None or new is None or not old or math.isnan(old) or math.isnan(new):
-                    continue
-                change = (old - new) / old if higher_is_better else (new - old) / old
-                noise = _noise([read(run) for run in repeats[key]])
-                verdicts.append(Verdict(name, concurrency, figure, old, new, change,
-                                        change > threshold and noise <= threshold, noise))
-    return verdicts
-
-
-def _noise(values: list) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if len(values) < 2 or not sum(values):
-        return 0.0
-    return (max(values) - min(values)) / (sum(values) / len(values))
-
-
-def _failed(summary: dict) -> float:
-    return sum(summary["errors"].values()) / max(1, summary["requests"])

@@ -88,3 +88,25 @@ def spread(values: list[float]) -> dict:
     deviation = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"min": round(min(values), 4), "max": round(max(values), 4), "mean": round(mean, 4),
             "stdev": round(deviation, 4), "cv": round(deviation / mean, 4) if mean else None}
+
+
+def depth_figures(samples: list[Sample], prompt_tokens: int) -> dict:
+    """Prompt processing and generation speed of a depth level's requests, each request's own:
+    pp = the prompt's tokens (context and new prompt) over its TTFT, tg = its tokens after the first
+    chunk over their decode time (1/TPOT); their mean and standard deviation, and the times behind
+    them in milliseconds (time to the response's first bytes, and to its first token)."""
+    good = [s for s in samples if s.error is None]
+    pp = [prompt_tokens / s.ttft for s in good if s.ttft]
+    tg = [1 / s.tpot for s in good if s.tpot]
+    ttfr = [(s.responded - s.sent) * 1000 for s in good if s.responded is not None]
+    ttft = [s.ttft * 1000 for s in good if s.ttft is not None]
+    return {"prompt_tokens": prompt_tokens, "pp_tokens_per_s": _mean_std(pp),
+            "tg_tokens_per_s": _mean_std(tg), "ttfr_ms": _mean_std(ttfr), "ttft_ms": _mean_std(ttft)}
+
+
+def _mean_std(values: list[float]) -> dict:
+    """Mean and population standard deviation (as llama-benchy prints them: mean ± std)."""
+    if not values:
+        return {"mean": None, "std": None, "count": 0}
+    return {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4),
+            "count": len(values)}

@@ -13,7 +13,7 @@ from typing import Callable
 
 from trtllm_deploy.errors import InputError
 
-from . import arrivals, stats
+from . import arrivals, shapes, slo, stats
 from .client import Endpoint, Sample, new_loop, stream
 from .workload import Prompts, Workload
 
@@ -74,6 +74,9 @@ async def run_level(endpoint: Endpoint, workload: Workload, prompts: Prompts, co
                     requests: int, seconds: float, timeout_s: float, first_index: int = 0
                     ) -> tuple[list[Sample], float]:
     """One closed-loop run; returns every request's sample and the run's wall time."""
+    if workload.kind == "multi-turn":
+        return await shapes.run_conversations(endpoint, workload, prompts, concurrency, requests, seconds,
+                                              timeout_s, first_index)
     samples: list[Sample] = []
     issued = 0
     started = time.perf_counter()
@@ -124,9 +127,25 @@ async def run_rate(endpoint: Endpoint, workload: Workload, prompts: Prompts, rat
     return samples, time.perf_counter() - started
 
 
-def _level(key: str, value, runs: list[dict], pooled: list) -> dict:
+def summarize(samples: list[Sample], wall_s: float, limits: dict | None = None,
+              prompt_tokens: int = 0) -> dict:
+    """A run's (or a level's) summary, with its goodput under ``limits`` (--slo), its prompt and
+    generation speeds at a depth (``prompt_tokens``: the depth workload) and its figures per turn (a
+    multi-turn run), where they apply."""
+    summary = stats.summarize(samples, wall_s)
+    if limits:
+        summary["goodput"] = slo.goodput(samples, wall_s, limits)
+    if prompt_tokens:
+        summary["depth"] = stats.depth_figures(samples, prompt_tokens)
+    if any(s.turn is not None for s in samples):
+        summary["turns"] = shapes.by_turn(samples)
+    return summary
+
+
+def _level(key: str, value, runs: list[dict], pooled: list, limits: dict | None = None,
+           prompt_tokens: int = 0) -> dict:
     every = [s for samples, _ in pooled for s in samples]
-    summary = stats.summarize(every, sum(wall for _, wall in pooled))
+    summary = summarize(every, sum(wall for _, wall in pooled), limits, prompt_tokens)
     return {key: value, "summary": summary, "runs": runs,
             "spread": {"output_tokens_per_s": stats.spread([r["output_tokens_per_s"] for r in runs]),
                        "requests_per_s": stats.spread([r["requests_per_s"] for r in runs]),
@@ -135,7 +154,7 @@ def _level(key: str, value, runs: list[dict], pooled: list) -> dict:
 
 
 async def _rate_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, plan: Rates, budget: Budget,
-                      progress: Callable[[str], None]) -> list[dict]:
+                      progress: Callable[[str], None], limits: dict | None = None) -> list[dict]:
     results = []
     index = 0
     for rate in plan.rates:
@@ -151,9 +170,9 @@ async def _rate_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, 
             samples, wall = await run_rate(endpoint, workload, prompts, rate, plan, budget.requests_at(rate),
                                            budget.seconds, budget.timeout_s, index, repeat)
             index += len(samples)
-            runs.append(stats.summarize(samples, wall))
+            runs.append(summarize(samples, wall, limits))
             pooled.append((samples, wall))
-        level = _level("request_rate", rate, runs, pooled)
+        level = _level("request_rate", rate, runs, pooled, limits)
         # The cap is the level's concurrency where there is one; None: as many as the rate brings.
         results.append({**level, "concurrency": plan.cap or None,
                         "behind": stats.behind(level["summary"], arrivals.BEHIND_MS)})
@@ -161,7 +180,7 @@ async def _rate_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, 
 
 
 async def _sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int],
-                 budget: Budget, progress: Callable[[str], None]) -> list[dict]:
+                 budget: Budget, progress: Callable[[str], None], limits: dict | None = None) -> list[dict]:
     results = []
     index = 0
     for concurrency in levels:
@@ -177,14 +196,57 @@ async def _sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, level
                                             budget.requests_for(concurrency), budget.seconds,
                                             budget.timeout_s, index)
             index += len(samples)
-            runs.append(stats.summarize(samples, wall))
+            runs.append(summarize(samples, wall, limits))
             pooled.append((samples, wall))
-        results.append(_level("concurrency", concurrency, runs, pooled))
+        results.append(_level("concurrency", concurrency, runs, pooled, limits))
     return results
 
 
+async def _depth_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, depths: list[int],
+                       concurrency: int, budget: Budget, progress: Callable[[str], None],
+                       limits: dict | None = None) -> list[dict]:
+    """At each context depth D: prompts of D tokens of context before the --input-tokens of the
+    prompt itself (each one unique from its first word: no prefix cache helps), closed loop at
+    ``concurrency`` streams."""
+    results = []
+    index = 0
+    for depth in depths:
+        at_depth = prompts.longer(depth)
+        if budget.warmup:
+            progress(f"depth {depth}: {budget.warmup * concurrency} warm-up requests")
+            warm, _ = await run_level(endpoint, workload, at_depth, concurrency, budget.warmup * concurrency,
+                                      0, budget.timeout_s, index)
+            index += len(warm)
+        runs, pooled = [], []
+        for repeat in range(budget.repeats):
+            progress(f"depth {depth}: run {repeat + 1} of {budget.repeats}")
+            samples, wall = await run_level(endpoint, workload, at_depth, concurrency,
+                                            budget.requests_for(concurrency), budget.seconds,
+                                            budget.timeout_s, index)
+            index += len(samples)
+            runs.append(summarize(samples, wall, limits, at_depth.input_tokens))
+            pooled.append((samples, wall))
+        level = _level("depth", depth, runs, pooled, limits, at_depth.input_tokens)
+        results.append({**level, "concurrency": concurrency})
+    return results
+
+
+def depths(text: str) -> list[int]:
+    """``--depths 0,4096,16384``: context tokens before each prompt, in the order given."""
+    try:
+        levels = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 0:
+        raise InputError(f"--depths {text!r}: give context depths in tokens like 0,4096,16384 (0 or more)")
+    return levels
+
+
 def sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int], budget: Budget,
-          progress: Callable[[str], None] = lambda line: None, plan: Rates | None = None) -> list[dict]:
+          progress: Callable[[str], None] = lambda line: None, plan: Rates | None = None,
+          limits: dict | None = None, depth_levels: list[int] | None = None) -> list[dict]:
+    """Every level measured: by request rate (``plan``), by context depth (``depth_levels``, at the
+    single concurrency of ``levels``) or by concurrency."""
     # A collection pass in the middle of a stream would delay the clock reads behind it; samples
     # hold no reference cycles, so nothing piles up while the collector rests.
     gc.collect()
@@ -192,8 +254,11 @@ def sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list
     try:
         with asyncio.Runner(loop_factory=new_loop) as runner:
             if plan is not None:
-                return runner.run(_rate_sweep(endpoint, workload, prompts, plan, budget, progress))
-            return runner.run(_sweep(endpoint, workload, prompts, levels, budget, progress))
+                return runner.run(_rate_sweep(endpoint, workload, prompts, plan, budget, progress, limits))
+            if depth_levels:
+                return runner.run(_depth_sweep(endpoint, workload, prompts, depth_levels, levels[0], budget,
+                                               progress, limits))
+            return runner.run(_sweep(endpoint, workload, prompts, levels, budget, progress, limits))
     finally:
         gc.enable()
 

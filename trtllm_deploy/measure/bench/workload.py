@@ -7,7 +7,8 @@ Every prompt starts differently so that no server can answer from a prefix cache
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import copy
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trtllm_deploy.errors import InputError
@@ -27,6 +28,9 @@ class Workload:
     counted_by: str = "words (approximate)"
     # The server's refusal when it would not take ignore_eos/min_tokens: sent without them since.
     ignore_eos_refused: str = ""
+    # random, prefix, multi-turn, depth or file (--prompts), and what shapes it (prefix_tokens, ...).
+    kind: str = "random"
+    shape: dict = field(default_factory=dict)
 
     @property
     def path(self) -> str:
@@ -35,16 +39,22 @@ class Workload:
     def as_json(self) -> dict:
         return asdict(self) | {"path": self.path}
 
-    def body(self, prompt: str) -> dict:
-        body = {"model": self.model, "max_tokens": self.output_tokens, "stream": True,
+    def body(self, prompt: str | dict) -> dict:
+        """The request for one prompt: its text, or (a line of --prompts, a conversation so far) a
+        dict with "prompt" or "messages" and optionally its own "output_tokens"."""
+        given = prompt if isinstance(prompt, dict) else {"prompt": prompt}
+        output_tokens = given.get("output_tokens") or self.output_tokens
+        body = {"model": self.model, "max_tokens": output_tokens, "stream": True,
                 "stream_options": {"include_usage": True}, "temperature": 0}
         if self.ignore_eos:
             # Every runtime's server takes these; min_tokens keeps one that honours it from stopping early.
-            body |= {"ignore_eos": True, "min_tokens": self.output_tokens}
-        if self.chat:
-            body["messages"] = [{"role": "user", "content": prompt}]
+            body |= {"ignore_eos": True, "min_tokens": output_tokens}
+        if "messages" in given:
+            body["messages"] = given["messages"]
+        elif self.chat:
+            body["messages"] = [{"role": "user", "content": given["prompt"]}]
         else:
-            body["prompt"] = prompt
+            body["prompt"] = given["prompt"]
         return body
 
 
@@ -60,6 +70,12 @@ class Prompts:
             raise InputError(f"--tokenizer {tokenizer_dir}: {missing}")
         self.counted_by = ("the model's tokenizer.json" if self.tokenizer else
                            f"words (approximate: {missing or 'no tokenizer given (--tokenizer DIR)'})")
+
+    def longer(self, tokens: int) -> Prompts:
+        """The same prompts, ``tokens`` longer (the depth workload's context before each prompt)."""
+        longer = copy.copy(self)
+        longer.input_tokens = self.input_tokens + tokens
+        return longer
 
     def __call__(self, index: int) -> str:
         words = [str(index)] + [WORDS[(index + k) % len(WORDS)] for k in range(self.input_tokens - 1)]
