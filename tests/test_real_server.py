@@ -1,0 +1,156 @@
+"""invoke bench against a real OpenAI-compatible server on the CPU (issue 18): Hugging Face
+`transformers serve`, started as a user starts it, serving a tiny model made here (random weights
+from a fixed seed, a tokenizer trained here: tests/tiny_model.py; nothing from the Hub).
+
+Beside the known-timing server (tests/timed_server.py, whose stream we wrote), this is a stream
+shape we did not write: no `[DONE]`, a last chunk with usage and empty `choices`, a role-only first
+chunk, HTTP 422 for `ignore_eos`/`min_tokens`, tokens whose text is held back until it decodes. The
+figures of `invoke bench` are held against a plain streaming request timed here with http.client.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import transformers  # noqa: F401  (in requirements/test.txt: this test runs in CI, never skipped)
+from test_bench import invoke  # noqa: F401  (invoke: a fixture)
+
+import tiny_model
+from waiting import until
+
+OUTPUT_TOKENS, INPUT_TOKENS, REQUESTS = 16, 128, 5
+PROMPT = " ".join((tiny_model.WORDS * 10)[:INPUT_TOKENS])   # one token a word in its tokenizer
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, model folder): `transformers serve` on 127.0.0.1, a free port, the CPU, offline."""
+    model = tiny_model.make(tmp_path_factory.mktemp("tiny") / "model")
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(log.parent / "hf"), "CUDA_VISIBLE_DEVICES": ""}
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model),
+             "--host", "127.0.0.1", "--port", "0", "--device", "cpu", "--default-seed", "0"],
+            stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def port() -> int | None:
+        assert process.poll() is None, f"transformers serve exited {process.returncode}:\n{log.read_text()}"
+        found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log.read_text())
+        return int(found.group(1)) if found else None
+
+    try:
+        url = f"http://127.0.0.1:{until(port, 120, 'transformers serve to listen (its log names the port)')}"
+        until(lambda: request(url, "GET", "/health")[0] == 200, 30, "transformers serve's /health",
+              retry_on=(OSError,))
+        yield url, model
+    finally:   # the server and the worker process it spawns: its own process group
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+
+
+def request(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=30)
+    try:
+        connection.request(method, path, json.dumps(body) if body else None,
+                           {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    finally:
+        connection.close()
+
+
+def streamed(url: str, chat: bool) -> dict:
+    """One streaming request, timed here: TTFT to the first chunk with text, the server's usage, the
+    stream's shape (its events as sent)."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"max_tokens": OUTPUT_TOKENS, "stream": True, "stream_options": {"include_usage": True},
+            **({"messages": [{"role": "user", "content": PROMPT}]} if chat else {"prompt": PROMPT})}
+    connection = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=30)
+    try:
+        start = time.perf_counter()
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        events, first_text, pending = [], None, b""
+        while piece := answer.read1(65536):
+            now = time.perf_counter()
+            pending += piece
+            while b"\n\n" in pending:
+                event, pending = pending.split(b"\n\n", 1)
+                events.append(event.decode())
+                data = json.loads(event[len(b"data: "):]) if event != b"data: [DONE]" else {}
+                choice = (data.get("choices") or [{}])[0]
+                text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if text and first_text is None:
+                    first_text = now
+    finally:
+        connection.close()
+    return {"ttft_ms": 1000 * (first_text - start), "e2e_ms": 1000 * (now - start), "events": events,
+            "usage": json.loads(events[-1][len("data: "):]).get("usage")}
+
+
+def independent(url: str, chat: bool) -> dict:
+    """Medians of REQUESTS plain requests one after another, after two to warm the endpoint up (the
+    first chat requests of a fresh server are several times slower than the rest)."""
+    streamed(url, chat)
+    streamed(url, chat)
+    runs = [streamed(url, chat) for _ in range(REQUESTS)]
+    return {"ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+            "e2e_ms": statistics.median(r["e2e_ms"] for r in runs), "runs": runs}
+
+
+def agrees(ours: float, before: float, after: float) -> bool:
+    """Within noise of the plain client's figure, taken before and after ours on the same server:
+    from half the lower less 5 ms to twice the higher plus 5 ms. On this model a client that stamps
+    TTFT at the headers or the role-only chunk reads under a quarter of it; one that stamps at the
+    last token reads E2E, over twice TTFT."""
+    return 0.5 * min(before, after) - 5 <= ours <= 2 * max(before, after) + 5
+
+
+def bench(invoke, url: str, model: Path, out: Path, chat: bool) -> tuple[str, dict]:  # noqa: F811
+    """`invoke bench` as a user runs it: the table it printed and the result.json it wrote."""
+    done = invoke("bench", "--url", url, "--concurrency", "1", "--requests", str(REQUESTS), "--warmup", "1",
+                  "--input-tokens", str(INPUT_TOKENS), "--output-tokens", str(OUTPUT_TOKENS), "--tokenizer",
+                  str(model), "--out", str(out), *(["--chat"] if chat else []))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout, json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completions", "chat"])
+def test_bench_measures_transformers_serve_as_a_plain_client_does(served, invoke, tmp_path, chat):  # noqa: F811
+    url, model = served
+    truth = independent(url, chat)
+    # The stream shape met here: no [DONE]; the last event carries usage and no choices.
+    last = json.loads(truth["runs"][0]["events"][-1][len("data: "):])
+    assert "data: [DONE]" not in truth["runs"][0]["events"] and last["choices"] == []
+    assert all(r["usage"]["completion_tokens"] == OUTPUT_TOKENS for r in truth["runs"])
+
+    status, refusal = request(url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1,
+                                                               "ignore_eos": True})
+    stdout, result = bench(invoke, url, model, tmp_path / "out", chat)
+    s = result["levels"][0]["summary"]
+    assert s["succeeded"] == REQUESTS and s["errors"] == {}, s
+    # Tokens from the server's usage (every request ran to max_tokens), not from the chunks seen.
+    assert s["output_tokens"] == REQUESTS * OUTPUT_TOKENS, s
+    assert result["workload"]["counted_by"] == "the model's tokenizer.json"
+    assert f"{INPUT_TOKENS} in / {OUTPUT_TOKENS} out tokens, counted by the model's tokenizer.json" in stdout
+    # The server refuses ignore_eos (pydantic, extra fields forbidden): the table and summary say so.
+    assert status == 422, refusal
+    assert "ignore_eos refused by the server" in stdout and "warning: the server refused ignore_eos" in stdout
+    assert result["workload"]["ignore_eos_refused"].startswith("http 422")
+    # TTFT and E2E within noise of the plain client's, measured before and after on the same server.
+    again = independent(url, chat)
+    for key in ("ttft_ms", "e2e_ms"):
+        assert agrees(s[key]["p50"], truth[key], again[key]), (key, s[key]["p50"], truth[key], again[key])
