@@ -4,8 +4,8 @@ from a fixed seed, a tokenizer trained here: tests/tiny_model.py; nothing from t
 
 Beside the known-timing server (tests/timed_server.py, whose stream we wrote), this is a stream
 shape we did not write: no `[DONE]`, a last chunk with usage and empty `choices`, a role-only first
-chunk, HTTP 422 for `ignore_eos`/`min_tokens`, tokens whose text is held back until it decodes. The
-figures of `invoke bench` are held against a plain streaming request timed here with http.client.
+chunk, HTTP 422 for `ignore_eos`/`min_tokens`, several tokens in one chunk when the server lags. The
+figures of `invoke bench` are held against plain streaming requests timed here with http.client.
 """
 
 from __future__ import annotations
