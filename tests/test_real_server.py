@@ -146,11 +146,11 @@ def test_bench_measures_transformers_serve_as_a_plain_client_does(served, invoke
     plain = plain[3:]
     # Where in a request its first token falls, as a share of the request's time: a load that slows
     # the server slows both alike, so this holds on a busy machine. On this model the plain client
-    # sees about 0.3; a client that stamped TTFT at the headers or the role-only chunk would see
-    # under 0.1, one that stamped it at the last token 1.
+    # sees 0.2-0.4; a client that stamped TTFT at the headers or the role-only chunk would see under
+    # 0.1, one that stamped it at the last token 1.
     share = statistics.median(summary["ttft_ms"]["p50"] / summary["e2e_ms"]["p50"] for summary in ours)
     truth = statistics.median(r["ttft_ms"] / r["e2e_ms"] for r in plain)
-    assert truth / 2 <= share <= truth * 2, (share, truth)
+    assert truth / 3 <= share <= min(truth * 3, 0.9), (share, truth)
     # And in milliseconds, the fastest request of each (noise only adds time): within a factor 3.
     for key in ("ttft_ms", "e2e_ms"):
         mine, theirs = min(fastest(summary[key]) for summary in ours), min(r[key] for r in plain)
