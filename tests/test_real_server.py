@@ -36,7 +36,9 @@ PROMPT = " ".join((tiny_model.WORDS * 10)[:INPUT_TOKENS])   # one token a word i
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(url, model folder): `transformers serve` on 127.0.0.1, a free port, the CPU, offline."""
-    model = tiny_model.make(tmp_path_factory.mktemp("tiny") / "model")
+    # Made in a process of its own: PyTorch (its threads) stays out of the test session's process.
+    model = tmp_path_factory.mktemp("tiny") / "model"
+    subprocess.run([sys.executable, tiny_model.__file__, str(model)], check=True, capture_output=True)
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(log.parent / "hf"), "CUDA_VISIBLE_DEVICES": ""}
     with log.open("w") as handle:
