@@ -169,9 +169,9 @@ BENCHMARKS = {
     "push": "benchmarks/push.py",                   # 4 GiB and an image to 2 workers vs scp/rsync/raw TCP
     "fanout": "benchmarks/fanout.py",               # 4 GiB to 1, 3, 5 sshd workers: star, chain, rsync
     "deploy": "benchmarks/deploy_noop.py",          # deploy with nothing to do on 2, 4 and 6 nodes
-    "clients": "benchmarks/bench_clients.py",       # our bench client vs aiperf, guidellm, llama-benchy
+    "clients": "benchmarks/bench_clients.py",       # our bench client vs aiperf, guidellm, llama-benchy, vllm
 }
-# Run only when named: installs the other load generators (about 7.5 GB of virtual environments).
+# Run only when named: installs the other load generators (about 17 GB of virtual environments, vllm 9.5).
 ON_REQUEST = ("clients",)
 
 

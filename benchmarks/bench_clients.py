@@ -10,13 +10,14 @@ installed from the package index into its own virtual environment under
 - capacity: the client pinned to one core (taskset), the server on another sending as fast as it is
   read (16 streams of 8,000 tokens); the server's send rate once the socket buffers are full, which
   is the rate the client takes them (target for ours: at least 20,000 tokens/s).
+- request rate (ours, aiperf, `vllm bench serve`): open loop at RATE requests/s (Poisson; each
+  client's own seed option set to 1), 1,000 requests of 4 tokens against a server that sends the
+  first token 2 ms after the request arrived, then one every 1 ms: each client's median TTFT and ITL
+  against that truth, how late its requests left against their schedule where the client reports it
+  (ours: median target under 1 ms on this machine's 2 cores), the rate achieved, and its CPU.
 
-- schedule (ours): open loop at RATE requests/s (Poisson, a fixed seed), 1,000 requests of 4 tokens
-  against a server answering in 2 ms: how late each request left against its scheduled time
-  (median target under 1 ms on this machine's 2 cores), the rate achieved, and the client's CPU.
-
-A client that cannot be installed or run is reported as such in its row; the others still run.
-Run it with `nox -s bench -- clients` (or `python benchmarks/bench_clients.py [--only ours,aiperf]`).
+A client that cannot be installed or run is reported as such in its row; the others still run. Run it
+with `nox -s bench -- clients` (or `python benchmarks/bench_clients.py [--only ours,aiperf] [--rate-only]`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "tests" / "timed_server.py"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "trtllm-deploy" / "bench-clients"
-TOOLS = {"aiperf": "aiperf==0.13.0", "guidellm": "guidellm==0.8.1", "llama-benchy": "llama-benchy==0.4.0"}
+TOOLS = {"aiperf": "aiperf==0.13.0", "guidellm": "guidellm==0.8.1", "llama-benchy": "llama-benchy==0.4.0",
+         "vllm": "vllm==0.33.0"}   # vllm: about 9.5 GB (it pulls torch with CUDA); only its client runs
+# vllm loads the local tokenizer with the Hub off; aiperf 0.13.0 cannot (HF_HUB_OFFLINE=1 makes it
+# take the folder for a Hub repo id: HFValidationError), and needs nothing from the Hub without it.
+OFFLINE = {"HF_HUB_OFFLINE": "1"}
 MODEL = "timed-test-model"
 TTFT_MS, ITL_MS, STREAMS, REQUESTS, ISL, OSL = 40.0, 10.0, 64, 128, 16, 32
 FAST = {"streams": 16, "requests": 16, "osl": 8000}   # the capacity run: one round of long streams
-RATE, RATE_REQUESTS = 200.0, 1000                      # the schedule run: requests/s, how many
+RATE, RATE_REQUESTS = 200.0, 1000                      # the request-rate run: requests/s, how many
+RATE_TTFT_MS, RATE_ITL_MS, RATE_OSL, SEED = 2.0, 1.0, 4, 1
 CORES = os.cpu_count() or 1
 # Server and clients ahead of whatever else the machine runs (root only), all alike.
 AHEAD = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
@@ -138,16 +144,9 @@ def tokenizer(work: Path, python: Path) -> Path:
 
 
 def ours(url: str, work: Path, streams: int, requests: int, osl: int, warmup: int, pin: list[str]) -> dict:
-    tasks = work / "tasks"
-    tasks.mkdir(exist_ok=True)
-    (tasks / "tasks.py").write_text("from invoke import Collection\nfrom trtllm_deploy.cli import bench\n"
-                                    "ns = Collection()\nns.add_collection(bench.ns)\n")
-    output, cpu = measured(pin + [sys.executable, "-m", "invoke", "--search-root", str(tasks), "bench",
-                                  "--url", url, "--concurrency", str(streams), "--input-tokens", str(ISL),
-                                  "--output-tokens", str(osl), "--requests", str(requests), "--warmup",
-                                  str(warmup), "--out", str(work / "out"), "--json"],
-                           work, {"PYTHONPATH": str(ROOT)})
-    s = json.loads(output[output.index("{"):])["levels"][0]["summary"]
+    level, cpu = invoke_bench(url, work, ["--concurrency", str(streams), "--output-tokens", str(osl),
+                                          "--requests", str(requests), "--warmup", str(warmup)], pin)
+    s = level["summary"]
     return {"ttft": s["ttft_ms"]["p50"], "itl": s["itl_ms"]["p50"], "cpu": cpu, "ok": s["succeeded"],
             "errors": sum(s["errors"].values())}
 
@@ -224,45 +223,133 @@ def capacity(name: str, work: Path) -> dict:
     with Timed(0, 0, workers=1, pin=SERVER_CPU) as server:
         found = CLIENTS[name](server.url, work, FAST["streams"], FAST["requests"], FAST["osl"], 0, CLIENT_CPU)
         stats = server.stats()
-    return {"tokens_per_s": stats.get("steady_tokens_per_s"),
-            "pieces": stats["pieces"], "cpu": found["cpu"], "errors": found["errors"]}
+    return {"tokens_per_s": stats.get("steady_tokens_per_s"), "pieces": stats["pieces"], "cpu": found["cpu"],
+            "errors": found["errors"]}
 
 
-def schedule(work: Path) -> dict:
-    """Ours in open loop: lateness of the sends against their schedule, the rate achieved, CPU."""
+def invoke_bench(url: str, work: Path, args: list[str], pin: list[str] | None = None) -> tuple[dict, float]:
+    """`invoke bench --json` as a user runs it; its first level and the CPU of its process tree."""
     tasks = work / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     (tasks / "tasks.py").write_text("from invoke import Collection\nfrom trtllm_deploy.cli import bench\n"
                                     "ns = Collection()\nns.add_collection(bench.ns)\n")
-    with Timed(2, 1, workers=2, pin=[]) as server:
-        output, cpu = measured([sys.executable, "-m", "invoke", "--search-root", str(tasks), "bench",
-                                "--url", server.url, "--request-rate", f"{RATE:g}", "--requests",
-                                str(RATE_REQUESTS), "--input-tokens", str(ISL), "--output-tokens", "4",
-                                "--warmup", "1", "--seed", "1", "--out", str(work / "out"), "--json"],
-                               work, {"PYTHONPATH": str(ROOT)})
-    level = json.loads(output[output.index("{"):])["levels"][0]
+    argv = [sys.executable, "-m", "invoke", "--search-root", str(tasks), "bench", "--url", url,
+            "--input-tokens", str(ISL), *args, "--out", str(work / "out"), "--json"]
+    output, cpu = measured((pin or []) + argv, work, {"PYTHONPATH": str(ROOT)})
+    return json.loads(output[output.index("{"):])["levels"][0], cpu
+
+
+# --- request rate: open loop, the same schedule parameters for each client ------------------------
+
+def ours_rate(url: str, work: Path) -> dict:
+    level, cpu = invoke_bench(url, work, ["--request-rate", f"{RATE:g}", "--burstiness", "1", "--seed",
+                                          str(SEED), "--requests", str(RATE_REQUESTS), "--output-tokens",
+                                          str(RATE_OSL), "--warmup", "1"])
     s = level["summary"]
-    return {"late_p50_ms": s["lateness_ms"]["p50"], "late_p99_ms": s["lateness_ms"]["p99"],
-            "requests_per_s": s["requests_per_s"], "ok": s["succeeded"], "cpu": cpu,
-            "behind": level["behind"]}
+    return {"ttft": s["ttft_ms"]["p50"], "itl": s["itl_ms"]["p50"], "late_p50": s["lateness_ms"]["p50"],
+            "late_p99": s["lateness_ms"]["p99"], "rate": s["requests_per_s"], "ok": s["succeeded"],
+            "errors": sum(s["errors"].values()), "cpu": cpu, "behind": level["behind"]}
+
+
+def aiperf_rate(url: str, work: Path) -> dict:
+    # aiperf 0.13.0: --request-rate with --arrival-pattern poisson (its default), --random-seed.
+    bin_ = venv("aiperf")
+    out = work / "aiperf"
+    _, cpu = measured([str(bin_ / "aiperf"), "profile", "-m", MODEL, "--url", url, "--endpoint-type",
+                       "completions", "--streaming", "--request-rate", f"{RATE:g}", "--arrival-pattern",
+                       "poisson", "--random-seed", str(SEED), "--request-count", str(RATE_REQUESTS),
+                       "--warmup-request-count", "1", "--isl", str(ISL), "--osl", str(RATE_OSL),
+                       "--tokenizer", str(tokenizer(work.parent, bin_ / "python")),
+                       "--extra-inputs", "ignore_eos:true", "--artifact-dir", str(out), "--ui-type", "none"],
+                      work)
+    found = json.loads((out / "profile_export_aiperf.json").read_text())
+    return {"ttft": found["time_to_first_token"]["p50"], "itl": found["inter_token_latency"]["p50"],
+            "late_p50": None, "late_p99": None, "rate": found["request_throughput"]["avg"],
+            # Its own: from its timing service's credit to the worker's send (not against the schedule).
+            "send": (found["credit_to_start_latency"]["p50"], found["credit_to_start_latency"]["p99"]),
+            "ok": int(found["request_count"]["avg"]), "cpu": cpu,
+            "errors": sum(e.get("count", 0) for e in found.get("error_summary") or [])}
+
+
+def vllm_rate(url: str, work: Path) -> dict:
+    bin_ = venv("vllm")   # --request-rate, --burstiness 1 (Poisson); --seed seeds its gaps and prompts
+    argv = ["bench", "serve", "--backend", "openai", "--base-url", url, "--model", MODEL, "--tokenizer",
+            str(tokenizer(work.parent, bin_ / "python")), "--dataset-name", "random", "--random-input-len",
+            str(ISL), "--random-output-len", str(RATE_OSL), "--num-prompts", str(RATE_REQUESTS),
+            "--request-rate", f"{RATE:g}", "--burstiness", "1", "--seed", str(SEED), "--ignore-eos",
+            "--num-warmups", "1", "--percentile-metrics", "ttft,itl", "--metric-percentiles", "50,99",
+            "--save-result", "--result-dir", str(work), "--result-filename", "out.json", "--disable-tqdm"]
+    _, cpu = measured([str(bin_ / "vllm"), *argv], work, OFFLINE)
+    found = json.loads((work / "out.json").read_text())
+    # Its own: from when its generator yielded the request (after its sleep) to the send.
+    queued = sorted(1000 * t for t in found["queue_times"])
+    return {"ttft": found["median_ttft_ms"], "itl": found["median_itl_ms"], "late_p50": None,
+            "late_p99": None, "rate": found["request_throughput"], "ok": found["completed"],
+            "errors": found["failed"], "cpu": cpu,
+            "send": (statistics.median(queued), queued[int(0.99 * (len(queued) - 1))])}
+
+
+RATE_CLIENTS = {"ours": ours_rate, "aiperf": aiperf_rate, "vllm": vllm_rate}
+
+
+def rate(name: str, work: Path) -> dict:
+    with Timed(RATE_TTFT_MS, RATE_ITL_MS, workers=2, pin=[]) as server:
+        found = RATE_CLIENTS[name](server.url, work)
+        found["server_late_ms"] = server.stats().get("late_p50_ms")
+    return found
+
+
+def rate_table(figures: dict) -> list[str]:
+    header = ["client", "TTFT p50 ms", "error ms", "ITL p50 ms", "error ms", "lateness p50/p99 ms",
+              "own send delay p50/p99 ms", "achieved req/s", "requests ok", "CPU s"]
+    rows = []
+    for name, f in figures.items():
+        if "failed" in f:
+            rows.append([name, "failed"] + ["-"] * 8)
+            continue
+        late = ("not reported" if f["late_p50"] is None
+                else f"{f['late_p50']:.3f} / {f['late_p99']:.3f}" + (" (behind)" if f.get("behind") else ""))
+        ok = f"{f['ok']}" + (f" ({f['errors']} failed)" if f.get("errors") else "")
+        rows.append([name, f"{f['ttft']:.2f}", f"{f['ttft'] - RATE_TTFT_MS:+.2f}", f"{f['itl']:.3f}",
+                     f"{f['itl'] - RATE_ITL_MS:+.3f}", late,
+                     "-" if "send" not in f else f"{f['send'][0]:.3f} / {f['send'][1]:.3f}",
+                     f"{f['rate']:.1f}", ok, f"{f['cpu']:.2f}"])
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    lines = [f"request rate: {RATE:g} requests/s open loop (Poisson, seed {SEED}), {RATE_REQUESTS} requests "
+             f"of {RATE_OSL} tokens; truth: TTFT {RATE_TTFT_MS:g} ms, ITL {RATE_ITL_MS:g} ms; {CORES} cores"]
+    lines += ["  ".join(str(c).rjust(w) for c, w in zip(ln, widths, strict=True)) for ln in [header] + rows]
+    lines += [f"{name}: {f['failed']}" for name, f in figures.items() if "failed" in f]
+    return lines + ["server's own lateness p50 (ms): " + ", ".join(
+        f"{name} {f['server_late_ms']:.3f}" for name, f in figures.items() if f.get("server_late_ms"))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(CLIENTS), help="clients to run, comma-separated")
+    parser.add_argument("--only", default=",".join(dict.fromkeys([*CLIENTS, *RATE_CLIENTS])),
+                        help="clients to run, comma-separated")
     parser.add_argument("--json", help="also write the figures to this file")
-    parser.add_argument("--schedule-only", action="store_true", help="only ours, in open loop (schedule)")
+    parser.add_argument("--rate-only", "--schedule-only", action="store_true",
+                        help="only the request-rate comparison (ours, aiperf, vllm)")
     args, _ = parser.parse_known_args()
-    names = [name for name in args.only.split(",") if name in CLIENTS]
-    if "ours" in names or args.schedule_only:
-        with tempfile.TemporaryDirectory(prefix="bench-schedule-") as scratch:
-            found = schedule(Path(scratch))
-        print(f"schedule (ours): {RATE:g} requests/s open loop, {RATE_REQUESTS} requests: lateness p50 "
-              f"{found['late_p50_ms']:.3f} ms, p99 {found['late_p99_ms']:.3f} ms; achieved "
-              f"{found['requests_per_s']:.1f} requests/s, {found['ok']} ok, CPU {found['cpu']:.2f} s"
-              + (" (behind its schedule)" if found["behind"] else ""), flush=True)
-        if args.schedule_only:
-            return
+    names = [name for name in args.only.split(",") if name in CLIENTS or name in RATE_CLIENTS]
+    rated = {}
+    with tempfile.TemporaryDirectory(prefix="bench-rate-") as scratch:
+        for name in [name for name in names if name in RATE_CLIENTS]:
+            work = Path(scratch) / name
+            work.mkdir(parents=True)
+            print(f"{name}: request rate…", file=sys.stderr, flush=True)
+            try:
+                rated[name] = {"client": VERSIONS[name], **rate(name, work)}
+            except (Failed, OSError, ValueError, KeyError, IndexError, TypeError,
+                    subprocess.CalledProcessError) as exc:
+                rated[name] = {"client": VERSIONS[name], "failed": f"{type(exc).__name__}: {exc}"[:300]}
+    if rated:
+        print("\n".join(rate_table(rated)), flush=True)
+    if args.rate_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rate": rated}, indent=2))
+        return
+    names = [name for name in names if name in CLIENTS]
     rows, figures = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-clients-") as scratch:
         for name in names:
@@ -291,7 +378,7 @@ def main() -> None:
             if "failed" in figure.get(phase, {}):
                 print(f"{name} {phase}: {figure[phase]['failed']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
+        Path(args.json).write_text(json.dumps({**figures, "rate": rated}, indent=2))
 
 
 def row(name: str, figure: dict) -> list[str]:
