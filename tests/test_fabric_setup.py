@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomlkit
 
 from conftest import docker_unusable, start_testbed
 from test_containers import authorize_head_key
@@ -266,6 +267,9 @@ def test_setup_applies_checks_writes_hosts_toml_and_a_rerun_is_up_to_date(cabled
     assert checked.ok, checked.as_json()
     assert all(result["received"] for node in checked.nodes.values() for result in node.ping.values())
 
+    # Testbed nodes have no GPU: NCCL is not measured, and the report says why instead of passing.
+    assert report["nccl"]["run"] is False
+    assert all(f"spark-{i}: no GPU" in report["nccl"]["why"] for i in bed.layout.indexes)
     if topology == "ring":  # the ring's nodes carry the stand-in runtime
         ranks_get_both_ports(cluster, report, tmp_path)
 
@@ -273,7 +277,43 @@ def test_setup_applies_checks_writes_hosts_toml_and_a_rerun_is_up_to_date(cabled
     again = fabric_setup(hosts)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "up to date: nothing changed" in again.stdout
+    assert "diagnose.nccl: not run: spark-1: no GPU" in again.stdout
     assert hosts.read_text() == text and fabric_state(bed) == state
+
+
+GPU_LIST = '#!/bin/sh\ncase "$1" in -L) echo "GPU 0: NVIDIA GB10 (UUID: GPU-test)" ;; *) exit 9 ;; esac\n'
+
+
+@pytest.mark.parametrize("cabled", ["ring"], indirect=True)   # the ring's nodes carry a runtime image
+def test_where_nodes_have_gpus_nccl_is_measured_and_a_failure_keeps_hosts_toml(cabled, tmp_path):
+    """Nodes that list a GPU (nvidia-smi -L answered by a stand-in put in each node) and hold their
+    runtime image: fabric.setup runs diagnose.nccl over the new fabric. The stand-in runtime has no
+    NCCL, so the measurement fails: exit 1, said, hosts.toml not written, no job container left."""
+    _, bed = cabled
+    doc = tomlkit.parse(bed.layout.hosts_file.read_text())
+    for node in doc["nodes"]:
+        node.pop("fabric", None)
+    hosts = tmp_path / "hosts.toml"
+    hosts.write_text(tomlkit.dumps(doc))
+    text = hosts.read_text()
+    for index in bed.layout.indexes:
+        subprocess.run(["docker", "exec", "-i", bed.layout.container(index), "sh", "-c",
+                        "cat > /usr/local/bin/nvidia-smi && chmod 755 /usr/local/bin/nvidia-smi"],
+                       input=GPU_LIST, text=True, check=True, timeout=60)
+    try:
+        done = fabric_setup(hosts, "--json")
+    finally:
+        for index in bed.layout.indexes:
+            sh(bed.layout.container(index), "rm -f /usr/local/bin/nvidia-smi")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["link_check"]["ok"] and report["nccl"]["run"] is True and report["nccl"]["passed"] is False
+    assert report["nccl"]["report"]["tool"] == "nccl_bench"
+    assert "diagnose.nccl does not" in done.stderr and "hosts.toml was not changed" in done.stderr
+    assert hosts.read_text() == text
+    cluster = inventory.load(hosts)
+    left = SSH(cluster.head).run(["docker", "ps", "-aq", "--filter", "label=io.trtllm-deploy.job=nccl"])
+    assert left.stdout.strip() == ""
 
 
 SHOW_ENV = ('echo "node=$TRTLLM_DEPLOY_NODE nccl=$NCCL_SOCKET_IFNAME btl=$OMPI_MCA_btl_tcp_if_include '

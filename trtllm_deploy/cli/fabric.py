@@ -12,6 +12,7 @@ from trtllm_deploy.errors import CheckFailed
 from trtllm_deploy.hosts import inventory
 from trtllm_deploy.hosts.fanout import fan_out
 from trtllm_deploy.measure.diagnose import link as link_diag
+from trtllm_deploy.measure.diagnose import nccl as nccl_diag
 from trtllm_deploy.network import apply as applying
 from trtllm_deploy.network import plan as planner
 from trtllm_deploy.network import write as writing
@@ -56,11 +57,13 @@ def _show_plan(plan: Plan) -> None:
                          " (default: 200000; 0: any)",
             "confirm": "seconds a change waits for a new SSH connection before the node reverts it"
                        " (default: 30)",
+            "nccl": "after the link check, measure NCCL across the nodes (diagnose.nccl) where every node"
+                    " has a GPU and its runtime image (default); --no-nccl skips it",
             "dry_run": DRY_RUN_HELP, "json": JSON_HELP, "hosts": HOSTS_HELP})
 @user_errors
 def setup(c: Context, topology: str = "auto", subnet: str = "", mtu: int = planner.DEFAULT_MTU,
           min_speed: int = link_diag.SPARK_SPEED_MBPS, confirm: int = applying.CONFIRM_S,
-          dry_run: bool = False, json: bool = False, hosts: str = "hosts.toml") -> None:
+          nccl: bool = True, dry_run: bool = False, json: bool = False, hosts: str = "hosts.toml") -> None:
     """Find how the nodes are cabled, address the fabric, apply it (reverted if SSH breaks), check it,
     write it into hosts.toml."""
     from trtllm_deploy.network.look import look
@@ -97,9 +100,41 @@ def setup(c: Context, topology: str = "auto", subnet: str = "", mtu: int = plann
         _finish(report, json, applied, checked, False)
         raise CheckFailed("fabric.setup: the fabric is applied but diagnose.link finds problems (above);"
                           " hosts.toml was not changed")
+    measured = _nccl(_with_fabric(cluster, plan), nccl)
+    report["nccl"] = measured
+    if measured["run"] and not measured["passed"]:
+        _finish(report, json, applied, checked, False)
+        raise CheckFailed(f"fabric.setup: the links pass but diagnose.nccl does not: {measured['why']};"
+                          " hosts.toml was not changed")
     written = writing.write(hosts, plan)
     report["hosts_written"] = written
     _finish(report, json, applied, checked, written)
+
+
+def _nccl(cluster: inventory.Cluster, wanted: bool) -> dict:
+    """diagnose.nccl over the new fabric where every node has a GPU and its runtime image; else why
+    not (the report says so: a fabric checked by ping alone is not one checked by NCCL)."""
+    if not wanted:
+        return {"run": False, "passed": None, "why": "--no-nccl"}
+
+    def ready(node, target) -> str:
+        if not target.run(["nvidia-smi", "-L"], check=False, timeout=60).ok:
+            return "no GPU (nvidia-smi -L fails)"
+        if not node.container.image:
+            return "no container.image in hosts.toml"
+        if not target.run(["docker", "image", "inspect", node.container.image], check=False, timeout=60).ok:
+            return f"no image {node.container.image} yet (invoke push)"
+        return ""
+
+    seen = fan_out(cluster.nodes, ready)
+    missing = {o.node.name: (o.value if o.ok else o.reason) for o in seen if not o.ok or o.value}
+    if missing:
+        why = "; ".join(f"{name}: {reason}" for name, reason in missing.items())
+        return {"run": False, "passed": None, "why": why}
+    with console.err.status("diagnose.nccl across the fabric…", spinner="dots"):
+        measured = nccl_diag.run(cluster)
+    return {"run": True, "passed": measured.verdict.passed, "why": measured.verdict.reason,
+            "report": measured.as_json()}
 
 
 def _dry_run(cluster, plan: Plan, report: dict, json: bool) -> None:
@@ -143,6 +178,11 @@ def _finish(report: dict, json: bool, applied, checked, written: bool) -> None:
     console.out.print(console.table(title, columns, rows))
     for line in (checked.across if checked else []):
         console.out.print(console.status_cell("fail", line))
+    measured = report.get("nccl")
+    if measured:
+        state = "skip" if not measured["run"] else "pass" if measured["passed"] else "fail"
+        said = measured["why"] if measured["run"] else f"not run: {measured['why']}"
+        console.out.print(console.status_cell(state, f"diagnose.nccl: {said}"))
     if checked is not None and checked.ok:
         unchanged = all(o.ok and o.value.status == "up to date" for o in applied) and not written
         console.out.print("up to date: nothing changed" if unchanged else
