@@ -128,6 +128,7 @@ def test_bench_measures_transformers_serve_as_a_plain_client_does(served, invoke
     status, refusal = request(url, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1,
                                                                "ignore_eos": True})
     stdout, result = bench(invoke, url, model, tmp_path / "out", chat, REQUESTS)
+    stdout = " ".join(stdout.split())   # as read, whatever the terminal's width wrapped
     s = result["levels"][0]["summary"]
     assert s["succeeded"] == REQUESTS and s["errors"] == {}, s
     # Tokens from the server's usage (every request ran to max_tokens), not from the chunks seen.
@@ -136,6 +137,7 @@ def test_bench_measures_transformers_serve_as_a_plain_client_does(served, invoke
     assert f"{INPUT_TOKENS} in / {OUTPUT_TOKENS} out tokens, counted by the model's tokenizer.json" in stdout
     # The server refuses ignore_eos (pydantic, extra fields forbidden): the table and summary say so.
     assert status == 422, refusal
+    assert "on an unknown runtime (server: uvicorn)" in stdout   # not a runtime we know: its own word
     assert "ignore_eos refused by the server" in stdout and "warning: the server refused ignore_eos" in stdout
     assert result["workload"]["ignore_eos_refused"].startswith("http 422")
 

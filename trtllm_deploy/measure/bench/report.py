@@ -102,7 +102,10 @@ def level_row(level: dict) -> list[str]:
 def title(result: dict) -> str:
     env, work = result["environment"], result["workload"]
     endpoint = env["endpoint"]
-    served = f"{endpoint.get('runtime')} {endpoint.get('version') or ''}".strip()
+    runtime = endpoint.get("runtime")
+    if runtime == "unknown" and endpoint.get("server_header"):   # not one we know: what it calls itself
+        runtime = f"an unknown runtime (server: {endpoint['server_header']})"
+    served = f"{runtime} {endpoint.get('version') or ''}".strip()
     if endpoint.get("standin"):
         served += " (stand-in: not inference)"
     shown = (f"{endpoint.get('model')} on {served} at {endpoint['url']}: {work['input_tokens']} in / "
