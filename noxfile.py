@@ -54,11 +54,13 @@ def lint(session: nox.Session) -> None:
 
 def _compile(session: nox.Session, lock: str, output: Path) -> None:
     # Run from requirements/ with relative names: the "# via -r test.in" notes must not depend
-    # on where the checkout lives, or every clone would see stale locks.
+    # on where the checkout lives, or every clone would see stale locks. A folder of wheels that an
+    # .in file names (test.in: PyTorch's CPU build, not on PyPI) goes into its lock, so installing
+    # it needs no pip configuration; this machine's own pip settings are kept out (ISOLATED_PIP).
     with session.chdir(REQUIREMENTS):
         session.run(
             "pip-compile", "--quiet", "--generate-hashes", "--allow-unsafe", "--strip-extras",
-            "--no-emit-index-url", "--no-emit-find-links", "--resolver=backtracking",
+            "--no-emit-index-url", "--resolver=backtracking",
             "--output-file", str(output), f"{lock}.in",
             env={**ISOLATED_PIP, "CUSTOM_COMPILE_COMMAND": "nox -s lock"},
         )
