@@ -111,15 +111,21 @@ def line_chart(title: str, x_label: str, y_label: str, series: Series, *, log_x:
     return figure
 
 
-def bands(panels: list[tuple[str, Bands]], x_label: str, y_label: str):
-    """One panel per metric, stacked: per series its p50 as a line, a darker band from p50 to p90 and
-    a lighter one from p90 to p99, against x on a log2 scale (concurrency 1, 2, 4, ...)."""
+def _stacked(count: int):
+    """A figure of ``count`` panels (at least one) stacked on one shared x axis, room for legends
+    on the right: the figure and its axes, top first."""
     width, panel_height = BAND_PANEL_SIZE
-    count = max(1, len(panels))
+    count = max(1, count)
     height = panel_height * count
     figure = _figure(width, height)
     figure.subplots_adjust(left=0.1, right=0.68, top=1 - 24 / height, bottom=44 / height, hspace=0.45)
-    axes_list = figure.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
+    return figure, figure.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
+
+
+def bands(panels: list[tuple[str, Bands]], x_label: str, y_label: str):
+    """One panel per metric, stacked: per series its p50 as a line, a darker band from p50 to p90 and
+    a lighter one from p90 to p99, against x on a log2 scale (concurrency 1, 2, 4, ...)."""
+    figure, axes_list = _stacked(len(panels))
     xs: set[float] = set()
     for axes, (title, series) in zip(axes_list, panels or [("", {})], strict=True):
         _style(axes, title, "", y_label)
@@ -155,12 +161,7 @@ def depth(panels: list[tuple[str, dict[str, list[tuple[float, float | None, floa
     """One panel per speed (prompt processing, generation), stacked: per series its mean tokens/s
     with ± one standard deviation as error bars, against the context depth on a log2 axis ticked at
     the depths measured (depth 0 placed below the smallest other one)."""
-    width, panel_height = BAND_PANEL_SIZE
-    count = max(1, len(panels))
-    height = panel_height * count
-    figure = _figure(width, height)
-    figure.subplots_adjust(left=0.1, right=0.68, top=1 - 24 / height, bottom=44 / height, hspace=0.45)
-    axes_list = figure.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
+    figure, axes_list = _stacked(len(panels))
     depths = sorted({p[0] for _, series in panels for points in series.values() for p in points})
     for axes, (title, series) in zip(axes_list, panels or [("", {})], strict=True):
         _style(axes, title, "", "tokens/s")

@@ -179,27 +179,36 @@ async def _rate_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, 
     return results
 
 
-async def _sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int],
-                 budget: Budget, progress: Callable[[str], None], limits: dict | None = None) -> list[dict]:
+async def _closed(endpoint: Endpoint, workload: Workload, key: str,
+                  steps: list[tuple[int, Prompts, int, int]], budget: Budget,
+                  progress: Callable[[str], None], limits: dict | None = None) -> list[dict]:
+    """Closed-loop levels, each ``(value, prompts, concurrency, input tokens for pp)``: its
+    warm-up, then its repeats, pooled into one level keyed ``key`` (input tokens 0: not a depth)."""
     results = []
     index = 0
-    for concurrency in levels:
+    for value, prompts, concurrency, input_tokens in steps:
         if budget.warmup:
-            progress(f"concurrency {concurrency}: {budget.warmup * concurrency} warm-up requests")
+            progress(f"{key} {value}: {budget.warmup * concurrency} warm-up requests")
             warm, _ = await run_level(endpoint, workload, prompts, concurrency, budget.warmup * concurrency,
                                       0, budget.timeout_s, index)
             index += len(warm)
         runs, pooled = [], []
         for repeat in range(budget.repeats):
-            progress(f"concurrency {concurrency}: run {repeat + 1} of {budget.repeats}")
+            progress(f"{key} {value}: run {repeat + 1} of {budget.repeats}")
             samples, wall = await run_level(endpoint, workload, prompts, concurrency,
                                             budget.requests_for(concurrency), budget.seconds,
                                             budget.timeout_s, index)
             index += len(samples)
-            runs.append(summarize(samples, wall, limits))
+            runs.append(summarize(samples, wall, limits, input_tokens))
             pooled.append((samples, wall))
-        results.append(_level("concurrency", concurrency, runs, pooled, limits))
+        results.append(_level(key, value, runs, pooled, limits, input_tokens))
     return results
+
+
+def _sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, levels: list[int], budget: Budget,
+           progress: Callable[[str], None], limits: dict | None = None):
+    return _closed(endpoint, workload, "concurrency", [(c, prompts, c, 0) for c in levels], budget,
+                   progress, limits)
 
 
 async def _depth_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts, depths: list[int],
@@ -208,27 +217,12 @@ async def _depth_sweep(endpoint: Endpoint, workload: Workload, prompts: Prompts,
     """At each context depth D: prompts of D tokens of context before the --input-tokens of the
     prompt itself (each one unique from its first word: no prefix cache helps), closed loop at
     ``concurrency`` streams."""
-    results = []
-    index = 0
+    steps = []
     for depth in depths:
         at_depth = prompts.longer(depth)
-        if budget.warmup:
-            progress(f"depth {depth}: {budget.warmup * concurrency} warm-up requests")
-            warm, _ = await run_level(endpoint, workload, at_depth, concurrency, budget.warmup * concurrency,
-                                      0, budget.timeout_s, index)
-            index += len(warm)
-        runs, pooled = [], []
-        for repeat in range(budget.repeats):
-            progress(f"depth {depth}: run {repeat + 1} of {budget.repeats}")
-            samples, wall = await run_level(endpoint, workload, at_depth, concurrency,
-                                            budget.requests_for(concurrency), budget.seconds,
-                                            budget.timeout_s, index)
-            index += len(samples)
-            runs.append(summarize(samples, wall, limits, at_depth.input_tokens))
-            pooled.append((samples, wall))
-        level = _level("depth", depth, runs, pooled, limits, at_depth.input_tokens)
-        results.append({**level, "concurrency": concurrency})
-    return results
+        steps.append((depth, at_depth, concurrency, at_depth.input_tokens))
+    levels = await _closed(endpoint, workload, "depth", steps, budget, progress, limits)
+    return [{**level, "concurrency": concurrency} for level in levels]
 
 
 def depths(text: str) -> list[int]:
